@@ -1,0 +1,118 @@
+"""``kdbench`` command line: parse arguments into a sweep spec, hand it to the harness, print results.
+
+User mistakes end with one line on stderr and exit status 2; nothing is written before validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdbench.errors import KdbenchError
+from kdbench.spec import PRECISIONS, PROTOCOLS, RECIPES, Pair, SweepSpec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise KdbenchError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise KdbenchError(f"malformed {what} {text!r}; write comma-separated integers, e.g. 0,1,2") from None
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdbench", description="Benchmark knowledge-distillation methods.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="train teachers and students, write tidy results")
+    run.add_argument("--methods", required=True, help="comma-separated method names (see `kdbench list methods`)")
+    run.add_argument("--pairs", required=True, help="comma-separated TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
+    run.add_argument("--dataset", default="cifar100")
+    run.add_argument("--seeds", default="0", help="comma-separated student seeds (default 0)")
+    run.add_argument("--recipe", default="paper", help="paper (RepDistiller, 240 epochs) or short (CPU smoke run)")
+    run.add_argument("--epochs", type=int, help="override the recipe's epochs (lr milestones scale along)")
+    run.add_argument("--batch-size", type=int, help="override the recipe's training batch size")
+    run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
+    run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
+    run.add_argument("--lr", type=float, help="override the base learning rate")
+    run.add_argument("--protocol", default=PROTOCOLS[0], help=f"loss-weight protocol: {', '.join(PROTOCOLS)}")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
+                     help="bf16 autocast around the forwards (parameters stay fp32)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--teacher-seed", type=int, default=0, help="seed of trained teachers (default 0)")
+    run.add_argument("--teacher-ckpt", type=Path, help="use this checkpoint (RepDistiller format) as the teacher")
+    run.add_argument("--data-dir", type=Path, help="where datasets are found or downloaded to")
+    run.add_argument("--no-download", action="store_true", help="never download datasets")
+    run.add_argument("--results-dir", type=Path, default=Path("results"))
+
+    listing = commands.add_parser("list", help="list models, datasets, recipes and methods")
+    listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"])
+    return parser
+
+
+def _sweep(args: argparse.Namespace) -> SweepSpec:
+    from kdbench.harness import sha256_file
+    from kdbench.measure import resolve_device
+
+    if args.teacher_ckpt is not None and not args.teacher_ckpt.is_file():
+        raise KdbenchError(f"teacher checkpoint {args.teacher_ckpt} does not exist or is not a file")
+    recipe = RECIPES.get(args.recipe).overridden(epochs=args.epochs, batch_size=args.batch_size,
+                                                 train_subset=args.train_subset,
+                                                 test_subset=args.test_subset, lr=args.lr)
+    return SweepSpec(
+        methods=_names(args.methods), pairs=tuple(Pair.parse(p) for p in _names(args.pairs)),
+        seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, protocol=args.protocol,
+        device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
+        teacher_seed=args.teacher_seed,
+        teacher_ckpt_sha256=sha256_file(args.teacher_ckpt) if args.teacher_ckpt else None)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kdbench.harness import RunEnv, run_sweep
+    from kdbench.report import run_summary
+    from kdbench.results import ResultsStore
+
+    sweep = _sweep(args)
+    specs = sweep.plan()
+    checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt} if args.teacher_ckpt else {}
+    env = RunEnv(ResultsStore(args.results_dir), args.data_dir, not args.no_download, checkpoints)
+    records = run_sweep(specs, env)
+    print(run_summary(records))
+    print(f"\ntidy table: {args.results_dir / 'metrics.parquet'} (CSV: {args.results_dir / 'metrics.csv'})")
+    return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from kdbench.data import list_datasets
+    from kdbench.methods import list_methods
+    from kdbench.models import list_models
+
+    listings = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": list_methods}
+    for what, names in listings.items():
+        if args.what in ("all", what):
+            print(f"{what}: {', '.join(names())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"run": _run, "list": _list}[args.command](args)
+    except KdbenchError as e:
+        print(f"kdbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Datasets as whole uint8 tensors, and a device-resident loader with replayable on-device augmentation.
+
+Design (harness-performance.md §1.2-1.3, models-and-recipe.md §3.4): the whole dataset lives on the device, the
+training set is zero-padded once in pixel space, and each batch is cropped and flipped by one integer gather.  This
+reproduces torchvision's ``RandomCrop(32, padding=4) -> RandomHorizontalFlip() -> ToTensor() -> Normalize`` exactly,
+without DataLoader workers or host synchronisation.  Every random stream is a pure function of (seed, epoch, stream
+name), and augmentation parameters are indexed by dataset index, so two runs with the same seed see identical views
+whatever their batch size, subset or method.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import pickle
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registry
+
+IMAGE_SIZE = 32
+PAD = 4
+#: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
+SUBSET_SEED = 20240601
+#: Where Debian's ``dataset-fashion-mnist`` package installs the idx files.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the harness needs to know about a dataset, and how to load it."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    how_to_get: str
+    load: Callable[[Path | None, bool], "ArrayData"]
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """The whole dataset as uint8 CPU tensors: images N x C x 32 x 32, labels int64."""
+
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def __post_init__(self):
+        c = self.info.in_channels
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (c, IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"{self.info.name} {split} images must be uint8 N x {c} x 32 x 32, "
+                                 f"got {x.dtype} {tuple(x.shape)}")
+            if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
+                raise ValueError(f"{self.info.name} {split} labels must be int64 of length {x.shape[0]}, "
+                                 f"got {y.dtype} {tuple(y.shape)}")
+
+
+_DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Make a dataset selectable by name (e.g. from the CLI and configs)."""
+    return _DATASETS.add(info.name, info)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registered dataset; unknown names raise a KdbenchError listing the valid ones."""
+    return _DATASETS.get(name)
+
+
+def list_datasets() -> list[str]:
+    return _DATASETS.names()
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> ArrayData:
+    """Load a dataset into CPU memory; ``data_dir=None`` means $KDBENCH_DATA_DIR or ~/.cache/kdbench/data."""
+    info = dataset_info(name)
+    return info.load(None if data_dir is None else Path(data_dir).expanduser(), download)
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("KDBENCH_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kdbench" / "data"
+
+
+def stream_seed(seed: int, epoch: int, stream: str) -> int:
+    """Counter-based 63-bit seed of one random stream, so no stream's state depends on what others consumed."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _generator(seed: int, epoch: int, stream: str) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, epoch, stream))
+
+
+# Errors that mean "the download did not work": no network (URLError is an OSError), HTTP errors, a bad checksum
+# (torchvision raises RuntimeError) or a broken archive.
+_DOWNLOAD_ERRORS = (OSError, RuntimeError, tarfile.TarError, EOFError, zlib.error)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line, so KdbenchError messages stay one line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR (python pickles)
+
+
+def _read_cifar_pickle(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR pickle: b'data' is N x 3072 uint8 rows holding the R, G and B 32x32 planes in row-major order."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KdbenchError(f"{path} is not a valid CIFAR python pickle ({_reason(e)})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or labels.shape != (data.shape[0],):
+        raise KdbenchError(f"{path} is malformed: data {data.shape}, labels {labels.shape}; "
+                           f"expected N x 3072 and N labels")
+    return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), labels
+
+
+def _load_cifar(data_dir: Path | None, download: bool, *, name: str, tv_class, folder: str, label_key: bytes,
+                num_classes: int, verify: bool = True) -> ArrayData:
+    """Read CIFAR-10/100 from ``data_dir/folder`` in the original format, downloading the archive if allowed."""
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    root = data_dir if data_dir is not None else default_data_dir()
+    base = root / folder
+    files = [(split, fname, md5) for split, lst in (("train", tv_class.train_list), ("test", tv_class.test_list))
+             for fname, md5 in lst]
+    if not all((base / fname).is_file() for _, fname, _ in files):
+        how = (f"download {tv_class.filename} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+               f"into {root}, or pass --data-dir")
+        if not download:
+            raise KdbenchError(f"{name} not found in {root} and downloading is disabled; {how}")
+        try:
+            download_and_extract_archive(tv_class.url, str(root), filename=tv_class.filename, md5=tv_class.tgz_md5)
+        except _DOWNLOAD_ERRORS as e:
+            raise KdbenchError(f"{name} not found in {root} and could not be downloaded "
+                               f"({_reason(e)}); {how}") from None
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
+    for split, fname, md5 in files:
+        path = base / fname
+        if verify and not check_integrity(str(path), md5):
+            raise KdbenchError(f"{name}: checksum mismatch for {path} (file corrupt or not the original); "
+                               f"delete {base} and download it again")
+        parts[split].append(_read_cifar_pickle(path, label_key))
+    (train_x, train_y), (test_x, test_y) = (
+        (torch.from_numpy(np.concatenate([p[0] for p in parts[s]])),
+         torch.from_numpy(np.concatenate([p[1] for p in parts[s]]))) for s in ("train", "test"))
+    for y in (train_y, test_y):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise KdbenchError(f"{name} in {base} has labels outside 0..{num_classes - 1}")
+    return ArrayData(dataset_info(name), train_x, train_y, test_x, test_y)
+
+
+def load_cifar100(data_dir: Path | None = None, download: bool = True, *, verify: bool = True) -> ArrayData:
+    """CIFAR-100 with fine labels; ``verify=False`` skips the md5 check (for self-written test files)."""
+    from torchvision.datasets import CIFAR100
+
+    return _load_cifar(data_dir, download, name="cifar100", tv_class=CIFAR100, folder="cifar-100-python",
+                       label_key=b"fine_labels", num_classes=100, verify=verify)
+
+
+def load_cifar10(data_dir: Path | None = None, download: bool = True, *, verify: bool = True) -> ArrayData:
+    """CIFAR-10; ``verify=False`` skips the md5 check (for self-written test files)."""
+    from torchvision.datasets import CIFAR10
+
+    return _load_cifar(data_dir, download, name="cifar10", tv_class=CIFAR10, folder="cifar-10-batches-py",
+                       label_key=b"labels", num_classes=10, verify=verify)
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST (idx .gz)
+
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz",
+    "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz",
+    "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+_IDX_MAGIC = {1: 2049, 3: 2051}  # unsigned-byte idx files with 1 (labels) or 3 (images) dimensions
+
+
+def _read_idx_gz(path: Path, ndim: int) -> np.ndarray:
+    """Parse a gzipped unsigned-byte idx file, checking the magic number and that the size matches the header."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise KdbenchError(f"{path} is not a readable gzip file ({_reason(e)})") from None
+    header = 4 * (ndim + 1)
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != _IDX_MAGIC[ndim]:
+        raise KdbenchError(f"{path} is not an idx file with {ndim} dimension(s) (bad magic number)")
+    shape = tuple(int.from_bytes(raw[4 * k:4 * k + 4], "big") for k in range(1, ndim + 1))
+    if len(raw) - header != math.prod(shape):
+        raise KdbenchError(f"{path} is truncated or malformed: header says {shape}, "
+                           f"found {len(raw) - header} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _fashion_dir(candidates: list[Path]) -> Path | None:
+    """The first directory holding all four idx .gz files, directly or in torchvision's FashionMNIST/raw layout."""
+    for d in candidates:
+        for sub in (d, d / "FashionMNIST" / "raw"):
+            if all((sub / f).is_file() for f in FASHION_FILES.values()):
+                return sub
+    return None
+
+
+def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> ArrayData:
+    """Fashion-MNIST, 28x28 zero-padded by 2 to 32x32 so every CIFAR model works unchanged.
+
+    Searched in ``data_dir`` (or the default data dir), then Debian's package location, then downloaded with
+    torchvision.
+    """
+    root = data_dir if data_dir is not None else default_data_dir()
+    found = _fashion_dir([root, DEBIAN_FASHION_MNIST_DIR])
+    if found is None:
+        how = ("run `apt-get install dataset-fashion-mnist`, or put the four idx .gz files in a folder "
+               "and pass --data-dir")
+        if not download:
+            raise KdbenchError(f"fashion-mnist not found in {root} or {DEBIAN_FASHION_MNIST_DIR} "
+                               f"and downloading is disabled; {how}")
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(root), train=True, download=True)
+        except _DOWNLOAD_ERRORS as e:
+            raise KdbenchError(f"fashion-mnist not found in {root} or {DEBIAN_FASHION_MNIST_DIR} and could not be "
+                               f"downloaded ({_reason(e)}); {how}") from None
+        found = _fashion_dir([root])
+        if found is None:
+            raise KdbenchError(f"fashion-mnist download into {root} left no idx .gz files; {how}")
+    arrays = {}
+    for split in ("train", "test"):
+        x = _read_idx_gz(found / FASHION_FILES[f"{split}_x"], 3)
+        y = _read_idx_gz(found / FASHION_FILES[f"{split}_y"], 1)
+        if x.shape[1:] != (28, 28) or x.shape[0] != y.shape[0] or (y.size and y.max() > 9):
+            raise KdbenchError(f"fashion-mnist {split} files in {found} are inconsistent: images {x.shape}, "
+                               f"labels {y.shape} (expected N x 28 x 28 and N labels in 0..9)")
+        padded = torch.zeros(x.shape[0], 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+        padded[:, 0, 2:30, 2:30] = torch.from_numpy(x.copy())
+        arrays[split] = (padded, torch.from_numpy(y.astype(np.int64)))
+    return ArrayData(dataset_info("fashion-mnist"), *arrays["train"], *arrays["test"])
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+SYNTHETIC_SEED = 1234
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 640, 320
+
+
+def load_synthetic(data_dir: Path | None = None, download: bool = True) -> ArrayData:
+    """A tiny, learnable CIFAR-shaped dataset generated in memory, so the harness runs end to end offline.
+
+    Each class is a smooth random template (8x8 noise upsampled to 36x36); an image is a random 32x32 window of its
+    template (shift of 0..4 pixels) plus pixel noise, clipped to uint8.  Same output on every call.
+    """
+    g = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    num_classes, big = 10, IMAGE_SIZE + 4
+    low = torch.rand(num_classes, 3, 8, 8, generator=g)
+    templates = 40 + 175 * torch.nn.functional.interpolate(low, size=(big, big), mode="bilinear", align_corners=True)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        di = torch.randint(0, big - IMAGE_SIZE + 1, (n,), generator=g)
+        dj = torch.randint(0, big - IMAGE_SIZE + 1, (n,), generator=g)
+        ar = torch.arange(IMAGE_SIZE)
+        rows, cols = di[:, None] + ar, dj[:, None] + ar
+        x = templates[y[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        x = x + 40 * torch.randn(x.shape, generator=g)
+        return x.round().clamp(0, 255).to(torch.uint8).contiguous(), y
+
+    train_x, train_y = split(SYNTHETIC_TRAIN)
+    test_x, test_y = split(SYNTHETIC_TEST)
+    return ArrayData(dataset_info("synthetic"), train_x, train_y, test_x, test_y)
+
+
+# ---------------------------------------------------------------------------------------------- registrations
+
+register_dataset(DatasetInfo(
+    name="cifar100", num_classes=100, in_channels=3,
+    mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
+    how_to_get="Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+               "into the data dir (default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir).",
+    load=load_cifar100,
+))
+register_dataset(DatasetInfo(
+    name="cifar10", num_classes=10, in_channels=3,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    how_to_get="Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+               "into the data dir (default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir).",
+    load=load_cifar10,
+))
+register_dataset(DatasetInfo(
+    name="fashion-mnist", num_classes=10, in_channels=1,
+    # Computed once over the zero-padded (32x32) training set, pixels scaled to [0, 1].
+    mean=(0.2190,), std=(0.3318,),
+    how_to_get="Run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four idx .gz files from "
+               "https://github.com/zalandoresearch/fashion-mnist in a folder and pass --data-dir.",
+    load=load_fashion_mnist,
+))
+register_dataset(DatasetInfo(
+    name="synthetic", num_classes=10, in_channels=3,
+    # Computed once over the generated training set, pixels scaled to [0, 1].
+    mean=(0.5063, 0.5138, 0.5024), std=(0.2018, 0.2037, 0.2039),
+    how_to_get="Nothing to get: generated in memory, deterministic and offline.",
+    load=load_synthetic,
+))
+
+
+# ---------------------------------------------------------------------------------------------- device loader
+
+
+def _fixed_subset(n: int, size: int | None, what: str) -> torch.Tensor:
+    """Sorted indices of a fixed subset (the same for every run and seed), or all ``n`` when ``size`` is None."""
+    if size is None:
+        return torch.arange(n)
+    if not 1 <= size <= n:
+        raise KdbenchError(f"a subset of {what} must hold between 1 and {n} images, got {size}")
+    fixed = torch.Generator().manual_seed(SUBSET_SEED)
+    return torch.randperm(n, generator=fixed)[:size].sort().values
+
+
+class DeviceLoader:
+    """Whole dataset resident on `device`; shuffling + augmentation in batches on the device.
+
+    Reproduces torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize exactly, with
+    one integer gather per batch and no host synchronisation.
+    """
+
+    def __init__(self, data: ArrayData, device: torch.device | str, *, batch_size: int,
+                 train_subset: int | None = None, test_subset: int | None = None, drop_last: bool = False,
+                 channels_last: bool = False, eval_batch_size: int = 1000):
+        if batch_size < 1 or eval_batch_size < 1:
+            raise KdbenchError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
+                               f"eval_batch_size={eval_batch_size}")
+        self.info = data.info
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        n_full = data.train_x.shape[0]
+        self.num_full_train = n_full
+
+        self.subset = _fixed_subset(n_full, train_subset, f"the {self.info.name} training set").to(self.device)
+
+        self._mean = torch.tensor(self.info.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.info.std, dtype=torch.float32, device=self.device)
+        # Padded once in pixel space (zeros, as torchvision pads before ToTensor) and stored N x 40 x 40 x C, so a
+        # batch gather reads whole pixels and its NCHW view already has channels_last strides.
+        train = data.train_x.to(self.device)
+        self.train_pad = torch.nn.functional.pad(train, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1).contiguous()
+        self.train_y = data.train_y.to(self.device)
+        test_idx = _fixed_subset(data.test_x.shape[0], test_subset, f"the {self.info.name} test set")
+        test = data.test_x[test_idx].to(self.device).float().div_(255)
+        test = test.sub_(self._mean[:, None, None]).div_(self._std[:, None, None])
+        self.test_x = self._layout(test)
+        self.test_y = data.test_y[test_idx].to(self.device)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    @property
+    def num_train(self) -> int:
+        return self.subset.shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = self.num_train, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def aug_params(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU tensors (i, j, flip), one entry per dataset index: crop offsets uniform on 0..8, flip with p=0.5."""
+        g = _generator(seed, epoch, "aug")
+        n = self.num_full_train
+        i = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
+        j = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        return i, j, flip
+
+    def augment(self, idx, crop_i, crop_j, flip) -> torch.Tensor:
+        """Crop + flip + normalise the training images at dataset indices ``idx`` in one integer gather.
+
+        ``crop_i``, ``crop_j`` (offsets into the 40x40 padded image) and ``flip`` are aligned with ``idx``.
+        """
+        dev = self.device
+        idx, crop_i, crop_j, flip = (torch.as_tensor(t, device=dev) for t in (idx, crop_i, crop_j, flip))
+        ar = torch.arange(IMAGE_SIZE, device=dev)
+        rows = crop_i[:, None] + ar
+        cols = torch.where(flip.bool()[:, None], crop_j[:, None] + (IMAGE_SIZE - 1) - ar, crop_j[:, None] + ar)
+        xb = self.train_pad[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # B x 32 x 32 x C
+        # Same operation order as ToTensor (x / 255) then Normalize ((x - mean) / std), so results match bit for bit.
+        xb = xb.float().div_(255).sub_(self._mean).div_(self._std)
+        return self._layout(xb.permute(0, 3, 1, 2))
+
+    def train_epoch(self, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (augmented normalised images, labels) in this epoch's replayable order."""
+        perm = torch.randperm(self.num_train, generator=_generator(seed, epoch, "perm")).to(self.device)
+        order = self.subset[perm]
+        ai, aj, af = (t.to(self.device) for t in self.aug_params(seed, epoch))
+        b = self.batch_size
+        for k in range(self.steps_per_epoch):
+            idx = order[k * b:(k + 1) * b]
+            yield self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The normalised test set (no augmentation) in chunks of ``eval_batch_size``."""
+        for k in range(0, self.test_x.shape[0], self.eval_batch_size):
+            yield self.test_x[k:k + self.eval_batch_size], self.test_y[k:k + self.eval_batch_size]

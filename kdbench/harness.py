@@ -1,0 +1,329 @@
+"""The harness: ``run(spec, env) -> RunRecord``, one unit of work, and ``run_sweep`` over many.
+
+A run trains ``spec.student`` with ``spec.method`` (teachers are runs too: role "teacher", method
+"student"), evaluates every epoch, checkpoints every epoch for resume, and measures throughput,
+memory and wall time. Failures inside a run become failed records; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kdbench.data import ArrayData, DeviceLoader, load_dataset, stream_seed
+from kdbench.errors import KdbenchError
+from kdbench.measure import StepTimer, peak_memory, provenance, reset_peak_memory
+from kdbench.methods import method_class
+from kdbench.methods.base import MethodContext, StepOutputs
+from kdbench.models import create_model, model_entry
+from kdbench.models.taps import FeatureExtractor, feature_shapes
+from kdbench.results import ResultsStore, RunRecord
+from kdbench.spec import RunSpec
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss); recorded as failed, the sweep continues."""
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """Where a run reads and writes; not part of the spec, so it does not change run ids."""
+
+    store: ResultsStore
+    data_dir: Path | None = None
+    download: bool = True
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # sha256 -> teacher checkpoint file
+    progress: bool | None = None  # None: progress bars only on an interactive terminal
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, data_dir: Path | None, download: bool) -> ArrayData:
+    return load_dataset(name, data_dir, download)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise KdbenchError(f"cannot read teacher checkpoint {path}: {e.strerror or e}") from None
+    return digest.hexdigest()
+
+
+def load_weights(model: torch.nn.Module, path: Path, what: str) -> None:
+    """Loads a plain state dict or a RepDistiller checkpoint (weights under ``model``) with strict=True."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise KdbenchError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise KdbenchError(f"{what} {path} holds no state dict (expected a dict, or one under the key 'model')")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise KdbenchError(f"{what} {path} does not fit {type(model).__name__}: {detail[:300]}") from None
+
+
+def _autocast(spec: RunSpec, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 (%) on the test set in eval mode, and evaluation throughput."""
+    model.eval()
+    correct = torch.zeros(2, device=device)
+    seen = 0
+    started = time.perf_counter()
+    for x, y in loader.test_batches():
+        with _autocast(spec, device):
+            logits = model(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        seen += len(y)
+    top1, top5 = (100.0 * correct / seen).tolist()
+    elapsed = time.perf_counter() - started
+    return {"top1": top1, "top5": top5, "eval_s": elapsed, "eval_images_per_s": seen / elapsed}
+
+
+def _frozen_teacher(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
+    teacher_record = env.store.load_record(spec.teacher_run)
+    if teacher_record is None or teacher_record.status != "finished":
+        raise RunFailed(f"teacher run {spec.teacher_run} has not finished")
+    teacher = create_model(spec.teacher, data.info.num_classes, data.info.in_channels)
+    load_weights(teacher, env.store.weights_path(spec.teacher_run), "teacher weights")
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, teacher_record
+
+
+def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device: torch.device) -> RunRecord:
+    """A teacher run that evaluates a given checkpoint instead of training."""
+    path = env.checkpoints.get(spec.pretrained)
+    if path is None:
+        raise KdbenchError(f"no checkpoint file with sha256 {spec.pretrained} was given (--teacher-ckpt)")
+    info = loader.info
+    model = create_model(spec.student, info.num_classes, info.in_channels)
+    load_weights(model, Path(path), "teacher checkpoint")
+    env.store.save_torch(env.store.weights_path(spec.run_id), model.state_dict())
+    scores = evaluate(model.to(device), loader, spec, device)
+    metrics = {"top1_last": scores["top1"], "top5_last": scores["top5"], "top1_best": scores["top1"],
+               "student_params": float(sum(p.numel() for p in model.parameters())), "wall_s": 0.0,
+               "eval_images_per_s": scores["eval_images_per_s"]}
+    prov = {**provenance(device), "checkpoint_sha256": spec.pretrained, "checkpoint_path": str(path)}
+    record = RunRecord(spec, "finished", metrics, [], prov)
+    env.store.write_record(record)
+    return record
+
+
+def run(spec: RunSpec, env: RunEnv) -> RunRecord:
+    """Trains (or resumes) one run and returns its record; a finished run is returned as stored."""
+    store = env.store
+    existing = store.load_record(spec.run_id)
+    if existing is not None and existing.status == "finished":
+        return existing
+    store.write_spec(spec)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = _dataset(spec.dataset, env.data_dir, env.download)
+    recipe = spec.recipe
+    method_cls = method_class(spec.method)
+    # The recipe's subsets are upper bounds: a smaller dataset is used whole.
+    loader = DeviceLoader(data, device, batch_size=recipe.batch_size,
+                          train_subset=min(recipe.train_subset or len(data.train_y), len(data.train_y)),
+                          test_subset=min(recipe.test_subset or len(data.test_y), len(data.test_y)),
+                          drop_last=recipe.drop_last or method_cls.needs_full_batches,
+                          channels_last=spec.channels_last)
+    if spec.pretrained:
+        return _import_pretrained(spec, env, loader, device)
+
+    info = data.info
+    input_shape = (info.in_channels, *data.train_x.shape[2:])
+    torch.manual_seed(stream_seed(spec.seed, 0, "init"))
+    student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
+    teacher, teacher_record = (_frozen_teacher(spec, env, data, device) if method_cls.needs_teacher
+                               else (None, None))
+    ctx = MethodContext(student_shapes=feature_shapes(student, input_shape),
+                        teacher_shapes=feature_shapes(teacher, input_shape) if teacher is not None else None,
+                        protocol=spec.protocol, batch_size=recipe.batch_size, num_classes=info.num_classes)
+    method = method_cls(ctx).to(device)
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    for module in (student, teacher, method):
+        if module is not None:
+            module.to(memory_format=memory_format)
+    student_fx = FeatureExtractor(student, method.student_taps)
+    teacher_fx = FeatureExtractor(teacher, method.teacher_taps) if teacher is not None else None
+
+    base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
+    params = [*student.parameters(), *method.parameters()]
+    # fused SGD where available (CUDA); foreach elsewhere. Same update rule either way.
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay, **fused)
+
+    history: list[dict[str, float]] = []
+    step_times: list[tuple[float, int]] = []
+    checkpoint_path = store.checkpoint_path(spec.run_id)
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, step_times = state["history"], [tuple(t) for t in state["step_times"]]
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+
+    teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
+    prov = provenance(device)
+    reset_peak_memory(device)
+    timer = StepTimer(device, recipe.warmup_steps)
+    autocast = _autocast(spec, device)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor):
+        with autocast:
+            s_logits, s_features = student_fx(x)
+            t_logits = t_features = None
+            if teacher_fx is not None:
+                with torch.no_grad():
+                    t_logits, t_features = teacher_fx(x)
+            terms = method.losses(StepOutputs(y, s_logits, s_features, t_logits, t_features))
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+        return terms, (s_logits.argmax(dim=1) == y).sum()
+
+    show = env.progress
+    epochs = tqdm(range(len(history), recipe.epochs), desc=spec.run_id, initial=len(history),
+                  total=recipe.epochs, unit="epoch", disable=None if show is None else not show, leave=False)
+    for epoch in epochs:
+        lr = recipe.lr_at(epoch, base_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        student.train()
+        method.train()
+        if teacher is not None:
+            assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        epoch_started = time.perf_counter()
+        for x, y in tqdm(loader.train_epoch(spec.seed, epoch), total=loader.steps_per_epoch, unit="step",
+                         leave=False, disable=None if show is None else not show, desc=f"epoch {epoch + 1}"):
+            started = timer.start()
+            terms, batch_correct = train_step(x, y)
+            timer.stop(started, len(y))
+            if timer.steps_seen == recipe.warmup_steps:  # measure memory after warm-up
+                reset_peak_memory(device)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            correct += batch_correct
+            seen += len(y)
+        step_times += timer.flush()
+        train_s = time.perf_counter() - epoch_started
+        steps = loader.steps_per_epoch
+        losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
+        total = sum(losses.values())
+        if not torch.isfinite(torch.tensor(total)):
+            raise RunFailed(f"non-finite training loss ({total}) in epoch {epoch + 1}")
+        scores = evaluate(student, loader, spec, device)
+        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"],
+                        "train_top1": 100.0 * correct.item() / seen, "loss": total, **losses, "lr": lr,
+                        "epoch_s": train_s, "eval_s": scores["eval_s"],
+                        "eval_images_per_s": scores["eval_images_per_s"]})
+        store.save_torch(checkpoint_path, {
+            "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "history": history, "step_times": step_times, "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+        store.write_record(RunRecord(spec, "running", {}, history, prov))
+
+    student_fx.remove()
+    if teacher_fx is not None:
+        teacher_fx.remove()
+    store.save_torch(store.weights_path(spec.run_id), student.state_dict())
+    metrics = _run_metrics(history, step_times, device)
+    metrics.update(
+        student_params=float(sum(p.numel() for p in student.parameters())),
+        extra_params_train=float(method.extra_params_train()),
+        extra_params_inference=float(method.extra_params_inference()),
+        train_images=float(loader.num_train),
+        test_images=float(loader.test_y.shape[0]),
+        iters_per_epoch=float(loader.steps_per_epoch),
+        dropped_images_per_epoch=float(loader.num_train - loader.steps_per_epoch * recipe.batch_size
+                                       if loader.drop_last else 0),
+    )
+    if teacher is not None:
+        metrics.update(teacher_top1=teacher_scores["top1"], teacher_top5=teacher_scores["top5"],
+                       teacher_wall_s=teacher_record.metrics.get("wall_s", 0.0))
+    record = RunRecord(spec, "finished", metrics, history, prov)
+    store.write_record(record)
+    checkpoint_path.unlink(missing_ok=True)
+    return record
+
+
+def _run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
+                 device: torch.device) -> dict[str, float]:
+    """Run-level accuracy, steady-state speed and memory from the per-epoch history and step timings."""
+    best = max(history, key=lambda h: h["top1"])
+    last = history[-1]
+    metrics = {"top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]), "top1_last": last["top1"],
+               "top5_best": max(h["top5"] for h in history), "top5_last": last["top5"],
+               "epochs_completed": float(len(history)),
+               "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
+               "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history)}
+    if step_times:
+        seconds = [s for s, _ in step_times]
+        quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
+        metrics.update(train_images_per_s=sum(n for _, n in step_times) / sum(seconds),
+                       step_ms_median=1000 * quartiles[1], step_ms_iqr=1000 * (quartiles[2] - quartiles[0]))
+    metrics.update(peak_memory(device))
+    return metrics
+
+
+def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunRecord:
+    """A failed record keeping the epochs the run completed before it failed."""
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+    partial = store.load_record(spec.run_id)
+    epochs = partial.epochs if partial else []
+    return RunRecord(spec, "failed", {"epochs_completed": float(len(epochs))}, epochs,
+                     partial.provenance if partial else {}, reason)
+
+
+def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
+    """Runs every spec in order (teachers first). A failing run is recorded and the sweep goes on;
+    user errors (KdbenchError) stop the sweep; finished runs are skipped."""
+    for dataset in {spec.dataset for spec in specs}:  # data problems stop the sweep before anything is written
+        _dataset(dataset, env.data_dir, env.download)
+    records: dict[str, RunRecord] = {}
+    show = env.progress
+    for spec in tqdm(specs, desc="sweep", unit="run", disable=None if show is None else not show):
+        teacher = records.get(spec.teacher_run) if spec.teacher_run else None
+        if teacher is not None and teacher.status != "finished":
+            record = _failed(spec, RunFailed(f"teacher run {spec.teacher_run} failed"), env.store)
+        else:
+            try:
+                record = run(spec, env)
+            except (KdbenchError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # NaN, out of memory, a bug in one method: record it, go on
+                record = _failed(spec, error, env.store)
+                if spec.device == "cuda":
+                    torch.cuda.empty_cache()
+        if record.status == "failed":
+            env.store.write_record(record)
+        records[spec.run_id] = record
+        env.store.rebuild_table()
+    return list(records.values())

@@ -1,0 +1,141 @@
+"""Measurements a run records: step timing without host syncs, peak memory, provenance."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import kdbench
+
+
+class StepTimer:
+    """Times training steps: CUDA events on GPU (read once per epoch), perf_counter on CPU.
+
+    Steps before ``warmup_steps`` (counted over the whole run) are excluded from the steady state.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int):
+        self.cuda = device.type == "cuda"
+        self.warmup_steps = warmup_steps
+        self.steps_seen = 0
+        self._pending: list = []
+        self.durations_s: list[float] = []  # steady-state steps only
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started, images: int) -> None:
+        measured = self.steps_seen >= self.warmup_steps
+        self.steps_seen += 1
+        if not measured:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((started, end, images))
+        else:
+            self._pending.append((time.perf_counter() - started, images))
+
+    def flush(self) -> list[tuple[float, int]]:
+        """Resolves the epoch's steps (one device sync on GPU); returns (seconds, images) per step."""
+        if self.cuda and self._pending:
+            self._pending[-1][1].synchronize()
+            resolved = [(start.elapsed_time(end) / 1000.0, n) for start, end, n in self._pending]
+        else:
+            resolved = list(self._pending)
+        self._pending = []
+        return resolved
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a fresh peak: CUDA allocator statistics, or the kernel's RSS high-water mark on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # "5" resets VmHWM (Linux >= 4.0); elsewhere the process-lifetime peak is reported
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_alloc_bytes": float(torch.cuda.max_memory_allocated(device)),
+                "peak_reserved_bytes": float(torch.cuda.max_memory_reserved(device))}
+    return {"cpu_peak_rss_bytes": float(_peak_rss_bytes())}
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    from kdbench.errors import KdbenchError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise KdbenchError(f"unknown device {name!r}; valid devices: auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdbenchError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device) -> dict[str, object]:
+    """Where and with what a run was produced; stored in every results row."""
+    cuda = device.type == "cuda"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if cuda else None,
+        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "kdbench_version": kdbench.__version__,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

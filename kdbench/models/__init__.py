@@ -1,0 +1,52 @@
+"""The CIFAR model zoo behind a timm-style registry: ``create_model``, ``list_models``.
+
+Models keep HobbitLong/RepDistiller's module tree, so its public CIFAR-100 checkpoints load with
+``strict=True``. Each architecture module registers its constructors on import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from kdbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    constructor: Callable[..., nn.Module]
+    base_lr: float  # the RepDistiller recipe's learning rate when this model is trained
+
+
+_MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, base_lr: float = 0.05):
+    """Decorator: ``@register_model`` or ``@register_model(name="vgg8", base_lr=0.01)``."""
+
+    def register(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or constructor.__name__
+        _MODELS.add(key, ModelEntry(key, constructor, base_lr))
+        return constructor
+
+    return register(fn) if fn is not None else register
+
+
+def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+    """Builds zoo model ``name``; raises a one-line KdbenchError for unknown names."""
+    return _MODELS.get(name).constructor(num_classes=num_classes, in_channels=in_channels)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return _MODELS.names(pattern)
+
+
+def model_entry(name: str) -> ModelEntry:
+    return _MODELS.get(name)
+
+
+# Registration happens on import; keep these imports at the bottom.
+from kdbench.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401

@@ -1,0 +1,195 @@
+"""CIFAR ResNets (depth 6n+2) with RepDistiller's module tree, plus the helpers the whole zoo shares.
+
+Module names, Sequential indices, BN defaults and the init order follow HobbitLong/RepDistiller
+``models/resnet.py`` so its ``ckpt_epoch_240.pth`` state dicts load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.models import register_model
+from kdbench.models.taps import Tap
+
+
+# --- shared by every zoo model -------------------------------------------------------------------
+
+
+def install_taps(model: nn.Module, num_stages: int) -> None:
+    """Adds the canonical parameter-free taps as attributes ``tap_<name>`` and records their paths.
+
+    Taps are plain attributes (never entries of an indexed Sequential), so state_dict keys are unchanged.
+    """
+    names = (
+        ["stem"]
+        + [f"stage{i}" for i in range(1, num_stages + 1)]
+        + [f"stage{i}_preact" for i in range(1, num_stages + 1)]
+        + ["pooled"]
+    )
+    for name in names:
+        setattr(model, f"tap_{name}", Tap())
+    model.feature_taps = {name: f"tap_{name}" for name in names}
+
+
+def run_stages(model: nn.Module, x: torch.Tensor, stages: Iterable[nn.Module]) -> torch.Tensor:
+    """Runs stages whose last block returns ``(out, preact)``; forward continues with the stage tap's output."""
+    for i, stage in enumerate(stages, 1):
+        x, preact = stage(x)
+        getattr(model, f"tap_stage{i}_preact")(preact)
+        x = getattr(model, f"tap_stage{i}")(x)
+    return x
+
+
+def init_kaiming(model: nn.Module) -> None:
+    """RepDistiller's ResNet init: conv Kaiming-normal (fan_out, relu), BN 1/0, linear left at default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def init_msra_normal(model: nn.Module, linear_std: float | None) -> None:
+    """RepDistiller's WRN/VGG/MobileNetV2 init: conv normal(0, sqrt(2/(k*k*out))), BN 1/0, linear bias 0.
+
+    ``linear_std``: normal std for linear weights (VGG, MobileNetV2: 0.01); None keeps the default (WRN).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                m.weight.data.normal_(0, linear_std)
+            m.bias.data.zero_()
+
+
+# --- CIFAR ResNet --------------------------------------------------------------------------------
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut, ReLU; the last block of a stage also returns the pre-ReLU sum."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 is_last: bool = False):
+        super().__init__()
+        self.is_last = is_last
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        preact = self.bn2(self.conv2(out)) + residual
+        out = F.relu(preact)
+        return (out, preact) if self.is_last else out
+
+
+class ResNet(nn.Module):
+    """RepDistiller's CIFAR ResNet: stem at 32x32, three stages (strides 1/2/2), AvgPool2d(8), ``fc``."""
+
+    def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        assert (depth - 2) % 6 == 0, "depth must be 6n+2"
+        n = (depth - 2) // 6
+        self.inplanes = num_filters[0]
+        self.conv1 = nn.Conv2d(in_channels, num_filters[0], kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(num_filters[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(num_filters[1], n)
+        self.layer2 = self._make_layer(num_filters[2], n, stride=2)
+        self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
+        init_kaiming(self)
+        install_taps(self, 3)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
+            # Built before the block, as in RepDistiller, so a seeded init draws the same numbers.
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * BasicBlock.expansion),
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, is_last=(blocks == 1))]
+        self.inplanes = planes * BasicBlock.expansion
+        for i in range(1, blocks):
+            layers.append(BasicBlock(self.inplanes, planes, is_last=(i == blocks - 1)))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.tap_stem(self.relu(self.bn1(self.conv1(x))))
+        x = run_stages(self, x, (self.layer1, self.layer2, self.layer3))
+        x = self.tap_pooled(torch.flatten(self.avgpool(x), 1))
+        return self.fc(x)
+
+
+_NARROW = [16, 16, 32, 64]  # stem / stage widths of resnet8..resnet110
+_WIDE = [32, 64, 128, 256]  # the "x4" models
+
+
+@register_model(name="resnet8")
+def resnet8(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(8, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet14")
+def resnet14(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(14, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet20")
+def resnet20(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(20, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet32")
+def resnet32(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(32, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet44")
+def resnet44(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(44, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet56")
+def resnet56(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(56, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet110")
+def resnet110(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(110, _NARROW, num_classes, in_channels)
+
+
+@register_model(name="resnet8x4")
+def resnet8x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(8, _WIDE, num_classes, in_channels)
+
+
+@register_model(name="resnet32x4")
+def resnet32x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return ResNet(32, _WIDE, num_classes, in_channels)

@@ -1,0 +1,92 @@
+"""CIFAR VGGs with BN (RepDistiller ``vgg*_bn``, registered under the short names ``vgg8`` .. ``vgg19``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.models import register_model
+from kdbench.models.resnet import init_msra_normal, install_taps
+
+# Conv widths of block0..block4 (RepDistiller ``cfg``).
+_CFG = {
+    "S": [[64], [128], [256], [512], [512]],
+    "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "B": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "D": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "E": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
+    """[conv3x3 (bias), BN, ReLU] x m without the final ReLU: conv at index 3m, BN at 3m+1.
+
+    The last ReLU is applied in forward so the BN output (the preact feature) stays readable.
+    """
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(nn.Module):
+    """Five blocks; max-pool after blocks 0-2 (pool3 only for 64x64 inputs), global avg-pool, ``classifier``."""
+
+    def __init__(self, cfg: list[list[int]], num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        self.block0 = _make_block(cfg[0], in_channels)
+        self.block1 = _make_block(cfg[1], cfg[0][-1])
+        self.block2 = _make_block(cfg[2], cfg[1][-1])
+        self.block3 = _make_block(cfg[3], cfg[2][-1])
+        self.block4 = _make_block(cfg[4], cfg[3][-1])
+        self.pool0 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Linear(512, num_classes)
+        init_msra_normal(self, linear_std=0.01)
+        install_taps(self, 4)
+
+    def forward(self, x):
+        # On 32x32 inputs pool3 is skipped, so blocks 3 and 4 both run at 4x4 (as in RepDistiller).
+        pools = (self.pool1, self.pool2, self.pool3 if x.shape[2] == 64 else None, self.pool4)
+        x = self.tap_stem(F.relu(self.block0(x)))
+        x = self.pool0(x)
+        blocks = (self.block1, self.block2, self.block3, self.block4)
+        for i, (block, pool) in enumerate(zip(blocks, pools), 1):
+            preact = block(x)
+            getattr(self, f"tap_stage{i}_preact")(preact)
+            x = getattr(self, f"tap_stage{i}")(F.relu(preact))  # not in place: preact must survive
+            if pool is not None:
+                x = pool(x)
+        x = self.tap_pooled(torch.flatten(x, 1))
+        return self.classifier(x)
+
+
+@register_model(name="vgg8")
+def vgg8(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG(_CFG["S"], num_classes, in_channels)
+
+
+@register_model(name="vgg11")
+def vgg11(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG(_CFG["A"], num_classes, in_channels)
+
+
+@register_model(name="vgg13")
+def vgg13(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG(_CFG["B"], num_classes, in_channels)
+
+
+@register_model(name="vgg16")
+def vgg16(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG(_CFG["D"], num_classes, in_channels)
+
+
+@register_model(name="vgg19")
+def vgg19(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG(_CFG["E"], num_classes, in_channels)

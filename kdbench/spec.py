@@ -1,0 +1,170 @@
+"""Run specifications: frozen, serialisable descriptions of one unit of work.
+
+A :class:`RunSpec` fully determines a run; its ``run_id`` is a hash of its canonical JSON, so the
+same command maps to the same result folder (skip when finished, resume when interrupted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registry
+
+PROTOCOLS = ("semckd", "crd")  # loss-weight conventions (methods.md §0.3); the first is the default
+PRECISIONS = ("fp32", "bf16")
+ROLES = ("teacher", "student")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser, schedule and data budget shared by teacher and student training."""
+
+    name: str
+    epochs: int
+    batch_size: int = 64
+    lr: float | None = None  # None: the trained model's RepDistiller base lr (0.05, or 0.01 for light models)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of `epochs`: 150/180/210 of 240
+    lr_decay: float = 0.1
+    train_subset: int | None = None  # at most this many training images: a fixed subset, the same for every run
+    test_subset: int | None = None  # at most this many test images (fixed subset); None: the whole test set
+    drop_last: bool = False
+    warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput
+
+    def milestone_epochs(self) -> tuple[int, ...]:
+        return tuple(round(f * self.epochs) for f in self.milestones)
+
+    def lr_at(self, epoch: int, base_lr: float) -> float:
+        """Learning rate for 0-indexed ``epoch`` (MultiStepLR stepped once per epoch)."""
+        return base_lr * self.lr_decay ** sum(epoch >= m for m in self.milestone_epochs())
+
+    def overridden(self, **changes: Any) -> "Recipe":
+        """A copy with the non-None ``changes`` applied, validated."""
+        recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        for key in ("epochs", "batch_size"):
+            if getattr(recipe, key) < 1:
+                raise KdbenchError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(recipe, key)}")
+        for key in ("train_subset", "test_subset"):
+            if getattr(recipe, key) is not None and getattr(recipe, key) < 1:
+                raise KdbenchError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(recipe, key)}")
+        return recipe
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+RECIPES.add("paper", Recipe("paper", epochs=240))  # HobbitLong/RepDistiller, exactly
+# A CPU-sized smoke benchmark: same optimiser and schedule shape, a fixed 5,000-image subset.
+RECIPES.add("short", Recipe("short", epochs=3, train_subset=5000, drop_last=True, warmup_steps=10))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one training run; hashed into ``run_id``."""
+
+    dataset: str
+    student: str  # the architecture being trained (the teacher architecture when role == "teacher")
+    method: str
+    seed: int
+    recipe: Recipe
+    role: str = "student"
+    teacher: str | None = None  # teacher architecture, None for runs without a teacher
+    teacher_run: str | None = None  # run_id of the teacher's run (trained or imported checkpoint)
+    pretrained: str | None = None  # sha256 of a checkpoint this run imports and evaluates instead of training
+    protocol: str = PROTOCOLS[0]
+    device: str = "cpu"  # resolved device type: "cpu" or "cuda"
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    @property
+    def pair(self) -> str | None:
+        return f"{self.teacher}->{self.student}" if self.teacher else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        recipe = dict(data["recipe"])
+        recipe["milestones"] = tuple(recipe["milestones"])
+        return cls(**{**data, "recipe": Recipe(**recipe)})
+
+    @property
+    def run_id(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        return f"{self.role}-{self.method}-{self.student}-s{self.seed}-{digest}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    teacher: str
+    student: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Pair":
+        parts = text.split(":")
+        if len(parts) != 2 or not all(parts):
+            raise KdbenchError(f"malformed pair {text!r}; write TEACHER:STUDENT, e.g. vgg13:vgg8")
+        return cls(*parts)
+
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The cross product one ``kdbench run`` asks for; :meth:`plan` expands it into runs."""
+
+    methods: tuple[str, ...]
+    pairs: tuple[Pair, ...]
+    seeds: tuple[int, ...]
+    dataset: str
+    recipe: Recipe
+    protocol: str = PROTOCOLS[0]
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = False
+    teacher_seed: int = 0
+    teacher_ckpt_sha256: str | None = None  # import this checkpoint as the teacher instead of training one
+
+    def _common(self) -> dict[str, Any]:
+        return dict(dataset=self.dataset, recipe=self.recipe, device=self.device,
+                    precision=self.precision, channels_last=self.channels_last)
+
+    def teacher_spec(self, arch: str) -> RunSpec:
+        """The run that produces ``arch``'s teacher weights; shared by every method, seed and protocol."""
+        seed = 0 if self.teacher_ckpt_sha256 else self.teacher_seed
+        return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none",
+                       pretrained=self.teacher_ckpt_sha256, **self._common())
+
+    def plan(self) -> list[RunSpec]:
+        """Teacher runs first, then every (pair, method, seed); duplicates removed, order kept."""
+        from kdbench.data import dataset_info
+        from kdbench.methods import method_class
+        from kdbench.models import model_entry
+
+        dataset_info(self.dataset)
+        for pair in self.pairs:
+            model_entry(pair.teacher), model_entry(pair.student)
+        classes = {name: method_class(name) for name in self.methods}
+        if self.protocol not in PROTOCOLS:
+            raise KdbenchError(f"unknown protocol {self.protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+        if self.precision not in PRECISIONS:
+            raise KdbenchError(f"unknown precision {self.precision!r}; valid precisions: {', '.join(PRECISIONS)}")
+        if self.teacher_ckpt_sha256 and len({p.teacher for p in self.pairs}) > 1:
+            raise KdbenchError("--teacher-ckpt holds one teacher, but the pairs name several teacher architectures")
+
+        runs = [self.teacher_spec(pair.teacher) for pair in self.pairs]
+        for pair in self.pairs:
+            teacher_run = self.teacher_spec(pair.teacher).run_id
+            for name, cls in classes.items():
+                distils = cls.needs_teacher
+                for seed in self.seeds:
+                    runs.append(RunSpec(
+                        student=pair.student, method=name, seed=seed, role="student",
+                        teacher=pair.teacher if distils else None,
+                        teacher_run=teacher_run if distils else None,
+                        protocol=self.protocol if distils else "none", **self._common()))
+        return list(dict.fromkeys(runs))

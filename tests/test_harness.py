@@ -1,0 +1,130 @@
+import pandas as pd
+import pytest
+import torch
+
+import kdbench.harness as harness
+from kdbench.errors import KdbenchError
+from kdbench.harness import RunEnv, run_sweep
+from kdbench.models import create_model
+from kdbench.results import ResultsStore
+
+import probe_methods  # noqa: F401  (registers probe-kd and probe-nan)
+from conftest import TINY, tiny_sweep
+
+
+def _history(record, *keys):
+    return [tuple(epoch[k] for k in keys) for epoch in record.epochs]
+
+
+def test_tiny_sweep_trains_teacher_then_students_and_writes_tidy_table(env):
+    probe_methods.ProbeKD.seen.clear()
+    records = run_sweep(tiny_sweep(methods=("student", "probe-kd")).plan(), env)
+    teacher, baseline, kd = records
+    assert [r.status for r in records] == ["finished"] * 3
+    assert (teacher.spec.role, baseline.spec.teacher, kd.spec.teacher_run) == ("teacher", None, teacher.run_id)
+    # learns: the synthetic classes are separable, chance is 10 %
+    assert teacher.metrics["top1_best"] > 50 and kd.metrics["top1_best"] > 25
+    assert kd.metrics["teacher_top1"] == pytest.approx(teacher.metrics["top1_last"])
+    assert kd.metrics["teacher_wall_s"] == teacher.metrics["wall_s"] > 0
+    assert baseline.metrics["student_params"] == sum(p.numel() for p in create_model("resnet8", 10).parameters())
+    assert kd.metrics["extra_params_train"] == 0 and kd.metrics["iters_per_epoch"] == 20
+    for key in ("train_images_per_s", "step_ms_median", "step_ms_iqr", "eval_images_per_s", "cpu_peak_rss_bytes"):
+        assert kd.metrics[key] > 0, key
+    # the harness hands the method a frozen teacher's outputs and the student's taps with gradients
+    assert probe_methods.ProbeKD.seen and not any(s["teacher_requires_grad"] for s in probe_methods.ProbeKD.seen)
+    assert all(s["student_requires_grad"] and s["student_feature_shape"] == (32, 32, 16, 16)
+               for s in probe_methods.ProbeKD.seen)
+
+    table = pd.read_parquet(env.store.root / "metrics.parquet")
+    assert set(table.run_id) == {r.run_id for r in records}
+    for column in ("method", "pair", "protocol", "recipe", "seed", "metric", "value", "unit", "epoch", "split",
+                   "torch_version", "git_sha", "kdbench_version", "device_name"):
+        assert column in table.columns, column
+    kd_rows = table[table.run_id == kd.run_id]
+    per_epoch = kd_rows[kd_rows.metric == "top1"]
+    assert sorted(per_epoch.epoch) == [1, 2, 3] and set(per_epoch.split) == {"test"}
+    assert {"loss_ce", "loss_kd", "lr", "train_top1"} <= set(kd_rows.metric)
+    assert kd_rows.pair.unique().tolist() == ["resnet14->resnet8"]
+    assert (env.store.root / "metrics.csv").exists()
+    assert not list(env.store.root.glob("*/latest.pt"))  # finished runs drop their resume state
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a, b = (run_sweep(tiny_sweep().plan()[1:], RunEnv(ResultsStore(tmp_path / n), progress=False))[0]
+            for n in "ab")
+    keys = ("top1", "top5", "loss", "train_top1")
+    assert _history(a, *keys) == _history(b, *keys)
+    other = run_sweep(tiny_sweep(seeds=(1,)).plan()[1:], RunEnv(ResultsStore(tmp_path / "c"), progress=False))[0]
+    assert _history(other, *keys) != _history(a, *keys)
+
+
+def test_finished_runs_are_skipped(env, monkeypatch):
+    specs = tiny_sweep().plan()
+    first = run_sweep(specs, env)
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = run_sweep(specs, env)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
+
+
+def test_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    spec = tiny_sweep().plan()[1]
+    reference = run_sweep([spec], RunEnv(ResultsStore(tmp_path / "ref"), progress=False))[0]
+
+    env = RunEnv(ResultsStore(tmp_path / "resumed"), progress=False)
+    calls = {"n": 0}
+    real_evaluate = harness.evaluate
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep([spec], env)
+    partial = env.store.load_record(spec.run_id)
+    assert partial.status == "running" and len(partial.epochs) == 1
+    assert env.store.checkpoint_path(spec.run_id).exists()
+
+    monkeypatch.setattr(harness, "evaluate", real_evaluate)
+    resumed = run_sweep([spec], env)[0]
+    keys = ("epoch", "top1", "loss", "lr")
+    assert resumed.status == "finished" and _history(resumed, *keys) == _history(reference, *keys)
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(env):
+    records = run_sweep(tiny_sweep(methods=("probe-nan", "student")).plan(), env)
+    failed = [r for r in records if r.status == "failed"]
+    assert len(failed) == 1 and failed[0].spec.method == "probe-nan"
+    assert "non-finite training loss" in failed[0].error
+    assert [r.status for r in records if r.spec.method == "student"] == ["finished", "finished"]
+    table = pd.read_parquet(env.store.root / "metrics.parquet")
+    assert set(table.status) == {"finished", "failed"}
+
+
+def _repdistiller_checkpoint(model, path):
+    torch.save({"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(70.0), "optimizer": {}}, path)
+
+
+def test_teacher_checkpoint_is_imported_and_checked(env, tmp_path):
+    trained = run_sweep(tiny_sweep().plan()[:1], env)[0]
+    teacher = create_model("resnet14", 10)
+    teacher.load_state_dict(torch.load(env.store.weights_path(trained.run_id), weights_only=True))
+    ckpt = tmp_path / "ckpt_epoch_240.pth"
+    _repdistiller_checkpoint(teacher, ckpt)
+    sha = harness.sha256_file(ckpt)
+    ckpt_env = RunEnv(env.store, checkpoints={sha: ckpt}, progress=False)
+    imported, kd = run_sweep(tiny_sweep(methods=("probe-kd",), teacher_ckpt_sha256=sha).plan(), ckpt_env)
+    assert imported.spec.pretrained == sha and imported.provenance["checkpoint_sha256"] == sha
+    assert imported.metrics["top1_last"] == pytest.approx(trained.metrics["top1_last"])
+    assert kd.status == "finished" and kd.spec.teacher_run == imported.run_id
+
+    wrong = tmp_path / "wrong.pth"
+    _repdistiller_checkpoint(create_model("resnet8", 10), wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, message in ((wrong, "does not fit"), (garbage, "cannot read teacher checkpoint")):
+        sha = harness.sha256_file(path)
+        with pytest.raises(KdbenchError, match=message):
+            run_sweep(tiny_sweep(teacher_ckpt_sha256=sha).plan(), RunEnv(env.store, checkpoints={sha: path}))

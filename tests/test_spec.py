@@ -1,0 +1,77 @@
+import pytest
+
+from kdbench.errors import KdbenchError
+from kdbench.spec import RECIPES, Pair, Recipe, RunSpec
+
+from conftest import TINY, tiny_sweep
+
+
+def test_paper_recipe_is_repdistiller_schedule():
+    paper = RECIPES.get("paper")
+    assert (paper.epochs, paper.batch_size, paper.momentum, paper.weight_decay) == (240, 64, 0.9, 5e-4)
+    assert paper.milestone_epochs() == (150, 180, 210)
+    lrs = {e: paper.lr_at(e, 0.05) for e in (0, 149, 150, 179, 180, 209, 210, 239)}
+    assert lrs[0] == lrs[149] == 0.05
+    assert lrs[150] == pytest.approx(5e-3) and lrs[179] == pytest.approx(5e-3)
+    assert lrs[180] == pytest.approx(5e-4) and lrs[209] == pytest.approx(5e-4)
+    assert lrs[210] == pytest.approx(5e-5) and lrs[239] == pytest.approx(5e-5)
+
+
+def test_overriding_epochs_scales_milestones_and_rejects_nonsense():
+    assert RECIPES.get("paper").overridden(epochs=24).milestone_epochs() == (15, 18, 21)
+    assert RECIPES.get("paper").overridden(batch_size=None).batch_size == 64
+    with pytest.raises(KdbenchError, match="--epochs must be a positive integer"):
+        RECIPES.get("short").overridden(epochs=0)
+    with pytest.raises(KdbenchError, match="--train-subset"):
+        RECIPES.get("short").overridden(train_subset=-3)
+
+
+def test_run_id_is_stable_and_sensitive():
+    spec = RunSpec(dataset="synthetic", student="resnet8", method="student", seed=0, recipe=TINY)
+    assert spec.run_id == RunSpec.from_dict(spec.to_dict()).run_id
+    assert spec.run_id == RunSpec(dataset="synthetic", student="resnet8", method="student", seed=0,
+                                  recipe=Recipe("tiny", epochs=3, batch_size=32, warmup_steps=2)).run_id
+    changed = [RunSpec(dataset="synthetic", student="resnet8", method="student", seed=1, recipe=TINY),
+               RunSpec(dataset="synthetic", student="resnet8", method="student", seed=0, recipe=TINY,
+                       precision="bf16"),
+               RunSpec(dataset="synthetic", student="resnet8", method="student", seed=0,
+                       recipe=TINY.overridden(epochs=4))]
+    assert len({spec.run_id, *(c.run_id for c in changed)}) == 4
+
+
+def test_pair_parsing():
+    assert Pair.parse("vgg13:vgg8") == Pair("vgg13", "vgg8")
+    for bad in ("vgg13", "vgg13:", ":vgg8", "a:b:c"):
+        with pytest.raises(KdbenchError, match="malformed pair"):
+            Pair.parse(bad)
+
+
+def test_plan_puts_shared_teacher_first_and_baseline_without_teacher():
+    runs = tiny_sweep(seeds=(0, 1, 2), protocol="crd").plan()
+    teacher, *students = runs
+    assert (teacher.role, teacher.student, teacher.method, teacher.protocol) == ("teacher", "resnet14", "student", "none")
+    assert [s.seed for s in students] == [0, 1, 2]
+    # the CE baseline does not depend on the teacher, so it is shared by every pair with that student
+    assert all(s.teacher is None and s.teacher_run is None and s.protocol == "none" for s in students)
+    assert len({r.run_id for r in runs}) == 4
+
+
+def test_teacher_is_shared_across_protocols_and_student_seeds():
+    a = tiny_sweep(seeds=(0,), protocol="crd").plan()[0]
+    b = tiny_sweep(seeds=(5,), protocol="semckd").plan()[0]
+    assert a.run_id == b.run_id
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(methods=("nope",)), "unknown method 'nope'; valid methods: student"),
+    (dict(pair=("resnet14", "resnet9")), "unknown model 'resnet9'"),
+    (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+    (dict(protocol="hinton"), "unknown protocol 'hinton'; valid protocols: semckd, crd"),
+])
+def test_plan_rejects_unknown_names(changes, message):
+    dataset = changes.pop("dataset", None)
+    sweep = tiny_sweep(**changes)
+    if dataset:
+        sweep = tiny_sweep(**changes).__class__(**{**sweep.__dict__, "dataset": dataset})
+    with pytest.raises(KdbenchError, match=message):
+        sweep.plan()
