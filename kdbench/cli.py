@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import KdbenchError
-from kdbench.spec import PRECISIONS, PROTOCOLS, RECIPES, Pair, SweepSpec
+from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec
 
 
 class _Parser(argparse.ArgumentParser):

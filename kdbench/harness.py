@@ -99,7 +99,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device
     return {"top1": top1, "top5": top5, "eval_s": elapsed, "eval_images_per_s": seen / elapsed}
 
 
-def _frozen_teacher(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
+def _frozen_teacher(spec: RunSpec, env: RunEnv, data: ArrayData,
+                    device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
     teacher_record = env.store.load_record(spec.teacher_run)
     if teacher_record is None or teacher_record.status != "finished":
         raise RunFailed(f"teacher run {spec.teacher_run} has not finished")
@@ -117,6 +118,7 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     info = loader.info
     model = create_model(spec.student, info.num_classes, info.in_channels)
     load_weights(model, Path(path), "teacher checkpoint")
+    env.store.write_spec(spec)
     env.store.save_torch(env.store.weights_path(spec.run_id), model.state_dict())
     scores = evaluate(model.to(device), loader, spec, device)
     metrics = {"top1_last": scores["top1"], "top5_last": scores["top5"], "top1_best": scores["top1"],
@@ -134,7 +136,6 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     existing = store.load_record(spec.run_id)
     if existing is not None and existing.status == "finished":
         return existing
-    store.write_spec(spec)
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -149,6 +150,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                           channels_last=spec.channels_last)
     if spec.pretrained:
         return _import_pretrained(spec, env, loader, device)
+    store.write_spec(spec)
 
     info = data.info
     input_shape = (info.in_channels, *data.train_x.shape[2:])

@@ -25,8 +25,14 @@ TABLE_NAME = "metrics"
 # Per-epoch metrics evaluated on the test split; everything else per epoch is about training.
 _TEST_METRICS = {"top1", "top5", "top1_best", "top1_last", "top5_best", "top5_last", "teacher_top1",
                  "teacher_top5", "eval_images_per_s", "eval_s"}
-_UNITS = {"%": ("top1", "top5", "train_top1"), "img/s": ("images_per_s",), "ms": ("_ms",),
-          "bytes": ("_bytes",), "s": ("_s",), "count": ("params", "epoch", "iters_per_epoch", "dropped_images", "train_images", "test_images")}
+_UNITS = {
+    "%": ("top1", "top5", "train_top1"),
+    "img/s": ("images_per_s",),
+    "ms": ("_ms",),
+    "bytes": ("_bytes",),
+    "s": ("_s",),
+    "count": ("params", "epoch", "iters_per_epoch", "dropped_images", "train_images", "test_images"),
+}
 
 
 def unit_of(metric: str) -> str:
@@ -72,7 +78,8 @@ class RunRecord:
             "method": spec.method, "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
             "epochs": spec.recipe.epochs, "batch_size": spec.recipe.batch_size,
-            "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset, "precision": spec.precision,
+            "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,
+            "precision": spec.precision,
             "channels_last": spec.channels_last, "device": spec.device, "teacher_run": spec.teacher_run,
             **self.provenance,
         }

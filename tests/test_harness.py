@@ -1,15 +1,14 @@
 import pandas as pd
+import probe_methods  # noqa: F401  (registers probe-kd and probe-nan)
 import pytest
 import torch
+from conftest import tiny_sweep
 
 import kdbench.harness as harness
 from kdbench.errors import KdbenchError
 from kdbench.harness import RunEnv, run_sweep
 from kdbench.models import create_model
 from kdbench.results import ResultsStore
-
-import probe_methods  # noqa: F401  (registers probe-kd and probe-nan)
-from conftest import TINY, tiny_sweep
 
 
 def _history(record, *keys):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models.resnet import init_msra_normal, install_taps
+from kdbench.models.common import init_msra_normal, install_taps
 
 _FEATURE_BLOCKS = (1, 2, 4, 6)  # stage taps follow these entries of ``blocks``
 

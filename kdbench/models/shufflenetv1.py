@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models.resnet import install_taps, run_stages
+from kdbench.models.common import install_taps, run_stages
 
 
 class ShuffleBlock(nn.Module):

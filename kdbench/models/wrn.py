@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models.resnet import init_msra_normal, install_taps
+from kdbench.models.common import init_msra_normal, install_taps
 from kdbench.models.taps import Tap
 
 

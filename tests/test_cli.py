@@ -1,0 +1,100 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kdbench.cli import main
+from kdbench.models import create_model
+
+TINY_ARGS = ["--dataset", "synthetic", "--recipe", "short", "--epochs", "1", "--batch-size", "32",
+             "--device", "cpu"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_names_everything(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert lines["methods"].split(", ")[0] == "student"
+    assert {"vgg13", "vgg8", "resnet32x4", "ShuffleV2", "ResNet50", "wrn_40_2"} <= set(lines["models"].split(", "))
+    assert {"cifar100", "cifar10", "fashion-mnist", "synthetic"} <= set(lines["datasets"].split(", "))
+    assert lines["recipes"] == "paper, short"
+
+
+def test_run_writes_results_and_prints_the_table(capsys, tmp_path):
+    results = tmp_path / "results"
+    code, out, _ = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet14:resnet8", *TINY_ARGS,
+                           "--seeds", "0,1", "--results-dir", str(results))
+    assert code == 0
+    assert out.count("finished") == 3 and "resnet14" in out and "top1 best" in out
+    table = pd.read_parquet(results / "metrics.parquet")
+    assert sorted(table[table.role == "student"].seed.unique()) == [0, 1]
+    assert set(table.recipe) == {"short"} and set(table.dataset) == {"synthetic"}
+
+
+def _bad_checkpoints(tmp_path):
+    wrong = tmp_path / "wrong_arch.pth"
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, wrong)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("this is not a checkpoint")
+    return wrong, garbage
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "nope", "--pairs", "resnet14:resnet8"], "unknown method 'nope'; valid methods: student"),
+    (["--methods", "student", "--pairs", "resnet14:resnet9"],
+     "unknown model 'resnet9'; valid models: MobileNetV2, resnet8, resnet14"),
+    (["--methods", "student", "--pairs", "resnet14-resnet8"],
+     "malformed pair 'resnet14-resnet8'; write TEACHER:STUDENT"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--dataset", "mnist"],
+     "unknown dataset 'mnist'; valid datasets: cifar100, cifar10, fashion-mnist, synthetic"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--recipe", "long"],
+     "unknown recipe 'long'; valid recipes: paper, short"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--seeds", "0,x"], "malformed --seeds '0,x'"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--epochs", "two"], "argument --epochs: invalid int"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--protocol", "x"], "unknown protocol 'x'"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "/nonexistent.pth"],
+     "teacher checkpoint /nonexistent.pth does not exist"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "WRONG"], "does not fit"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "GARBAGE"],
+     "cannot read teacher checkpoint"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8,vgg13:vgg8", "--teacher-ckpt", "WRONG"],
+     "--teacher-ckpt holds one teacher"),
+    (["--pairs", "resnet14:resnet8"], "the following arguments are required: --methods"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, message):
+    wrong, garbage = _bad_checkpoints(tmp_path)
+    argv = [{"WRONG": str(wrong), "GARBAGE": str(garbage)}.get(a, a) for a in argv]
+    results = tmp_path / "results"
+    code, out, err = run_cli(capsys, "run", *TINY_ARGS, *argv, "--results-dir", str(results))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("kdbench: error: ") and message in err
+    assert "Traceback" not in err and out == ""
+    assert not results.exists()  # nothing written, nothing trained
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet14:resnet8",
+                           "--dataset", "synthetic", "--device", "cuda", "--results-dir", str(tmp_path))
+    assert code == 2 and "has no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_console_script_is_installed():
+    beside_python = Path(sys.executable).with_name("kdbench")
+    exe = str(beside_python) if beside_python.exists() else shutil.which("kdbench")
+    assert exe, "the kdbench console script is not installed (pip install -e .)"
+    result = subprocess.run([exe, "list", "methods"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("methods: student")
