@@ -295,18 +295,22 @@ def load_synthetic(data_dir: Path | None = None, download: bool = True) -> Array
 
 # ---------------------------------------------------------------------------------------------- registrations
 
+
+def _cifar_how_to_get(archive: str) -> str:
+    return (f"Download {archive} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into the data dir "
+            "(default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir).")
+
+
 register_dataset(DatasetInfo(
     name="cifar100", num_classes=100, in_channels=3,
     mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
-    how_to_get="Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
-               "into the data dir (default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir).",
+    how_to_get=_cifar_how_to_get("cifar-100-python.tar.gz"),
     load=load_cifar100,
 ))
 register_dataset(DatasetInfo(
     name="cifar10", num_classes=10, in_channels=3,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    how_to_get="Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
-               "into the data dir (default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir).",
+    how_to_get=_cifar_how_to_get("cifar-10-python.tar.gz"),
     load=load_cifar10,
 ))
 register_dataset(DatasetInfo(
