@@ -26,6 +26,14 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def _option(text: str) -> tuple[str, str, str]:
+    target, sep, value = text.partition("=")
+    method, dot, key = target.partition(".")
+    if not (sep and dot and method and key):
+        raise KdbenchError(f"malformed --set {text!r}; write METHOD.KEY=VALUE, e.g. fitnet.hint_layer=1")
+    return method, key, value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
 
@@ -45,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
     run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
     run.add_argument("--lr", type=float, help="override the base learning rate")
+    run.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="options",
+                     help="a method option, e.g. fitnet.hint_layer=1 (repeatable; see `kdbench list methods`)")
     run.add_argument("--protocol", default=PROTOCOLS[0], help=f"loss-weight protocol: {', '.join(PROTOCOLS)}")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
@@ -74,7 +84,7 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         methods=_names(args.methods), pairs=tuple(Pair.parse(p) for p in _names(args.pairs)),
         seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
-        teacher_seed=args.teacher_seed,
+        teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt) if args.teacher_ckpt else None)
 
 
@@ -95,10 +105,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from kdbench.data import list_datasets
-    from kdbench.methods import list_methods
+    from kdbench.methods import list_methods, method_class
     from kdbench.models import list_models
 
-    listings = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": list_methods}
+    def methods() -> list[str]:  # each with its options and defaults, e.g. fitnet[hint_layer=2 beta=100.0]
+        shown = []
+        for name in list_methods():
+            options = " ".join(f"{k}={v}" for k, v in method_class(name).defaults.items())
+            shown.append(f"{name}[{options}]" if options else name)
+        return shown
+
+    listings = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": methods}
     for what, names in listings.items():
         if args.what in ("all", what):
             print(f"{what}: {', '.join(names())}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,100 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     return record
 
 
+@dataclass
+class _Parts:
+    """The modules and optimiser of one run."""
+
+    student: torch.nn.Module
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    student_fx: FeatureExtractor
+    teacher: torch.nn.Module | None = None
+    teacher_fx: FeatureExtractor | None = None
+    teacher_record: RunRecord | None = None
+
+    def state(self) -> dict:
+        return {"student": self.student.state_dict(), "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device) -> _Parts:
+    """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all."""
+    info, recipe = data.info, spec.recipe
+    method_cls = method_class(spec.method)
+    input_shape = (info.in_channels, *data.train_x.shape[2:])
+    torch.manual_seed(stream_seed(spec.seed, 0, "init"))
+    student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
+    teacher, teacher_record = (_frozen_teacher(spec, env, data, device) if method_cls.needs_teacher
+                               else (None, None))
+    ctx = MethodContext(student_shapes=feature_shapes(student, input_shape),
+                        teacher_shapes=feature_shapes(teacher, input_shape) if teacher is not None else None,
+                        protocol=spec.protocol, batch_size=recipe.batch_size, num_classes=info.num_classes,
+                        options=dict(spec.method_options))
+    method = method_cls(ctx).to(device)
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    for module in (student, teacher, method):
+        if module is not None:
+            module.to(memory_format=memory_format)
+    base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
+    # fused SGD on CUDA, foreach elsewhere: the same update rule either way
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=base_lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay, **fused)
+    return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
+                  teacher, FeatureExtractor(teacher, method.teacher_taps) if teacher is not None else None,
+                  teacher_record)
+
+
+def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
+                 show: bool | None) -> dict[str, float]:
+    """One epoch of steps; loss terms and correct counts stay on the device until the epoch ends."""
+    device = loader.device
+    autocast = _autocast(spec, device)
+    parts.student.train()
+    parts.method.train()
+    if parts.teacher is not None:
+        assert not parts.teacher.training and not any(p.requires_grad for p in parts.teacher.parameters())
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    started_epoch = time.perf_counter()
+    batches = tqdm(loader.train_epoch(spec.seed, epoch), total=loader.steps_per_epoch, unit="step", leave=False,
+                   disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
+    for x, y in batches:
+        started = timer.start()
+        with autocast:
+            s_logits, s_features = parts.student_fx(x)
+            t_logits = t_features = None
+            if parts.teacher_fx is not None:
+                with torch.no_grad():
+                    t_logits, t_features = parts.teacher_fx(x)
+            terms = parts.method.losses(StepOutputs(y, s_logits, s_features, t_logits, t_features))
+        parts.optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        parts.optimizer.step()
+        timer.stop(started, len(y))
+        if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up
+            reset_peak_memory(device)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        correct += (s_logits.argmax(dim=1) == y).sum()
+    train_s = time.perf_counter() - started_epoch
+    steps = loader.steps_per_epoch
+    losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
+    total = sum(losses.values())
+    if not math.isfinite(total):
+        raise RunFailed(f"non-finite training loss ({total}) in epoch {epoch + 1}")
+    return {"train_top1": 100.0 * correct.item() / (steps * loader.batch_size if loader.drop_last
+                                                    else loader.num_train),
+            "loss": total, **losses, "epoch_s": train_s}
+
+
 def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     """Trains (or resumes) one run and returns its record; a finished run is returned as stored."""
     store = env.store
@@ -141,126 +236,64 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    method_cls = method_class(spec.method)
     # The recipe's subsets are upper bounds: a smaller dataset is used whole.
     loader = DeviceLoader(data, device, batch_size=recipe.batch_size,
                           train_subset=min(recipe.train_subset or len(data.train_y), len(data.train_y)),
                           test_subset=min(recipe.test_subset or len(data.test_y), len(data.test_y)),
-                          drop_last=recipe.drop_last or method_cls.needs_full_batches,
+                          drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
                           channels_last=spec.channels_last)
     if spec.pretrained:
         return _import_pretrained(spec, env, loader, device)
     store.write_spec(spec)
-
-    info = data.info
-    input_shape = (info.in_channels, *data.train_x.shape[2:])
-    torch.manual_seed(stream_seed(spec.seed, 0, "init"))
-    student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
-    teacher, teacher_record = (_frozen_teacher(spec, env, data, device) if method_cls.needs_teacher
-                               else (None, None))
-    ctx = MethodContext(student_shapes=feature_shapes(student, input_shape),
-                        teacher_shapes=feature_shapes(teacher, input_shape) if teacher is not None else None,
-                        protocol=spec.protocol, batch_size=recipe.batch_size, num_classes=info.num_classes)
-    method = method_cls(ctx).to(device)
-    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-    for module in (student, teacher, method):
-        if module is not None:
-            module.to(memory_format=memory_format)
-    student_fx = FeatureExtractor(student, method.student_taps)
-    teacher_fx = FeatureExtractor(teacher, method.teacher_taps) if teacher is not None else None
-
-    base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
-    params = [*student.parameters(), *method.parameters()]
-    # fused SGD where available (CUDA); foreach elsewhere. Same update rule either way.
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, **fused)
+    parts = _assemble(spec, env, data, device)
+    teacher = parts.teacher
 
     history: list[dict[str, float]] = []
     step_times: list[tuple[float, int]] = []
     checkpoint_path = store.checkpoint_path(spec.run_id)
-    if checkpoint_path.exists():
+    if checkpoint_path.exists():  # resume: modules, optimiser, history, RNG (data streams are pure functions)
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        student.load_state_dict(state["student"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        parts.load_state(state)
         history, step_times = state["history"], [tuple(t) for t in state["step_times"]]
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
 
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else None
     prov = provenance(device)
+    if teacher is not None:
+        prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
     reset_peak_memory(device)
     timer = StepTimer(device, recipe.warmup_steps)
-    autocast = _autocast(spec, device)
-
-    def train_step(x: torch.Tensor, y: torch.Tensor):
-        with autocast:
-            s_logits, s_features = student_fx(x)
-            t_logits = t_features = None
-            if teacher_fx is not None:
-                with torch.no_grad():
-                    t_logits, t_features = teacher_fx(x)
-            terms = method.losses(StepOutputs(y, s_logits, s_features, t_logits, t_features))
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        optimizer.step()
-        return terms, (s_logits.argmax(dim=1) == y).sum()
-
     show = env.progress
-    epochs = tqdm(range(len(history), recipe.epochs), desc=spec.run_id, initial=len(history),
-                  total=recipe.epochs, unit="epoch", disable=None if show is None else not show, leave=False)
-    for epoch in epochs:
-        lr = recipe.lr_at(epoch, base_lr)
-        for group in optimizer.param_groups:
+    for epoch in tqdm(range(len(history), recipe.epochs), desc=spec.run_id, initial=len(history),
+                      total=recipe.epochs, unit="epoch", leave=False, disable=None if show is None else not show):
+        lr = recipe.lr_at(epoch, parts.base_lr)
+        for group in parts.optimizer.param_groups:
             group["lr"] = lr
-        student.train()
-        method.train()
-        if teacher is not None:
-            assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        epoch_started = time.perf_counter()
-        for x, y in tqdm(loader.train_epoch(spec.seed, epoch), total=loader.steps_per_epoch, unit="step",
-                         leave=False, disable=None if show is None else not show, desc=f"epoch {epoch + 1}"):
-            started = timer.start()
-            terms, batch_correct = train_step(x, y)
-            timer.stop(started, len(y))
-            if timer.steps_seen == recipe.warmup_steps:  # measure memory after warm-up
-                reset_peak_memory(device)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            correct += batch_correct
-            seen += len(y)
+        train = _train_epoch(parts, loader, spec, epoch, timer, show)
         step_times += timer.flush()
-        train_s = time.perf_counter() - epoch_started
-        steps = loader.steps_per_epoch
-        losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
-        total = sum(losses.values())
-        if not torch.isfinite(torch.tensor(total)):
-            raise RunFailed(f"non-finite training loss ({total}) in epoch {epoch + 1}")
-        scores = evaluate(student, loader, spec, device)
-        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"],
-                        "train_top1": 100.0 * correct.item() / seen, "loss": total, **losses, "lr": lr,
-                        "epoch_s": train_s, "eval_s": scores["eval_s"],
-                        "eval_images_per_s": scores["eval_images_per_s"]})
+        scores = evaluate(parts.student, loader, spec, device)
+        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
+                        "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         store.save_torch(checkpoint_path, {
-            "student": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "history": history, "step_times": step_times, "rng_cpu": torch.get_rng_state(),
+            **parts.state(), "history": history, "step_times": step_times, "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
 
-    student_fx.remove()
-    if teacher_fx is not None:
-        teacher_fx.remove()
-    store.save_torch(store.weights_path(spec.run_id), student.state_dict())
+    parts.student_fx.remove()
+    if teacher is not None:
+        parts.teacher_fx.remove()
+        changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, teacher_state[k])]
+        if changed:  # parameters or BN statistics: a frozen teacher must come out as it went in
+            raise RunFailed(f"the teacher changed during training ({', '.join(changed[:3])})")
+    store.save_torch(store.weights_path(spec.run_id), parts.student.state_dict())
     metrics = _run_metrics(history, step_times, device)
     metrics.update(
-        student_params=float(sum(p.numel() for p in student.parameters())),
-        extra_params_train=float(method.extra_params_train()),
-        extra_params_inference=float(method.extra_params_inference()),
+        student_params=float(sum(p.numel() for p in parts.student.parameters())),
+        extra_params_train=float(parts.method.extra_params_train()),
+        extra_params_inference=float(parts.method.extra_params_inference()),
         train_images=float(loader.num_train),
         test_images=float(loader.test_y.shape[0]),
         iters_per_epoch=float(loader.steps_per_epoch),
@@ -269,7 +302,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     )
     if teacher is not None:
         metrics.update(teacher_top1=teacher_scores["top1"], teacher_top5=teacher_scores["top5"],
-                       teacher_wall_s=teacher_record.metrics.get("wall_s", 0.0))
+                       teacher_wall_s=parts.teacher_record.metrics.get("wall_s", 0.0))
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
     checkpoint_path.unlink(missing_ok=True)

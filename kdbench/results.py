@@ -75,7 +75,9 @@ class RunRecord:
         spec = self.spec
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
-            "method": spec.method, "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
+            "method": spec.method,
+            "method_options": ",".join(f"{k}={v}" for k, v in spec.method_options),
+            "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
             "epochs": spec.recipe.epochs, "batch_size": spec.recipe.batch_size,
             "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,

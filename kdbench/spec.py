@@ -74,6 +74,7 @@ class RunSpec:
     teacher: str | None = None  # teacher architecture, None for runs without a teacher
     teacher_run: str | None = None  # run_id of the teacher's run (trained or imported checkpoint)
     pretrained: str | None = None  # sha256 of a checkpoint this run imports and evaluates instead of training
+    method_options: tuple[tuple[str, Any], ...] = ()  # the method's resolved options (Method.defaults)
     protocol: str = PROTOCOLS[0]
     device: str = "cpu"  # resolved device type: "cpu" or "cuda"
     precision: str = "fp32"
@@ -90,7 +91,8 @@ class RunSpec:
     def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
         recipe = dict(data["recipe"])
         recipe["milestones"] = tuple(recipe["milestones"])
-        return cls(**{**data, "recipe": Recipe(**recipe)})
+        options = tuple(tuple(item) for item in data.get("method_options", ()))
+        return cls(**{**data, "recipe": Recipe(**recipe), "method_options": options})
 
     @property
     def run_id(self) -> str:
@@ -128,6 +130,7 @@ class SweepSpec:
     channels_last: bool = False
     teacher_seed: int = 0
     teacher_ckpt_sha256: str | None = None  # import this checkpoint as the teacher instead of training one
+    method_options: tuple[tuple[str, str, str], ...] = ()  # (method, key, value) from `--set METHOD.KEY=VALUE`
 
     def _common(self) -> dict[str, Any]:
         return dict(dataset=self.dataset, recipe=self.recipe, device=self.device,
@@ -149,6 +152,13 @@ class SweepSpec:
         for pair in self.pairs:
             model_entry(pair.teacher), model_entry(pair.student)
         classes = {name: method_class(name) for name in self.methods}
+        overrides: dict[str, dict[str, str]] = {name: {} for name in self.methods}
+        for method, key, value in self.method_options:
+            if method not in overrides:
+                raise KdbenchError(f"--set {method}.{key}: {method!r} is not among --methods "
+                                   f"({', '.join(self.methods)})")
+            overrides[method][key] = value
+        options = {name: cls.resolve_options(overrides[name]) for name, cls in classes.items()}
         if self.protocol not in PROTOCOLS:
             raise KdbenchError(f"unknown protocol {self.protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
         if self.precision not in PRECISIONS:
@@ -166,5 +176,6 @@ class SweepSpec:
                         student=pair.student, method=name, seed=seed, role="student",
                         teacher=pair.teacher if distils else None,
                         teacher_run=teacher_run if distils else None,
-                        protocol=self.protocol if distils else "none", **self._common()))
+                        protocol=self.protocol if distils else "none", method_options=options[name],
+                        **self._common()))
         return list(dict.fromkeys(runs))

@@ -24,12 +24,15 @@ def register_method(cls):
     return cls
 
 
+# The baseline is always the first method, whichever method module is imported first.
+from kdbench.methods import student  # noqa: E402,F401
+
+
 def _load_all() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    importlib.import_module(f"{__name__}.student")  # the baseline is always the first method
     for module in pkgutil.iter_modules(__path__):
         if module.name != "base":
             importlib.import_module(f"{__name__}.{module.name}")

@@ -8,12 +8,24 @@ every term per epoch; it never branches on a method's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kdbench.errors import KdbenchError
+
+KD_TEMPERATURE = 4.0  # Hinton KD temperature used by every kdbench method and protocol (methods.md §0.2)
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = KD_TEMPERATURE) -> torch.Tensor:
+    """Hinton's KD term ``T² · KL(σ(z_t/T) ‖ σ(z_s/T))``, batch mean, computed in fp32 (methods.md §0.2)."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,7 @@ class MethodContext:
     protocol: str  # loss-weight protocol: "semckd", "crd" (methods.md §0.3) or "none"
     batch_size: int
     num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)  # the method's resolved options (Method.defaults)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,19 @@ class Method(nn.Module):
     teacher_taps: tuple[str, ...] = ()
     # Methods whose modules depend on the batch size (SemCKD) skip a smaller last batch.
     needs_full_batches: ClassVar[bool] = False
+    # Tunable options and their defaults; users override them with `--set METHOD.KEY=VALUE`.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def resolve_options(cls, overrides: dict[str, str]) -> tuple[tuple[str, Any], ...]:
+        """Defaults with user overrides (strings, converted to the default's type); sorted, hashable."""
+        options = dict(cls.defaults)
+        for key, text in overrides.items():
+            if key not in cls.defaults:
+                valid = ", ".join(cls.defaults) or "none"
+                raise KdbenchError(f"method {cls.name} has no option {key!r}; its options: {valid}")
+            options[key] = _convert(text, cls.defaults[key], f"{cls.name}.{key}")
+        return tuple(sorted(options.items()))
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -68,3 +94,21 @@ class Method(nn.Module):
     @staticmethod
     def cross_entropy(out: StepOutputs) -> torch.Tensor:
         return F.cross_entropy(out.student_logits.float(), out.labels)
+
+    def logit_terms(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """CE, plus the logit-KD term that the semckd protocol adds to every method (methods.md §0.3)."""
+        terms = {"ce": self.cross_entropy(out)}
+        if self.ctx.protocol == "semckd":
+            terms["kd"] = kd_divergence(out.student_logits, out.teacher_logits)
+        return terms
+
+
+def _convert(text: str, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return type(default)(text)
+    except ValueError:
+        raise KdbenchError(f"option {name} takes a {type(default).__name__}, got {text!r}") from None

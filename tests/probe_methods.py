@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from kdbench.methods import list_methods, register_method
 from kdbench.methods.base import Method, StepOutputs
 

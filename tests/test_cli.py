@@ -72,6 +72,13 @@ def _bad_checkpoints(tmp_path):
     (["--methods", "student", "--pairs", "resnet14:resnet8,vgg13:vgg8", "--teacher-ckpt", "WRONG"],
      "--teacher-ckpt holds one teacher"),
     (["--pairs", "resnet14:resnet8"], "the following arguments are required: --methods"),
+    (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.bet=3"],
+     "method fitnet has no option 'bet'; its options: hint_layer, beta"),
+    (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "kd.temperature=3"],
+     "--set kd.temperature: 'kd' is not among --methods (fitnet)"),
+    (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.beta"], "malformed --set"),
+    (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.hint_layer=x"],
+     "option fitnet.hint_layer takes a int, got 'x'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, message):
     wrong, garbage = _bad_checkpoints(tmp_path)

@@ -2,7 +2,7 @@ import pytest
 from conftest import TINY, tiny_sweep
 
 from kdbench.errors import KdbenchError
-from kdbench.spec import RECIPES, Pair, Recipe, RunSpec
+from kdbench.spec import PROTOCOLS, RECIPES, Pair, Recipe, RunSpec
 
 
 def test_paper_recipe_is_repdistiller_schedule():
@@ -75,3 +75,16 @@ def test_plan_rejects_unknown_names(changes, message):
         sweep = tiny_sweep(**changes).__class__(**{**sweep.__dict__, "dataset": dataset})
     with pytest.raises(KdbenchError, match=message):
         sweep.plan()
+
+
+def test_protocol_and_method_options_are_part_of_distillation_runs():
+    crd = tiny_sweep(methods=("kd",), protocol="crd").plan()[1]
+    semckd = tiny_sweep(methods=("kd",), protocol="semckd").plan()[1]
+    assert (crd.protocol, semckd.protocol) == ("crd", "semckd") and crd.run_id != semckd.run_id
+    assert tiny_sweep().plan()[1].protocol == "none"  # the CE baseline has no loss weights to choose
+    assert PROTOCOLS[0] == "semckd"  # the SemCKD paper's protocol is the default
+    tuned = tiny_sweep(methods=("fitnet", "kd"), method_options=(("fitnet", "beta", "50"),)).plan()
+    fitnet, kd = tuned[1], tuned[2]
+    assert dict(fitnet.method_options) == {"hint_layer": 2, "beta": 50.0}
+    assert kd.method_options == (("temperature", 4.0),)
+    assert RunSpec.from_dict(fitnet.to_dict()) == fitnet

@@ -1,0 +1,73 @@
+"""``fitnet``: Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets" (arXiv 1412.6550), single-stage.
+
+As in the CIFAR-100 benchmarks (HobbitLong/RepDistiller ``FitNet.py``/``ConvReg``; methods.md §2): a
+regressor maps the student's hint-layer map (feat[2], the second stage output) to the teacher's, trained
+jointly with the student from epoch 1; loss ``MSE`` weighted 100. Under the crd protocol the objective is
+``CE + 100·hint``; under semckd ``CE + KD + 100·hint``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.errors import KdbenchError
+from kdbench.methods import register_method
+from kdbench.methods.base import Method, StepOutputs
+
+
+class ConvReg(nn.Module):
+    """Student map (C_s, H_s, W_s) -> teacher map (C_t, H_t, W_t), chosen from the spatial sizes.
+
+    RepDistiller's three branches (stride-2 conv, stride-2 transposed conv, "valid" conv), plus
+    DefangChen/SemCKD's fourth for a student map smaller than the teacher's by other than 2x: a 3x3 conv
+    at the student's size, with the teacher target average-pooled to it (``pool_target``).
+    """
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        (c_s, h_s, w_s), (c_t, h_t, w_t) = student_shape, teacher_shape
+        self.pool_target = None
+        if h_s == 2 * h_t:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+        elif 2 * h_s == h_t:
+            self.conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+        elif h_s >= h_t:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+        else:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=1, padding=1)
+            self.pool_target = (h_s, w_s)
+        self.bn = nn.BatchNorm2d(c_t)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+    def target(self, teacher_map):
+        return teacher_map if self.pool_target is None else F.adaptive_avg_pool2d(teacher_map, self.pool_target)
+
+
+def hint_tap(layer: int) -> str:
+    """RepDistiller's feat[layer] as a tap name: feat[0] is the stem, feat[k] the k-th stage output."""
+    return "stem" if layer == 0 else f"stage{layer}"
+
+
+@register_method
+class FitNet(Method):
+    name = "fitnet"
+    defaults = {"hint_layer": 2, "beta": 100.0}
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        tap = hint_tap(ctx.options["hint_layer"])
+        if tap not in ctx.student_shapes or tap not in ctx.teacher_shapes:
+            raise KdbenchError(f"fitnet.hint_layer={ctx.options['hint_layer']} is not a feature of both models; "
+                               "valid: 0 (stem) up to the smaller number of stages")
+        self.student_taps = self.teacher_taps = (tap,)
+        self.regressor = ConvReg(ctx.student_shapes[tap], ctx.teacher_shapes[tap])
+
+    def losses(self, out: StepOutputs):
+        tap = self.student_taps[0]
+        hint = F.mse_loss(self.regressor(out.student_features[tap]).float(),
+                          self.regressor.target(out.teacher_features[tap]).float())
+        return {**self.logit_terms(out), "hint": self.ctx.options["beta"] * hint}

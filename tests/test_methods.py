@@ -1,0 +1,145 @@
+"""The plug-in contract, vanilla KD and FitNet: loss values against hand computations, shapes, protocols."""
+
+import math
+
+import pytest
+import torch
+
+from kdbench.errors import KdbenchError
+from kdbench.methods import list_methods, method_class
+from kdbench.methods.base import MethodContext, StepOutputs, kd_divergence
+from kdbench.methods.fitnet import ConvReg, hint_tap
+from kdbench.models import create_model, list_models
+from kdbench.models.taps import feature_shapes
+
+
+@pytest.fixture(scope="module")
+def zoo_shapes():
+    return {name: feature_shapes(create_model(name), (3, 32, 32)) for name in list_models()}
+
+
+def context(student_shapes, teacher_shapes, protocol="semckd", options=None, method="kd"):
+    cls = method_class(method)
+    resolved = dict(cls.resolve_options(options or {}))
+    return MethodContext(student_shapes, teacher_shapes, protocol, 4, 100, resolved)
+
+
+def test_registry_order_and_entry_points(monkeypatch):
+    import kdbench.methods as registry
+
+    assert list_methods()[0] == "student" and {"kd", "fitnet"} <= set(list_methods())
+
+    class Plugin(method_class("kd")):
+        name = "plugin-kd"
+
+    class FakeEntryPoint:
+        def load(self):
+            return Plugin
+
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEntryPoint()] if group == "kdbench.methods"
+                        else [])
+    assert method_class("plugin-kd") is Plugin
+
+
+def test_kd_divergence_matches_hand_computation():
+    zs = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    zt = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    t = 4.0
+    expected = 0.0
+    for b in range(2):
+        ps = [math.exp(v / t) for v in zs[b].tolist()]
+        pt = [math.exp(v / t) for v in zt[b].tolist()]
+        ps = [p / sum(ps) for p in ps]
+        pt = [p / sum(pt) for p in pt]
+        expected += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+    expected *= t * t / 2
+    assert kd_divergence(zs, zt, t).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_divergence(zt, zt).item() == pytest.approx(0.0, abs=1e-7)
+    # computed in fp32 whatever the logits' dtype
+    assert kd_divergence(zs.bfloat16(), zt.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("protocol, weights", [("crd", (0.1, 0.9)), ("semckd", (1.0, 1.0))])
+def test_kd_weights_follow_the_protocol(protocol, weights):
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(4, 100), torch.randn(4, 100), torch.randint(0, 100, (4,))
+    kd = method_class("kd")(context({}, {}, protocol))
+    terms = kd.losses(StepOutputs(y, zs, {}, zt, {}))
+    assert set(terms) == {"ce", "kd"}
+    assert terms["ce"].item() == pytest.approx(weights[0] * torch.nn.functional.cross_entropy(zs, y).item(), rel=1e-6)
+    assert terms["kd"].item() == pytest.approx(weights[1] * kd_divergence(zs, zt).item(), rel=1e-6)
+    hot = method_class("kd")(context({}, {}, protocol, {"temperature": "2"}))
+    assert hot.losses(StepOutputs(y, zs, {}, zt, {}))["kd"].item() == pytest.approx(
+        weights[1] * kd_divergence(zs, zt, 2.0).item(), rel=1e-6)
+
+
+def test_options_are_validated_and_typed():
+    fitnet = method_class("fitnet")
+    assert dict(fitnet.resolve_options({})) == {"hint_layer": 2, "beta": 100.0}
+    assert dict(fitnet.resolve_options({"hint_layer": "1"}))["hint_layer"] == 1
+    with pytest.raises(KdbenchError, match="method fitnet has no option 'layer'; its options: hint_layer, beta"):
+        fitnet.resolve_options({"layer": "1"})
+    with pytest.raises(KdbenchError, match="option fitnet.hint_layer takes a int, got 'two'"):
+        fitnet.resolve_options({"hint_layer": "two"})
+
+
+# Regressor parameter counts at hint layer 2, methods.md §2.1 [computed]
+FITNET_REGRESSORS = {
+    ("vgg13", "vgg8"): ("Conv2d", 66_304), ("resnet32x4", "resnet8x4"): ("Conv2d", 16_768),
+    ("wrn_40_2", "wrn_16_2"): ("Conv2d", 4_288), ("wrn_40_2", "wrn_40_1"): ("Conv2d", 2_240),
+    ("resnet56", "resnet20"): ("Conv2d", 1_120), ("resnet110", "resnet32"): ("Conv2d", 1_120),
+    ("resnet32x4", "ShuffleV2"): ("ConvTranspose2d", 475_520),
+    ("resnet32x4", "ShuffleV1"): ("ConvTranspose2d", 983_424),
+    ("wrn_40_2", "ShuffleV1"): ("ConvTranspose2d", 491_712),
+    ("ResNet50", "MobileNetV2"): ("ConvTranspose2d", 132_608),
+    ("vgg13", "MobileNetV2"): ("Conv2d", 4_864), ("ResNet50", "vgg8"): ("ConvTranspose2d", 2_098_688),
+}
+
+
+@pytest.mark.parametrize("pair", sorted(FITNET_REGRESSORS))
+def test_fitnet_regressor_matches_the_reference(zoo_shapes, pair):
+    teacher, student = pair
+    fitnet = method_class("fitnet")(context(zoo_shapes[student], zoo_shapes[teacher], method="fitnet"))
+    kind, params = FITNET_REGRESSORS[pair]
+    assert type(fitnet.regressor.conv).__name__ == kind
+    assert fitnet.extra_params_train() == params and fitnet.extra_params_inference() == 0
+
+
+def test_fitnet_regressor_shapes_for_every_zoo_pair(zoo_shapes):
+    """Every ordered pair of distinct zoo models: the regressed student hint has the (pooled) target's shape."""
+    for teacher in zoo_shapes:
+        for student in zoo_shapes:
+            if teacher == student:
+                continue
+            s_shape, t_shape = zoo_shapes[student]["stage2"], zoo_shapes[teacher]["stage2"]
+            reg = ConvReg(s_shape, t_shape).eval()
+            out = reg(torch.zeros(1, *s_shape))
+            target = reg.target(torch.zeros(1, *t_shape))
+            assert out.shape == target.shape and out.shape[1] == t_shape[0], (teacher, student)
+
+
+@pytest.mark.parametrize("protocol, keys", [("crd", {"ce", "hint"}), ("semckd", {"ce", "kd", "hint"})])
+def test_fitnet_loss_is_weighted_mse_of_regressed_hint(zoo_shapes, protocol, keys):
+    torch.manual_seed(0)
+    s_shapes, t_shapes = zoo_shapes["resnet8"], zoo_shapes["resnet14"]
+    fitnet = method_class("fitnet")(context(s_shapes, t_shapes, protocol, method="fitnet"))
+    fs = torch.randn(4, *s_shapes["stage2"], requires_grad=True)
+    ft = torch.randn(4, *t_shapes["stage2"])
+    out = StepOutputs(torch.zeros(4, dtype=torch.long), torch.randn(4, 100, requires_grad=True), {"stage2": fs},
+                      torch.randn(4, 100), {"stage2": ft})
+    terms = fitnet.losses(out)
+    assert set(terms) == keys
+    expected = 100.0 * ((fitnet.regressor(fs) - ft) ** 2).mean()
+    assert terms["hint"].item() == pytest.approx(expected.item(), rel=1e-6)
+    terms["hint"].backward()
+    assert fs.grad.abs().sum() > 0 and fitnet.regressor.conv.weight.grad.abs().sum() > 0
+
+
+def test_fitnet_hint_layer_option_and_its_validation(zoo_shapes):
+    s, t = zoo_shapes["resnet8"], zoo_shapes["resnet14"]
+    assert method_class("fitnet")(context(s, t, options={"hint_layer": "3"}, method="fitnet")).student_taps == (
+        "stage3",)
+    assert hint_tap(0) == "stem"
+    with pytest.raises(KdbenchError, match="fitnet.hint_layer=7 is not a feature of both models"):
+        method_class("fitnet")(context(s, t, options={"hint_layer": "7"}, method="fitnet"))
