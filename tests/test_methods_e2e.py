@@ -1,11 +1,10 @@
 """Every distillation method runs end to end through the harness for every reference pair (CPU, synthetic)."""
 
 import pytest
+from conftest import tiny_sweep
 
 from kdbench.harness import run_sweep
 from kdbench.spec import Recipe
-
-from conftest import tiny_sweep
 
 REFERENCE_PAIRS = [("vgg13", "vgg8"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
                    ("resnet56", "resnet20"), ("resnet32x4", "ShuffleV2"), ("ResNet50", "MobileNetV2")]

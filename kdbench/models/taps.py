@@ -9,6 +9,9 @@ architecture. Taps hold no state, so checkpoints keep RepDistiller's exact key s
 
 from __future__ import annotations
 
+import re
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -27,12 +30,14 @@ def tap_modules(model: nn.Module) -> dict[str, Tap]:
     return {name: model.get_submodule(path) for name, path in model.feature_taps.items()}
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    """``stage1`` .. ``stageK``: the stage outputs that feature methods use, shallow to deep."""
-    return sorted(
-        (n for n in model.feature_taps if n.startswith("stage") and not n.endswith("_preact")),
-        key=lambda n: int(n[len("stage"):]),
-    )
+def stage_names(taps: nn.Module | Iterable[str]) -> list[str]:
+    """``stage1`` .. ``stageK``: the stage outputs that feature methods use, shallow to deep.
+
+    ``taps``: a zoo model, or tap names such as the keys of a feature-shape dict.
+    """
+    names = taps.feature_taps if isinstance(taps, nn.Module) else taps
+    matches = [(int(m.group(1)), name) for name in names if (m := re.fullmatch(r"stage(\d+)", name))]
+    return [name for _, name in sorted(matches)]
 
 
 class FeatureExtractor:
