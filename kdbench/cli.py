@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help="override the base learning rate")
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="options",
                      help="a method option, e.g. fitnet.hint_layer=1 (repeatable; see `kdbench list methods`)")
+    run.add_argument("--ta-chain", action="append", default=[], metavar="TEACHER:TA1:...:STUDENT",
+                     help="teacher-assistant chain for takd/dgkd (repeatable, one per pair); default per pair")
     run.add_argument("--protocol", default=PROTOCOLS[0], help=f"loss-weight protocol: {', '.join(PROTOCOLS)}")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
@@ -85,6 +87,7 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
         teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
+        ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt) if args.teacher_ckpt else None)
 
 

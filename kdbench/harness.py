@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from kdbench.data import ArrayData, DeviceLoader, load_dataset, stream_seed
 from kdbench.errors import KdbenchError
-from kdbench.measure import StepTimer, peak_memory, provenance, reset_peak_memory
+from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
 from kdbench.methods import method_class
-from kdbench.methods.base import MethodContext, StepOutputs
+from kdbench.methods.base import MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.results import ResultsStore, RunRecord
@@ -100,15 +100,16 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device
     return {"top1": top1, "top5": top5, "eval_s": elapsed, "eval_images_per_s": seen / elapsed}
 
 
-def _frozen_teacher(spec: RunSpec, env: RunEnv, data: ArrayData,
-                    device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
-    teacher_record = env.store.load_record(spec.teacher_run)
-    if teacher_record is None or teacher_record.status != "finished":
-        raise RunFailed(f"teacher run {spec.teacher_run} has not finished")
-    teacher = create_model(spec.teacher, data.info.num_classes, data.info.in_channels)
-    load_weights(teacher, env.store.weights_path(spec.teacher_run), "teacher weights")
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher, teacher_record
+def _frozen(arch: str, run_id: str, env: RunEnv, data: ArrayData,
+            device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
+    """A finished run's model (teacher or teacher assistant) in eval mode, without gradients."""
+    record = env.store.load_record(run_id)
+    if record is None or record.status != "finished":
+        raise RunFailed(f"run {run_id} that teaches this one has not finished")
+    model = create_model(arch, data.info.num_classes, data.info.in_channels)
+    load_weights(model, env.store.weights_path(run_id), "trainer weights")
+    model.to(device).eval().requires_grad_(False)
+    return model, record
 
 
 def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device: torch.device) -> RunRecord:
@@ -140,9 +141,10 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     base_lr: float
     student_fx: FeatureExtractor
-    teacher: torch.nn.Module | None = None
-    teacher_fx: FeatureExtractor | None = None
-    teacher_record: RunRecord | None = None
+    # Frozen models that teach this run: index 0 the teacher, k the k-th teacher assistant.
+    trainers: list[torch.nn.Module] = field(default_factory=list)
+    trainer_fx: list[FeatureExtractor] = field(default_factory=list)
+    trainer_records: list[RunRecord] = field(default_factory=list)
 
     def state(self) -> dict:
         return {"student": self.student.state_dict(), "method": self.method.state_dict(),
@@ -161,25 +163,39 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device)
     input_shape = (info.in_channels, *data.train_x.shape[2:])
     torch.manual_seed(stream_seed(spec.seed, 0, "init"))
     student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
-    teacher, teacher_record = (_frozen_teacher(spec, env, data, device) if method_cls.needs_teacher
-                               else (None, None))
+    lineage = list(zip((spec.teacher, *spec.assistants), (spec.teacher_run, *spec.assistant_runs)))
+    trainers, records = (zip(*(_frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
+                         if method_cls.needs_teacher else ((), ()))
     ctx = MethodContext(student_shapes=feature_shapes(student, input_shape),
-                        teacher_shapes=feature_shapes(teacher, input_shape) if teacher is not None else None,
+                        teacher_shapes=feature_shapes(trainers[0], input_shape) if trainers else None,
                         protocol=spec.protocol, batch_size=recipe.batch_size, num_classes=info.num_classes,
-                        options=dict(spec.method_options))
+                        options=dict(spec.method_options), seed=spec.seed, role=spec.role,
+                        num_assistants=len(spec.assistants))
     method = method_cls(ctx).to(device)
+    method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-    for module in (student, teacher, method):
-        if module is not None:
-            module.to(memory_format=memory_format)
+    for module in (student, method, *trainers):
+        module.to(memory_format=memory_format)
     base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
     # fused SGD on CUDA, foreach elsewhere: the same update rule either way
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=base_lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay, **fused)
     return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
-                  teacher, FeatureExtractor(teacher, method.teacher_taps) if teacher is not None else None,
-                  teacher_record)
+                  list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records))
+
+
+def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
+    teacher_fx = parts.trainer_fx[0]
+
+    @torch.no_grad()
+    def teacher(x: torch.Tensor):
+        with _autocast(spec, loader.device):
+            return teacher_fx(x)
+
+    # A stream of its own, so preparing changes nothing in the training stream.
+    return Preparation(teacher, lambda n: loader.train_epoch(stream_seed(spec.seed, n, "prepare"), n),
+                       store.run_dir(spec.teacher_run) / "artefacts", loader.device)
 
 
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
@@ -189,22 +205,25 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     autocast = _autocast(spec, device)
     parts.student.train()
     parts.method.train()
-    if parts.teacher is not None:
-        assert not parts.teacher.training and not any(p.requires_grad for p in parts.teacher.parameters())
+    for trainer in parts.trainers:
+        assert not trainer.training and not any(p.requires_grad for p in trainer.parameters())
     sums: dict[str, torch.Tensor] = {}
+    frozen_forwards = 0
     correct = torch.zeros((), device=device, dtype=torch.long)
-    started_epoch = time.perf_counter()
+    started_epoch, started_cpu = time.perf_counter(), time.process_time()
     batches = tqdm(loader.train_epoch(spec.seed, epoch), total=loader.steps_per_epoch, unit="step", leave=False,
                    disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         started = timer.start()
+        active = parts.method.trainers_for_step(epoch, step) if parts.trainers else ()
+        frozen_forwards += len(active)
         with autocast:
             s_logits, s_features = parts.student_fx(x)
-            t_logits = t_features = None
-            if parts.teacher_fx is not None:
-                with torch.no_grad():
-                    t_logits, t_features = parts.teacher_fx(x)
-            terms = parts.method.losses(StepOutputs(y, s_logits, s_features, t_logits, t_features))
+            with torch.no_grad():
+                taught = {i: parts.trainer_fx[i](x) for i in active}
+            teacher_logits, teacher_features = taught.pop(0, (None, None))
+            terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
+                                                    {i: logits for i, (logits, _) in taught.items()}))
         parts.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         parts.optimizer.step()
@@ -222,7 +241,8 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
         raise RunFailed(f"non-finite training loss ({total}) in epoch {epoch + 1}")
     return {"train_top1": 100.0 * correct.item() / (steps * loader.batch_size if loader.drop_last
                                                     else loader.num_train),
-            "loss": total, **losses, "epoch_s": train_s}
+            "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
+            "frozen_forwards_per_step": frozen_forwards / steps}
 
 
 def run(spec: RunSpec, env: RunEnv) -> RunRecord:
@@ -246,22 +266,28 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         return _import_pretrained(spec, env, loader, device)
     store.write_spec(spec)
     parts = _assemble(spec, env, data, device)
-    teacher = parts.teacher
+    teacher = parts.trainers[0] if parts.trainers else None
 
     history: list[dict[str, float]] = []
     step_times: list[tuple[float, int]] = []
+    prepare_s = 0.0
     checkpoint_path = store.checkpoint_path(spec.run_id)
     if checkpoint_path.exists():  # resume: modules, optimiser, history, RNG (data streams are pure functions)
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         parts.load_state(state)
         history, step_times = state["history"], [tuple(t) for t in state["step_times"]]
+        prepare_s = state["prepare_s"]
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
 
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
-    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else None
-    prov = provenance(device)
+    if not history and teacher is not None:  # a resumed run restored what prepare fitted
+        started = time.perf_counter()
+        parts.method.prepare(_preparation(parts, loader, spec, store))
+        prepare_s = time.perf_counter() - started
+    trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
+    prov = {**provenance(device), "method_note": method_class(spec.method).note}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
     reset_peak_memory(device)
@@ -278,22 +304,29 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         store.save_torch(checkpoint_path, {
-            **parts.state(), "history": history, "step_times": step_times, "rng_cpu": torch.get_rng_state(),
+            **parts.state(), "history": history, "step_times": step_times, "prepare_s": prepare_s,
+            "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
 
-    parts.student_fx.remove()
-    if teacher is not None:
-        parts.teacher_fx.remove()
-        changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, teacher_state[k])]
-        if changed:  # parameters or BN statistics: a frozen teacher must come out as it went in
-            raise RunFailed(f"the teacher changed during training ({', '.join(changed[:3])})")
-    store.save_torch(store.weights_path(spec.run_id), parts.student.state_dict())
+    for extractor in (parts.student_fx, *parts.trainer_fx):
+        extractor.remove()
+    input_shape = (data.info.in_channels, *data.train_x.shape[2:])
+    plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
+    deployed = parts.method.export(parts.student)
+    for trainer, before in zip(parts.trainers, trainer_states):
+        changed = [k for k, v in trainer.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:  # parameters or BN statistics: a frozen trainer must come out as it went in
+            raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
+    store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
     metrics = _run_metrics(history, step_times, device)
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
         extra_params_train=float(parts.method.extra_params_train()),
         extra_params_inference=float(parts.method.extra_params_inference()),
+        inference_params=float(sum(p.numel() for p in deployed.parameters())),
+        # the plain architecture, and the deployed student with whatever the method left in it
+        student_macs=macs_per_image(plain, input_shape), inference_macs=macs_per_image(deployed, input_shape),
         train_images=float(loader.num_train),
         test_images=float(loader.test_y.shape[0]),
         iters_per_epoch=float(loader.steps_per_epoch),
@@ -301,8 +334,12 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                                        if loader.drop_last else 0),
     )
     if teacher is not None:
+        # End-to-end cost: the teacher's and every assistant's training are part of what this result took.
+        teacher_wall, *assistant_walls = (r.metrics.get("wall_s", 0.0) for r in parts.trainer_records)
         metrics.update(teacher_top1=teacher_scores["top1"], teacher_top5=teacher_scores["top5"],
-                       teacher_wall_s=parts.teacher_record.metrics.get("wall_s", 0.0))
+                       teacher_wall_s=teacher_wall, assistant_trainings=float(len(assistant_walls)),
+                       assistant_wall_s=sum(assistant_walls), prepare_s=prepare_s,
+                       end_to_end_wall_s=metrics["wall_s"] + prepare_s + teacher_wall + sum(assistant_walls))
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
     checkpoint_path.unlink(missing_ok=True)
@@ -318,6 +355,8 @@ def _run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, 
                "top5_best": max(h["top5"] for h in history), "top5_last": last["top5"],
                "epochs_completed": float(len(history)),
                "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
+               "cpu_s": sum(h["epoch_cpu_s"] for h in history),
+               "frozen_forwards_per_step": statistics.fmean(h["frozen_forwards_per_step"] for h in history),
                "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history)}
     if step_times:
         seconds = [s for s, _ in step_times]
@@ -345,9 +384,10 @@ def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     records: dict[str, RunRecord] = {}
     show = env.progress
     for spec in tqdm(specs, desc="sweep", unit="run", disable=None if show is None else not show):
-        teacher = records.get(spec.teacher_run) if spec.teacher_run else None
-        if teacher is not None and teacher.status != "finished":
-            record = _failed(spec, RunFailed(f"teacher run {spec.teacher_run} failed"), env.store)
+        failed = [r for r in (records.get(t) for t in (spec.teacher_run, *spec.assistant_runs))
+                  if r is not None and r.status != "finished"]
+        if failed:
+            record = _failed(spec, RunFailed(f"run {failed[0].run_id} that teaches this one failed"), env.store)
         else:
             try:
                 record = run(spec, env)

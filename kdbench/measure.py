@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import kdbench
 
@@ -85,6 +86,20 @@ def _peak_rss_bytes() -> int:
         pass
     scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@torch.no_grad()
+def macs_per_image(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Multiply-accumulates of one eval-mode forward (convolutions and matmuls, as the reference tables count)."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,9 @@ _UNITS = {
     "ms": ("_ms",),
     "bytes": ("_bytes",),
     "s": ("_s",),
-    "count": ("params", "epoch", "iters_per_epoch", "dropped_images", "train_images", "test_images"),
+    "MACs": ("_macs",),
+    "count": ("params", "epoch", "iters_per_epoch", "dropped_images", "train_images", "test_images",
+              "frozen_forwards", "assistant_trainings"),
 }
 
 

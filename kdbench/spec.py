@@ -16,7 +16,6 @@ from kdbench.registry import Registry
 
 PROTOCOLS = ("semckd", "crd")  # loss-weight conventions (methods.md §0.3); the first is the default
 PRECISIONS = ("fp32", "bf16")
-ROLES = ("teacher", "student")
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,9 @@ class RunSpec:
     teacher_run: str | None = None  # run_id of the teacher's run (trained or imported checkpoint)
     pretrained: str | None = None  # sha256 of a checkpoint this run imports and evaluates instead of training
     method_options: tuple[tuple[str, Any], ...] = ()  # the method's resolved options (Method.defaults)
+    # Teacher assistants that teach this run besides the teacher (TAKD/DGKD), largest first, and their runs.
+    assistants: tuple[str, ...] = ()
+    assistant_runs: tuple[str, ...] = ()
     protocol: str = PROTOCOLS[0]
     device: str = "cpu"  # resolved device type: "cpu" or "cuda"
     precision: str = "fp32"
@@ -92,13 +94,23 @@ class RunSpec:
         recipe = dict(data["recipe"])
         recipe["milestones"] = tuple(recipe["milestones"])
         options = tuple(tuple(item) for item in data.get("method_options", ()))
-        return cls(**{**data, "recipe": Recipe(**recipe), "method_options": options})
+        return cls(**{**data, "recipe": Recipe(**recipe), "method_options": options,
+                      "assistants": tuple(data.get("assistants", ())),
+                      "assistant_runs": tuple(data.get("assistant_runs", ()))})
 
     @property
     def run_id(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of the spec. Unset fields (None or empty) are left out, so adding an optional field to
+        RunSpec or Recipe later keeps the ids, and the cached results, of every run that does not use it."""
+        canonical = json.dumps(_set_fields(self.to_dict()), sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
         return f"{self.role}-{self.method}-{self.student}-s{self.seed}-{digest}"
+
+
+def _set_fields(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items() if v is not None and v != () and v != []}
+    return value
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class SweepSpec:
     teacher_seed: int = 0
     teacher_ckpt_sha256: str | None = None  # import this checkpoint as the teacher instead of training one
     method_options: tuple[tuple[str, str, str], ...] = ()  # (method, key, value) from `--set METHOD.KEY=VALUE`
+    ta_chains: tuple[tuple[str, ...], ...] = ()  # explicit teacher-assistant chains, TEACHER, TAs..., STUDENT
 
     def _common(self) -> dict[str, Any]:
         return dict(dataset=self.dataset, recipe=self.recipe, device=self.device,
@@ -142,8 +155,28 @@ class SweepSpec:
         return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none",
                        pretrained=self.teacher_ckpt_sha256, **self._common())
 
+    def chain(self, pair: Pair) -> tuple[str, ...]:
+        """The teacher-assistant chain ``(teacher, TAs..., student)`` for ``pair``: --ta-chain, else the default."""
+        from kdbench.methods.assistants import default_chain, validate_chain
+
+        given = [c for c in self.ta_chains if c and c[0] == pair.teacher]
+        for chain in given:
+            if chain[-1] == pair.student:
+                return validate_chain(chain, pair.teacher, pair.student)
+        if given:  # the chain starts at this teacher but does not end at this pair's student
+            return validate_chain(given[0], pair.teacher, pair.student)
+        return default_chain(pair.teacher, pair.student)
+
+    def _taught(self, pair: Pair, arch: str, method: str, options: tuple, seed: int, role: str,
+                assistants: tuple[RunSpec, ...], teacher_run: str) -> RunSpec:
+        return RunSpec(student=arch, method=method, seed=seed, role=role, teacher=pair.teacher,
+                       teacher_run=teacher_run, protocol=self.protocol, method_options=options,
+                       assistants=tuple(a.student for a in assistants),
+                       assistant_runs=tuple(a.run_id for a in assistants), **self._common())
+
     def plan(self) -> list[RunSpec]:
-        """Teacher runs first, then every (pair, method, seed); duplicates removed, order kept."""
+        """Teacher runs first, then every (pair, method, seed), each preceded by the teacher assistants
+        it needs; duplicates removed, order kept."""
         from kdbench.data import dataset_info
         from kdbench.methods import method_class
         from kdbench.models import model_entry
@@ -151,6 +184,12 @@ class SweepSpec:
         dataset_info(self.dataset)
         for pair in self.pairs:
             model_entry(pair.teacher), model_entry(pair.student)
+        for chain in self.ta_chains:
+            for arch in chain:
+                model_entry(arch)
+            if not any(chain[0] == p.teacher for p in self.pairs):
+                raise KdbenchError(f"--ta-chain {':'.join(chain)} does not start at the teacher of any pair "
+                                   f"({', '.join(f'{p.teacher}:{p.student}' for p in self.pairs)})")
         classes = {name: method_class(name) for name in self.methods}
         overrides: dict[str, dict[str, str]] = {name: {} for name in self.methods}
         for method, key, value in self.method_options:
@@ -165,17 +204,26 @@ class SweepSpec:
             raise KdbenchError(f"unknown precision {self.precision!r}; valid precisions: {', '.join(PRECISIONS)}")
         if self.teacher_ckpt_sha256 and len({p.teacher for p in self.pairs}) > 1:
             raise KdbenchError("--teacher-ckpt holds one teacher, but the pairs name several teacher architectures")
+        kd_options = method_class("kd").resolve_options({})
 
         runs = [self.teacher_spec(pair.teacher) for pair in self.pairs]
         for pair in self.pairs:
             teacher_run = self.teacher_spec(pair.teacher).run_id
+            chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
-                distils = cls.needs_teacher
                 for seed in self.seeds:
-                    runs.append(RunSpec(
-                        student=pair.student, method=name, seed=seed, role="student",
-                        teacher=pair.teacher if distils else None,
-                        teacher_run=teacher_run if distils else None,
-                        protocol=self.protocol if distils else "none", method_options=options[name],
-                        **self._common()))
+                    if not cls.needs_teacher:
+                        runs.append(RunSpec(student=pair.student, method=name, seed=seed, role="student",
+                                            protocol="none", method_options=options[name], **self._common()))
+                        continue
+                    assistants: tuple[RunSpec, ...] = ()
+                    if cls.uses_assistants:
+                        for k, arch in enumerate(chain[1:-1]):
+                            # A1 learns from the teacher alone: plain KD, one run shared by TAKD and DGKD.
+                            method, opts = (name, options[name]) if k else ("kd", kd_options)
+                            assistants += (self._taught(pair, arch, method, opts, seed, "assistant", assistants,
+                                                        teacher_run),)
+                        runs.extend(assistants)
+                    runs.append(self._taught(pair, pair.student, name, options[name], seed, "student", assistants,
+                                             teacher_run))
         return list(dict.fromkeys(runs))

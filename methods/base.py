@@ -9,7 +9,8 @@ every term per epoch; it never branches on a method's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ class MethodContext:
     batch_size: int
     num_classes: int
     options: dict[str, Any] = field(default_factory=dict)  # the method's resolved options (Method.defaults)
+    seed: int = 0  # the run's seed, for method randomness drawn as a pure function of (seed, epoch, step)
+    role: str = "student"  # "assistant" while a teacher assistant is trained (TAKD/DGKD chains)
+    num_assistants: int = 0  # teacher assistants teaching this run besides the teacher
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,22 @@ class StepOutputs:
     student_features: dict[str, torch.Tensor]
     teacher_logits: torch.Tensor | None = None  # computed under no_grad
     teacher_features: dict[str, torch.Tensor] | None = None
+    # Forwarded teacher assistants by chain position (1 = largest); only those `trainers_for_step` asked for.
+    assistant_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def trainer_logits(self, index: int) -> torch.Tensor:
+        """Logits of trainer ``index``: 0 is the teacher, k the k-th teacher assistant."""
+        return self.teacher_logits if index == 0 else self.assistant_logits[index]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What :meth:`Method.prepare` may use before training: the frozen teacher, the data, a cache."""
+
+    teacher: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # x -> (logits, teacher_taps)
+    train_batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # pass -> augmented (x, y)
+    cache_dir: Path  # beside the teacher's run: artefacts fitted once per teacher, shared by its students
+    device: torch.device
 
 
 class Method(nn.Module):
@@ -61,8 +81,13 @@ class Method(nn.Module):
     teacher_taps: tuple[str, ...] = ()
     # Methods whose modules depend on the batch size (SemCKD) skip a smaller last batch.
     needs_full_batches: ClassVar[bool] = False
+    # Methods taught along a teacher-assistant chain (TAKD, DGKD): the sweep trains the chain first.
+    uses_assistants: ClassVar[bool] = False
+    # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".
+    note: ClassVar[str] = ""
     # Tunable options and their defaults; users override them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}  # the valid values of options that take a few
 
     @classmethod
     def resolve_options(cls, overrides: dict[str, str]) -> tuple[tuple[str, Any], ...]:
@@ -73,7 +98,25 @@ class Method(nn.Module):
                 valid = ", ".join(cls.defaults) or "none"
                 raise KdbenchError(f"method {cls.name} has no option {key!r}; its options: {valid}")
             options[key] = _convert(text, cls.defaults[key], f"{cls.name}.{key}")
+            if key in cls.choices and options[key] not in cls.choices[key]:
+                raise KdbenchError(f"option {cls.name}.{key} is one of {', '.join(map(str, cls.choices[key]))}; "
+                                   f"got {text!r}")
         return tuple(sorted(options.items()))
+
+    def attach(self, student: nn.Module) -> None:
+        """Called once with the student before training. Methods that put layers into the student register
+        forward hooks on its taps here (a hook that returns a tensor feeds it forward); see ``export``."""
+
+    def prepare(self, prep: Preparation) -> None:
+        """Fits what the method needs before the first epoch (e.g. a head on the frozen teacher).
+
+        Runs once per run, never on resume: anything it fits must live in the method's state_dict.
+        Its wall time is recorded as ``prepare_s``.
+        """
+
+    def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
+        """The frozen trainers to forward this step (0 = teacher, k = k-th assistant); called before `losses`."""
+        return (0,)
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -90,6 +133,10 @@ class Method(nn.Module):
     def extra_params_inference(self) -> int:
         """Parameters the method adds to the deployed student (0 unless it changes the student)."""
         return 0
+
+    def export(self, student: nn.Module) -> nn.Module:
+        """The model deployed after training: the student itself, unless the method leaves layers in it."""
+        return student
 
     @staticmethod
     def cross_entropy(out: StepOutputs) -> torch.Tensor:
