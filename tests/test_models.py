@@ -22,6 +22,9 @@ PARAMS_M = {
     # Not in table 1.1; computed from the VGG cfgs "D"/"E" (checked by test_vgg_param_formula).
     "vgg16": 14.774, "vgg19": 20.087,
     "MobileNetV2": 0.813, "ShuffleV1": 0.949, "ShuffleV2": 1.356, "ResNet50": 23.705,
+    # Teacher-assistant architectures, table 1.5
+    "resnet26": 0.376, "resnet14x4": 2.784, "resnet20x4": 4.334, "resnet26x4": 5.884,
+    "wrn_22_2": 1.091, "wrn_28_2": 1.479, "wrn_34_2": 1.867,
 }
 
 # Table 1.4: state_dict tensors with (and without) num_batches_tracked.
@@ -75,10 +78,10 @@ _VGG = {"stem": (64, 32, 32), "stages": [(128, 16, 16), (256, 8, 8), (512, 4, 4)
 
 # Table 1.1 ``feat`` lists: feat[0] = stem, then the stages, last = pooled vector.
 FEATURES = {
-    **{n: _narrow() for n in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")},
-    "resnet8x4": _narrow(32, (64, 128, 256)), "resnet32x4": _narrow(32, (64, 128, 256)),
+    **{f"resnet{d}": _narrow() for d in (8, 14, 20, 26, 32, 44, 56, 110)},
+    **{f"resnet{d}x4": _narrow(32, (64, 128, 256)) for d in (8, 14, 20, 26, 32)},
     "wrn_16_1": _narrow(), "wrn_40_1": _narrow(),
-    "wrn_16_2": _narrow(16, (32, 64, 128)), "wrn_40_2": _narrow(16, (32, 64, 128)),
+    **{f"wrn_{d}_2": _narrow(16, (32, 64, 128)) for d in (16, 22, 28, 34, 40)},
     **{n: _VGG for n in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
     "MobileNetV2": {"stem": (16, 16, 16), "stages": [(12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)],
                     "pooled": (1280,)},
@@ -140,7 +143,7 @@ def test_params_state_dict_and_taps(name):
 
     k = len(FEATURES[name]["stages"])
     expected_taps = (["stem"] + [f"stage{i}" for i in range(1, k + 1)]
-                     + [f"stage{i}_preact" for i in range(1, k + 1)] + ["pooled"])
+                     + [f"stage{i}_preact" for i in range(1, k + 1)] + ["pooled", "last_stage_first_block", "pre_pool"])
     assert list(model.feature_taps) == expected_taps
     for path in model.feature_taps.values():
         assert isinstance(model.get_submodule(path), Tap)
@@ -325,3 +328,82 @@ def test_taps_feed_the_forward(name):
         assert torch.allclose(head_only, bias.expand_as(head_only))
 
         assert torch.equal(model(x), reference)  # hooks removed: back to normal
+
+
+# ---------------------------------------------------------------------------------- in-network taps (letKD)
+
+# methods.md §7.5: (C, H, W) of `last_stage_first_block` and `pre_pool` where the letKD configs list them;
+# elsewhere both equal the last stage's shape (VGG: the first conv unit of block4 keeps its shape).
+INNER_TAPS = {
+    "resnet20": ((64, 8, 8), (64, 8, 8)), "resnet56": ((64, 8, 8), (64, 8, 8)),
+    "resnet8x4": ((256, 8, 8), (256, 8, 8)), "resnet32x4": ((256, 8, 8), (256, 8, 8)),
+    "wrn_16_2": ((128, 8, 8), (128, 8, 8)), "wrn_40_1": ((64, 8, 8), (64, 8, 8)),
+    "wrn_40_2": ((128, 8, 8), (128, 8, 8)),
+    "ShuffleV1": ((960, 4, 4), (960, 4, 4)), "ShuffleV2": ((464, 4, 4), (1024, 4, 4)),
+    "MobileNetV2": ((80, 2, 2), (1280, 2, 2)), "ResNet50": ((2048, 4, 4), (2048, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inner_tap_shapes(name):
+    shapes = feature_shapes(create_model(name), (3, 32, 32))
+    last = FEATURES[name]["stages"][-1]
+    expected = INNER_TAPS.get(name, (last, last))
+    assert (shapes["last_stage_first_block"], shapes["pre_pool"]) == expected
+
+
+def test_inner_taps_see_the_documented_tensors():
+    x = _input()
+    with torch.no_grad():
+        model = create_model("resnet20").eval()
+        _, f = _features(model, x)
+        assert torch.equal(f["last_stage_first_block"], model.layer3[0](f["stage2"]))
+        assert torch.equal(f["pre_pool"], f["stage3"])
+        model = create_model("wrn_16_2").eval()
+        _, f = _features(model, x)
+        assert torch.equal(f["last_stage_first_block"], model.block3.layer[0](f["stage2"]))
+        assert torch.equal(f["pre_pool"], F.relu(model.bn1(f["stage3"])))
+        model = create_model("MobileNetV2").eval()
+        _, f = _features(model, x)
+        assert torch.equal(f["last_stage_first_block"], model.blocks[5][0](f["stage3"]))  # stage3 = blocks[4]
+        assert torch.equal(f["pre_pool"], model.conv2(f["stage4"]))
+        model = create_model("ShuffleV2").eval()
+        _, f = _features(model, x)
+        assert torch.equal(f["last_stage_first_block"], model.layer3[0](f["stage2"]))
+        model = create_model("vgg13").eval()
+        _, f = _features(model, x)
+        assert torch.equal(f["last_stage_first_block"], model.block4[:3](f["stage3"]))
+        assert torch.equal(f["pre_pool"], f["stage4"])
+
+
+@pytest.mark.parametrize("name", [*FAMILY, "resnet20", "vgg13"])
+@pytest.mark.parametrize("tap", ["last_stage_first_block", "pre_pool"])
+def test_inner_taps_feed_the_forward(name, tap):
+    """A replacing hook on either in-network tap changes the logits (one-block stages included: resnet8x4, vgg8)."""
+    model = create_model(name).eval()
+    x = _input()
+    with torch.no_grad():
+        reference = model(x)
+        handle = model.get_submodule(model.feature_taps[tap]).register_forward_hook(
+            lambda _m, _i, out: out + 1.0)
+        changed = model(x)
+        handle.remove()
+        assert not torch.allclose(changed, reference)
+        assert torch.equal(model(x), reference)
+
+
+def test_coinciding_taps_compose():
+    """ResNet's pre_pool sees stage3's tensor, but it is its own tap: its hook runs after (and on) stage3's."""
+    model = create_model("resnet8x4").eval()  # one-block layer3: last_stage_first_block, stage3, pre_pool coincide
+    seen = []
+    handles = [model.get_submodule(model.feature_taps[name]).register_forward_hook(
+        lambda _m, _i, out, name=name: (seen.append((name, float(out.mean()))), out + 1.0)[1])
+        for name in ("pre_pool", "stage3", "last_stage_first_block")]
+    with torch.no_grad():
+        model(_input())
+    for handle in handles:
+        handle.remove()
+    assert [name for name, _ in seen] == ["last_stage_first_block", "stage3", "pre_pool"]
+    means = [mean for _, mean in seen]
+    assert means[1] == pytest.approx(means[0] + 1.0, abs=1e-5)
+    assert means[2] == pytest.approx(means[0] + 2.0, abs=1e-5)

@@ -14,13 +14,18 @@ from kdbench.models.taps import Tap
 def install_taps(model: nn.Module, num_stages: int) -> None:
     """Adds the canonical parameter-free taps as attributes ``tap_<name>`` and records their paths.
 
+    Besides the feature taps (``stem``, ``stageK``, ``stageK_preact``, ``pooled``) every model has two taps
+    placed for layers that live inside the network (letKD's KD layers): ``last_stage_first_block`` (the
+    output of the first block of the last stage, consumed by the rest of that stage) and ``pre_pool`` (the
+    map that global pooling reads). Where a tap sees the same tensor as another (ResNet ``pre_pool`` and
+    ``stage3``), it is still its own module, called after the other, so replacing hooks on both compose.
     Taps are plain attributes (never entries of an indexed Sequential), so state_dict keys are unchanged.
     """
     names = (
         ["stem"]
         + [f"stage{i}" for i in range(1, num_stages + 1)]
         + [f"stage{i}_preact" for i in range(1, num_stages + 1)]
-        + ["pooled"]
+        + ["pooled", "last_stage_first_block", "pre_pool"]
     )
     for name in names:
         setattr(model, f"tap_{name}", Tap())
@@ -28,11 +33,27 @@ def install_taps(model: nn.Module, num_stages: int) -> None:
 
 
 def run_stages(model: nn.Module, x: torch.Tensor, stages: Iterable[nn.Module]) -> torch.Tensor:
-    """Runs stages whose last block returns ``(out, preact)``; forward continues with the stage tap's output."""
+    """Runs Sequential stages whose last block returns ``(out, preact)``; forward continues with the stage tap's
+    output. The last stage runs block by block so its first block's output passes ``tap_last_stage_first_block``."""
+    stages = tuple(stages)
     for i, stage in enumerate(stages, 1):
-        x, preact = stage(x)
+        if i < len(stages):
+            x, preact = stage(x)
+        elif len(stage) == 1:  # a one-block stage (resnet8x4): its only block also returns the preact
+            x, preact = stage[0](x)
+            x = model.tap_last_stage_first_block(x)
+        else:
+            x, preact = run_first_block_tapped(stage, x, model.tap_last_stage_first_block)
         getattr(model, f"tap_stage{i}_preact")(preact)
         x = getattr(model, f"tap_stage{i}")(x)
+    return x
+
+
+def run_first_block_tapped(blocks: nn.Sequential, x: torch.Tensor, tap: nn.Module):
+    """``blocks(x)`` with the first block's output passed through ``tap`` (whose return value feeds the rest)."""
+    x = tap(blocks[0](x))
+    for i in range(1, len(blocks)):
+        x = blocks[i](x)
     return x
 
 

@@ -6,9 +6,12 @@ import torch
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models.common import init_msra_normal, install_taps
+from kdbench.models.common import init_msra_normal, install_taps, run_first_block_tapped
 
 _FEATURE_BLOCKS = (1, 2, 4, 6)  # stage taps follow these entries of ``blocks``
+# ``tap_last_stage_first_block`` follows the first InvertedResidual of this entry (80 ch at 2x2 for
+# mobile_half): the first block of the last stage (blocks[5..6]), as letKD's MobileNetV2 config (methods.md §7.5).
+_LAST_STAGE_BLOCK = 5
 
 
 def _conv_bn_relu(inp: int, oup: int, kernel_size: int, stride: int) -> nn.Sequential:
@@ -75,12 +78,15 @@ class MobileNetV2(nn.Module):
         out = self.tap_stem(self.conv1(x))
         stage = 0
         for i, block in enumerate(self.blocks):
-            out = block(out)
+            if i == _LAST_STAGE_BLOCK:
+                out = run_first_block_tapped(block, out, self.tap_last_stage_first_block)
+            else:
+                out = block(out)
             if i in _FEATURE_BLOCKS:
                 stage += 1
                 getattr(self, f"tap_stage{stage}_preact")(out)
                 out = getattr(self, f"tap_stage{stage}")(out)
-        out = self.conv2(out)
+        out = self.tap_pre_pool(self.conv2(out))
         out = self.tap_pooled(torch.flatten(self.avgpool(out), 1))
         return self.classifier(out)
 

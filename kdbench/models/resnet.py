@@ -6,6 +6,8 @@ Module names, Sequential indices, BN defaults and the init order follow HobbitLo
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.tap_stem(self.relu(self.bn1(self.conv1(x))))
-        x = run_stages(self, x, (self.layer1, self.layer2, self.layer3))
+        x = self.tap_pre_pool(run_stages(self, x, (self.layer1, self.layer2, self.layer3)))
         x = self.tap_pooled(torch.flatten(self.avgpool(x), 1))
         return self.fc(x)
 
@@ -86,46 +88,9 @@ _NARROW = [16, 16, 32, 64]  # stem / stage widths of resnet8..resnet110
 _WIDE = [32, 64, 128, 256]  # the "x4" models
 
 
-@register_model(name="resnet8")
-def resnet8(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(8, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet14")
-def resnet14(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(14, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet20")
-def resnet20(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(20, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet32")
-def resnet32(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(32, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet44")
-def resnet44(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(44, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet56")
-def resnet56(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(56, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet110")
-def resnet110(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(110, _NARROW, num_classes, in_channels)
-
-
-@register_model(name="resnet8x4")
-def resnet8x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(8, _WIDE, num_classes, in_channels)
-
-
-@register_model(name="resnet32x4")
-def resnet32x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return ResNet(32, _WIDE, num_classes, in_channels)
+# RepDistiller's model_dict depths, plus resnet26 and the x4 depths that TAKD/DGKD teacher-assistant chains
+# use (models-and-recipe.md §1.5: built with the same constructor, not in RepDistiller's model_dict).
+for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
+    register_model(partial(ResNet, _depth, _NARROW), name=f"resnet{_depth}")
+for _depth in (8, 14, 20, 26, 32):
+    register_model(partial(ResNet, _depth, _WIDE), name=f"resnet{_depth}x4")

@@ -68,7 +68,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         out = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
-        out = run_stages(self, out, (self.layer1, self.layer2, self.layer3, self.layer4))
+        out = self.tap_pre_pool(run_stages(self, out, (self.layer1, self.layer2, self.layer3, self.layer4)))
         out = self.tap_pooled(torch.flatten(self.avgpool(out), 1))
         return self.linear(out)
 

@@ -84,7 +84,7 @@ class ShuffleNet(nn.Module):
 
     def forward(self, x):
         out = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
-        out = run_stages(self, out, (self.layer1, self.layer2, self.layer3))
+        out = self.tap_pre_pool(run_stages(self, out, (self.layer1, self.layer2, self.layer3)))
         out = self.tap_pooled(torch.flatten(F.avg_pool2d(out, 4), 1))
         return self.linear(out)
 

@@ -107,7 +107,7 @@ class ShuffleNetV2(nn.Module):
     def forward(self, x):
         out = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
         out = run_stages(self, out, (self.layer1, self.layer2, self.layer3))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.tap_pre_pool(F.relu(self.bn2(self.conv2(out))))
         out = self.tap_pooled(torch.flatten(F.avg_pool2d(out, 4), 1))
         return self.linear(out)
 

@@ -53,17 +53,32 @@ class VGG(nn.Module):
 
     def forward(self, x):
         # On 32x32 inputs pool3 is skipped, so blocks 3 and 4 both run at 4x4 (as in RepDistiller).
-        pools = (self.pool1, self.pool2, self.pool3 if x.shape[2] == 64 else None, self.pool4)
+        pools = (self.pool1, self.pool2, self.pool3 if x.shape[2] == 64 else None)
         x = self.tap_stem(F.relu(self.block0(x)))
         x = self.pool0(x)
-        blocks = (self.block1, self.block2, self.block3, self.block4)
-        for i, (block, pool) in enumerate(zip(blocks, pools), 1):
+        for i, (block, pool) in enumerate(zip((self.block1, self.block2, self.block3), pools), 1):
             preact = block(x)
             getattr(self, f"tap_stage{i}_preact")(preact)
             x = getattr(self, f"tap_stage{i}")(F.relu(preact))  # not in place: preact must survive
             if pool is not None:
                 x = pool(x)
-        x = self.tap_pooled(torch.flatten(x, 1))
+        # The last stage, block4. Its "first block" is its first conv-BN-ReLU unit, the VGG analogue of a
+        # residual block: with more than one unit (vgg11..19) that unit's output feeds the rest of block4 through
+        # tap_last_stage_first_block; with one unit (vgg8) the tap sees the post-ReLU block4 output (= stage4),
+        # like resnet8x4's one-block layer3.
+        if len(self.block4) > 2:
+            x = self.tap_last_stage_first_block(self.block4[2](self.block4[1](self.block4[0](x))))
+            for j in range(3, len(self.block4)):
+                x = self.block4[j](x)
+            preact = x
+        else:
+            preact = self.block4(x)
+        self.tap_stage4_preact(preact)
+        x = F.relu(preact)  # not in place: preact must survive
+        if len(self.block4) <= 2:
+            x = self.tap_last_stage_first_block(x)
+        x = self.tap_pre_pool(self.tap_stage4(x))
+        x = self.tap_pooled(torch.flatten(self.pool4(x), 1))
         return self.classifier(x)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models import register_model
-from kdbench.models.common import init_msra_normal, install_taps
+from kdbench.models.common import init_msra_normal, install_taps, run_first_block_tapped
 from kdbench.models.taps import Tap
 
 
@@ -86,30 +88,19 @@ class WideResNet(nn.Module):
         out = self.tap_stem(self.conv1(x))
         next_bns = (self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1)
         for i, (stage, next_bn) in enumerate(zip((self.block1, self.block2, self.block3), next_bns), 1):
-            out = getattr(self, f"tap_stage{i}")(stage(out))
+            if i < 3:
+                out = stage(out)
+            else:  # block3.layer[0]'s output feeds the rest of block3 through its tap
+                out = run_first_block_tapped(stage.layer, out, self.tap_last_stage_first_block)
+            out = getattr(self, f"tap_stage{i}")(out)
             preact_tap: Tap = getattr(self, f"tap_stage{i}_preact")
             if preact_tap.active:  # an extra BN pass, only paid for when someone listens
                 preact_tap(_bn_without_update(next_bn, out))
-        out = self.relu(self.bn1(out))
+        out = self.tap_pre_pool(self.relu(self.bn1(out)))
         out = self.tap_pooled(torch.flatten(F.avg_pool2d(out, 8), 1))
         return self.fc(out)
 
 
-@register_model(name="wrn_16_1")
-def wrn_16_1(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(16, 1, num_classes, in_channels)
-
-
-@register_model(name="wrn_16_2")
-def wrn_16_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(16, 2, num_classes, in_channels)
-
-
-@register_model(name="wrn_40_1")
-def wrn_40_1(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(40, 1, num_classes, in_channels)
-
-
-@register_model(name="wrn_40_2")
-def wrn_40_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(40, 2, num_classes, in_channels)
+# RepDistiller's WRNs, plus the depths of the wrn_40_2 -> wrn_16_2 teacher-assistant chain (§1.5).
+for _depth, _width in ((16, 1), (16, 2), (22, 2), (28, 2), (34, 2), (40, 1), (40, 2)):
+    register_model(partial(WideResNet, _depth, _width), name=f"wrn_{_depth}_{_width}")
