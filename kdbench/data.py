@@ -430,3 +430,96 @@ class DeviceLoader:
         """The normalised test set (no augmentation) in chunks of ``eval_batch_size``."""
         for k in range(0, self.test_x.shape[0], self.eval_batch_size):
             yield self.test_x[k:k + self.eval_batch_size], self.test_y[k:k + self.eval_batch_size]
+
+
+# ---------------------------------------------------------------------------------------------- CINIC-10 (ImageFolder)
+
+#: Official CINIC-10 archive (Darlow et al. 2018, arXiv 1810.03505); it holds train/, valid/ and test/ at its top level.
+CINIC10_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
+CINIC10_ARCHIVE = "CINIC-10.tar.gz"
+CINIC10_FOLDER = "cinic-10"  # where a download is extracted, under the data dir
+
+
+def _cinic10_dir(root: Path) -> Path | None:
+    """The first of ``root/cinic-10``, ``root/CINIC-10`` and ``root`` holding ``train/`` and ``test/``."""
+    for d in (root / CINIC10_FOLDER, root / "CINIC-10", root):
+        if (d / "train").is_dir() and (d / "test").is_dir():
+            return d
+    return None
+
+
+def _read_png_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise KdbenchError(f"{path} is {img.size[0]}x{img.size[1]}; CINIC-10 images are "
+                               f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)  # grayscale images get three equal planes
+
+
+def _read_image_folder(path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """An ImageFolder tree (one folder per class, sorted names = labels) as uint8 N x 3 x 32 x 32 and int64 labels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(str(path))
+    except (FileNotFoundError, OSError) as e:
+        raise KdbenchError(f"{name}: {path} is not an image folder with one subfolder per class "
+                           f"({_reason(e)})") from None
+    paths = [p for p, _ in folder.samples]
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(_read_png_rgb, paths, chunksize=256))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise KdbenchError(f"{name}: cannot read an image under {path} ({_reason(e)})") from None
+    x = np.stack(images).transpose(0, 3, 1, 2) if images else np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    y = np.asarray(folder.targets, dtype=np.int64)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), list(folder.classes)
+
+
+def load_cinic10(data_dir: Path | None = None, download: bool = True) -> ArrayData:
+    """CINIC-10: trains on ``train/`` (90,000 images), evaluates on ``test/`` (90,000); ``valid/`` is not used.
+
+    Read from ``data_dir`` (or the default data dir): its ``cinic-10/`` folder, or the folder itself, holding the
+    ImageFolder layout ``train/``, ``valid/``, ``test/`` with 10 class folders of 32x32 PNGs; labels are the class
+    folders in sorted order (airplane = 0 .. truck = 9, as in CIFAR-10). Otherwise downloaded (about 0.7 GB) and
+    extracted into ``cinic-10/`` when ``download`` is set.
+    """
+    root = data_dir if data_dir is not None else default_data_dir()
+    found = _cinic10_dir(root)
+    if found is None:
+        how = (f"download {CINIC10_URL} and extract it into {root / CINIC10_FOLDER} (train/, valid/, test/), "
+               "or pass --data-dir")
+        if not download:
+            raise KdbenchError(f"cinic10 not found in {root} and downloading is disabled; {how}")
+        try:
+            from torchvision.datasets import utils as tv_utils
+
+            tv_utils.download_and_extract_archive(CINIC10_URL, str(root), extract_root=str(root / CINIC10_FOLDER),
+                                                  filename=CINIC10_ARCHIVE)
+        except _DOWNLOAD_ERRORS as e:
+            raise KdbenchError(f"cinic10 not found in {root} and could not be downloaded ({_reason(e)}); "
+                               f"{how}") from None
+        found = _cinic10_dir(root)
+        if found is None:
+            raise KdbenchError(f"cinic10 download into {root} left no train/ and test/ folders; {how}")
+    train_x, train_y, train_classes = _read_image_folder(found / "train", "cinic10")
+    test_x, test_y, test_classes = _read_image_folder(found / "test", "cinic10")
+    if len(train_classes) != 10 or train_classes != test_classes:
+        raise KdbenchError(f"cinic10 in {found} must have the same 10 class folders in train/ and test/; found "
+                           f"{len(train_classes)} in train/ and {len(test_classes)} in test/")
+    return ArrayData(dataset_info("cinic10"), train_x, train_y, test_x, test_y)
+
+
+register_dataset(DatasetInfo(
+    name="cinic10", num_classes=10, in_channels=3,
+    # The CINIC-10 authors' per-channel statistics (BayesWatch/cinic-10 README), pixels scaled to [0, 1].
+    mean=(0.47889522, 0.47227842, 0.43047404), std=(0.24205776, 0.23828046, 0.25874835),
+    how_to_get=f"Download {CINIC10_ARCHIVE} from {CINIC10_URL} and extract it into <data dir>/{CINIC10_FOLDER} "
+               "(default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir); kdbench trains on train/ and "
+               "tests on test/.",
+    load=load_cinic10,
+))

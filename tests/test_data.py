@@ -435,3 +435,95 @@ def test_test_subset_is_fixed_and_unaugmented():
     assert full.test_x.shape[0] == d.test_x.shape[0]
     with pytest.raises(KdbenchError, match="subset of the synthetic test set"):
         DeviceLoader(d, "cpu", batch_size=8, test_subset=d.test_x.shape[0] + 1)
+
+
+# ---------------------------------------------------------------------------------------------- CINIC-10 (ImageFolder)
+
+CINIC_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def fake_cinic10(root: Path, per_class: dict[str, int] | None = None, classes=CINIC_CLASSES) -> dict[str, list]:
+    """A tiny CINIC-10 tree of random 32x32 RGB PNGs; returns, per split, (class index, pixels CHW) in file order."""
+    per_class = per_class or {"train": 2, "valid": 1, "test": 1}
+    rng = np.random.default_rng(0)
+    written: dict[str, list] = {}
+    for split, n in per_class.items():
+        written[split] = []
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels, "RGB").save(folder / f"{split}_{cls}_{k}.png")
+                written[split].append((label, torch.from_numpy(pixels).permute(2, 0, 1)))
+    return written
+
+
+def test_cinic10_registered_with_the_authors_statistics():
+    info = data.dataset_info("cinic10")
+    assert (info.num_classes, info.in_channels) == (10, 3)
+    assert info.mean == (0.47889522, 0.47227842, 0.43047404) and info.std == (0.24205776, 0.23828046, 0.25874835)
+    assert data.CINIC10_URL in info.how_to_get
+
+
+@pytest.mark.parametrize("layout", ["cinic-10", "flat"])
+def test_cinic10_pixel_layout_and_labels_by_folder_order(tmp_path, layout):
+    written = fake_cinic10(tmp_path / "cinic-10" if layout == "cinic-10" else tmp_path)
+    d = data.load_dataset("cinic10", tmp_path, download=False)
+    assert d.info.name == "cinic10"
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (10, 3, 32, 32)  # valid/ is not used
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
+    for split, x, y in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
+        assert y.tolist() == [label for label, _ in written[split]]  # sorted class folders: airplane=0 .. truck=9
+        for k, (_, pixels) in enumerate(written[split]):
+            assert torch.equal(x[k], pixels)
+    loader = DeviceLoader(d, "cpu", batch_size=8)  # the harness pipeline accepts it
+    xb, yb = next(loader.train_epoch(0, 0))
+    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8,)
+
+
+def test_cinic10_grayscale_png_becomes_three_equal_planes(tmp_path):
+    fake_cinic10(tmp_path, {"train": 1, "test": 1})
+    gray = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32).astype(np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "test" / "airplane" / "test_airplane_0.png")
+    d = data.load_cinic10(tmp_path, download=False)
+    for c in range(3):
+        assert torch.equal(d.test_x[0, c], torch.from_numpy(gray))
+
+
+def test_cinic10_bad_trees(tmp_path):
+    fake_cinic10(tmp_path / "a", {"train": 1, "test": 1})
+    Image.new("RGB", (28, 28)).save(tmp_path / "a" / "train" / "bird" / "small.png")
+    with pytest.raises(KdbenchError, match="28x28") as e:
+        data.load_cinic10(tmp_path / "a", download=False)
+    assert "\n" not in str(e.value)
+    fake_cinic10(tmp_path / "b", {"train": 1, "test": 1}, classes=CINIC_CLASSES[:9])
+    with pytest.raises(KdbenchError, match="10 class folders"):
+        data.load_cinic10(tmp_path / "b", download=False)
+
+
+def test_cinic10_missing_without_download(tmp_path):
+    with pytest.raises(KdbenchError) as e:
+        data.load_dataset("cinic10", tmp_path, download=False)
+    msg = str(e.value)
+    assert "cinic10 not found" in msg and data.CINIC10_URL in msg and "--data-dir" in msg
+    assert str(tmp_path) in msg and "\n" not in msg
+
+
+def test_cinic10_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    with pytest.raises(KdbenchError) as e:
+        data.load_dataset("cinic10", tmp_path, download=True)
+    msg = str(e.value)
+    assert "could not be downloaded" in msg and "URLError" in msg and data.CINIC10_URL in msg
+    assert "--data-dir" in msg and "\n" not in msg
+    ((args, kwargs),) = calls
+    assert args[0] == data.CINIC10_URL and kwargs["extract_root"] == str(tmp_path / "cinic-10")
