@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,26 +84,6 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-@register_model(name="vgg8")
-def vgg8(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG(_CFG["S"], num_classes, in_channels)
-
-
-@register_model(name="vgg11")
-def vgg11(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG(_CFG["A"], num_classes, in_channels)
-
-
-@register_model(name="vgg13")
-def vgg13(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG(_CFG["B"], num_classes, in_channels)
-
-
-@register_model(name="vgg16")
-def vgg16(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG(_CFG["D"], num_classes, in_channels)
-
-
-@register_model(name="vgg19")
-def vgg19(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG(_CFG["E"], num_classes, in_channels)
+# RepDistiller's vgg8_bn .. vgg19_bn (their cfg keys S, A, B, D, E).
+for _name, _cfg in (("vgg8", "S"), ("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"), ("vgg19", "E")):
+    register_model(partial(VGG, _CFG[_cfg]), name=_name)
