@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import KdbenchError
+from kdbench.report import FORMATS, METRICS
 from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec
 
 
@@ -68,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-download", action="store_true", help="never download datasets")
     run.add_argument("--results-dir", type=Path, default=Path("results"))
 
+    report = commands.add_parser("report", help="leaderboards (and plots) from the tidy results table")
+    report.add_argument("--results-dir", type=Path, default=Path("results"))
+    report.add_argument("--format", default="github", choices=FORMATS, help="table format (default github)")
+    report.add_argument("--metric", default="top1_best", choices=METRICS,
+                        help="best or last epoch of each run (default top1_best)")
+    report.add_argument("--by", default="pair", choices=("pair", "setting"),
+                        help="one table per pair (default) or per setting and protocol")
+    for name, what in (("dataset", "datasets"), ("recipe", "recipes"), ("protocol", "protocols"),
+                       ("pairs", "TEACHER:STUDENT pairs"), ("methods", "methods (teacher and student rows stay)")):
+        report.add_argument(f"--{name}", help=f"only these comma-separated {what}")
+    report.add_argument("--published", type=Path, help="published CIFAR-100 table (default: results/"
+                        "published_cifar100.csv in the results dir, else in the kdbench checkout)")
+    report.add_argument("--plots", type=Path, metavar="DIR", help="also write the plots (PNG and SVG) here")
+    report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
+
     listing = commands.add_parser("list", help="list models, datasets, recipes and methods")
     listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"])
     return parser
@@ -106,6 +122,22 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in records) else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from kdbench.report import report
+
+    text, plots = report(args.results_dir, args.format, args.metric, args.by, args.published, args.plots,
+                         dataset=args.dataset, recipe=args.recipe, protocol=args.protocol, pairs=args.pairs,
+                         methods=args.methods)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        print(text, end="")
+    if plots:
+        print(f"{len(plots)} plot files in {args.plots}", file=sys.stderr)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from kdbench.data import list_datasets
     from kdbench.methods import list_methods, method_class
@@ -128,7 +160,7 @@ def _list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": _run, "list": _list}[args.command](args)
+        return {"run": _run, "report": _report, "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,25 @@
+"""notebooks/analysis.ipynb runs top to bottom on a real tiny results table."""
+
+from pathlib import Path
+
+import pytest
+from test_report import tiny_results  # noqa: F401  (the session's tiny sweep, built once)
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
+
+
+def test_analysis_notebook_runs_top_to_bottom(tiny_results, monkeypatch):  # noqa: F811
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("KDBENCH_RESULTS", str(tiny_results))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| student resnet8 (CE) |" in text and "Not counted (2 runs did not finish)" in text
+    assert "kd − student (top1_best):" in text and "over n = 2 seeds" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # six report plots + the paired one
