@@ -105,7 +105,7 @@ class RunRecord:
         return frame
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes through a temporary file in the same folder, then renames: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -149,21 +149,21 @@ class ResultsStore:
 
     def write_spec(self, spec: RunSpec) -> None:
         text = json.dumps(spec.to_dict(), indent=2, sort_keys=True)
-        _atomic_write(self.run_dir(spec.run_id) / "spec.json", lambda p: p.write_text(text))
+        atomic_write(self.run_dir(spec.run_id) / "spec.json", lambda p: p.write_text(text))
 
     def write_record(self, record: RunRecord) -> None:
         run_dir = self.run_dir(record.run_id)
-        _atomic_write(run_dir / f"{TABLE_NAME}.parquet", lambda p: record.tidy().to_parquet(p, index=False))
+        atomic_write(run_dir / f"{TABLE_NAME}.parquet", lambda p: record.tidy().to_parquet(p, index=False))
         text = json.dumps(record.to_dict(), indent=2, default=_json_default)
-        _atomic_write(run_dir / "record.json", lambda p: p.write_text(text))
+        atomic_write(run_dir / "record.json", lambda p: p.write_text(text))
 
     def save_torch(self, path: Path, obj: Any) -> None:
-        _atomic_write(path, lambda p: torch.save(obj, p))
+        atomic_write(path, lambda p: torch.save(obj, p))
 
     def rebuild_table(self) -> pd.DataFrame:
         """Concatenates every run's rows into ``metrics.parquet`` and ``metrics.csv`` at the root."""
         parts = [pd.read_parquet(p) for p in sorted(self.root.glob(f"*/{TABLE_NAME}.parquet"))]
         table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        _atomic_write(self.root / f"{TABLE_NAME}.parquet", lambda p: table.to_parquet(p, index=False))
-        _atomic_write(self.root / f"{TABLE_NAME}.csv", lambda p: table.to_csv(p, index=False))
+        atomic_write(self.root / f"{TABLE_NAME}.parquet", lambda p: table.to_parquet(p, index=False))
+        atomic_write(self.root / f"{TABLE_NAME}.csv", lambda p: table.to_csv(p, index=False))
         return table

@@ -57,7 +57,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -71,6 +70,7 @@ from torch import nn
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import Method, MethodContext, Preparation, StepOutputs, kd_divergence
+from kdbench.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -560,7 +560,7 @@ class LetKD(Method):
         if missing:
             for kind, fitted in self._fit(prep, {kind: keys[kind] for kind in missing}).items():
                 path = self.artefact_path(prep.cache_dir, keys[kind])
-                _save_atomically(fitted, path)
+                atomic_write(path, lambda p: torch.save(fitted, p))
                 artefacts[kind] = fitted
                 log.info("letkd: fitted %s in %.1f s", path, fitted["meta"]["fit_s"])
         with torch.no_grad():
@@ -609,13 +609,6 @@ class LetKD(Method):
             meta["fit_s"] = extract_s + time.perf_counter() - t0
             fitted[kind] = {"key": key, "meta": meta, **tensors}
         return fitted
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @register_method
