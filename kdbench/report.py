@@ -48,6 +48,7 @@ _MEMORY_KEYS = ("peak_alloc_bytes", "cpu_peak_rss_bytes")
 _MEMORY_NAMES = {"peak_alloc_bytes": "CUDA max allocated", "peak_reserved_bytes": "CUDA max reserved",
                  "cpu_peak_rss_bytes": "CPU peak RSS"}
 _KIND_ORDER = {"teacher": 0, "student": 1, "method": 2}
+_OPTION = re.compile(r"([A-Za-z_]\w*)=(.*?)(?=,[A-Za-z_]\w*=|$)")  # "k=v,k2=v2" as written by RunRecord.tidy
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -226,12 +227,7 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
                   _tag(rest[rest["method"].eq("student") & rest["role"].eq("student")], "student", "none", CE_ONLY),
                   _tag(rest[rest["method"].ne("student")], "method", "none", CE_ONLY)]
     out = pd.concat([p for p in parts if len(p)], ignore_index=True)
-    # one method with several option sets or teacher-assistant chains in a table: they tell its rows apart
-    keys = ["setting", "protocol", "pair", "method"]
-    chain = out["assistants"].fillna("")
-    out["variant"] = out["method_options"].fillna("") + chain.where(chain == "", " via " + chain)
-    several = (out["kind"] == "method") & (out.groupby(keys)["variant"].transform("nunique") > 1)
-    out.loc[several, "label"] = out["method"] + "[" + out["variant"] + "]"
+    _label_variants(out)
 
     for column, wanted, option in (("dataset", dataset, "--dataset"), ("recipe", recipe, "--recipe"),
                                    ("protocol", protocol, "--protocol")):
@@ -247,6 +243,22 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
             [out["setting"], out["protocol"], out["pair"]]).transform("any")
         out = out[keep & hit]
     return out.reset_index(drop=True)
+
+
+def _label_variants(out: pd.DataFrame) -> None:
+    """Where one method ran with several option sets or teacher-assistant chains in a table, label its rows
+    by what differs between them (``sakd[components=branch]``, ``takd via resnet32``), in place."""
+    for _, rows in out[out["kind"] == "method"].groupby(["setting", "protocol", "pair", "method"], sort=False):
+        options = rows["method_options"].fillna("").map(lambda text: dict(_OPTION.findall(text)))
+        chains = rows["assistants"].fillna("")
+        differing = sorted(key for key in set().union(*options)
+                           if options.map(lambda o, key=key: o.get(key)).nunique(dropna=False) > 1)
+        if not differing and chains.nunique() < 2:
+            continue
+        for index, method in rows["method"].items():
+            label = method + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in differing) + "]"
+                              if differing else "")
+            out.at[index, "label"] = label + (f" via {chains[index]}" if chains.nunique() > 1 and chains[index] else "")
 
 
 def _split(text: str) -> list[str]:

@@ -130,6 +130,19 @@ def test_runs_of_different_settings_are_never_pooled(tmp_path, table):
     assert board.setting.str.contains("NVIDIA H100").any()
 
 
+def test_option_sets_and_chains_are_labelled_by_what_differs(table):
+    kd = table[table.method == "kd"]
+    other = kd.assign(run_id=kd.run_id + "-t2", method_options=kd.method_options.str.replace(
+        "temperature=4.0", "temperature=2.0"))
+    board = report.leaderboard(report.entries(pd.concat([table, other], ignore_index=True)), "top1_best")
+    assert set(board.label) == {"teacher", "student (CE)", "kd[temperature=4.0]", "kd[temperature=2.0]"}
+    assert set(board.n) == {1, 2}  # two option sets: never pooled
+
+    chained = other.assign(method_options=kd.method_options.values, assistants="resnet12:resnet10")
+    board = report.leaderboard(report.entries(pd.concat([table, chained], ignore_index=True)), "top1_best")
+    assert set(board.label) == {"teacher", "student (CE)", "kd", "kd via resnet12:resnet10"}
+
+
 def test_filters(table):
     frame = report.entries(table, methods="student", pairs="resnet14:resnet8", dataset="synthetic")
     assert set(frame.kind) == {"teacher", "student"}
