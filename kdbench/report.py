@@ -37,9 +37,9 @@ _RULE = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report
 _SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd"}
 _REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "student", "pair", "protocol", "recipe",
              "seed", "device", "precision", "metric", "value", "epoch")
-_OPTIONAL = {"error": None, "method_options": "", "assistants": "", "method_note": "", "teacher_run": None,
-             "device_name": None, "epochs": None, "batch_size": None, "train_subset": None, "test_subset": None,
-             "channels_last": False}
+_OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
+             "teacher_run": None, "device_name": None, "epochs": None, "batch_size": None, "train_subset": None,
+             "test_subset": None, "channels_last": False}
 _PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
                       "verified")
 _RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
@@ -157,13 +157,15 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
 
 def unfinished(table: pd.DataFrame) -> pd.DataFrame:
     """One row per run that did not finish (failed or interrupted), with its error."""
-    columns = ["run_id", "status", "role", "method", "student", "pair", "seed", "error"]
+    columns = ["run_id", "status", "role", "method", "method_overrides", "student", "pair", "seed", "error"]
     return table[table["status"] != "finished"].drop_duplicates("run_id")[columns]
 
 
 def _describe(bad: pd.DataFrame) -> str:
     """Runs that did not finish, one clause each: what, seed, status and error."""
-    return "; ".join(f"{r.method} {r.pair if isinstance(r.pair, str) else r.student} seed {r.seed}: {r.status}"
+    return "; ".join(f"{r.method}" + (f"[{r.method_overrides}]" if isinstance(r.method_overrides, str)
+                                      and r.method_overrides else "")
+                     + f" {r.pair if isinstance(r.pair, str) else r.student} seed {r.seed}: {r.status}"
                      + (f" ({r.error})" if isinstance(r.error, str) and r.error else "") for r in bad.itertuples())
 
 
@@ -246,18 +248,19 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
 
 
 def _label_variants(out: pd.DataFrame) -> None:
-    """Where one method ran with several option sets or teacher-assistant chains in a table, label its rows
-    by what differs between them (``sakd[components=branch]``, ``takd via resnet32``), in place."""
+    """Label a method's rows by the options that differ from its defaults or between its option sets in one
+    table (``semckd[beta=50.0]``, ``sakd[components=branch]``), and by the TA chain where chains differ."""
     for _, rows in out[out["kind"] == "method"].groupby(["setting", "protocol", "pair", "method"], sort=False):
         options = rows["method_options"].fillna("").map(lambda text: dict(_OPTION.findall(text)))
+        changed = set().union(*rows["method_overrides"].fillna("").map(lambda text: dict(_OPTION.findall(text))))
         chains = rows["assistants"].fillna("")
-        differing = sorted(key for key in set().union(*options)
-                           if options.map(lambda o, key=key: o.get(key)).nunique(dropna=False) > 1)
-        if not differing and chains.nunique() < 2:
+        shown = sorted(changed | {key for key in set().union(*options)
+                                  if options.map(lambda o, key=key: o.get(key)).nunique(dropna=False) > 1})
+        if not shown and chains.nunique() < 2:
             continue
         for index, method in rows["method"].items():
-            label = method + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in differing) + "]"
-                              if differing else "")
+            label = method + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in shown) + "]"
+                              if shown else "")
             out.at[index, "label"] = label + (f" via {chains[index]}" if chains.nunique() > 1 and chains[index] else "")
 
 

@@ -74,11 +74,16 @@ class RunRecord:
 
     def tidy(self) -> pd.DataFrame:
         """Long-format rows: identity and provenance repeated on every row."""
+        from kdbench.methods import method_class  # methods import this module (atomic_write)
+
         spec = self.spec
+        defaults = method_class(spec.method).defaults
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
             "method": spec.method,
             "method_options": ",".join(f"{k}={v}" for k, v in spec.method_options),
+            # what differs from the method's defaults of the kdbench that ran it: report labels show it
+            "method_overrides": ",".join(f"{k}={v}" for k, v in spec.method_options if defaults.get(k) != v),
             "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "assistants": ":".join(spec.assistants) or None,
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,

@@ -138,6 +138,15 @@ def test_option_sets_and_chains_are_labelled_by_what_differs(table):
     assert set(board.label) == {"teacher", "student (CE)", "kd[temperature=4.0]", "kd[temperature=2.0]"}
     assert set(board.n) == {1, 2}  # two option sets: never pooled
 
+    # a lone option set away from the defaults is named too, and so are failed runs of one
+    assert (kd.method_overrides == "").all()
+    changed = other.assign(method_overrides="temperature=2.0")
+    changed.loc[changed.seed == 1, "status"] = "failed"
+    alone = pd.concat([table[table.method != "kd"], changed], ignore_index=True)
+    assert set(report.leaderboard(report.entries(alone), "top1_best").label) == {
+        "teacher", "student (CE)", "kd[temperature=2.0]"}
+    assert "kd[temperature=2.0] resnet14->resnet8 seed 1: failed" in report._describe(report.unfinished(alone))
+
     chained = other.assign(method_options=kd.method_options.values, assistants="resnet12:resnet10")
     board = report.leaderboard(report.entries(pd.concat([table, chained], ignore_index=True)), "top1_best")
     assert set(board.label) == {"teacher", "student (CE)", "kd", "kd via resnet12:resnet10"}

@@ -296,6 +296,8 @@ def test_end_to_end_through_the_harness(env):
     student = records[1]
     assert student.spec.method == "semckd" and student.spec.teacher_run == teacher.run_id
     assert dict(student.spec.method_options) == {"beta": 50.0}
+    rows = student.tidy()
+    assert set(rows.method_overrides) == {"beta=50.0"} and set(records[0].tidy().method_overrides) == {""}
     m = student.metrics
     assert m["extra_params_train"] > 0 and m["extra_params_inference"] == 0
     assert m["dropped_images_per_epoch"] == 0 and m["iters_per_epoch"] == 640 // 32
