@@ -270,13 +270,13 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
 
     history: list[dict[str, float]] = []
     step_times: list[tuple[float, int]] = []
-    prepare_s = 0.0
+    prepare_s = reused_fit_s = 0.0
     checkpoint_path = store.checkpoint_path(spec.run_id)
     if checkpoint_path.exists():  # resume: modules, optimiser, history, RNG (data streams are pure functions)
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         parts.load_state(state)
         history, step_times = state["history"], [tuple(t) for t in state["step_times"]]
-        prepare_s = state["prepare_s"]
+        prepare_s, reused_fit_s = state["prepare_s"], state.get("reused_fit_s", 0.0)
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -286,6 +286,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         started = time.perf_counter()
         parts.method.prepare(_preparation(parts, loader, spec, store))
         prepare_s = time.perf_counter() - started
+        reused_fit_s = parts.method.reused_fit_s()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
     prov = {**provenance(device), "method_note": method_class(spec.method).note}
     if teacher is not None:
@@ -305,6 +306,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         store.save_torch(checkpoint_path, {
             **parts.state(), "history": history, "step_times": step_times, "prepare_s": prepare_s,
+            "reused_fit_s": reused_fit_s,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
@@ -338,8 +340,9 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         teacher_wall, *assistant_walls = (r.metrics.get("wall_s", 0.0) for r in parts.trainer_records)
         metrics.update(teacher_top1=teacher_scores["top1"], teacher_top5=teacher_scores["top5"],
                        teacher_wall_s=teacher_wall, assistant_trainings=float(len(assistant_walls)),
-                       assistant_wall_s=sum(assistant_walls), prepare_s=prepare_s,
-                       end_to_end_wall_s=metrics["wall_s"] + prepare_s + teacher_wall + sum(assistant_walls))
+                       assistant_wall_s=sum(assistant_walls), prepare_s=prepare_s, reused_fit_s=reused_fit_s,
+                       end_to_end_wall_s=metrics["wall_s"] + prepare_s + reused_fit_s + teacher_wall
+                       + sum(assistant_walls))
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
     checkpoint_path.unlink(missing_ok=True)

@@ -114,6 +114,11 @@ class Method(nn.Module):
         Its wall time is recorded as ``prepare_s``.
         """
 
+    def reused_fit_s(self) -> float:
+        """Seconds that the artefacts ``prepare`` loaded from a cache took to fit when they were made. They are
+        part of this result's end-to-end cost, as the teacher's training is; ``prepare_s`` holds only the load."""
+        return 0.0
+
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         """The frozen trainers to forward this step (0 = teacher, k = k-th assistant); called before `losses`."""
         return (0,)

@@ -47,7 +47,8 @@ as the reference's ``faiss.Clustering(niter=20)``, whose random initial centres 
 CUDA, where it is much faster, sklearn on CPU), and for letkd2 ``sklearn``'s LDA (svd solver). Artefacts are
 written atomically, keyed by everything that determines them, and shared by every student run of that teacher
 (letkd1 and letkd2 share the penultimate fit). Their fit time and sample size are stored in the artefact
-(``meta``); the run's ``prepare_s`` is the fit on the first run and only the load afterwards. The fitted tensors
+(``meta``); the run's ``prepare_s`` is the fit on the first run and only the load afterwards, when the stored fit
+time counts in its end-to-end cost as ``reused_fit_s``. The fitted tensors
 live in the method's buffers, so a resumed run (which skips ``prepare``) has them.
 """
 
@@ -459,6 +460,7 @@ class LetKD(Method):
         self._handles: list = []
         self._deployed: LetKDStudent | None = None
         self.fit_meta: dict[str, dict[str, Any]] = {}
+        self._reused_fit_s = 0.0
 
     def _site(self, tap: str) -> Site:
         for side, shapes in (("student", self.ctx.student_shapes), ("teacher", self.ctx.teacher_shapes)):
@@ -571,6 +573,10 @@ class LetKD(Method):
                     getattr(self, name).copy_(inter[name])
             self.fitted.fill_(True)
         self.fit_meta = {kind: dict(a["meta"]) for kind, a in artefacts.items()}
+        self._reused_fit_s = sum(float(self.fit_meta[kind]["fit_s"]) for kind in keys if kind not in missing)
+
+    def reused_fit_s(self) -> float:
+        return self._reused_fit_s
 
     @torch.no_grad()
     def _fit(self, prep: Preparation, keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

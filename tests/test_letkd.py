@@ -252,6 +252,9 @@ def test_prepare_fits_once_and_the_cache_is_reused(fitted, monkeypatch):
     letkd1 = LetKD1(context("resnet8", "resnet8", **SMALL))  # shares letkd2's penultimate artefact
     letkd1.prepare(prep)
     assert torch.equal(letkd1.penult_centres, first.penult_centres)
+    # the fit a run reused still counts in its end-to-end cost; the run that fitted paid it in prepare_s
+    assert first.reused_fit_s() == 0.0 and letkd1.reused_fit_s() == first.fit_meta["penult"]["fit_s"]
+    assert second.reused_fit_s() == pytest.approx(first.fit_meta["penult"]["fit_s"] + first.fit_meta["inter"]["fit_s"])
     assert {p: p.stat().st_mtime_ns for p in prep.cache_dir.iterdir()} == mtimes
 
     # Anything that determines the artefact is in its key: another sample size is a new fit.
@@ -379,6 +382,9 @@ def test_every_reference_pair_trains(env, tmp_path, teacher):
     for record in runs:
         m = record.metrics
         assert m["iters_per_epoch"] == 2 and m["prepare_s"] > 0
+        assert m["end_to_end_wall_s"] == pytest.approx(m["wall_s"] + m["prepare_s"] + m["reused_fit_s"]
+                                                       + m["teacher_wall_s"])
+        assert (m["reused_fit_s"] > 0) == (record.spec.method == "letkd2")  # letkd1 fitted the shared artefact
         assert m["extra_params_inference"] > 0
         assert m["extra_params_inference"] == m["inference_params"] - m["student_params"] == m["extra_params_train"]
         assert m["inference_macs"] > m["student_macs"]
