@@ -68,6 +68,11 @@ class ArrayData:
                 raise ValueError(f"{self.info.name} {split} labels must be int64 of length {x.shape[0]}, "
                                  f"got {y.dtype} {tuple(y.shape)}")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C x H x W of one image: what models are probed with (feature shapes, MACs)."""
+        return tuple(self.train_x.shape[1:])
+
 
 _DATASETS: Registry[DatasetInfo] = Registry("dataset")
 

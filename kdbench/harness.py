@@ -160,7 +160,7 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device)
     """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all."""
     info, recipe = data.info, spec.recipe
     method_cls = method_class(spec.method)
-    input_shape = (info.in_channels, *data.train_x.shape[2:])
+    input_shape = data.image_shape
     torch.manual_seed(stream_seed(spec.seed, 0, "init"))
     student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
     lineage = list(zip((spec.teacher, *spec.assistants), (spec.teacher_run, *spec.assistant_runs)))
@@ -288,7 +288,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         prepare_s = time.perf_counter() - started
         reused_fit_s = parts.method.reused_fit_s()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
-    prov = {**provenance(device), "method_note": method_class(spec.method).note}
+    prov = {**provenance(device), "method_note": parts.method.note}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
     reset_peak_memory(device)
@@ -313,7 +313,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
 
     for extractor in (parts.student_fx, *parts.trainer_fx):
         extractor.remove()
-    input_shape = (data.info.in_channels, *data.train_x.shape[2:])
+    input_shape = data.image_shape
     plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
     deployed = parts.method.export(parts.student)
     for trainer, before in zip(parts.trainers, trainer_states):

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
@@ -81,9 +81,9 @@ class RunRecord:
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
             "method": spec.method,
-            "method_options": ",".join(f"{k}={v}" for k, v in spec.method_options),
+            "method_options": _options_text(spec.method_options),
             # what differs from the method's defaults of the kdbench that ran it: report labels show it
-            "method_overrides": ",".join(f"{k}={v}" for k, v in spec.method_options if defaults.get(k) != v),
+            "method_overrides": _options_text((k, v) for k, v in spec.method_options if defaults.get(k) != v),
             "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "assistants": ":".join(spec.assistants) or None,
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
@@ -108,6 +108,11 @@ class RunRecord:
         for key, value in reversed(identity.items()):
             frame.insert(0, key, [value] * len(frame))
         return frame
+
+
+def _options_text(options: Iterable[tuple[str, Any]]) -> str:
+    """``k=v,k2=v2``: how options are written into results rows (kdbench.report parses it back)."""
+    return ",".join(f"{k}={v}" for k, v in options)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
