@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdbench.errors import KdbenchError
 from kdbench.report import FORMATS, METRICS
-from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec
+from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec, teacher_recipe_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,17 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairs", required=True, help="comma-separated TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
     run.add_argument("--dataset", default="cifar100")
     run.add_argument("--seeds", default="0", help="comma-separated student seeds (default 0)")
-    run.add_argument("--recipe", default="paper", help="paper (RepDistiller, 240 epochs) or short (CPU smoke run)")
+    run.add_argument("--recipe", default="paper",
+                     help="students' recipe: paper (RepDistiller, 240 epochs), letkd-native, cpu (the CPU benchmark) "
+                          "or short (a CPU smoke run); see `kdbench list recipes`")
     run.add_argument("--epochs", type=int, help="override the recipe's epochs (lr milestones scale along)")
     run.add_argument("--batch-size", type=int, help="override the recipe's training batch size")
     run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
     run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
     run.add_argument("--lr", type=float, help="override the base learning rate")
+    run.add_argument("--teacher-recipe", help="teachers' recipe (default: the one the students' recipe names)")
+    run.add_argument("--teacher-epochs", type=int, help="override the teacher recipe's epochs")
+    run.add_argument("--teacher-train-subset", type=int, help="train teachers on a fixed subset of this many images")
+    run.add_argument("--teacher-lr", type=float, help="override the teacher recipe's base learning rate")
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="options",
                      help="a method option, e.g. fitnet.hint_layer=1 (repeatable; see `kdbench list methods`)")
     run.add_argument("--ta-chain", action="append", default=[], metavar="TEACHER:TA1:...:STUDENT",
                      help="teacher-assistant chain for takd/dgkd (repeatable, one per pair); default per pair")
-    run.add_argument("--protocol", default=PROTOCOLS[0], help=f"loss-weight protocol: {', '.join(PROTOCOLS)}")
+    run.add_argument("--protocol", default=PROTOCOLS[0],
+                     help=f"loss-weight preset: {', '.join(PROTOCOLS)} (default {PROTOCOLS[0]}: each method as its "
+                          "official code runs it)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
@@ -68,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, help="where datasets are found or downloaded to")
     run.add_argument("--no-download", action="store_true", help="never download datasets")
     run.add_argument("--results-dir", type=Path, default=Path("results"))
+    run.add_argument("--reuse-stale", action="store_true",
+                     help="keep finished runs that other code made instead of re-running them")
 
     report = commands.add_parser("report", help="leaderboards (and plots) from the tidy results table")
-    report.add_argument("--results-dir", type=Path, default=Path("results"))
+    report.add_argument("--results-dir", type=Path, action="append", dest="results_dirs", metavar="DIR",
+                        help="a results directory (default results/); repeat to combine several sets on purpose")
     report.add_argument("--format", default="github", choices=FORMATS, help="table format (default github)")
     report.add_argument("--metric", default="top1_best", choices=METRICS,
                         help="best or last epoch of each run (default top1_best)")
@@ -98,9 +109,13 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
     recipe = RECIPES.get(args.recipe).overridden(epochs=args.epochs, batch_size=args.batch_size,
                                                  train_subset=args.train_subset,
                                                  test_subset=args.test_subset, lr=args.lr)
+    teacher_recipe = (RECIPES.get(args.teacher_recipe) if args.teacher_recipe else teacher_recipe_of(recipe))
+    teacher_recipe = teacher_recipe.overridden(epochs=args.teacher_epochs, train_subset=args.teacher_train_subset,
+                                               lr=args.teacher_lr, what="--teacher-")
     return SweepSpec(
         methods=_names(args.methods), pairs=tuple(Pair.parse(p) for p in _names(args.pairs)),
-        seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, protocol=args.protocol,
+        seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, teacher_recipe=teacher_recipe,
+        protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
         teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
         ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
@@ -108,14 +123,21 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kdbench.harness import RunEnv, run_sweep
+    from kdbench.harness import RunEnv, run_sweep, stale_runs
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore
 
     sweep = _sweep(args)
     specs = sweep.plan()
     checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt} if args.teacher_ckpt else {}
-    env = RunEnv(ResultsStore(args.results_dir), args.data_dir, not args.no_download, checkpoints)
+    store = ResultsStore(args.results_dir)
+    stale = stale_runs(specs, store)
+    if stale:
+        changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
+        what = "kept (--reuse-stale)" if args.reuse_stale else "re-run"
+        print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
+              f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
+    env = RunEnv(store, args.data_dir, not args.no_download, checkpoints, reuse_stale=args.reuse_stale)
     records = run_sweep(specs, env)
     print(run_summary(records))
     print(f"\ntidy table: {args.results_dir / 'metrics.parquet'} (CSV: {args.results_dir / 'metrics.csv'})")
@@ -125,8 +147,8 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kdbench.report import report
 
-    text, plots = report(args.results_dir, args.format, args.metric, args.by, args.published, args.plots,
-                         dataset=args.dataset, recipe=args.recipe, protocol=args.protocol, pairs=args.pairs,
+    text, plots = report(args.results_dirs or [Path("results")], args.format, args.metric, args.by, args.published,
+                         args.plots, dataset=args.dataset, recipe=args.recipe, protocol=args.protocol, pairs=args.pairs,
                          methods=args.methods)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -357,7 +357,7 @@ class DeviceLoader:
 
     def __init__(self, data: ArrayData, device: torch.device | str, *, batch_size: int,
                  train_subset: int | None = None, test_subset: int | None = None, drop_last: bool = False,
-                 channels_last: bool = False, eval_batch_size: int = 1000):
+                 channels_last: bool = False, eval_batch_size: int = 1000, pad_mode: str = "zeros"):
         if batch_size < 1 or eval_batch_size < 1:
             raise KdbenchError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
                                f"eval_batch_size={eval_batch_size}")
@@ -374,10 +374,17 @@ class DeviceLoader:
 
         self._mean = torch.tensor(self.info.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.info.std, dtype=torch.float32, device=self.device)
-        # Padded once in pixel space (zeros, as torchvision pads before ToTensor) and stored N x 40 x 40 x C, so a
-        # batch gather reads whole pixels and its NCHW view already has channels_last strides.
+        # Padded once in pixel space (as torchvision pads before ToTensor: zeros, or letKD's padding_mode="reflect")
+        # and stored N x 40 x 40 x C, so a batch gather reads whole pixels and its NCHW view already has
+        # channels_last strides. Reflection is not defined on uint8; the float round trip is exact.
         train = data.train_x.to(self.device)
-        self.train_pad = torch.nn.functional.pad(train, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1).contiguous()
+        if pad_mode == "reflect":
+            padded = torch.nn.functional.pad(train.float(), (PAD,) * 4, mode="reflect").to(torch.uint8)
+        elif pad_mode == "zeros":
+            padded = torch.nn.functional.pad(train, (PAD,) * 4)
+        else:
+            raise KdbenchError(f"unknown pad mode {pad_mode!r}; valid: zeros, reflect")
+        self.train_pad = padded.permute(0, 2, 3, 1).contiguous()
         self.train_y = data.train_y.to(self.device)
         test_idx = _fixed_subset(data.test_x.shape[0], test_subset, f"the {self.info.name} test set")
         test = data.test_x[test_idx].to(self.device).float().div_(255)
@@ -430,6 +437,14 @@ class DeviceLoader:
         for k in range(self.steps_per_epoch):
             idx = order[k * b:(k + 1) * b]
             yield self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
+
+    def train_plain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every image of the training subset once, in order, un-augmented (the unshifted, unflipped crop), in
+        chunks of ``eval_batch_size``: what offline fits on teacher features see (letKD's reference pass)."""
+        for k in range(0, self.num_train, self.eval_batch_size):
+            idx = self.subset[k:k + self.eval_batch_size]
+            centre = torch.full_like(idx, PAD)
+            yield self.augment(idx, centre, centre, torch.zeros_like(idx, dtype=torch.bool)), self.train_y[idx]
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The normalised test set (no augmentation) in chunks of ``eval_batch_size``."""

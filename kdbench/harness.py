@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from kdbench.data import ArrayData, DeviceLoader, load_dataset, stream_seed
 from kdbench.errors import KdbenchError
+from kdbench.fingerprint import changed_modules, fingerprint
 from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
 from kdbench.methods import method_class
 from kdbench.methods.base import MethodContext, Preparation, StepOutputs
@@ -42,6 +44,7 @@ class RunEnv:
     download: bool = True
     checkpoints: dict[str, Path] = field(default_factory=dict)  # sha256 -> teacher checkpoint file
     progress: bool | None = None  # None: progress bars only on an interactive terminal
+    reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,7 +129,8 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     metrics = {"top1_last": scores["top1"], "top5_last": scores["top5"], "top1_best": scores["top1"],
                "student_params": float(sum(p.numel() for p in model.parameters())), "wall_s": 0.0,
                "eval_images_per_s": scores["eval_images_per_s"]}
-    prov = {**provenance(device), "checkpoint_sha256": spec.pretrained, "checkpoint_path": str(path)}
+    prov = {**provenance(device), **fingerprint(spec), "checkpoint_sha256": spec.pretrained,
+            "checkpoint_path": str(path)}
     record = RunRecord(spec, "finished", metrics, [], prov)
     env.store.write_record(record)
     return record
@@ -180,7 +184,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device)
     # fused SGD on CUDA, foreach elsewhere: the same update rule either way
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=base_lr,
-                                momentum=recipe.momentum, weight_decay=recipe.weight_decay, **fused)
+                                momentum=recipe.momentum, nesterov=recipe.nesterov,
+                                weight_decay=recipe.weight_decay, **fused)
     return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
                   list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records))
 
@@ -195,7 +200,8 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
 
     # A stream of its own, so preparing changes nothing in the training stream.
     return Preparation(teacher, lambda n: loader.train_epoch(stream_seed(spec.seed, n, "prepare"), n),
-                       store.run_dir(spec.teacher_run) / "artefacts", loader.device)
+                       loader.train_plain,
+                       store.run_dir(spec.teacher_run) / "artefacts", loader.device, spec.recipe.fit_points)
 
 
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
@@ -245,11 +251,29 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
             "frozen_forwards_per_step": frozen_forwards / steps}
 
 
+def stale_reason(record: RunRecord | None, code: dict) -> str | None:
+    """Why a finished run's numbers no longer come from the current code (the modules that changed), or None."""
+    if record is None or record.status != "finished":
+        return None
+    if record.provenance.get("code_fingerprint") == code["code_fingerprint"]:
+        return None
+    return ", ".join(changed_modules(record.provenance.get("code_files"), code["code_files"]))
+
+
+def stale_runs(specs: list[RunSpec], store: ResultsStore) -> dict[str, str]:
+    """Finished runs among ``specs`` that other code made: run id -> the modules that changed."""
+    reasons = {spec.run_id: stale_reason(store.load_record(spec.run_id), fingerprint(spec)) for spec in specs}
+    return {run_id: reason for run_id, reason in reasons.items() if reason}
+
+
 def run(spec: RunSpec, env: RunEnv) -> RunRecord:
-    """Trains (or resumes) one run and returns its record; a finished run is returned as stored."""
+    """Trains (or resumes) one run and returns its record. A finished run is returned as stored when the current
+    code made it (or ``env.reuse_stale``); else it is trained again, as is a resume state left by other code."""
     store = env.store
+    code = fingerprint(spec)
     existing = store.load_record(spec.run_id)
-    if existing is not None and existing.status == "finished":
+    if existing is not None and existing.status == "finished" and (
+            env.reuse_stale or stale_reason(existing, code) is None):
         return existing
     device = torch.device(spec.device)
     if device.type == "cuda":
@@ -261,7 +285,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                           train_subset=min(recipe.train_subset or len(data.train_y), len(data.train_y)),
                           test_subset=min(recipe.test_subset or len(data.test_y), len(data.test_y)),
                           drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
-                          channels_last=spec.channels_last)
+                          channels_last=spec.channels_last, pad_mode=recipe.pad_mode)
     if spec.pretrained:
         return _import_pretrained(spec, env, loader, device)
     store.write_spec(spec)
@@ -271,26 +295,33 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     history: list[dict[str, float]] = []
     step_times: list[tuple[float, int]] = []
     prepare_s = reused_fit_s = 0.0
+    fit_metrics: dict[str, float] = {}
     checkpoint_path = store.checkpoint_path(spec.run_id)
-    if checkpoint_path.exists():  # resume: modules, optimiser, history, RNG (data streams are pure functions)
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path.exists() else None
+    if state is not None and state.get("code_fingerprint") == code["code_fingerprint"]:
+        # resume: modules, optimiser, history, RNG (data streams are pure functions)
         parts.load_state(state)
         history, step_times = state["history"], [tuple(t) for t in state["step_times"]]
-        prepare_s, reused_fit_s = state["prepare_s"], state.get("reused_fit_s", 0.0)
+        prepare_s, reused_fit_s, fit_metrics = state["prepare_s"], state["reused_fit_s"], state["fit_metrics"]
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
 
+    if not history:  # new weights: what earlier weights of this run had fitted for its students is void
+        shutil.rmtree(store.run_dir(spec.run_id) / "artefacts", ignore_errors=True)
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
     if not history and teacher is not None:  # a resumed run restored what prepare fitted
         started = time.perf_counter()
         parts.method.prepare(_preparation(parts, loader, spec, store))
         prepare_s = time.perf_counter() - started
         reused_fit_s = parts.method.reused_fit_s()
+        fit_metrics = parts.method.fit_metrics()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
-    prov = {**provenance(device), "method_note": parts.method.note}
+    prov = {**provenance(device), **code, "method_note": parts.method.note,
+            "method_label": type(parts.method).label(dict(spec.method_options))}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
+        prov["teacher_recipe"] = parts.trainer_records[0].spec.recipe.name
     reset_peak_memory(device)
     timer = StepTimer(device, recipe.warmup_steps)
     show = env.progress
@@ -306,7 +337,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         store.save_torch(checkpoint_path, {
             **parts.state(), "history": history, "step_times": step_times, "prepare_s": prepare_s,
-            "reused_fit_s": reused_fit_s,
+            "reused_fit_s": reused_fit_s, "fit_metrics": fit_metrics, "code_fingerprint": code["code_fingerprint"],
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
@@ -321,7 +352,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         if changed:  # parameters or BN statistics: a frozen trainer must come out as it went in
             raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
     store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
-    metrics = _run_metrics(history, step_times, device)
+    metrics = {**_run_metrics(history, step_times, device), **fit_metrics}
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
         extra_params_train=float(parts.method.extra_params_train()),

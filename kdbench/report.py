@@ -3,8 +3,9 @@
 Everything here except :func:`run_summary` reads only the tidy results table (``<results>/metrics.parquet``,
 see ``kdbench.results``) and the published CIFAR-100 table (``results/published_cifar100.csv``). Aggregation
 follows harness-performance.md §3.2: finished runs only; mean ± sample std (ddof = 1) with ``n`` over seeds;
-Δ against the CE-trained student of the same setting, paired by seed; runs of different datasets, recipes,
-protocols, devices or precisions are never pooled.
+Δ against the CE-trained student of the same setting, paired by seed, with a 95 % t interval; runs of different
+datasets, recipes, protocols, devices or precisions are never pooled. Rows whose runs were made by other code
+than the rest of their table (``code_core``, ``code_fingerprint``) are marked.
 
 Pipeline: :func:`load_results` → :func:`entries` (one row per run and table it appears in) →
 :func:`leaderboard` (one row per table row) → :func:`render_report`; :func:`groups` + ``plot_*`` for figures.
@@ -17,7 +18,7 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import pandas as pd
 from tabulate import tabulate
@@ -31,15 +32,24 @@ METRICS = ("top1_best", "top1_last")
 FORMATS = ("github", "markdown", "latex", "csv", "html")
 PUBLISHED_NAME = "published_cifar100.csv"
 CE_ONLY = "CE only"  # the pair of a table of CE-trained runs that no distillation run of their setting uses
+CI_LEVEL = 0.95  # of the interval around every Δ
+_CI_NAME = f"{CI_LEVEL * 100:g} %"
+EXCLUDES_ZERO = "*"  # marks a Δ whose interval excludes zero
+OTHER_CODE = "†"  # marks a row made by other code than the rest of its table
 _TABLEFMT = {"github": "github", "markdown": "pipe", "latex": "latex", "html": "html"}
 _RULE = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report_rule each metric matches
-# letKD's published setting has no logit KD, which is kdbench's crd protocol (methods.md §0.3).
-_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd"}
+# Published protocols that a kdbench protocol reproduces for a method (methods.md §0.3): letKD's published setting has
+# no logit KD, as crd; "official" is each method's own code, whose numbers sit under their source's protocol.
+_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd",
+                  **{("official", m): p for m, p in (("kd", "crd"), ("fitnet", "crd"), ("semckd", "semckd"),
+                                                     ("takd", "takd"), ("dgkd", "takd"), ("letkd1", "letkd"),
+                                                     ("letkd2", "letkd"))}}
 _REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "student", "pair", "protocol", "recipe",
              "seed", "device", "precision", "metric", "value", "epoch")
 _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
-             "teacher_run": None, "device_name": None, "epochs": None, "batch_size": None, "train_subset": None,
-             "test_subset": None, "channels_last": False}
+             "method_label": None, "teacher_run": None, "device_name": None, "epochs": None, "batch_size": None,
+             "train_subset": None, "test_subset": None, "channels_last": False, "code_fingerprint": None,
+             "code_core": None, "git_sha": None, "git_dirty": None}
 _PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
                       "verified")
 _RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
@@ -74,11 +84,23 @@ def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """The tidy table of a results directory, checked: one clear KdbenchError when it is missing or too old."""
+def load_results(results_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """The tidy tables of one or more results directories, concatenated; a run found in several is kept once,
+    from the first that holds it (``results_dir``: where each run was read; ``also_in``: where else it is)."""
+    dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
+    if not dirs:
+        raise KdbenchError("no results directory given")
+    table = pd.concat([_load_dir(d) for d in dict.fromkeys(Path(d) for d in dirs)], ignore_index=True)
+    where = table[["run_id", "results_dir"]].drop_duplicates().groupby("run_id", sort=False)["results_dir"].agg(list)
+    table = table[table["results_dir"] == table["run_id"].map(where.str[0])].reset_index(drop=True)
+    table["also_in"] = table["run_id"].map(where.str[1:].str.join(", "))
+    return table
+
+
+def _load_dir(root: Path) -> pd.DataFrame:
+    """The tidy table of one results directory, checked: one clear KdbenchError when it is missing or too old."""
     from kdbench.results import TABLE_NAME
 
-    root = Path(results_dir)
     if not root.is_dir():
         raise KdbenchError(f"results directory {root} does not exist; run `kdbench run --results-dir {root}` first")
     path = next((p for p in (root / f"{TABLE_NAME}.parquet", root / f"{TABLE_NAME}.csv") if p.is_file()), None)
@@ -98,7 +120,12 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     for column, default in _OPTIONAL.items():
         if column not in table.columns:
             table[column] = default
-    return table
+    return table.assign(results_dir=str(root))
+
+
+def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that :func:`load_results` found in more than one results directory."""
+    return table[table["also_in"] != ""].drop_duplicates("run_id")[["run_id", "results_dir", "also_in"]]
 
 
 def load_published(path: str | Path) -> pd.DataFrame:
@@ -157,14 +184,15 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
 
 def unfinished(table: pd.DataFrame) -> pd.DataFrame:
     """One row per run that did not finish (failed or interrupted), with its error."""
-    columns = ["run_id", "status", "role", "method", "method_overrides", "student", "pair", "seed", "error"]
+    columns = ["run_id", "status", "role", "method", "method_label", "method_overrides", "student", "pair", "seed",
+               "error"]
     return table[table["status"] != "finished"].drop_duplicates("run_id")[columns]
 
 
 def _describe(bad: pd.DataFrame) -> str:
     """Runs that did not finish, one clause each: what, seed, status and error."""
-    return "; ".join(f"{r.method}" + (f"[{r.method_overrides}]" if isinstance(r.method_overrides, str)
-                                      and r.method_overrides else "")
+    return "; ".join((r.method_label if isinstance(r.method_label, str) and r.method_label else r.method)
+                     + (f"[{r.method_overrides}]" if isinstance(r.method_overrides, str) and r.method_overrides else "")
                      + f" {r.pair if isinstance(r.pair, str) else r.student} seed {r.seed}: {r.status}"
                      + (f" ({r.error})" if isinstance(r.error, str) and r.error else "") for r in bad.itertuples())
 
@@ -179,8 +207,8 @@ def _unfinished_line(table: pd.DataFrame) -> str:
 
 def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str) -> pd.DataFrame:
     arch = frame["student"]
-    if kind == "method":
-        label = frame["method"]
+    if kind == "method":  # what the loss contains ("fitnet (+KD)"); older tables: the method's name
+        label = frame["method_label"].fillna(frame["method"])
     elif pair == CE_ONLY:
         label = kind + " " + arch + (" (CE)" if kind == "student" else "")
     else:
@@ -248,8 +276,9 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
 
 
 def _label_variants(out: pd.DataFrame) -> None:
-    """Label a method's rows by the options that differ from its defaults or between its option sets in one
-    table (``semckd[beta=50.0]``, ``sakd[components=branch]``), and by the TA chain where chains differ."""
+    """Label a method's rows, after what their loss contains, by the options that differ from its defaults or
+    between its option sets in one table (``semckd[beta=50.0]``, ``fitnet (+KD)[hint_layer=1]``), and by the TA
+    chain where chains differ."""
     for _, rows in out[out["kind"] == "method"].groupby(["setting", "protocol", "pair", "method"], sort=False):
         options = rows["method_options"].fillna("").map(lambda text: dict(_OPTION.findall(text)))
         changed = set().union(*rows["method_overrides"].fillna("").map(lambda text: dict(_OPTION.findall(text))))
@@ -258,9 +287,9 @@ def _label_variants(out: pd.DataFrame) -> None:
                                   if options.map(lambda o, key=key: o.get(key)).nunique(dropna=False) > 1})
         if not shown and chains.nunique() < 2:
             continue
-        for index, method in rows["method"].items():
-            label = method + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in shown) + "]"
-                              if shown else "")
+        for index, base in rows["label"].items():
+            label = base + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in shown) + "]"
+                            if shown else "")
             out.at[index, "label"] = label + (f" via {chains[index]}" if chains.nunique() > 1 and chains[index] else "")
 
 
@@ -281,16 +310,51 @@ def _by_seed(frame: pd.DataFrame, metric: str) -> pd.Series:
     return frame.groupby("seed")[metric].mean().dropna()
 
 
-def _delta(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict[str, Any]:
-    """Δ over the baseline: paired by seed over the common seeds, else a difference of means."""
+def _differences(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> tuple[pd.Series, bool]:
+    """``metric`` of ``rows`` minus the baseline's per seed, over the seeds both ran (paired: True); with no seed
+    in common, the difference of their means as one value (paired: False). Empty when either has no value."""
     ours, base = _by_seed(rows, metric), _by_seed(baseline, metric)
-    if ours.empty or base.empty:
-        return {}
     common = ours.index.intersection(base.index)
-    if len(common):
-        diff = ours[common] - base[common]
-        return {"delta": diff.mean(), "delta_std": diff.std(ddof=1), "delta_n": len(diff), "delta_paired": True}
-    return {"delta": ours.mean() - base.mean(), "delta_std": math.nan, "delta_n": 0, "delta_paired": False}
+    if len(common) or ours.empty or base.empty:
+        return ours[common] - base[common], True
+    return pd.Series([ours.mean() - base.mean()]), False
+
+
+def _interval(values: pd.Series) -> tuple[float, float]:
+    """The CI_LEVEL confidence interval of the mean of ``values`` (t distribution, n − 1 degrees of freedom);
+    NaN below two values. Paired differences make seed-to-seed noise that both runs share cancel out."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return values.mean() - half, values.mean() + half
+
+
+def _delta(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """Δ over the baseline with its interval: paired by seed over the common seeds, else a difference of means
+    (no interval)."""
+    diff, paired = _differences(rows, baseline, metric)
+    if diff.empty:
+        return {}
+    low, high = _interval(diff) if paired else (math.nan, math.nan)
+    return {"delta": diff.mean(), "delta_std": diff.std(ddof=1), "delta_n": len(diff) if paired else 0,
+            "delta_paired": paired, "delta_ci_low": low, "delta_ci_high": high,
+            "delta_excludes_zero": bool(low > 0 or high < 0)}
+
+
+def _core(table: pd.DataFrame) -> str | None:
+    """The most common ``code_core`` of a table's runs (None when none recorded one: an older table)."""
+    counts = table["code_core"].value_counts()
+    return counts.index[0] if len(counts) else None
+
+
+def _commits(rows: pd.DataFrame) -> str:
+    """The git commits (short) that made ``rows``' runs, ``+dirty`` with uncommitted changes."""
+    shas = rows["git_sha"].fillna("unknown").astype(str).str[:7] + rows["git_dirty"].eq(True).map(
+        {True: "+dirty", False: ""})
+    return ", ".join(dict.fromkeys(shas))
 
 
 def _published(published: pd.DataFrame, teacher: str | None, student: str, method: str, protocol: str,
@@ -313,14 +377,16 @@ def _published(published: pd.DataFrame, teacher: str | None, student: str, metho
 
 def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (table, row) of :func:`entries`: ``n``, mean and sample std of ``metric`` over seeds, Δ over
-    the baseline, mean costs, and (dataset cifar100, ``published`` given) the published numbers side by side."""
+    the baseline with its interval, mean costs, whether the row was made by other code than the rest of its
+    table (``other_code``) and by which ``commits``, and (dataset cifar100, ``published`` given) the published
+    numbers side by side."""
     if metric not in METRICS:
         raise KdbenchError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     if frame[metric].isna().all():
         raise KdbenchError(f"no finished run recorded {metric}")
     rows = []
     for (setting, protocol, pair), table in frame.groupby(["setting", "protocol", "pair"], sort=False):
-        baseline = table[table["kind"] == "student"]
+        baseline, core = table[table["kind"] == "student"], _core(table)
         for (kind, arch, label), g in table.groupby(["kind", "arch", "label"], sort=False):
             first, values = g.iloc[0], g[metric].dropna()
             row = {"setting": setting, "protocol": protocol, "pair": pair, "kind": kind, "label": label, "arch": arch,
@@ -330,9 +396,14 @@ def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.Da
                    "n": len(values), "mean": values.mean(), "std": values.std(ddof=1),
                    "seeds": ",".join(str(s) for s in sorted(g["seed"].unique())),
                    "delta": math.nan, "delta_std": math.nan, "delta_n": 0, "delta_paired": False,
+                   "delta_ci_low": math.nan, "delta_ci_high": math.nan, "delta_excludes_zero": False,
                    "train_images_per_s": g["train_images_per_s"].mean(), "peak_bytes": g["peak_bytes"].mean(),
                    "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
-                   "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean()}
+                   "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
+                   # made by other code: shared code unlike most of the table's runs, or seeds run by different code
+                   "other_code": core is not None and bool(g["code_core"].ne(core).any()
+                                                           or g["code_fingerprint"].nunique(dropna=False) > 1),
+                   "commits": _commits(g)}
             if kind == "method":
                 row.update(_delta(g, baseline[baseline["arch"] == arch], metric))
             if published is not None:
@@ -399,7 +470,10 @@ def _text(text: str, fmt: str, heading: bool = False) -> str:
 def _rule_text(metric: str) -> str:
     epoch = "the best epoch" if metric == "top1_best" else "the last epoch"
     return (f"Top-1 = {metric} ({epoch} of each run), mean ± sample std (ddof = 1) over the n seeds of finished "
-            f"runs. Δ vs student = difference to the CE-trained student of the same setting, paired by seed. "
+            f"runs. Δ vs student = difference to the CE-trained student of the same setting, paired by seed: mean "
+            f"± sample std of the per-seed differences, and their {_CI_NAME} confidence interval (t distribution, "
+            f"n − 1 degrees of freedom, over the seeds both ran; n/a below two), marked {EXCLUDES_ZERO} when it "
+            f"excludes zero. "
             f"Runs of different datasets, recipes, protocols, devices or precisions are never pooled: one table "
             f"each. Published numbers are marked [rule] when their reporting rule is not {_RULE[metric]}.")
 
@@ -410,19 +484,24 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
     memory = board["memory_metric"].dropna()
     memory_header = "peak alloc MiB" if len(memory) and memory.iloc[0] == "peak_alloc_bytes" else "peak RSS MiB"
     show_published = "published" in board.columns and (board["dataset"] == "cifar100").all()
-    rows, unpaired, distilled = [], False, (board["kind"] == "method").any()
+    rows, unpaired, distilled, other_code = [], False, (board["kind"] == "method").any(), []
     for r in board.itertuples():
         name = r.label if r.kind == "method" else f"{r.kind} {r.arch}" + (" (CE)" if r.kind == "student" else "")
+        if r.other_code:
+            other_code.append(f"{name} {r.commits}")
+            name += f" {OTHER_CODE}"
         if isinstance(r.method_note, str) and r.method_note:
             name += f" [{notes.index(r.method_note) + 1}]"
         delta = _mean_std(r.delta, r.delta_std, signed=True)
+        ci = "" if not delta else "n/a" if pd.isna(r.delta_ci_low) else \
+            f"[{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}]" + (f" {EXCLUDES_ZERO}" if r.delta_excludes_zero else "")
         if r.kind == "method" and delta and not r.delta_paired:
             delta, unpaired = delta + " (unpaired)", True
         elif r.kind == "method" and delta and r.delta_n < r.n:
             delta += f" ({r.delta_n} paired)"
         row = {"pair": r.pair} if with_pair else {}
         row.update({"model": name, "n": str(r.n), f"{metric} %": _mean_std(r.mean, r.std)})
-        row.update({"Δ vs student": delta} if distilled else {})
+        row.update({"Δ vs student": delta, f"Δ {_CI_NAME} CI": ci} if distilled else {})
         row.update({"train img/s": _fmt(r.train_images_per_s, 1),
                     memory_header: _fmt(r.peak_bytes / 2**20 if pd.notna(r.peak_bytes) else None, 0),
                     "extra train params": _count(r.extra_params_train), "inference params": _count(r.inference_params),
@@ -437,6 +516,12 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
                      f"fitting (end_to_end_wall_s); {memory_header}: {memory_name}.")
     if unpaired:
         footnotes.append("(unpaired): no seed in common with the baseline; Δ is a difference of means.")
+    if other_code:
+        rest = dict.fromkeys(c for text in board.loc[~board["other_code"], "commits"] for c in text.split(", "))
+        footnotes.append(f"{OTHER_CODE} made by other code than the rest of the table: its runs' shared harness, "
+                         f"data and models code (code_core) is not the table's most common, or its seeds ran "
+                         f"different code (code_fingerprint). Commits: {'; '.join(other_code)}"
+                         + (f"; the other rows {', '.join(rest)}." if rest else "."))
     if not (board["dataset"] == "cifar100").all():
         datasets = ", ".join(sorted(set(board["dataset"])))
         footnotes.append(f"No published column: the published numbers are CIFAR-100 results (this table: {datasets}).")
@@ -446,9 +531,10 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
 
 
 def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
-                  not_finished: pd.DataFrame | None = None) -> str:
+                  not_finished: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None) -> str:
     """The leaderboard as text: one table per pair (``by="pair"``) or per setting and protocol
-    (``by="setting"``), each under a heading naming what it holds, with footnotes; CSV: the numbers."""
+    (``by="setting"``), each under a heading naming what it holds, with footnotes, then the runs not counted
+    (:func:`unfinished`) and those counted once (:func:`duplicate_runs`); CSV: the numbers."""
     if fmt not in FORMATS:
         raise KdbenchError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if by not in ("pair", "setting"):
@@ -472,6 +558,11 @@ def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
     if not_finished is not None and len(not_finished):
         runs_ = f"{len(not_finished)} run{'s' if len(not_finished) > 1 else ''}"
         blocks.append(_text(f"Not counted ({runs_} did not finish): {_describe(not_finished)}", fmt))
+    if duplicates is not None and len(duplicates):
+        runs_ = f"{len(duplicates)} run{'s' if len(duplicates) > 1 else ''}"
+        blocks.append(_text(f"Counted once ({runs_} in more than one results directory, read from the first): "
+                            + "; ".join(f"{r.run_id} ({r.results_dir}; also in {r.also_in})"
+                                        for r in duplicates.itertuples()), fmt))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -481,7 +572,7 @@ def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
 def paired_comparison(frame: pd.DataFrame, a: str, b: str = "student",
                       metric: str = "top1_best") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-seed differences ``a - b`` of ``metric`` within one table of :func:`entries` (filter it first when
-    both appear in several), and their summary: n, mean, sample std and a paired t-test (scipy, n ≥ 2).
+    both appear in several), and their summary: n, mean, sample std and a paired t-test (n ≥ 2).
     ``a`` and ``b`` are labels (``kd``, ``student (CE)``) or method names (``student`` is the baseline)."""
     def rows(name: str) -> pd.DataFrame:
         picked = frame[(frame["kind"] != "teacher") & ((frame["label"] == name) | (frame["method"] == name))]
@@ -503,10 +594,8 @@ def paired_comparison(frame: pd.DataFrame, a: str, b: str = "student",
     summary = {**key, "metric": metric, "n": len(diff), "mean": diff.mean(), "std": diff.std(ddof=1),
                "t": math.nan, "p": math.nan}
     if len(diff) >= 2:
-        try:
-            from scipy import stats
-        except ImportError:  # scipy is optional: the t-test is left out
-            return per_seed.rename_axis("seed").reset_index(), summary
+        from scipy import stats
+
         test = stats.ttest_rel(per_seed[a], per_seed[b])
         summary.update(t=float(test.statistic), p=float(test.pvalue))
     return per_seed.rename_axis("seed").reset_index(), summary
@@ -567,7 +656,8 @@ def plot_accuracy_vs_throughput(group: pd.DataFrame, metric: str = "top1_best", 
     palette = {k: v for k, v in _palette(group).items() if k in set(students["label"])}
     pairs = list(dict.fromkeys(students["pair"]))
     with sns.axes_style("whitegrid"):
-        fig, axes = _figure(pairs, f"{metric} vs training throughput (Pareto front circled)", setting, 4.2)
+        fig, axes = _figure(pairs, f"{metric} vs training throughput (Pareto front circled; error bars: sd over "
+                                   f"seeds)", setting, 4.2)
         for ax, pair in zip(axes, pairs):
             stats = students[students["pair"] == pair].groupby("label").agg(
                 x=("train_images_per_s", "mean"), xerr=("train_images_per_s", "std"),
@@ -635,11 +725,12 @@ def _horizontal(plot, group: pd.DataFrame, x: str, xlabel: str, headline: str, s
 
 
 def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
-    """Top-1 per method and pair: mean with error bars = sd over seeds; the teacher as a dashed line."""
+    """Top-1 per method and pair: mean with error bars = sd over seeds (their spread; the uncertainty of a
+    comparison is the Δ plot's interval); the teacher as a dashed line."""
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
-    fig, axes = _horizontal(sns.pointplot, students, metric, f"{metric} (%): mean ± sd over seeds",
+    fig, axes = _horizontal(sns.pointplot, students, metric, f"{metric} (%): mean, error bars ± sd over seeds",
                             f"{metric} per method", setting, palette=_palette(group), errorbar="sd",
                             linestyle="none", capsize=0.3)
     for ax, pair in zip(axes, dict.fromkeys(students["pair"])):
@@ -652,19 +743,19 @@ def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = "")
 
 
 def _seed_deltas(group: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per run: a method's ``metric`` minus its pair's baseline (same seed, else the baseline's mean)."""
+    """The differences behind each leaderboard Δ (see :func:`_differences`), one row each."""
     parts = []
-    for _, table in group.groupby("pair", sort=False):
-        base = _by_seed(table[table["kind"] == "student"], metric)
-        if len(base):
-            rows = table[table["kind"] == "method"][["pair", "kind", "label", "seed", metric]].dropna()
-            parts.append(rows.assign(delta=rows[metric] - rows["seed"].map(base).fillna(base.mean())))
+    for pair, table in group.groupby("pair", sort=False):
+        baseline = table[table["kind"] == "student"]
+        for (arch, label), rows in table[table["kind"] == "method"].groupby(["arch", "label"], sort=False):
+            diff, _ = _differences(rows, baseline[baseline["arch"] == arch], metric)
+            parts.append(pd.DataFrame({"pair": pair, "kind": "method", "label": label, "delta": diff.to_numpy()}))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def plot_delta(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
     """Δ top-1 over the CE student per method and pair, paired by seed: diverging bars (green better, red
-    worse), error bars = sd over seeds. None when no pair has a baseline."""
+    worse), error bars = the leaderboard's confidence interval. None when no pair has a baseline."""
     import seaborn as sns
 
     deltas = _seed_deltas(group, metric)
@@ -672,9 +763,10 @@ def plot_delta(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""
         return None
     better = deltas.groupby(["pair", "label"])["delta"].transform("mean") >= 0
     deltas["direction"] = better.map({True: "better", False: "worse"})
-    fig, axes = _horizontal(sns.barplot, deltas, "delta", f"Δ {metric} vs student (points): mean ± sd over seeds",
+    fig, axes = _horizontal(sns.barplot, deltas, "delta",
+                            f"Δ {metric} vs student (points): mean, error bars {_CI_NAME} CI of the paired Δ",
                             f"Δ {metric} over the CE-trained student", setting, hue="direction",
-                            colours={"better": "#2a9d8f", "worse": "#e76f51"}, errorbar="sd", capsize=0.2)
+                            colours={"better": "#2a9d8f", "worse": "#e76f51"}, errorbar=_interval, capsize=0.2)
     for ax in axes:
         ax.axvline(0, color="0.2", linewidth=1)
     return fig
@@ -765,13 +857,14 @@ def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, me
 # ---------------------------------------------------------------------------------------------- the command
 
 
-def report(results_dir: str | Path, fmt: str = "github", metric: str = "top1_best", by: str = "pair",
-           published: str | Path | None = None, plots: str | Path | None = None,
+def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str = "top1_best",
+           by: str = "pair", published: str | Path | None = None, plots: str | Path | None = None,
            **filters: str | None) -> tuple[str, list[Path]]:
-    """``kdbench report``: the leaderboard text and the plot files written (when ``plots`` names a folder)."""
-    table = load_results(results_dir)
+    """``kdbench report``: the leaderboard text and the plot files written (when ``plots`` names a folder). The
+    published table is looked for in the first results directory."""
+    table = load_results(results_dirs)
     frame = entries(table, **filters)
-    path = published_path(results_dir, published)
+    path = published_path(table["results_dir"].iloc[0], published)
     board = leaderboard(frame, metric, load_published(path) if path else None)
-    text = render_report(board, fmt, by, unfinished(table))
+    text = render_report(board, fmt, by, unfinished(table), duplicate_runs(table))
     return text, save_plots(frame, table, plots, metric) if plots else []

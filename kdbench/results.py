@@ -77,13 +77,14 @@ class RunRecord:
         from kdbench.methods import method_class  # methods import this module (atomic_write)
 
         spec = self.spec
-        defaults = method_class(spec.method).defaults
+        # what the protocol's preset and the pair's official values give, without the user's --set
+        preset = dict(method_class(spec.method).resolve_options({}, spec.protocol, spec.teacher, spec.student))
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
             "method": spec.method,
             "method_options": _options_text(spec.method_options),
-            # what differs from the method's defaults of the kdbench that ran it: report labels show it
-            "method_overrides": _options_text((k, v) for k, v in spec.method_options if defaults.get(k) != v),
+            # what the user set against the preset, in the kdbench that ran it: report labels show it
+            "method_overrides": _options_text((k, v) for k, v in spec.method_options if preset.get(k) != v),
             "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "assistants": ":".join(spec.assistants) or None,
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
@@ -91,7 +92,8 @@ class RunRecord:
             "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,
             "precision": spec.precision,
             "channels_last": spec.channels_last, "device": spec.device, "teacher_run": spec.teacher_run,
-            **self.provenance,
+            # scalars only: the per-module code hashes (code_files) stay in record.json
+            **{k: v for k, v in self.provenance.items() if not isinstance(v, dict)},
         }
         rows = [{"metric": name, "value": value, "epoch": None,
                  "split": "test" if name in _TEST_METRICS else "na"}
@@ -171,8 +173,10 @@ class ResultsStore:
         atomic_write(path, lambda p: torch.save(obj, p))
 
     def rebuild_table(self) -> pd.DataFrame:
-        """Concatenates every run's rows into ``metrics.parquet`` and ``metrics.csv`` at the root."""
-        parts = [pd.read_parquet(p) for p in sorted(self.root.glob(f"*/{TABLE_NAME}.parquet"))]
+        """Concatenates the rows of this directory's own runs (folders with a record) into ``metrics.parquet`` and
+        ``metrics.csv`` at the root; a result set nested inside it is another set, never pooled."""
+        parts = [pd.read_parquet(p) for p in sorted(self.root.glob(f"*/{TABLE_NAME}.parquet"))
+                 if (p.parent / "record.json").is_file()]
         table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         atomic_write(self.root / f"{TABLE_NAME}.parquet", lambda p: table.to_parquet(p, index=False))
         atomic_write(self.root / f"{TABLE_NAME}.csv", lambda p: table.to_csv(p, index=False))

@@ -14,19 +14,24 @@ from typing import Any
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
 
-PROTOCOLS = ("semckd", "crd")  # loss-weight conventions (methods.md §0.3); the first is the default
+# Loss-weight presets (methods.md §0.3), each a set of method option values (Method.presets); the first is the
+# default. official: each method as its own official code runs it; crd: RepDistiller's convention (no logit KD
+# beside a feature loss); semckd: DefangChen/SemCKD's (CE + KD added to every method).
+PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
+PAD_MODES = ("zeros", "reflect")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Optimiser, schedule and data budget shared by teacher and student training."""
+    """Optimiser, schedule and data budget of one training run (teachers have recipes of their own)."""
 
     name: str
     epochs: int
     batch_size: int = 64
     lr: float | None = None  # None: the trained model's RepDistiller base lr (0.05, or 0.01 for light models)
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of `epochs`: 150/180/210 of 240
     lr_decay: float = 0.1
@@ -34,7 +39,10 @@ class Recipe:
     test_subset: int | None = None  # at most this many test images (fixed subset); None: the whole test set
     drop_last: bool = False
     warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput
-
+    pad_mode: str = "zeros"  # padding of the random crop: torchvision's default, or letKD's "reflect"
+    fit_points: int | None = None  # cap on the points of a method's offline fit (k-means); None: every point
+    # The registered recipe that trains the teachers of runs with this recipe; None: the recipe itself.
+    teacher_recipe: str | None = None
     def milestone_epochs(self) -> tuple[int, ...]:
         return tuple(round(f * self.epochs) for f in self.milestones)
 
@@ -42,22 +50,37 @@ class Recipe:
         """Learning rate for 0-indexed ``epoch`` (MultiStepLR stepped once per epoch)."""
         return base_lr * self.lr_decay ** sum(epoch >= m for m in self.milestone_epochs())
 
-    def overridden(self, **changes: Any) -> "Recipe":
-        """A copy with the non-None ``changes`` applied, validated."""
+    def overridden(self, what: str = "--", **changes: Any) -> "Recipe":
+        """A copy with the non-None ``changes`` applied, validated; ``what`` prefixes the option names in errors."""
         recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
-        for key in ("epochs", "batch_size"):
-            if getattr(recipe, key) < 1:
-                raise KdbenchError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(recipe, key)}")
-        for key in ("train_subset", "test_subset"):
-            if getattr(recipe, key) is not None and getattr(recipe, key) < 1:
-                raise KdbenchError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(recipe, key)}")
+        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points"):
+            value = getattr(recipe, key)
+            if value is not None and value < 1:
+                raise KdbenchError(f"{what}{key.replace('_', '-')} must be a positive integer, got {value}")
         return recipe
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
-RECIPES.add("paper", Recipe("paper", epochs=240))  # HobbitLong/RepDistiller, exactly
-# A CPU-sized smoke benchmark: same optimiser and schedule shape, a fixed 5,000-image subset.
-RECIPES.add("short", Recipe("short", epochs=3, train_subset=5000, drop_last=True, warmup_steps=10))
+# HobbitLong/RepDistiller's train_teacher.py and train_student.py: one recipe for both.
+RECIPES.add("paper", Recipe("paper", epochs=240, teacher_recipe="paper"))
+# letKD's own optimisation (methods.md §7.6): Nesterov momentum, reflect-padded crops; RepDistiller teachers.
+RECIPES.add("letkd-native", Recipe("letkd-native", epochs=240, nesterov=True, pad_mode="reflect",
+                                   teacher_recipe="paper"))
+# A CPU smoke run: 3 epochs on a fixed 5,000-image subset, teachers alike. Checks that things run, nothing more.
+RECIPES.add("short", Recipe("short", epochs=3, train_subset=5000, drop_last=True, warmup_steps=10,
+                            fit_points=100_000, teacher_recipe="short"))
+# The CPU benchmark (README, "Reference results"): teachers trained on every training image until their accuracy
+# levels off, students on a fixed low-data subset, where a strong teacher has something to give.
+RECIPES.add("cpu-teacher", Recipe("cpu-teacher", epochs=5, drop_last=True, warmup_steps=10,
+                                  teacher_recipe="cpu-teacher"))
+RECIPES.add("cpu", Recipe("cpu", epochs=15, train_subset=1000, drop_last=True, warmup_steps=10,
+                          fit_points=200_000, teacher_recipe="cpu-teacher"))
+
+
+def teacher_recipe_of(recipe: Recipe) -> Recipe:
+    """The recipe that trains the teachers of runs with ``recipe``: the registered one it names (student overrides such
+    as --epochs do not reach it), or ``recipe`` itself when it names none."""
+    return RECIPES.get(recipe.teacher_recipe) if recipe.teacher_recipe else recipe
 
 
 @dataclass(frozen=True)
@@ -135,7 +158,8 @@ class SweepSpec:
     pairs: tuple[Pair, ...]
     seeds: tuple[int, ...]
     dataset: str
-    recipe: Recipe
+    recipe: Recipe  # students' and teacher assistants' recipe
+    teacher_recipe: Recipe | None = None  # None: the one `recipe` names (teacher_recipe_of)
     protocol: str = PROTOCOLS[0]
     device: str = "cpu"
     precision: str = "fp32"
@@ -146,13 +170,15 @@ class SweepSpec:
     ta_chains: tuple[tuple[str, ...], ...] = ()  # explicit teacher-assistant chains, TEACHER, TAs..., STUDENT
 
     def _common(self) -> dict[str, Any]:
-        return dict(dataset=self.dataset, recipe=self.recipe, device=self.device,
-                    precision=self.precision, channels_last=self.channels_last)
+        return dict(dataset=self.dataset, device=self.device, precision=self.precision,
+                    channels_last=self.channels_last)
 
     def teacher_spec(self, arch: str) -> RunSpec:
-        """The run that produces ``arch``'s teacher weights; shared by every method, seed and protocol."""
+        """The run that produces ``arch``'s teacher weights, with the teacher recipe; shared by every method, seed
+        and protocol. An imported checkpoint is evaluated only, so its spec carries no recipe of its own."""
         seed = 0 if self.teacher_ckpt_sha256 else self.teacher_seed
-        return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none",
+        recipe = self.recipe if self.teacher_ckpt_sha256 else (self.teacher_recipe or teacher_recipe_of(self.recipe))
+        return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none", recipe=recipe,
                        pretrained=self.teacher_ckpt_sha256, **self._common())
 
     def chain(self, pair: Pair) -> tuple[str, ...]:
@@ -170,13 +196,12 @@ class SweepSpec:
     def _taught(self, pair: Pair, arch: str, method: str, options: tuple, seed: int, role: str,
                 assistants: tuple[RunSpec, ...], teacher_run: str) -> RunSpec:
         return RunSpec(student=arch, method=method, seed=seed, role=role, teacher=pair.teacher,
-                       teacher_run=teacher_run, protocol=self.protocol, method_options=options,
+                       teacher_run=teacher_run, protocol=self.protocol, method_options=options, recipe=self.recipe,
                        assistants=tuple(a.student for a in assistants),
                        assistant_runs=tuple(a.run_id for a in assistants), **self._common())
 
-    def plan(self) -> list[RunSpec]:
-        """Teacher runs first, then every (pair, method, seed), each preceded by the teacher assistants
-        it needs; duplicates removed, order kept."""
+    def _validate(self) -> dict[str, dict[str, str]]:
+        """Checks names, chains and settings before anything runs; returns the ``--set`` overrides per method."""
         from kdbench.data import dataset_info
         from kdbench.methods import method_class
         from kdbench.models import model_entry
@@ -190,40 +215,55 @@ class SweepSpec:
             if not any(chain[0] == p.teacher for p in self.pairs):
                 raise KdbenchError(f"--ta-chain {':'.join(chain)} does not start at the teacher of any pair "
                                    f"({', '.join(f'{p.teacher}:{p.student}' for p in self.pairs)})")
-        classes = {name: method_class(name) for name in self.methods}
         overrides: dict[str, dict[str, str]] = {name: {} for name in self.methods}
+        for name in self.methods:
+            method_class(name)
         for method, key, value in self.method_options:
             if method not in overrides:
                 raise KdbenchError(f"--set {method}.{key}: {method!r} is not among --methods "
                                    f"({', '.join(self.methods)})")
             overrides[method][key] = value
-        options = {name: cls.resolve_options(overrides[name]) for name, cls in classes.items()}
         if self.protocol not in PROTOCOLS:
             raise KdbenchError(f"unknown protocol {self.protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
         if self.precision not in PRECISIONS:
             raise KdbenchError(f"unknown precision {self.precision!r}; valid precisions: {', '.join(PRECISIONS)}")
         if self.teacher_ckpt_sha256 and len({p.teacher for p in self.pairs}) > 1:
             raise KdbenchError("--teacher-ckpt holds one teacher, but the pairs name several teacher architectures")
-        kd_options = method_class("kd").resolve_options({})
+        return overrides
 
+    def plan(self) -> list[RunSpec]:
+        """Teacher runs first, then every (pair, method, seed), each preceded by the teacher assistants
+        it needs; duplicates removed, order kept. Options resolve per pair: defaults, the protocol's preset, the
+        pair's official values, then ``--set``."""
+        from kdbench.methods import method_class
+        from kdbench.methods.base import LOGIT_OPTIONS
+
+        overrides = self._validate()
         runs = [self.teacher_spec(pair.teacher) for pair in self.pairs]
         for pair in self.pairs:
             teacher_run = self.teacher_spec(pair.teacher).run_id
+            classes = {name: method_class(name) for name in self.methods}
             chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
+                if not cls.needs_teacher:
+                    options = cls.resolve_options(overrides[name], "none", None, pair.student)
+                    runs.extend(RunSpec(student=pair.student, method=name, seed=seed, role="student",
+                                        protocol="none", method_options=options, recipe=self.recipe,
+                                        **self._common()) for seed in self.seeds)
+                    continue
+                options = cls.resolve_options(overrides[name], self.protocol, pair.teacher, pair.student)
+                # A1 learns from the teacher alone: plain KD with the method's logit options, one run shared by
+                # TAKD and DGKD whenever their logit options agree.
+                first_ta = method_class("kd").resolve_options(
+                    {k: v for k, v in options if k in LOGIT_OPTIONS}, self.protocol, pair.teacher, pair.student)
                 for seed in self.seeds:
-                    if not cls.needs_teacher:
-                        runs.append(RunSpec(student=pair.student, method=name, seed=seed, role="student",
-                                            protocol="none", method_options=options[name], **self._common()))
-                        continue
                     assistants: tuple[RunSpec, ...] = ()
                     if cls.uses_assistants:
                         for k, arch in enumerate(chain[1:-1]):
-                            # A1 learns from the teacher alone: plain KD, one run shared by TAKD and DGKD.
-                            method, opts = (name, options[name]) if k else ("kd", kd_options)
+                            method, opts = (name, options) if k else ("kd", first_ta)
                             assistants += (self._taught(pair, arch, method, opts, seed, "assistant", assistants,
                                                         teacher_run),)
                         runs.extend(assistants)
-                    runs.append(self._taught(pair, pair.student, name, options[name], seed, "student", assistants,
+                    runs.append(self._taught(pair, pair.student, name, options, seed, "student", assistants,
                                              teacher_run))
         return list(dict.fromkeys(runs))

@@ -18,15 +18,26 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 
-KD_TEMPERATURE = 4.0  # Hinton KD temperature used by every kdbench method and protocol (methods.md §0.2)
+KD_TEMPERATURE = 4.0  # Hinton KD temperature of the crd and semckd protocols (methods.md §0.2)
+# "batchmean": KL summed over classes, mean over the batch (RepDistiller, SemCKD, mdistiller); "mean": mean over
+# batch and classes, i.e. batchmean / C (nn.KLDivLoss() in the TAKD and DGKD code).
+KL_REDUCTIONS = ("batchmean", "mean")
+# The logit options every distillation method has: the loss is ce_weight·CE + kd_weight·T²·KL_T (+ its own terms).
+LOGIT_OPTIONS: dict[str, Any] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": KD_TEMPERATURE,
+                                 "kl_reduction": "batchmean"}
+# The crd and semckd protocols for a method whose own term is not logit KD (methods.md §0.3): crd adds no KD,
+# semckd adds 1·KD_4 to every method.
+FEATURE_PRESETS: dict[str, dict[str, Any]] = {"crd": {"ce_weight": 1.0, "kd_weight": 0.0},
+                                              "semckd": {"ce_weight": 1.0, "kd_weight": 1.0}}
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  temperature: float = KD_TEMPERATURE) -> torch.Tensor:
-    """Hinton's KD term ``T² · KL(σ(z_t/T) ‖ σ(z_s/T))``, batch mean, computed in fp32 (methods.md §0.2)."""
+                  temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
+    """Hinton's KD term ``T² · KL(σ(z_t/T) ‖ σ(z_s/T))`` in fp32 (methods.md §0.2); ``reduction`` in KL_REDUCTIONS."""
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+    return kl / student_logits.shape[1] if reduction == "mean" else kl
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class MethodContext:
 
     student_shapes: dict[str, tuple[int, ...]]  # tap name -> feature shape without batch (see models.taps)
     teacher_shapes: dict[str, tuple[int, ...]] | None  # None for methods that need no teacher
-    protocol: str  # loss-weight protocol: "semckd", "crd" (methods.md §0.3) or "none"
+    protocol: str  # the loss-weight preset the options were resolved with (kdbench.spec.PROTOCOLS) or "none"
     batch_size: int
     num_classes: int
     options: dict[str, Any] = field(default_factory=dict)  # the method's resolved options (Method.defaults)
@@ -67,8 +78,10 @@ class Preparation:
 
     teacher: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # x -> (logits, teacher_taps)
     train_batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # pass -> augmented (x, y)
+    plain_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # every training image, un-augmented
     cache_dir: Path  # beside the teacher's run: artefacts fitted once per teacher, shared by its students
     device: torch.device
+    fit_points: int | None = None  # the recipe's cap on points of an offline fit (k-means, LDA); None: all
 
 
 class Method(nn.Module):
@@ -85,23 +98,44 @@ class Method(nn.Module):
     uses_assistants: ClassVar[bool] = False
     # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".
     note: ClassVar[str] = ""
-    # Tunable options and their defaults; users override them with `--set METHOD.KEY=VALUE`.
+    # Tunable options and their defaults, loss weights and temperature included (LOGIT_OPTIONS); users override
+    # them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}  # the valid values of options that take a few
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"kl_reduction": KL_REDUCTIONS}  # options that take a few values
+    # protocol name -> the option values that protocol sets (kdbench.spec.PROTOCOLS; methods.md §0.3). Every method
+    # with a teacher has one preset per protocol; "official" is the method as its own official code runs it.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True where logit KD is the method itself (kd, takd, dgkd): report labels then add no "(+KD)".
+    logit_kd: ClassVar[bool] = False
 
     @classmethod
-    def resolve_options(cls, overrides: dict[str, str]) -> tuple[tuple[str, Any], ...]:
-        """Defaults with user overrides (strings, converted to the default's type); sorted, hashable."""
-        options = dict(cls.defaults)
-        for key, text in overrides.items():
+    def pair_defaults(cls, teacher: str | None, student: str) -> dict[str, Any]:
+        """Options that the method's official configs set for this pair (e.g. letKD's α for ResNet50 -> MobileNetV2);
+        they apply under every protocol, and the user's ``--set`` still wins."""
+        return {}
+
+    @classmethod
+    def resolve_options(cls, overrides: dict[str, Any], protocol: str = "none", teacher: str | None = None,
+                        student: str | None = None) -> tuple[tuple[str, Any], ...]:
+        """Defaults, then the protocol's preset, then the pair's defaults, then user overrides (strings are converted
+        to the default's type); sorted, hashable."""
+        options = {**cls.defaults, **cls.presets.get(protocol, {}),
+                   **(cls.pair_defaults(teacher, student) if student else {})}
+        for key, value in overrides.items():
             if key not in cls.defaults:
                 valid = ", ".join(cls.defaults) or "none"
                 raise KdbenchError(f"method {cls.name} has no option {key!r}; its options: {valid}")
-            options[key] = _convert(text, cls.defaults[key], f"{cls.name}.{key}")
+            options[key] = _convert(value, cls.defaults[key], f"{cls.name}.{key}") if isinstance(value, str) else value
             if key in cls.choices and options[key] not in cls.choices[key]:
                 raise KdbenchError(f"option {cls.name}.{key} is one of {', '.join(map(str, cls.choices[key]))}; "
-                                   f"got {text!r}")
+                                   f"got {value!r}")
         return tuple(sorted(options.items()))
+
+    @classmethod
+    def label(cls, options: dict[str, Any]) -> str:
+        """What a leaderboard calls a run: the name, and ``(+KD)`` when the loss adds logit KD to the method's own
+        terms (the semckd protocol's convention, methods.md §0.3)."""
+        return f"{cls.name} (+KD)" if not cls.logit_kd and options.get("kd_weight", 0) > 0 else cls.name
 
     def attach(self, student: nn.Module) -> None:
         """Called once with the student before training. Methods that put layers into the student register
@@ -118,6 +152,10 @@ class Method(nn.Module):
         """Seconds that the artefacts ``prepare`` loaded from a cache took to fit when they were made. They are
         part of this result's end-to-end cost, as the teacher's training is; ``prepare_s`` holds only the load."""
         return 0.0
+
+    def fit_metrics(self) -> dict[str, float]:
+        """Run-level metrics about what ``prepare`` fitted (e.g. sample sizes), added to the run's record."""
+        return {}
 
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         """The frozen trainers to forward this step (0 = teacher, k = k-th assistant); called before `losses`."""
@@ -147,11 +185,16 @@ class Method(nn.Module):
     def cross_entropy(out: StepOutputs) -> torch.Tensor:
         return F.cross_entropy(out.student_logits.float(), out.labels)
 
-    def logit_terms(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        """CE, plus the logit-KD term that the semckd protocol adds to every method (methods.md §0.3)."""
-        terms = {"ce": self.cross_entropy(out)}
-        if self.ctx.protocol == "semckd":
-            terms["kd"] = kd_divergence(out.student_logits, out.teacher_logits)
+    def logit_terms(self, out: StepOutputs, trainer: int = 0) -> dict[str, torch.Tensor]:
+        """``ce_weight·CE`` and ``kd_weight·KD_T`` against trainer ``trainer`` (0 = the teacher), from the options;
+        a term whose weight is 0 is left out, so the logged terms say what the loss contains."""
+        options = self.ctx.options
+        terms = {}
+        if options["ce_weight"]:
+            terms["ce"] = options["ce_weight"] * self.cross_entropy(out)
+        if options["kd_weight"]:
+            terms["kd"] = options["kd_weight"] * kd_divergence(out.student_logits, out.trainer_logits(trainer),
+                                                               options["temperature"], options["kl_reduction"])
         return terms
 
 

@@ -3,7 +3,8 @@
 
 Like TAKD's chain, but each model is taught by every larger, already trained model, and the final student
 uses stochastic teaching: trainers are dropped at random per mini-batch (methods.md §5). Loss:
-``s_ce·w_ce·CE + w_kd·Σ_{kept P} KD_T(z_S, z_P) / d`` with the run protocol's vanilla-KD weights and T = 4.
+``s_ce·ce_weight·CE + kd_weight·Σ_{kept P} KD_T(z_S, z_P) / d``. Presets: crd and semckd use their vanilla-KD
+weights at T = 4 with batch-mean KL; official is the DGKD code: ``0·CE + 1·τ²·Σ KL_mean`` at τ = 5 (takd.py).
 
 Where the paper and the official code disagree (each is an option; default first):
 - ``drop_mode``: ``exact_k`` drops exactly ``drop_k`` of the n+1 trainers per batch, teacher included
@@ -11,11 +12,11 @@ Where the paper and the official code disagree (each is an option; default first
   (paper); ``none`` disables stochastic teaching.
 - ``ce_scale``: ``code`` keeps the CE weight of vanilla KD (official code's ``1 - λ``); ``paper`` multiplies
   it by n+1 (the paper's sum of n+1 KD losses, each with its own CE).
-- ``kd_reduction``: ``sum`` over kept trainers (paper and code) or ``mean``.
+- ``trainer_reduction``: ``sum`` over kept trainers (paper and code) or ``mean``.
 - ``skip_dropped_forward``: dropped trainers are not forwarded (the code forwards all; same loss, less work).
 - ``stochastic_tas``: the paper drops trainers only for the final student (default false).
-- The code's own λ = 1, τ = 5 and ``KLDivLoss`` mean reduction are not used: with batch-mean KL they would
-  mean different weights (methods.md §0.2).
+- The code's own λ = 1, τ = 5 and ``KLDivLoss`` mean reduction are the official preset (``kl_reduction=mean``);
+  crd and semckd use batch-mean KL, where those values would mean other weights (methods.md §0.2).
 Gates are drawn on the host from a generator seeded by (seed, epoch, step): replayable, no device sync.
 """
 
@@ -26,7 +27,8 @@ import torch
 from kdbench.data import stream_seed
 from kdbench.methods import register_method
 from kdbench.methods.base import StepOutputs, kd_divergence
-from kdbench.methods.kd import KD, WEIGHTS
+from kdbench.methods.kd import KD
+from kdbench.methods.takd import TAKD
 
 
 @register_method
@@ -34,9 +36,10 @@ class DGKD(KD):
     name = "dgkd"
     uses_assistants = True
     defaults = {**KD.defaults, "drop_mode": "exact_k", "drop_k": 1, "p_survive": 0.75, "teacher_droppable": True,
-                "ce_scale": "code", "kd_reduction": "sum", "skip_dropped_forward": True, "stochastic_tas": False}
-    choices = {"drop_mode": ("exact_k", "bernoulli", "none"), "ce_scale": ("code", "paper"),
-               "kd_reduction": ("sum", "mean")}
+                "ce_scale": "code", "trainer_reduction": "sum", "skip_dropped_forward": True, "stochastic_tas": False}
+    choices = {**KD.choices, "drop_mode": ("exact_k", "bernoulli", "none"), "ce_scale": ("code", "paper"),
+               "trainer_reduction": ("sum", "mean")}
+    presets = TAKD.presets
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -72,10 +75,10 @@ class DGKD(KD):
 
     def losses(self, out: StepOutputs):
         options = self.ctx.options
-        w_ce, w_kd = WEIGHTS[self.ctx.protocol]
-        kd = sum(kd_divergence(out.student_logits, out.trainer_logits(i), options["temperature"])
-                 for i in self.kept)
-        if options["kd_reduction"] == "mean":
+        kd = sum(kd_divergence(out.student_logits, out.trainer_logits(i), options["temperature"],
+                               options["kl_reduction"]) for i in self.kept)
+        if options["trainer_reduction"] == "mean":
             kd = kd / len(self.kept)
         s_ce = self.num_trainers if options["ce_scale"] == "paper" else 1
-        return {"ce": s_ce * w_ce * self.cross_entropy(out), "kd": w_kd * kd}
+        terms = {"ce": s_ce * options["ce_weight"] * self.cross_entropy(out)} if options["ce_weight"] else {}
+        return {**terms, "kd": options["kd_weight"] * kd}

@@ -1,9 +1,10 @@
 """``fitnet``: Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets" (arXiv 1412.6550), single-stage.
 
 As in the CIFAR-100 benchmarks (HobbitLong/RepDistiller ``FitNet.py``/``ConvReg``; methods.md §2): a
-regressor maps the student's hint-layer map (feat[2], the second stage output) to the teacher's, trained
-jointly with the student from epoch 1; loss ``MSE`` weighted 100. Under the crd protocol the objective is
-``CE + 100·hint``; under semckd ``CE + KD + 100·hint``.
+regressor maps the student's hint-layer map (feat[hint_layer]) to the teacher's, trained jointly with the student
+from epoch 1; loss ``MSE`` weighted ``beta`` = 100. Presets: official and crd ``CE + 100·hint`` at hint layer 2
+(RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b 100 --hint_layer 2`` by default); semckd
+``CE + KD_4 + 100·hint`` at hint layer 1, the DefangChen/SemCKD ``train_student.py`` default that its scripts keep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import Method, StepOutputs
+from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, StepOutputs
 
 
 class ConvReg(nn.Module):
@@ -55,7 +56,10 @@ def hint_tap(layer: int) -> str:
 @register_method
 class FitNet(Method):
     name = "fitnet"
-    defaults = {"hint_layer": 2, "beta": 100.0}
+    defaults = {**LOGIT_OPTIONS, "hint_layer": 2, "beta": 100.0}
+    presets = {"official": {**FEATURE_PRESETS["crd"], "hint_layer": 2},
+               "crd": {**FEATURE_PRESETS["crd"], "hint_layer": 2},
+               "semckd": {**FEATURE_PRESETS["semckd"], "hint_layer": 1}}
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -17,7 +17,7 @@ KD layer (§7.1), hooked onto a student tap so its output feeds the rest of the 
 Supervision (per spatial location, batch mean over B·H·W locations of ``KL(p_T ‖ softmax(a))``, no τ²):
 
 - ``letkd1``: one layer on ``pre_pool`` (the map global pooling reads), K = 4096 templates; target
-  ``p_T = softmax(−τ‖f_T − ρ_k‖²)`` over 4096 k-means centres ρ of the teacher's ``pre_pool`` features (§7.2).
+  ``p_T = softmax(−τ_q‖f_T − ρ_k‖²)`` over 4096 k-means centres ρ of the teacher's ``pre_pool`` features (§7.2).
 - ``letkd2``: letkd1 plus a layer on ``last_stage_first_block`` with K = k_sub · num_classes templates (800 on
   CIFAR-100), supervised by the teacher's sub-class decisions: LDA of the teacher's ``last_stage_first_block``
   features (``min(60, num_classes − 1)`` components), ``k_sub = 8`` k-means sub-classes per class, the decision
@@ -27,42 +27,49 @@ When the teacher map is larger than the student's, it is average-pooled to the s
 before every target computation (§7.2 ``downscale``); when it is smaller, targets are computed at the teacher's
 size and repeated (nearest) onto the student's grid (no reference pair does this).
 
-Objective (§7.4): ``CE + w_penult·L_penult (+ w_inter·L_inter)``, weights 1, **no logit KD under either protocol**,
-as published (the crd-protocol convention already fits; under the semckd protocol this deliberately departs from
-its "every method adds KD" rule, methods.md §0.3). ``--set letkdN.logit_kd=true`` adds ``1·KD_4`` under either
-protocol: the unpublished "+KD" variant.
+Objective (§7.4): ``ce_weight·CE + kd_weight·KD_T + penult_weight·L_penult (+ inter_weight·L_inter)``. CE and
+logit KD come from the base class's options (``LOGIT_OPTIONS``: ``ce_weight``, ``kd_weight``, ``temperature`` = the
+logit-KD T, ``kl_reduction``; ``Method.logit_terms``); letKD's own are ``penult_weight``, ``inter_weight`` and
+``assign_temperature`` (τ_q of the soft assignment, config ``temperature: 1``). Presets (``presets``):
 
-Residual scales: ``alpha_penult`` / ``alpha_inter`` default to 1. The paper's one exception, ResNet50 ->
-MobileNetV2 (``α_penult = 0.1, α_inter = 0.2``), is **not** applied automatically: methods see feature shapes,
-never architecture names (the harness is architecture-agnostic), so reproduce that pair with
-``--set letkd2.alpha_penult=0.1 --set letkd2.alpha_inter=0.2`` (``letkd1``: ``alpha_penult=0.1``).
+- ``official``: the letKD code, ``CE + L_penult (+ L_inter)`` (``cls_loss_coef = quest_loss_coef = sub_loss_coef
+  = 1``); the code never uses the teacher's logits, so ``kd_weight = 0``;
+- ``crd``: the same; no logit KD is already the crd convention for a feature method (methods.md §0.3);
+- ``semckd``: ``+ 1·KD_4`` (``kd_weight = 1``), the semckd rule that every method adds KD; for letKD an
+  unpublished "+KD" variant, labelled so.
 
-Offline fit (``prepare``; once per teacher run, cached in ``prep.cache_dir``): one pass of teacher forwards over
-the training batches the harness hands out (``prep.train_batches(0)``: these are *augmented* batches, the only
-training data a method can reach; the reference fits on un-augmented images), a uniform random sample of at most
-``fit_points`` locations (the reference clusters all ≈3.2 M; the default 100 k keeps a CPU fit in minutes), then
-k-means (``kmeans``: ``torch`` = Lloyd on the run's device, k-means++ initial centres, ``kmeans_iters`` rounds
-as the reference's ``faiss.Clustering(niter=20)``, whose random initial centres are replaced by k-means++;
-``sklearn`` = ``sklearn.cluster.KMeans``, k-means++, one init, at most ``kmeans_iters`` rounds; ``auto`` = torch on
-CUDA, where it is much faster, sklearn on CPU), and for letkd2 ``sklearn``'s LDA (svd solver). Artefacts are
-written atomically, keyed by everything that determines them, and shared by every student run of that teacher
-(letkd1 and letkd2 share the penultimate fit). Their fit time and sample size are stored in the artefact
-(``meta``); the run's ``prepare_s`` is the fit on the first run and only the load afterwards, when the stored fit
-time counts in its end-to-end cost as ``reused_fit_s``. The fitted tensors
-live in the method's buffers, so a resumed run (which skips ``prepare``) has them.
+Residual scales ``alpha_penult`` / ``alpha_inter`` are 1 except for ResNet50 -> MobileNetV2, whose official
+configs (``CIFAR100/cross_model/RN50_MNv2``, ``value_ratio``) set 0.1 / 0.2: ``pair_defaults`` applies them for
+that pair under every protocol, and ``--set`` still wins.
+
+Offline fit (``prepare``; once per teacher run, cached in ``prep.cache_dir``), as the reference's
+``distillation/algorithms/clustering/cluster_utils.py`` and ``subclass_decision/subclass_utils.py``: one pass of
+teacher forwards over every training image, un-augmented as in the reference (``prep.plain_batches()``), every
+spatial location one point; k-means by faiss (``faiss.Kmeans``: ``kmeans_iters`` = 20
+rounds as the reference's ``niter``, faiss's default random initial centres, seeded with ``fit_seed`` where the
+reference draws an unseeded seed, ``max_points_per_centroid`` raised so that faiss clusters every point, as the
+reference's 10⁷ does) for the ``k_penult`` visual words and for each class's ``k_sub`` sub-classes; ``sklearn``'s
+LDA (svd solver). All locations are used (the reference clusters all ≈3.2 M of CIFAR-100) unless the recipe caps
+them (``Preparation.fit_points``: a uniform random sample, seeded, of at most that many locations per artefact).
+The cap is part of the artefact's key; each artefact's metadata (``meta``) and :meth:`LetKD.fit_metrics` give the
+locations available, the points clustered and the fit time. Artefacts are written atomically, keyed by everything
+that determines them, and shared by every student run of that teacher (letkd1 and letkd2 share the penultimate
+fit). The run's ``prepare_s`` is the fit on the first run and only the load afterwards, when the stored fit time
+counts in its end-to-end cost as ``reused_fit_s``. The fitted tensors live in the method's buffers, so a resumed
+run (which skips ``prepare``) has them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +77,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import Method, MethodContext, Preparation, StepOutputs, kd_divergence
+from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, MethodContext, Preparation, StepOutputs
 from kdbench.results import atomic_write
 
 log = logging.getLogger(__name__)
@@ -78,7 +85,7 @@ log = logging.getLogger(__name__)
 ARCHITECTURE_NOTE = "student + KD layer"
 PENULT_TAP = "pre_pool"
 INTER_TAP = "last_stage_first_block"
-ARTEFACT_VERSION = 1
+ARTEFACT_VERSION = 3  # 2: faiss k-means on every location (or the recipe's cap); 3: an un-augmented pass
 
 
 # ------------------------------------------------------------------------------------------------ the KD layer
@@ -209,31 +216,41 @@ def decision_targets(projected: torch.Tensor, labels: torch.Tensor, centres: tor
     ``projected``: ``N×c`` LDA features; ``labels``: ``N`` class ids; ``centres``: ``(classes·k_sub)×c``, class y's
     sub-classes at ``y·k_sub .. y·k_sub + k_sub − 1``; ``decision``: row-stochastic, ``(classes·k_sub)²``.
     """
+    return decision[nearest_own_subclass(projected, labels, centres, k_sub)]
+
+
+def nearest_own_subclass(projected: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
+                         k_sub: int) -> torch.Tensor:
+    """Index into ``centres`` of every row's nearest own-class sub-class centre (``N·k_sub·c`` floats at once)."""
     own = centres.view(-1, k_sub, centres.shape[1])[labels]  # N × k_sub × c
-    nearest = ((projected[:, None, :] - own) ** 2).sum(2).argmin(1)
-    return decision[labels * k_sub + nearest]
+    return labels * k_sub + ((projected[:, None, :] - own) ** 2).sum(2).argmin(1)
 
 
 # ------------------------------------------------------------------------------------------------ offline fitting
 
 
-class LocationSample:
-    """A uniform random sample (without replacement) of at most ``cap`` rows from a stream of batches.
+class Locations:
+    """Teacher feature rows and their labels, gathered on the CPU from a stream of batches: every row, or with a
+    ``cap`` a uniform random sample (without replacement) of at most ``cap`` rows.
 
-    Every row gets a random key from a seeded generator; the ``cap`` largest keys win (priority sampling), so the
-    result does not depend on how the stream is batched and memory stays ``O(cap)``.
+    Sampling gives every row a random key from a seeded generator and keeps the ``cap`` largest (priority
+    sampling), so the sample does not depend on how the stream is batched and memory stays ``O(cap)``.
     """
 
-    def __init__(self, cap: int, generator: torch.Generator):
+    def __init__(self, cap: int | None, generator: torch.Generator):
         self.cap, self.generator = cap, generator
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (keys, rows, labels)
         self.held = 0
         self.seen = 0
         self.threshold = -1.0
 
     def add(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
         self.seen += rows.shape[0]
-        keys = torch.rand(rows.shape[0], generator=self.generator).to(rows.device)
+        rows, labels = rows.float().cpu(), labels.cpu()
+        if self.cap is None:
+            self.parts.append((torch.empty(0), rows, labels))
+            return
+        keys = torch.rand(rows.shape[0], generator=self.generator)
         keep = keys > self.threshold
         if not bool(keep.all()):
             rows, labels, keys = rows[keep], labels[keep], keys[keep]
@@ -252,10 +269,22 @@ class LocationSample:
         self.held = keys.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, labels)``: ``n×d`` fp32 and ``n`` class ids, on the CPU."""
         if not self.parts:
             raise KdbenchError("letkd: the fit pass yielded no training batches")
-        self._compact()
-        _, rows, labels = self.parts[0]
+        if self.cap is not None:
+            self._compact()
+            _, rows, labels = self.parts.pop()
+            return rows, labels
+        # Every row: copied into one tensor part by part, each part freed once copied, so the peak is about one
+        # copy of the features (≈3.3 GB for CIFAR-100 at 8x8 with d = 256), not two.
+        n, (_, first, _) = sum(r.shape[0] for _, r, _ in self.parts), self.parts[0]
+        rows, labels = torch.empty(n, first.shape[1]), torch.empty(n, dtype=torch.long)
+        i = 0
+        while self.parts:
+            _, part, part_labels = self.parts.pop(0)
+            rows[i:i + part.shape[0]], labels[i:i + part.shape[0]] = part, part_labels
+            i += part.shape[0]
         return rows, labels
 
 
@@ -266,54 +295,27 @@ def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch
                       for i in range(0, x.shape[0], chunk)])
 
 
-def kmeans_torch(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
-    """Lloyd k-means on ``x``'s device: k-means++ initial centres (D² sampling), then ``iters``
-    assignment/update rounds; a centre left empty is re-seeded with a random point. Returns ``k×d`` fp32."""
-    x = x.float()
+def kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
+    """``k`` k-means centres (``k×d`` fp32, on ``x``'s device) of every row of ``x``, by faiss on the CPU.
+
+    As the reference's ``cluster_utils.run_kmeans`` (``faiss.Clustering``, ``niter = 20``): faiss's default random
+    initial centres (``k`` distinct rows drawn with ``seed``), ``iters`` Lloyd rounds, faiss's split of empty
+    clusters. ``max_points_per_centroid`` is raised to ``⌈n/k⌉`` because faiss's default (256) would silently
+    cluster a subsample of ``256·k`` rows (the reference sets 10⁷); ``min_points_per_centroid = 1`` only silences
+    faiss's warning on small samples. Fails with a one-line message when there are fewer rows than centres.
+    """
+    import faiss
+
     n = x.shape[0]
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    centres = torch.empty(k, x.shape[1], device=x.device)
-    centres[0] = x[torch.randint(0, n, (1,), generator=g, device=x.device)]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for i in range(1, k):
-        weights = d2.clamp(min=0)
-        weights = weights + (weights.sum() == 0).to(weights.dtype)  # only duplicates left: uniform
-        centres[i] = x[torch.multinomial(weights, 1, generator=g)]
-        d2 = torch.minimum(d2, ((x - centres[i]) ** 2).sum(1))
-    for _ in range(iters):
-        assign = _nearest(x, centres)
-        counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        filled = counts > 0
-        centres = torch.where(filled[:, None], sums / counts.clamp(min=1)[:, None].to(x.dtype), centres)
-        empty = (~filled).nonzero().flatten()
-        if empty.numel():
-            centres[empty] = x[torch.randint(0, n, (empty.numel(),), generator=g, device=x.device)]
-    return centres
-
-
-def kmeans_sklearn(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
-    """``sklearn.cluster.KMeans`` (k-means++, one init, at most ``iters`` Lloyd rounds) on the CPU."""
-    from sklearn.cluster import KMeans
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning on duplicate points (tiny or repetitive samples)
-        fitted = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iters, random_state=seed).fit(
-            x.float().cpu().numpy())
-    return torch.from_numpy(fitted.cluster_centers_).float().to(x.device)
-
-
-KMEANS: dict[str, Callable[[torch.Tensor, int, int, int], torch.Tensor]] = {
-    "torch": kmeans_torch, "sklearn": kmeans_sklearn}
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int, seed: int, backend: str) -> torch.Tensor:
-    """``k`` centres of the rows of ``x``; fails with a one-line message when there are fewer rows than centres."""
-    if x.shape[0] < k:
+    if n < k:
         raise KdbenchError(f"letkd: k-means with {k} centres needs at least {k} feature locations, but the fit "
-                           f"sample has {x.shape[0]}; use more training images or fewer centres "
-                           "(letkdN.k_penult / letkd2.k_sub)")
-    return KMEANS[backend](x, k, iters, seed)
+                           f"has {n}; use more training images, a larger fit_points cap in the recipe, or fewer "
+                           "centres (letkdN.k_penult / letkd2.k_sub)")
+    data = x.detach().float().cpu().contiguous().numpy()
+    fitted = faiss.Kmeans(data.shape[1], k, niter=iters, seed=seed, max_points_per_centroid=-(-n // k),
+                          min_points_per_centroid=1, verbose=False)
+    fitted.train(data)
+    return torch.from_numpy(fitted.centroids.copy()).to(x.device)
 
 
 def fit_lda(x: torch.Tensor, labels: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,10 +335,11 @@ def fit_lda(x: torch.Tensor, labels: torch.Tensor, components: int) -> tuple[tor
     return weight.to(x.device), bias.to(x.device)
 
 
-def fit_subclasses(z: torch.Tensor, labels: torch.Tensor, num_classes: int, k_sub: int, iters: int, seed: int,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def fit_subclasses(z: torch.Tensor, labels: torch.Tensor, num_classes: int, k_sub: int, iters: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Per-class k-means (``k_sub`` sub-classes each) on LDA features ``z`` and the decision matrix ``s_T`` (§7.3).
 
+    Each class's centres are a faiss k-means (:func:`kmeans`, seed ``seed + class``) of all its locations.
     Every location is assigned to its nearest own-class centre; prototypes are the means of those groups; row ``k``
     of ``s_T`` is the distribution of the nearest prototype among all sub-classes over the locations of group
     ``k``. A class with fewer than ``k_sub`` locations in the sample repeats its points as centres (no locations:
@@ -347,14 +350,15 @@ def fit_subclasses(z: torch.Tensor, labels: torch.Tensor, num_classes: int, k_su
     for c in range(num_classes):
         points = z[labels == c]
         if points.shape[0] >= k_sub:
-            centres[c * k_sub:(c + 1) * k_sub] = kmeans(points, k_sub, iters, seed + c, backend)
+            centres[c * k_sub:(c + 1) * k_sub] = kmeans(points, k_sub, iters, seed + c)
         else:
             short += 1
             fill = points if points.shape[0] else z.mean(0, keepdim=True)
             centres[c * k_sub:(c + 1) * k_sub] = fill[torch.arange(k_sub, device=z.device) % fill.shape[0]]
     decision_rows = torch.eye(num_classes * k_sub, device=z.device)
-    own = centres.view(num_classes, k_sub, -1)[labels]
-    group = labels * k_sub + ((z[:, None, :] - own) ** 2).sum(2).argmin(1)
+    chunk = 65536  # all ≈3.2 M locations at once would be N·k_sub·c floats (≈6 GB)
+    group = torch.cat([nearest_own_subclass(z[i:i + chunk], labels[i:i + chunk], centres, k_sub)
+                       for i in range(0, z.shape[0], chunk)])
     counts = torch.bincount(group, minlength=num_classes * k_sub)
     prototypes = torch.zeros_like(centres).index_add_(0, group, z)
     prototypes = torch.where(counts[:, None] > 0, prototypes / counts.clamp(min=1)[:, None], centres)
@@ -368,7 +372,7 @@ def fit_subclasses(z: torch.Tensor, labels: torch.Tensor, num_classes: int, k_su
 # ------------------------------------------------------------------------------------------------ the method
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Site:
     """One KD layer: the tap it sits on in the student and the teacher tap that supervises it."""
 
@@ -414,27 +418,33 @@ class LetKD(Method):
     note: ClassVar[str] = ARCHITECTURE_NOTE
     use_inter: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {
+        **LOGIT_OPTIONS,  # ce_weight, kd_weight (0: no logit KD, as published), temperature (of KD), kl_reduction
+        "penult_weight": 1.0,  # quest_loss_coef
         "k_penult": 4096,  # templates of the penultimate KD layer = k-means centres (§7.2)
-        "temperature": 1.0,  # τ_q of the penultimate soft assignment
-        "alpha_penult": 1.0,  # residual scale (published 0.1 for ResNet50 -> MobileNetV2, see the module docs)
-        "w_penult": 1.0,
-        "logit_kd": False,  # + 1·KD_4: an unpublished variant
-        "fit_points": 100_000,  # at most this many teacher feature locations in the offline fit
+        "assign_temperature": 1.0,  # τ_q of the penultimate soft assignment (config `temperature`)
+        "alpha_penult": 1.0,  # residual scale (0.1 for ResNet50 -> MobileNetV2: pair_defaults)
         "fit_seed": 0,  # seed of the fit's sampling and k-means (not the run seed: one fit per teacher)
-        "kmeans": "auto",
-        "kmeans_iters": 20,
+        "kmeans_iters": 20,  # faiss niter, as the reference
     }
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"kmeans": ("auto", "torch", "sklearn")}
+    # official: CE + L_penult (+ L_inter), no logit KD (§7.4); crd: the same; semckd: + 1·KD_4 (methods.md §0.3).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"official": {"ce_weight": 1.0, "kd_weight": 0.0},
+                                                    **FEATURE_PRESETS}
+    # (teacher, student) -> the residual scales of its official config (§7.4, `value_ratio`).
+    PAIR_ALPHAS: ClassVar[dict[tuple[str, str], dict[str, float]]] = {
+        ("ResNet50", "MobileNetV2"): {"alpha_penult": 0.1, "alpha_inter": 0.2}}
+
+    @classmethod
+    def pair_defaults(cls, teacher: str | None, student: str) -> dict[str, Any]:
+        """The official config's ``α`` for ResNet50 -> MobileNetV2 (§7.4); ``{}`` for every other pair."""
+        return {k: v for k, v in cls.PAIR_ALPHAS.get((teacher, student), {}).items() if k in cls.defaults}
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         if ctx.teacher_shapes is None:
             raise ValueError(f"{self.name} needs a teacher: MethodContext.teacher_shapes is None")
-        opts = ctx.options
-        self.opts = {**self.defaults, **opts}
-        if self.opts["fit_points"] < self.opts["k_penult"]:
-            raise KdbenchError(f"{self.name}.fit_points ({self.opts['fit_points']}) must be at least "
-                               f"{self.name}.k_penult ({self.opts['k_penult']}): k-means needs a point per centre")
+        # Options not given take their defaults (the harness always hands the resolved set).
+        self.opts = {**self.defaults, **ctx.options}
+        self.ctx = dataclasses.replace(ctx, options=self.opts)
         self.penult = self._site(PENULT_TAP)
         layers = {PENULT_TAP: KDLayer(self.penult.student_shape[0], self.opts["k_penult"],
                                       self.opts["alpha_penult"])}
@@ -496,22 +506,21 @@ class LetKD(Method):
             raise RuntimeError(f"{self.name}: no KD-layer scores from the student's forward at {missing} "
                                "(attach() not called, or the student ran in eval mode)")
         scores = {tap: self._scores.pop(tap) for tap in self.teacher_taps}
-        terms = {"ce": self.cross_entropy(out)}
-        if self.opts["logit_kd"]:
-            terms["kd"] = kd_divergence(out.student_logits, out.teacher_logits)
+        terms = self.logit_terms(out)  # ce_weight·CE, and kd_weight·KD_T when kd_weight > 0
         batch = out.labels.shape[0]
         with torch.autocast(out.labels.device.type, enabled=False):
-            targets = self.penult_targets(out.teacher_features[PENULT_TAP], batch)
-            terms["penult"] = self.opts["w_penult"] * location_kl(scores[PENULT_TAP], targets)
-            if self.use_inter:
+            if self.opts["penult_weight"]:  # a zero weight leaves the term out, as logit_terms does
+                targets = self.penult_targets(out.teacher_features[PENULT_TAP], batch)
+                terms["penult"] = self.opts["penult_weight"] * location_kl(scores[PENULT_TAP], targets)
+            if self.use_inter and self.opts["inter_weight"]:
                 targets = self.inter_targets(out.teacher_features[INTER_TAP], out.labels)
-                terms["inter"] = self.opts["w_inter"] * location_kl(scores[INTER_TAP], targets)
+                terms["inter"] = self.opts["inter_weight"] * location_kl(scores[INTER_TAP], targets)
         return terms
 
     def penult_targets(self, teacher_map: torch.Tensor, batch: int) -> torch.Tensor:
         """``N×K`` soft visual-word assignments of the teacher's penultimate map, on the student's grid."""
         rows = self.penult.teacher_rows(teacher_map)
-        targets = visual_word_targets(rows, self.penult_centres, self.opts["temperature"])
+        targets = visual_word_targets(rows, self.penult_centres, self.opts["assign_temperature"])
         return self.penult.to_student_grid(targets, batch)
 
     def inter_targets(self, teacher_map: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -525,15 +534,10 @@ class LetKD(Method):
 
     # ---------------------------------------------------------------------------------------- offline fit
 
-    def _backend(self, device: torch.device) -> str:
-        backend = self.opts["kmeans"]
-        return ("torch" if device.type == "cuda" else "sklearn") if backend == "auto" else backend
-
-    def artefact_keys(self, device: torch.device) -> dict[str, dict[str, Any]]:
-        """What determines each fitted artefact; its hash names the cache file."""
-        common = {"version": ARTEFACT_VERSION, "fit_points": int(self.opts["fit_points"]),
-                  "fit_seed": int(self.opts["fit_seed"]), "kmeans": self._backend(device),
-                  "kmeans_iters": int(self.opts["kmeans_iters"])}
+    def artefact_keys(self, fit_points: int | None = None) -> dict[str, dict[str, Any]]:
+        """What determines each fitted artefact, the recipe's cap ``fit_points`` included; its hash names the file."""
+        common = {"version": ARTEFACT_VERSION, "fit_points": fit_points, "fit_seed": int(self.opts["fit_seed"]),
+                  "kmeans": "faiss", "kmeans_iters": int(self.opts["kmeans_iters"])}
         keys = {"penult": {"kind": "penult", "tap": PENULT_TAP, "teacher_shape": list(self.penult.teacher_shape),
                            "fit_size": list(self.penult.fit_size), "k": int(self.opts["k_penult"]), **common}}
         if self.use_inter:
@@ -549,7 +553,11 @@ class LetKD(Method):
         return Path(cache_dir) / f"letkd-{key['kind']}-{digest}.pt"
 
     def prepare(self, prep: Preparation) -> None:
-        keys = self.artefact_keys(prep.device)
+        cap = prep.fit_points
+        if cap is not None and cap < self.opts["k_penult"]:
+            raise KdbenchError(f"{self.name}: the recipe's fit_points cap ({cap}) is below {self.name}.k_penult "
+                               f"({self.opts['k_penult']}); k-means needs a point per centre")
+        keys = self.artefact_keys(cap)
         artefacts: dict[str, dict[str, Any]] = {}
         for kind, key in keys.items():
             path = self.artefact_path(prep.cache_dir, key)
@@ -578,42 +586,54 @@ class LetKD(Method):
     def reused_fit_s(self) -> float:
         return self._reused_fit_s
 
+    def fit_metrics(self) -> dict[str, float]:
+        """Per artefact (``penult``, ``inter``): ``fit_locations_*`` teacher feature locations the pass saw,
+        ``fit_points_*`` those clustered (fewer only under the recipe's cap), ``fit_s_*`` the fit's seconds (its
+        share of the extraction pass plus LDA and k-means), also when the artefact was loaded from the cache."""
+        metrics: dict[str, float] = {}
+        for kind, meta in self.fit_meta.items():
+            metrics[f"fit_locations_{kind}"] = int(meta["locations"])
+            metrics[f"fit_points_{kind}"] = int(meta["points"])
+            metrics[f"fit_s_{kind}"] = float(meta["fit_s"])
+        return metrics
+
     @torch.no_grad()
     def _fit(self, prep: Preparation, keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """One pass of teacher forwards feeds a location sample per artefact; then k-means (and LDA, sub-classes)."""
+        """One pass of teacher forwards gathers the locations of each artefact (all, or the recipe's capped
+        sample); then faiss k-means (and for ``inter`` LDA, per-class k-means and the decision matrix)."""
         started = time.perf_counter()
-        seed = int(self.opts["fit_seed"])
+        seed, iters = int(self.opts["fit_seed"]), int(self.opts["kmeans_iters"])
         sites = {"penult": self.penult, **({"inter": self.inter} if self.use_inter else {})}
         # A fixed stream per artefact, so an artefact does not depend on whether the other one was cached.
         streams = {"penult": seed, "inter": seed + 1}
-        samples = {kind: LocationSample(int(self.opts["fit_points"]), torch.Generator().manual_seed(streams[kind]))
-                   for kind in keys}
-        for x, y in prep.train_batches(0):
+        stores = {kind: Locations(prep.fit_points, torch.Generator().manual_seed(streams[kind])) for kind in keys}
+        for x, y in prep.plain_batches():
             _, features = prep.teacher(x)
-            for kind, sample in samples.items():
+            for kind, store in stores.items():
                 site = sites[kind]
                 h, w = site.fit_size
-                sample.add(site.teacher_rows(features[site.tap]), y.repeat_interleave(h * w))
-        extract_s = time.perf_counter() - started
+                store.add(site.teacher_rows(features[site.tap]), y.repeat_interleave(h * w))
+        # The pass is shared by the artefacts it feeds: each carries its share, so reused fits add up to the cost.
+        extract_s = (time.perf_counter() - started) / len(stores)
         fitted = {}
-        for kind, sample in samples.items():
+        for kind, store in stores.items():
             t0 = time.perf_counter()
-            rows, labels = sample.result()
-            key, backend, iters = keys[kind], keys[kind]["kmeans"], keys[kind]["kmeans_iters"]
-            meta: dict[str, Any] = {"points": int(rows.shape[0]), "locations_seen": int(sample.seen),
-                                    "extract_s": extract_s}
+            rows, labels = store.result()
+            key = keys[kind]
+            meta: dict[str, Any] = {"locations": int(store.seen), "points": int(rows.shape[0]),
+                                    "fit_points_cap": prep.fit_points, "extract_s": extract_s}
             if kind == "penult":
-                tensors = {"centres": kmeans(rows, key["k"], iters, seed, backend).cpu()}
+                tensors = {"centres": kmeans(rows, key["k"], iters, seed)}
             else:
                 weight, bias = fit_lda(rows, labels, key["lda_components"])
-                z = torch.addmm(bias, rows.float(), weight.t())
-                centres, decision, info = fit_subclasses(z, labels, key["num_classes"], key["k_sub"], iters, seed,
-                                                         backend)
-                tensors = {"lda_weight": weight.cpu(), "lda_bias": bias.cpu(), "inter_centres": centres.cpu(),
-                           "decision": decision.cpu()}
+                z = torch.addmm(bias, rows, weight.t())
+                del rows
+                centres, decision, info = fit_subclasses(z, labels, key["num_classes"], key["k_sub"], iters, seed)
+                tensors = {"lda_weight": weight, "lda_bias": bias, "inter_centres": centres, "decision": decision}
                 meta.update(info)
-            meta["fit_s"] = extract_s + time.perf_counter() - t0
-            fitted[kind] = {"key": key, "meta": meta, **tensors}
+            meta["cluster_s"] = time.perf_counter() - t0
+            meta["fit_s"] = extract_s + meta["cluster_s"]
+            fitted[kind] = {"key": key, "meta": meta, **{name: t.cpu() for name, t in tensors.items()}}
         return fitted
 
 
@@ -635,6 +655,6 @@ class LetKD2(LetKD):
         **LetKD.defaults,
         "k_sub": 8,  # sub-classes per class: K_inter = k_sub · num_classes (800 on CIFAR-100)
         "lda_components": 60,  # capped at num_classes − 1 and the teacher's channels
-        "alpha_inter": 1.0,  # published 0.2 for ResNet50 -> MobileNetV2, see the module docs
-        "w_inter": 1.0,
+        "alpha_inter": 1.0,  # 0.2 for ResNet50 -> MobileNetV2: pair_defaults
+        "inter_weight": 1.0,  # sub_loss_coef
     }

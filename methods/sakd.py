@@ -40,12 +40,15 @@ of this method must be labelled a reconstruction. The abstract names two compone
      ``joint``: ``g`` is trained with the student by the run's SGD, on ``CE(g(u_T), y)`` (term ``*_head_ce``,
      weight 1 [kdbench choice]) and on the student's terms; the KL target ``g(u_T)`` is detached there.
 
-Objective (§6.4), terms named as logged: the run protocol's logit terms (``ce``; plus ``kd`` = ``KD_4`` under the
-semckd protocol, none under crd, ``Method.logit_terms``) and
+Objective (§6.4), terms named as logged: the logit terms (``ce``, and ``kd`` = ``KD_4`` when ``kd_weight`` > 0,
+``Method.logit_terms``) and
 
 - ``sakd_kl``  = ``β · τ_b² · KL(σ(g(u_T)/τ_b) ‖ σ(g(u_S)/τ_b))``, ``beta = 1.0``, ``tau_b = 4.0``;
 - ``sakd_ce``  = ``γ · CE(g(u_S), y)``, ``gamma = 0.1``;
 - ``sakd_mse`` = ``δ · mean((u_S − u_T)²)``, ``delta = 0.0`` (the term is left out while δ = 0).
+
+Presets: crd ``α_kd = 0``, semckd ``α_kd = 1`` (§6.5). There is no official code; "official" is the
+reconstruction's crd form (no logit KD beside its own terms), the one it was designed around.
 
 Ablation ``components`` (each gives its own set of terms and runs end to end):
 
@@ -74,7 +77,15 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import Method, MethodContext, Preparation, StepOutputs, kd_divergence
+from kdbench.methods.base import (
+    FEATURE_PRESETS,
+    LOGIT_OPTIONS,
+    Method,
+    MethodContext,
+    Preparation,
+    StepOutputs,
+    kd_divergence,
+)
 from kdbench.models.taps import stage_names
 
 COMPONENTS = ("both", "uniformization", "branch")
@@ -206,6 +217,7 @@ class SAKD(Method):
     # Marker for reports: designed from the abstract, not checked against the paper (methods.md §6).
     note = "reconstruction from the abstract (DOI 10.1007/s44267-023-00003-0)"
     defaults = {
+        **LOGIT_OPTIONS,
         "components": "both",
         "tokens": "spatial",
         "stages": "last",
@@ -224,7 +236,9 @@ class SAKD(Method):
         "delta": 0.0,
         "tau_b": 4.0,
     }
+    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
     choices = {
+        **Method.choices,
         "components": COMPONENTS,
         "tokens": ("spatial",),
         "row_norm": ROW_NORMS,

@@ -4,7 +4,8 @@ Chen et al., "Cross-Layer Distillation with Semantic Calibration", AAAI 2021 (ar
 DefangChen/SemCKD (``models/util.py::SelfA``, ``distiller_zoo/SemCKD.py``). Every student stage is matched to
 every teacher stage: a per-pair regressor maps the student map onto the teacher map, and a per-sample attention
 over the teacher stages (query/key MLPs on the rows of the batch Gram matrices) weights the per-pair MSEs.
-Loss: ``β · L_sem`` with ``β = 400`` (methods.md §3), plus CE (and KD under the semckd protocol).
+Loss: ``ce_weight·CE + kd_weight·KD_4 + β·L_sem`` with ``β = 400`` (methods.md §3). Presets: official and semckd
+``CE + KD_4 + 400·L_sem`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``, ``-r 1 -a 1 -b 400``); crd drops KD.
 
 Batch-size dependence: the query/key MLPs take a Gram-matrix row of width ``B`` as input, so the auxiliary
 module (its parameter count grows with ``B²``) is defined only for batches of exactly the configured size;
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.methods import register_method
-from kdbench.methods.base import Method, MethodContext, StepOutputs
+from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, MethodContext, StepOutputs
 from kdbench.models.taps import stage_names
 
 EMBED_FACTOR = 4  # the MLP embedding width is B / 4 (official `factor = 4`)
@@ -70,7 +71,8 @@ class SemCKD(Method):
 
     name = "semckd"
     needs_full_batches = True
-    defaults = {"beta": 400.0}
+    defaults = {**LOGIT_OPTIONS, "beta": 400.0}
+    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["semckd"]}
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
@@ -80,7 +82,7 @@ class SemCKD(Method):
         if self.batch_size < EMBED_FACTOR:
             raise ValueError(f"semckd needs a batch size of at least {EMBED_FACTOR} (its attention MLPs embed a "
                              f"Gram-matrix row of width B into B/{EMBED_FACTOR}); got {self.batch_size}")
-        self.beta = float(ctx.options.get("beta", self.defaults["beta"]))
+        self.beta = float(ctx.options["beta"])
         self.student_taps = tuple(stage_names(ctx.student_shapes))
         self.teacher_taps = tuple(stage_names(ctx.teacher_shapes))
         if not self.student_taps or not self.teacher_taps:

@@ -4,7 +4,7 @@ import collections
 
 import pytest
 import torch
-from conftest import tiny_sweep
+from conftest import method_context, tiny_sweep
 
 import kdbench.harness as harness
 from kdbench.cli import main
@@ -12,7 +12,7 @@ from kdbench.errors import KdbenchError
 from kdbench.harness import run_sweep
 from kdbench.methods import method_class
 from kdbench.methods.assistants import default_chain, parameter_count
-from kdbench.methods.base import MethodContext, StepOutputs, kd_divergence
+from kdbench.methods.base import StepOutputs, kd_divergence
 from kdbench.spec import Recipe
 
 CHAIN = ("resnet32", "resnet20", "resnet14", "resnet8")  # teacher, two assistants, student
@@ -25,8 +25,8 @@ def chain_sweep(methods=("takd", "dgkd"), **changes):
 
 
 def dgkd(num_assistants=3, role="student", seed=0, **options):
-    resolved = dict(method_class("dgkd").resolve_options({k: str(v) for k, v in options.items()}))
-    return method_class("dgkd")(MethodContext({}, {}, "semckd", 64, 100, resolved, seed, role, num_assistants))
+    return method_class("dgkd")(method_context("dgkd", {}, {}, "semckd", {k: str(v) for k, v in options.items()},
+                                               seed=seed, role=role, num_assistants=num_assistants))
 
 
 # --- chains -------------------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_dgkd_and_takd_losses():
     assert terms["kd"].item() == pytest.approx(sum(kd_divergence(zs, out.trainer_logits(i)) for i in method.kept)
                                                .item(), rel=1e-5)
     assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
-    paper = dgkd(num_assistants=2, ce_scale="paper", kd_reduction="mean")
+    paper = dgkd(num_assistants=2, ce_scale="paper", trainer_reduction="mean")
     paper.trainers_for_step(0, 3)
     terms = paper.losses(out)
     assert terms["ce"].item() == pytest.approx(3 * ce.item(), rel=1e-6)
@@ -132,7 +132,7 @@ def test_dgkd_and_takd_losses():
     with pytest.raises(KdbenchError, match="option dgkd.drop_mode is one of exact_k, bernoulli, none"):
         method_class("dgkd").resolve_options({"drop_mode": "random"})
 
-    takd = method_class("takd")(MethodContext({}, {}, "crd", 8, 100, {"temperature": 4.0}, num_assistants=2))
+    takd = method_class("takd")(method_context("takd", {}, {}, "crd", batch_size=8, num_assistants=2))
     assert takd.trainers_for_step(0, 0) == (2,)
     terms = takd.losses(StepOutputs(y, zs, {}, None, None, {2: a2}))
     assert terms["kd"].item() == pytest.approx(0.9 * kd_divergence(zs, a2).item(), rel=1e-6)

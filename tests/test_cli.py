@@ -11,7 +11,7 @@ from kdbench.cli import main
 from kdbench.models import create_model
 
 TINY_ARGS = ["--dataset", "synthetic", "--recipe", "short", "--epochs", "1", "--batch-size", "32",
-             "--device", "cpu"]
+             "--teacher-epochs", "1", "--device", "cpu"]
 
 
 def run_cli(capsys, *argv):
@@ -27,7 +27,7 @@ def test_list_names_everything(capsys):
     assert lines["methods"].split(", ")[0] == "student"
     assert {"vgg13", "vgg8", "resnet32x4", "ShuffleV2", "ResNet50", "wrn_40_2"} <= set(lines["models"].split(", "))
     assert {"cifar100", "cifar10", "fashion-mnist", "synthetic"} <= set(lines["datasets"].split(", "))
-    assert lines["recipes"] == "paper, short"
+    assert lines["recipes"] == "paper, letkd-native, short, cpu-teacher, cpu"
 
 
 def test_run_writes_results_and_prints_the_table(capsys, tmp_path):
@@ -58,7 +58,11 @@ def _bad_checkpoints(tmp_path):
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--dataset", "mnist"],
      "unknown dataset 'mnist'; valid datasets: cifar100, cifar10, fashion-mnist, synthetic"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--recipe", "long"],
-     "unknown recipe 'long'; valid recipes: paper, short"),
+     "unknown recipe 'long'; valid recipes: paper, letkd-native, short, cpu-teacher, cpu"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-recipe", "long"],
+     "unknown recipe 'long'; valid recipes: paper"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-epochs", "0"],
+     "--teacher-epochs must be a positive integer, got 0"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--seeds", "0,x"], "malformed --seeds '0,x'"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--epochs", "0"], "--epochs must be a positive integer"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--epochs", "two"], "argument --epochs: invalid int"),
@@ -73,7 +77,10 @@ def _bad_checkpoints(tmp_path):
      "--teacher-ckpt holds one teacher"),
     (["--pairs", "resnet14:resnet8"], "the following arguments are required: --methods"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.bet=3"],
-     "method fitnet has no option 'bet'; its options: hint_layer, beta"),
+     "method fitnet has no option 'bet'; its options: ce_weight, kd_weight, temperature, kl_reduction, hint_layer, "
+     "beta"),
+    (["--methods", "kd", "--pairs", "resnet14:resnet8", "--set", "kd.kl_reduction=sum"],
+     "option kd.kl_reduction is one of batchmean, mean; got 'sum'"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "kd.temperature=3"],
      "--set kd.temperature: 'kd' is not among --methods (fitnet)"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.beta"], "malformed --set"),

@@ -86,6 +86,35 @@ def test_padding_is_zero_in_pixel_space():
     torch.testing.assert_close(expected, torch.tensor([-1.895701, -1.897466, -1.596523]), atol=1e-6, rtol=0)
 
 
+def test_reflect_padding_matches_torchvision():
+    """letKD's RandomCrop(32, padding=4, padding_mode="reflect"), exactly, through the same gather."""
+    d = random_data(6, 1, 3)
+    loader = DeviceLoader(d, "cpu", batch_size=2, pad_mode="reflect")
+    idx, ci, cj = torch.arange(6), torch.tensor([0, 8, 0, 8, 3, 4]), torch.tensor([0, 8, 8, 0, 5, 4])
+    flip = torch.tensor([1, 0, 1, 0, 0, 1]).bool()
+    out = loader.augment(idx, ci, cj, flip)
+    mean, std = torch.tensor(d.info.mean)[:, None, None], torch.tensor(d.info.std)[:, None, None]
+    for k in range(6):
+        padded = TF.pad(d.train_x[k], [4], padding_mode="reflect")
+        view = TF.crop(padded, int(ci[k]), int(cj[k]), 32, 32)
+        view = TF.hflip(view) if flip[k] else view
+        torch.testing.assert_close(out[k], (view.float() / 255 - mean) / std, atol=1e-6, rtol=0)
+    with pytest.raises(KdbenchError, match="unknown pad mode 'circular'"):
+        DeviceLoader(d, "cpu", batch_size=2, pad_mode="circular")
+
+
+def test_plain_pass_covers_the_subset_once_unaugmented():
+    d = random_data(30, 1, 1)
+    loader = DeviceLoader(d, "cpu", batch_size=8, train_subset=20, drop_last=True, eval_batch_size=7)
+    xs, ys = zip(*loader.train_plain())
+    assert [len(y) for y in ys] == [7, 7, 6]  # every image of the subset, none dropped
+    x, y = torch.cat(xs), torch.cat(ys)
+    centre = torch.full((20,), 4)
+    expected = loader.augment(loader.subset, centre, centre, torch.zeros(20, dtype=torch.bool))
+    torch.testing.assert_close(x, expected, atol=0, rtol=0)
+    assert torch.equal(y, d.train_y[loader.subset])
+
+
 def test_aug_param_distribution():
     loader = DeviceLoader(random_data(9000, 1, 1), "cpu", batch_size=64)
     params = [loader.aug_params(seed=5, epoch=e) for e in range(5)]

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import method_context
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import list_methods, method_class
-from kdbench.methods.base import MethodContext, StepOutputs, kd_divergence
+from kdbench.methods.base import StepOutputs, kd_divergence
 from kdbench.methods.fitnet import ConvReg, hint_tap
 from kdbench.models import create_model, list_models
 from kdbench.models.taps import feature_shapes
@@ -19,9 +20,7 @@ def zoo_shapes():
 
 
 def context(student_shapes, teacher_shapes, protocol="semckd", options=None, method="kd"):
-    cls = method_class(method)
-    resolved = dict(cls.resolve_options(options or {}))
-    return MethodContext(student_shapes, teacher_shapes, protocol, 4, 100, resolved)
+    return method_context(method, student_shapes, teacher_shapes, protocol, options, batch_size=4)
 
 
 def test_registry_order_and_entry_points(monkeypatch):
@@ -76,10 +75,13 @@ def test_kd_weights_follow_the_protocol(protocol, weights):
 
 def test_options_are_validated_and_typed():
     fitnet = method_class("fitnet")
-    assert dict(fitnet.resolve_options({})) == {"hint_layer": 2, "beta": 100.0}
+    assert dict(fitnet.resolve_options({}))["hint_layer"] == 2
     assert dict(fitnet.resolve_options({"hint_layer": "1"}))["hint_layer"] == 1
-    with pytest.raises(KdbenchError, match="method fitnet has no option 'layer'; its options: hint_layer, beta"):
+    with pytest.raises(KdbenchError, match="method fitnet has no option 'layer'; its options: ce_weight, kd_weight, "
+                                           "temperature, kl_reduction, hint_layer, beta"):
         fitnet.resolve_options({"layer": "1"})
+    with pytest.raises(KdbenchError, match="option fitnet.kl_reduction is one of batchmean, mean; got 'sum'"):
+        fitnet.resolve_options({"kl_reduction": "sum"})
     with pytest.raises(KdbenchError, match="option fitnet.hint_layer takes a int, got 'two'"):
         fitnet.resolve_options({"hint_layer": "two"})
 
@@ -100,7 +102,7 @@ FITNET_REGRESSORS = {
 @pytest.mark.parametrize("pair", sorted(FITNET_REGRESSORS))
 def test_fitnet_regressor_matches_the_reference(zoo_shapes, pair):
     teacher, student = pair
-    fitnet = method_class("fitnet")(context(zoo_shapes[student], zoo_shapes[teacher], method="fitnet"))
+    fitnet = method_class("fitnet")(context(zoo_shapes[student], zoo_shapes[teacher], "crd", method="fitnet"))
     kind, params = FITNET_REGRESSORS[pair]
     assert type(fitnet.regressor.conv).__name__ == kind
     assert fitnet.extra_params_train() == params and fitnet.extra_params_inference() == 0
@@ -119,15 +121,17 @@ def test_fitnet_regressor_shapes_for_every_zoo_pair(zoo_shapes):
             assert out.shape == target.shape and out.shape[1] == t_shape[0], (teacher, student)
 
 
-@pytest.mark.parametrize("protocol, keys", [("crd", {"ce", "hint"}), ("semckd", {"ce", "kd", "hint"})])
-def test_fitnet_loss_is_weighted_mse_of_regressed_hint(zoo_shapes, protocol, keys):
+@pytest.mark.parametrize("protocol, keys, tap", [("crd", {"ce", "hint"}, "stage2"),
+                                                 ("semckd", {"ce", "kd", "hint"}, "stage1")])
+def test_fitnet_loss_is_weighted_mse_of_regressed_hint(zoo_shapes, protocol, keys, tap):
     torch.manual_seed(0)
     s_shapes, t_shapes = zoo_shapes["resnet8"], zoo_shapes["resnet14"]
     fitnet = method_class("fitnet")(context(s_shapes, t_shapes, protocol, method="fitnet"))
-    fs = torch.randn(4, *s_shapes["stage2"], requires_grad=True)
-    ft = torch.randn(4, *t_shapes["stage2"])
-    out = StepOutputs(torch.zeros(4, dtype=torch.long), torch.randn(4, 100, requires_grad=True), {"stage2": fs},
-                      torch.randn(4, 100), {"stage2": ft})
+    assert fitnet.student_taps == fitnet.teacher_taps == (tap,)
+    fs = torch.randn(4, *s_shapes[tap], requires_grad=True)
+    ft = torch.randn(4, *t_shapes[tap])
+    out = StepOutputs(torch.zeros(4, dtype=torch.long), torch.randn(4, 100, requires_grad=True), {tap: fs},
+                      torch.randn(4, 100), {tap: ft})
     terms = fitnet.losses(out)
     assert set(terms) == keys
     expected = 100.0 * ((fitnet.regressor(fs) - ft) ** 2).mean()
@@ -143,3 +147,61 @@ def test_fitnet_hint_layer_option_and_its_validation(zoo_shapes):
     assert hint_tap(0) == "stem"
     with pytest.raises(KdbenchError, match="fitnet.hint_layer=7 is not a feature of both models"):
         method_class("fitnet")(context(s, t, options={"hint_layer": "7"}, method="fitnet"))
+
+
+# ----------------------------------------------------------------------------------------- protocols are presets
+# protocol -> method -> (ce_weight, kd_weight, temperature, kl_reduction) and its own settings (methods.md §0.3)
+PRESETS = {
+    "crd": {"kd": (0.1, 0.9, 4.0, "batchmean", {}), "takd": (0.1, 0.9, 4.0, "batchmean", {}),
+            "dgkd": (0.1, 0.9, 4.0, "batchmean", {}), "fitnet": (1.0, 0.0, 4.0, "batchmean", {"hint_layer": 2}),
+            "semckd": (1.0, 0.0, 4.0, "batchmean", {"beta": 400.0}), "sakd": (1.0, 0.0, 4.0, "batchmean", {}),
+            "letkd1": (1.0, 0.0, 4.0, "batchmean", {}), "letkd2": (1.0, 0.0, 4.0, "batchmean", {})},
+    "semckd": {"kd": (1.0, 1.0, 4.0, "batchmean", {}), "takd": (1.0, 1.0, 4.0, "batchmean", {}),
+               "dgkd": (1.0, 1.0, 4.0, "batchmean", {}), "fitnet": (1.0, 1.0, 4.0, "batchmean", {"hint_layer": 1}),
+               "semckd": (1.0, 1.0, 4.0, "batchmean", {"beta": 400.0}), "sakd": (1.0, 1.0, 4.0, "batchmean", {}),
+               "letkd1": (1.0, 1.0, 4.0, "batchmean", {}), "letkd2": (1.0, 1.0, 4.0, "batchmean", {})},
+    # RepDistiller for kd and fitnet, the TAKD/DGKD code (λ = 1, τ = 5, nn.KLDivLoss mean), SemCKD's scripts,
+    # letKD's configs (no logit KD), SAKD's reconstruction in its crd form
+    "official": {"kd": (0.1, 0.9, 4.0, "batchmean", {}), "takd": (0.0, 1.0, 5.0, "mean", {}),
+                 "dgkd": (0.0, 1.0, 5.0, "mean", {"drop_mode": "exact_k", "drop_k": 1, "ce_scale": "code"}),
+                 "fitnet": (1.0, 0.0, 4.0, "batchmean", {"hint_layer": 2, "beta": 100.0}),
+                 "semckd": (1.0, 1.0, 4.0, "batchmean", {"beta": 400.0}), "sakd": (1.0, 0.0, 4.0, "batchmean", {}),
+                 "letkd1": (1.0, 0.0, 4.0, "batchmean", {}), "letkd2": (1.0, 0.0, 4.0, "batchmean", {})},
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(PRESETS))
+def test_each_protocol_resolves_every_methods_weights(protocol):
+    from kdbench.spec import PROTOCOLS
+
+    assert set(PRESETS) == set(PROTOCOLS)
+    distillers = [m for m in list_methods()  # shipped ones: other tests register plug-ins
+                  if method_class(m).needs_teacher and method_class(m).__module__.startswith("kdbench.methods.")]
+    assert sorted(PRESETS[protocol]) == sorted(distillers)  # a new method needs its row here
+    for method, (ce, kd, temperature, reduction, own) in PRESETS[protocol].items():
+        options = dict(method_class(method).resolve_options({}, protocol, "resnet56", "resnet20"))
+        assert (options["ce_weight"], options["kd_weight"], options["temperature"], options["kl_reduction"]) == (
+            ce, kd, temperature, reduction), (protocol, method)
+        assert own.items() <= options.items(), (protocol, method)
+        # the user's --set wins over the preset
+        assert dict(method_class(method).resolve_options({"kd_weight": "0.25"}, protocol))["kd_weight"] == 0.25
+
+
+def test_labels_say_when_logit_kd_is_added():
+    for method, label in (("fitnet", "fitnet (+KD)"), ("kd", "kd"), ("dgkd", "dgkd"), ("student", "student")):
+        cls = method_class(method)
+        assert cls.label(dict(cls.resolve_options({}, "semckd"))) == label
+    fitnet = method_class("fitnet")
+    assert fitnet.label(dict(fitnet.resolve_options({}, "crd"))) == "fitnet"
+
+
+def test_kl_mean_reduction_divides_by_the_classes_and_zero_weights_drop_terms():
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    assert kd_divergence(zs, zt, 5.0, "mean").item() == pytest.approx(kd_divergence(zs, zt, 5.0).item() / 10)
+    # the TAKD code's loss: (1 - λ)·CE + λ·τ²·nn.KLDivLoss()(log σ(z_s/τ), σ(z_t/τ)), at λ = 1, τ = 5
+    log_p_s, p_t = torch.log_softmax(zs / 5, 1), torch.softmax(zt / 5, 1)
+    official = torch.nn.functional.kl_div(log_p_s, p_t, reduction="none").mean() * 25  # nn.KLDivLoss()
+    takd = method_class("takd")(context({}, {}, "official", method="takd"))
+    terms = takd.losses(StepOutputs(y, zs, {}, zt, {}))
+    assert set(terms) == {"kd"} and terms["kd"].item() == pytest.approx(official.item(), rel=1e-5)

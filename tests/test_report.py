@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import probe_methods  # noqa: F401  (registers probe-nan: a run that fails, for the footnote)
 import pytest
 from conftest import tiny_sweep
+from scipy import stats
 
 from kdbench import report
 from kdbench.cli import main
@@ -46,6 +48,23 @@ def _report(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _with_top1(table: pd.DataFrame, method: str, values: dict[int, float]) -> pd.DataFrame:
+    """``table`` with the top1_best of ``method``'s student runs set per seed."""
+    table = table.copy()
+    for seed, value in values.items():
+        rows = (table.method == method) & (table.role == "student") & (table.seed == seed) \
+            & (table.metric == "top1_best") & table.epoch.isna()
+        table.loc[rows, "value"] = value
+    return table
+
+
+def _rows(text: str) -> dict[str, dict[str, str]]:
+    """The rows of a report's github tables by model, each row's cells by header."""
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| ")]
+    return {cells[0]: dict(zip(lines[0], cells)) for cells in lines if cells != lines[0]}
+
+
 def test_leaderboard_aggregates_seeds_and_pairs_delta_by_seed(table):
     board = report.leaderboard(report.entries(table), "top1_best")
     rows = board.set_index("label")
@@ -70,13 +89,12 @@ def test_cli_report_states_its_rule_and_footnotes_failed_runs(capsys, tiny_resul
     assert code == 0 and err == ""
     assert "Top-1 = top1_best (the best epoch of each run), mean ± sample std (ddof = 1)" in out
     assert "### resnet14->resnet8 · synthetic · recipe tiny (3 epochs, batch 32) · cpu" in out
-    assert "protocol semckd" in out
-    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert {"model", "teacher resnet14", "student resnet8 (CE)", "kd"} <= set(lines)
-    for header in ("n", "top1_best %", "Δ vs student", "train img/s", "peak RSS MiB", "extra train params",
-                   "inference params", "end-to-end"):
-        assert f" {header} " in lines["model"]
-    assert " ± " in lines["kd"] and "published" not in lines["model"]
+    assert "protocol official" in out
+    rows = _rows(out)
+    assert set(rows) == {"teacher resnet14", "student resnet8 (CE)", "kd"}
+    assert list(rows["kd"]) == ["model", "n", "top1_best %", "Δ vs student", "Δ 95 % CI", "train img/s",
+                                "peak RSS MiB", "extra train params", "inference params", "end-to-end"]
+    assert " ± " in rows["kd"]["Δ vs student"] and rows["kd"]["Δ 95 % CI"].startswith("[")
     assert "No published column: the published numbers are CIFAR-100 results (this table: synthetic)" in out
     assert "Not counted (2 runs did not finish)" in out and "non-finite training loss" in out
 
@@ -93,6 +111,11 @@ def test_formats(capsys, tiny_results, tmp_path, fmt, marker):
     if fmt == "csv":
         board = pd.read_csv(out_file)
         assert set(board.label) == {"teacher", "student (CE)", "kd"} and (board.metric == "top1_best").all()
+        kd = board.set_index("label").loc["kd"]
+        assert kd.delta_ci_low < kd.delta < kd.delta_ci_high and board.delta_ci_low.dtype == float
+        assert board.delta_excludes_zero.dtype == bool
+    elif fmt == "latex":
+        assert "% Top-1 = top1_best" in out_file.read_text() and "95 \\% CI" in out_file.read_text()
 
 
 def _as_cifar100(table: pd.DataFrame) -> pd.DataFrame:
@@ -102,7 +125,7 @@ def _as_cifar100(table: pd.DataFrame) -> pd.DataFrame:
     for column in ("teacher", "student", "pair"):
         table[column] = table[column].replace(names)
     table["dataset"] = "cifar100"
-    table.loc[table.protocol == "semckd", "protocol"] = "crd"
+    table.loc[table.protocol != "none", "protocol"] = "crd"
     return table
 
 
@@ -152,6 +175,94 @@ def test_option_sets_and_chains_are_labelled_by_what_differs(table):
     assert set(board.label) == {"teacher", "student (CE)", "kd", "kd via resnet12:resnet10"}
 
 
+def test_delta_has_a_paired_t_interval_marked_when_it_excludes_zero(table):
+    base = _level(table, "student", "top1_best")
+    shifted = _with_top1(table, "kd", {0: base[0] + 1.0, 1: base[1] + 1.1})
+    board = report.leaderboard(report.entries(shifted), "top1_best")
+    kd = board.set_index("label").loc["kd"]
+    half = stats.t.ppf(0.975, 1) * np.std([1.0, 1.1], ddof=1) / np.sqrt(2)
+    assert (kd.delta_ci_low, kd.delta_ci_high) == pytest.approx((1.05 - half, 1.05 + half))
+    assert kd.delta_excludes_zero and not board.set_index("label").loc["student (CE)", "delta_excludes_zero"]
+    text = report.render_report(board)
+    assert "95 % confidence interval (t distribution, n − 1 degrees of freedom" in text.splitlines()[0]
+    assert _rows(text)["kd"]["Δ 95 % CI"] == f"[{1.05 - half:+.2f}, {1.05 + half:+.2f}] *"
+
+    mixed = _with_top1(table, "kd", {0: base[0] + 1.0, 1: base[1] - 1.0})
+    kd = report.leaderboard(report.entries(mixed), "top1_best").set_index("label").loc["kd"]
+    assert kd.delta_ci_low < 0 < kd.delta_ci_high and not kd.delta_excludes_zero
+
+    # one paired seed: no interval, and the table says so
+    one = table[~((table.method == "kd") & (table.seed == 1))]
+    board = report.leaderboard(report.entries(one), "top1_best")
+    kd = board.set_index("label").loc["kd"]
+    assert kd.n == 1 and kd.delta_n == 1 and np.isnan(kd.delta_ci_low) and not kd.delta_excludes_zero
+    assert _rows(report.render_report(board))["kd"]["Δ 95 % CI"] == "n/a"
+
+
+def test_delta_plot_draws_the_leaderboard_interval_and_top1_plot_names_its_bars(table):
+    base = _level(table, "student", "top1_best")
+    shifted = _with_top1(table, "kd", {0: base[0] + 1.0, 1: base[1] + 1.1})
+    frame = report.entries(shifted)
+    kd = report.leaderboard(frame, "top1_best").set_index("label").loc["kd"]
+    (_, group), = report.groups(frame)
+    ax = report.plot_delta(group, "top1_best").axes[0]
+    spans = [(np.nanmin(line.get_xdata()), np.nanmax(line.get_xdata())) for line in ax.lines]  # bar with caps
+    assert pytest.approx((kd.delta_ci_low, kd.delta_ci_high)) in spans
+    assert "95 % CI of the paired Δ" in ax.get_xlabel()
+    assert "sd over seeds" in report.plot_top1(group, "top1_best").axes[0].get_xlabel()
+
+
+def test_rows_are_labelled_by_what_their_loss_contains(table):
+    kd = table.method == "kd"
+    fitnet = table.assign(method=table.method.mask(kd, "fitnet"), method_label=table.method_label.mask(
+        kd, "fitnet (+KD)"), method_options=table.method_options.mask(kd, "hint_layer=1"))
+    assert set(report.leaderboard(report.entries(fitnet), "top1_best").label) == {
+        "teacher", "student (CE)", "fitnet (+KD)"}
+    other = fitnet[kd].assign(run_id=fitnet.run_id + "-h2", method_options="hint_layer=2")
+    board = report.leaderboard(report.entries(pd.concat([fitnet, other], ignore_index=True)), "top1_best")
+    assert set(board.label) == {"teacher", "student (CE)", "fitnet (+KD)[hint_layer=1]",
+                                "fitnet (+KD)[hint_layer=2]"}
+
+    older = table.assign(method_label=None)  # a table from before method_label: the method's name
+    assert set(report.leaderboard(report.entries(older), "top1_best").label) == {"teacher", "student (CE)", "kd"}
+    failed = table.assign(method_label=table.method_label.mask(table.method == "probe-nan", "probe-nan (+KD)"))
+    assert "probe-nan (+KD) resnet8 seed 0: failed" in report._describe(report.unfinished(failed))
+
+
+def _coded(table: pd.DataFrame, **changes: tuple[str, str, str, bool]) -> pd.DataFrame:
+    """``table`` with code_core, code_fingerprint, git_sha and git_dirty set: commit a, one fingerprint per
+    method; ``changes`` maps "<method>_s<seed>" (or "teacher") to other (core, fingerprint, sha, dirty)."""
+    table = table.assign(code_core="core-a", code_fingerprint="fp-" + table.method, git_sha="a" * 40,
+                         git_dirty=False)
+    for key, values in changes.items():
+        rows = (table.role == "teacher") if key == "teacher" else \
+            (table.role == "student") & (table.method + "_s" + table.seed.astype(str) == key)
+        table.loc[rows, ["code_core", "code_fingerprint", "git_sha", "git_dirty"]] = values
+    return table
+
+
+def test_rows_made_by_other_code_are_marked_with_their_commits(table):
+    same = report.leaderboard(report.entries(_coded(table)), "top1_best")
+    assert not same.other_code.any() and "†" not in report.render_report(same)
+
+    # one seed of kd ran other method code (a dirty tree): its row is marked, the others are not
+    board = report.leaderboard(report.entries(_coded(table, kd_s1=("core-a", "fp-kd2", "b" * 40, True))))
+    assert board.set_index("label").other_code.to_dict() == {"teacher": False, "student (CE)": False, "kd": True}
+    text = report.render_report(board)
+    assert "kd †" in _rows(text)
+    assert "† made by other code than the rest of the table" in text
+    assert "Commits: kd aaaaaaa, bbbbbbb+dirty; the other rows aaaaaaa." in text
+
+    # the teacher's shared code differs from the table's most common
+    board = report.leaderboard(report.entries(_coded(table, teacher=("core-b", "fp-student", "c" * 40, False))))
+    assert board.set_index("label").other_code.to_dict() == {"teacher": True, "student (CE)": False, "kd": False}
+    assert "teacher resnet14 †" in _rows(report.render_report(board))
+
+    older = table.assign(code_core=None, code_fingerprint=None)  # a table from before fingerprints
+    board = report.leaderboard(report.entries(older), "top1_best")
+    assert not board.other_code.any() and "†" not in report.render_report(board)
+
+
 def test_filters(table):
     frame = report.entries(table, methods="student", pairs="resnet14:resnet8", dataset="synthetic")
     assert set(frame.kind) == {"teacher", "student"}
@@ -167,6 +278,32 @@ def test_paired_comparison_over_seeds(table):
     assert summary["n"] == 2 and summary["mean"] == pytest.approx((kd - base).mean())
     stats = pytest.importorskip("scipy.stats")
     assert summary["p"] == pytest.approx(stats.ttest_rel(kd, base).pvalue)
+
+
+def test_several_results_dirs_are_read_together_and_a_run_in_both_counted_once(capsys, tmp_path, tiny_results,
+                                                                               table):
+    first = pd.read_parquet(tiny_results / "metrics.parquet")
+    again = first[(first.method == "kd") & (first.seed == 0)].assign(value=-1.0)  # already in the first dir
+    seed1 = first[first.method.isin(["kd", "student"]) & (first.role == "student") & (first.seed == 1)]
+    seed2 = seed1.assign(run_id=seed1.run_id + "-s2", seed=2)
+    second = tmp_path / "second"
+    second.mkdir()
+    pd.concat([again, seed2], ignore_index=True).to_parquet(second / "metrics.parquet")
+
+    both = report.load_results([str(tiny_results), second])
+    kd = both[(both.method == "kd") & (both.metric == "top1_best") & both.epoch.isna()]
+    assert sorted(kd.seed) == [0, 1, 2] and (kd.value >= 0).all()  # the first dir's copy is the one kept
+    assert set(kd.results_dir) == {str(tiny_results), str(second)}
+    assert list(report.duplicate_runs(both).run_id) == list(again.run_id.unique())
+
+    code, out, err = _report(capsys, "--results-dir", str(tiny_results), "--results-dir", str(second))
+    assert code == 0 and err == ""
+    assert _rows(out)["kd"]["n"] == _rows(out)["student resnet8 (CE)"]["n"] == "3"
+    assert (f"Counted once (1 run in more than one results directory, read from the first): "
+            f"{again.run_id.iloc[0]} ({tiny_results}; also in {second})") in out
+    assert "Counted once" not in _report(capsys, "--results-dir", str(tiny_results))[1]
+    assert f"results directory {tmp_path / 'nowhere'} does not exist" in _one_line_error(
+        capsys, "--results-dir", str(tiny_results), "--results-dir", str(tmp_path / "nowhere"))
 
 
 def test_plots_are_written_as_png_and_svg(tmp_path, table):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_sweep
+from conftest import TINY, method_context, tiny_sweep
 
 from kdbench.errors import KdbenchError
 from kdbench.harness import run_sweep
@@ -41,7 +41,7 @@ def zoo_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def context(student, teacher, protocol="semckd", options=None, num_classes=100) -> MethodContext:
-    return MethodContext(student, teacher, protocol, 8, num_classes, dict(options or {}))
+    return method_context("sakd", student, teacher, protocol, options, 8, num_classes)
 
 
 # Small custom shapes: student resnet-like (stage3 8x8), teacher vgg-like (stage4 4x4), different channel counts.
@@ -322,7 +322,8 @@ def fake_preparation(num_classes=3, batches=4, batch=16):
         f = conv(x).relu()
         return f.mean((2, 3))[:, :num_classes], {"stage2": f}
 
-    return Preparation(teacher, lambda index: iter(data), cache_dir=None, device=torch.device("cpu"))
+    return Preparation(teacher, lambda index: iter(data), lambda: iter(data), cache_dir=None,
+                       device=torch.device("cpu"))
 
 
 PREP_S = {"stage1": (4, 8, 8), "stage2": (8, 4, 4)}
@@ -390,7 +391,8 @@ def test_every_ablation_end_to_end_through_the_harness(env):
         assert m["extra_params_inference"] == 0 and m["extra_params_train"] == 0  # prefit head is frozen
         assert m["student_params"] == plain_params
         (epoch,) = student.epochs
-        assert {k[len("loss_"):] for k in epoch if k.startswith("loss_")} == {"ce", "kd"} | keys
+        # the default (official) protocol: the reconstruction's crd form, no logit KD
+        assert {k[len("loss_"):] for k in epoch if k.startswith("loss_")} == {"ce"} | keys
         assert all(math.isfinite(epoch[f"loss_{k}"]) for k in keys)
         weights = torch.load(env.store.weights_path(student.run_id), weights_only=True)
         assert set(weights) == set(plain.state_dict())  # the branch is not in the exported student

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_sweep
+from conftest import TINY, method_context, tiny_sweep
 
 from kdbench.harness import RunEnv, run_sweep, sha256_file
 from kdbench.methods import method_class
@@ -26,7 +26,7 @@ def shapes(arch: str) -> dict[str, tuple[int, ...]]:
 def context(student, teacher, batch_size=64, protocol="semckd", options=None) -> MethodContext:
     s = shapes(student) if isinstance(student, str) else student
     t = shapes(teacher) if isinstance(teacher, str) else teacher
-    return MethodContext(s, t, protocol, batch_size, 100, dict(options or {}))
+    return method_context("semckd", s, t, protocol, options, batch_size)
 
 
 def features(tap_shapes, taps, batch, seed, requires_grad=False):
@@ -252,11 +252,11 @@ def test_protocol_decides_the_logit_terms():
 
 
 def test_beta_option_scales_the_term_linearly():
-    options = SemCKD.resolve_options({"beta": "100"})
-    assert options == (("beta", 100.0),) and isinstance(options[0][1], float)
-    assert SemCKD.resolve_options({}) == (("beta", 400.0),)
+    options = dict(SemCKD.resolve_options({"beta": "100"}))
+    assert options["beta"] == 100.0 and isinstance(options["beta"], float)
+    assert dict(SemCKD.resolve_options({}))["beta"] == 400.0
     terms = {}
-    for beta, opts in ((400.0, {}), (100.0, dict(options))):
+    for beta, opts in ((400.0, {}), (100.0, {"beta": "100"})):
         torch.manual_seed(0)
         method = SemCKD(context("resnet8", "resnet14", batch_size=8, options=opts))
         assert method.beta == beta
@@ -295,7 +295,8 @@ def test_end_to_end_through_the_harness(env):
     assert [r.status for r in records] == ["finished", "finished"], [r.error for r in records]
     student = records[1]
     assert student.spec.method == "semckd" and student.spec.teacher_run == teacher.run_id
-    assert dict(student.spec.method_options) == {"beta": 50.0}
+    assert dict(student.spec.method_options) == {"beta": 50.0, "ce_weight": 1.0, "kd_weight": 1.0,
+                                                 "temperature": 4.0, "kl_reduction": "batchmean"}
     rows = student.tidy()
     assert set(rows.method_overrides) == {"beta=50.0"} and set(records[0].tidy().method_overrides) == {""}
     m = student.metrics

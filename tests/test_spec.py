@@ -2,7 +2,7 @@ import pytest
 from conftest import TINY, tiny_sweep
 
 from kdbench.errors import KdbenchError
-from kdbench.spec import PROTOCOLS, RECIPES, Pair, Recipe, RunSpec
+from kdbench.spec import PROTOCOLS, RECIPES, Pair, Recipe, RunSpec, teacher_recipe_of
 
 
 def test_paper_recipe_is_repdistiller_schedule():
@@ -66,7 +66,7 @@ def test_teacher_is_shared_across_protocols_and_student_seeds():
     (dict(methods=("nope",)), "unknown method 'nope'; valid methods: student"),
     (dict(pair=("resnet14", "resnet9")), "unknown model 'resnet9'"),
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
-    (dict(protocol="hinton"), "unknown protocol 'hinton'; valid protocols: semckd, crd"),
+    (dict(protocol="hinton"), "unknown protocol 'hinton'; valid protocols: official, crd, semckd"),
 ])
 def test_plan_rejects_unknown_names(changes, message):
     dataset = changes.pop("dataset", None)
@@ -82,9 +82,50 @@ def test_protocol_and_method_options_are_part_of_distillation_runs():
     semckd = tiny_sweep(methods=("kd",), protocol="semckd").plan()[1]
     assert (crd.protocol, semckd.protocol) == ("crd", "semckd") and crd.run_id != semckd.run_id
     assert tiny_sweep().plan()[1].protocol == "none"  # the CE baseline has no loss weights to choose
-    assert PROTOCOLS[0] == "semckd"  # the SemCKD paper's protocol is the default
+    assert PROTOCOLS[0] == "official"  # each method as its official code runs it, unless asked otherwise
     tuned = tiny_sweep(methods=("fitnet", "kd"), method_options=(("fitnet", "beta", "50"),)).plan()
     fitnet, kd = tuned[1], tuned[2]
-    assert dict(fitnet.method_options) == {"hint_layer": 2, "beta": 50.0}
-    assert kd.method_options == (("temperature", 4.0),)
+    assert dict(fitnet.method_options) == {"hint_layer": 2, "beta": 50.0, "ce_weight": 1.0, "kd_weight": 0.0,
+                                           "temperature": 4.0, "kl_reduction": "batchmean"}
+    assert dict(kd.method_options) == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0,
+                                       "kl_reduction": "batchmean"}
     assert RunSpec.from_dict(fitnet.to_dict()) == fitnet
+
+
+def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
+    cpu = RECIPES.get("cpu")
+    plan = tiny_sweep(methods=("student", "kd", "takd"), pair=("resnet56", "resnet20"), recipe=cpu).plan()
+    teacher, *rest = plan
+    assert teacher.role == "teacher" and teacher.recipe == RECIPES.get("cpu-teacher")
+    assert teacher.recipe.train_subset is None and cpu.train_subset is not None  # every image vs a low-data subset
+    # students and teacher assistants train with the students' recipe (TAs are distilled, as students are)
+    assert {r.recipe for r in rest} == {cpu} and {r.role for r in rest} == {"student", "assistant"}
+
+    # a student override (--epochs) does not reach the teacher
+    longer = tiny_sweep(methods=("kd",), pair=("resnet56", "resnet20"), recipe=cpu.overridden(epochs=30)).plan()
+    assert longer[0].run_id == teacher.run_id
+    # another teacher recipe is another teacher run, and so every taught run's id changes; the CE student's does not
+    other = RECIPES.get("cpu-teacher").overridden(epochs=9)
+    moved = tiny_sweep(methods=("student", "kd", "takd"), pair=("resnet56", "resnet20"), recipe=cpu,
+                       teacher_recipe=other).plan()
+    assert moved[0].recipe.epochs == 9 and moved[0].run_id != teacher.run_id
+    for before, after in zip(plan[1:], moved[1:]):
+        assert (before.run_id == after.run_id) == (before.method == "student"), before.run_id
+    # the smoke and paper recipes name themselves; letKD's native recipe names RepDistiller's teachers
+    assert [teacher_recipe_of(RECIPES.get(n)).name for n in ("short", "paper", "letkd-native", "cpu")] == [
+        "short", "paper", "paper", "cpu-teacher"]
+    native = RECIPES.get("letkd-native")
+    assert (native.nesterov, native.pad_mode, native.epochs) == (True, "reflect", 240)
+
+
+def test_fitnet_hint_layer_and_logit_weights_follow_the_protocol_in_the_plan():
+    hints = {p: dict(tiny_sweep(methods=("fitnet",), protocol=p).plan()[1].method_options)
+             for p in ("official", "crd", "semckd")}
+    assert {p: (o["hint_layer"], o["kd_weight"]) for p, o in hints.items()} == {
+        "official": (2, 0.0), "crd": (2, 0.0), "semckd": (1, 1.0)}
+    # the first teacher assistant learns by plain KD with the chain method's logit options, shared by TAKD and DGKD
+    plan = tiny_sweep(methods=("takd", "dgkd"), pair=("resnet56", "resnet20"), protocol="official").plan()
+    first = {r for r in plan if r.role == "assistant" and r.method == "kd"}
+    assert len(first) == 1
+    assert dict(next(iter(first)).method_options) == {"ce_weight": 0.0, "kd_weight": 1.0, "temperature": 5.0,
+                                                      "kl_reduction": "mean"}
