@@ -73,7 +73,7 @@ RECIPES.add("short", Recipe("short", epochs=3, train_subset=5000, drop_last=True
 # levels off, students on a fixed low-data subset, where a strong teacher has something to give.
 RECIPES.add("cpu-teacher", Recipe("cpu-teacher", epochs=5, drop_last=True, warmup_steps=10,
                                   teacher_recipe="cpu-teacher"))
-RECIPES.add("cpu", Recipe("cpu", epochs=15, train_subset=1000, drop_last=True, warmup_steps=10,
+RECIPES.add("cpu", Recipe("cpu", epochs=10, train_subset=2000, test_subset=5000, drop_last=True, warmup_steps=10,
                           fit_points=200_000, teacher_recipe="cpu-teacher"))
 
 
