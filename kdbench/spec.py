@@ -239,10 +239,10 @@ class SweepSpec:
         from kdbench.methods.base import LOGIT_OPTIONS
 
         overrides = self._validate()
+        classes = {name: method_class(name) for name in self.methods}
         runs = [self.teacher_spec(pair.teacher) for pair in self.pairs]
         for pair in self.pairs:
             teacher_run = self.teacher_spec(pair.teacher).run_id
-            classes = {name: method_class(name) for name in self.methods}
             chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
                 if not cls.needs_teacher:
