@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 # Modules that do not decide a run's numbers (and this one).
-NOT_NUMBERS = ("kdbench.report", "kdbench.cli", "kdbench.results", "kdbench.errors", "kdbench.fingerprint")
+NOT_NUMBERS = ("kdbench.report", "kdbench.cli", "kdbench.results", "kdbench.errors", "kdbench.fingerprint",
+               "kdbench.progress", "kdbench.executors")
 CORE = "kdbench.harness"
 
 

@@ -1,14 +1,15 @@
-"""The harness: ``run(spec, env) -> RunRecord``, one unit of work, and ``run_sweep`` over many.
+"""The harness: ``run(spec, env) -> RunRecord``, one unit of work, and ``run_sweep`` over many in this process.
 
 A run trains ``spec.student`` with ``spec.method`` (teachers are runs too: role "teacher", method
 "student"), evaluates every epoch, checkpoints every epoch for resume, and measures throughput,
-memory and wall time. Failures inside a run become failed records; the sweep goes on.
+memory and wall time. Failures inside a run become failed records; the sweep goes on. A run is trained only
+while its claim (a lock in the results dir) is held, so processes that share a results dir never train one run
+twice; other executors (kdbench.executors) call the same ``run``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import shutil
 import statistics
@@ -27,7 +28,8 @@ from kdbench.methods import method_class
 from kdbench.methods.base import MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
-from kdbench.results import ResultsStore, RunRecord
+from kdbench.progress import RunLog, SweepProgress, log
+from kdbench.results import ResultsStore, RunRecord, sha256_file
 from kdbench.spec import RunSpec
 
 
@@ -45,22 +47,12 @@ class RunEnv:
     checkpoints: dict[str, Path] = field(default_factory=dict)  # sha256 -> teacher checkpoint file
     progress: bool | None = None  # None: progress bars only on an interactive terminal
     reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
+    sinks: tuple[str, ...] = ()  # metric sinks of every run (kdbench.progress.SINKS)
 
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, data_dir: Path | None, download: bool) -> ArrayData:
     return load_dataset(name, data_dir, download)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as e:
-        raise KdbenchError(f"cannot read teacher checkpoint {path}: {e.strerror or e}") from None
-    return digest.hexdigest()
 
 
 def load_weights(model: torch.nn.Module, path: Path, what: str) -> None:
@@ -106,8 +98,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device
 def _frozen(arch: str, run_id: str, env: RunEnv, data: ArrayData,
             device: torch.device) -> tuple[torch.nn.Module, RunRecord]:
     """A finished run's model (teacher or teacher assistant) in eval mode, without gradients."""
-    record = env.store.load_record(run_id)
-    if record is None or record.status != "finished":
+    record = env.store.finished_record(run_id)
+    if record is None:
         raise RunFailed(f"run {run_id} that teaches this one has not finished")
     model = create_model(arch, data.info.num_classes, data.info.in_channels)
     load_weights(model, env.store.weights_path(run_id), "trainer weights")
@@ -130,7 +122,7 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
                "student_params": float(sum(p.numel() for p in model.parameters())), "wall_s": 0.0,
                "eval_images_per_s": scores["eval_images_per_s"]}
     prov = {**provenance(device), **fingerprint(spec), "checkpoint_sha256": spec.pretrained,
-            "checkpoint_path": str(path)}
+            "checkpoint_path": str(path), "weights_sha256": sha256_file(env.store.weights_path(spec.run_id))}
     record = RunRecord(spec, "finished", metrics, [], prov)
     env.store.write_record(record)
     return record
@@ -266,14 +258,14 @@ def stale_runs(specs: list[RunSpec], store: ResultsStore) -> dict[str, str]:
     return {run_id: reason for run_id, reason in reasons.items() if reason}
 
 
-def run(spec: RunSpec, env: RunEnv) -> RunRecord:
-    """Trains (or resumes) one run and returns its record. A finished run is returned as stored when the current
-    code made it (or ``env.reuse_stale``); else it is trained again, as is a resume state left by other code."""
+def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
+    """Trains (or resumes) one run, its claim held. A finished run is returned as stored when the current code made
+    it (or ``env.reuse_stale``); else it is trained again, as is a resume state left by other code."""
     store = env.store
     code = fingerprint(spec)
-    existing = store.load_record(spec.run_id)
-    if existing is not None and existing.status == "finished" and (
-            env.reuse_stale or stale_reason(existing, code) is None):
+    existing = store.finished_record(spec.run_id)
+    if existing is not None and (env.reuse_stale or stale_reason(existing, code) is None):
+        runlog.end("skipped", "finished before")
         return existing
     device = torch.device(spec.device)
     if device.type == "cuda":
@@ -287,7 +279,9 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
                           drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
                           channels_last=spec.channels_last, pad_mode=recipe.pad_mode)
     if spec.pretrained:
-        return _import_pretrained(spec, env, loader, device)
+        record = _import_pretrained(spec, env, loader, device)
+        runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
+        return record
     store.write_spec(spec)
     parts = _assemble(spec, env, data, device)
     teacher = parts.trainers[0] if parts.trainers else None
@@ -297,7 +291,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     prepare_s = reused_fit_s = 0.0
     fit_metrics: dict[str, float] = {}
     checkpoint_path = store.checkpoint_path(spec.run_id)
-    state = torch.load(checkpoint_path, map_location=device, weights_only=True) if checkpoint_path.exists() else None
+    state = store.load_torch(checkpoint_path, "resume checkpoint", map_location=device, weights_only=True)
     if state is not None and state.get("code_fingerprint") == code["code_fingerprint"]:
         # resume: modules, optimiser, history, RNG (data streams are pure functions)
         parts.load_state(state)
@@ -325,6 +319,8 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     reset_peak_memory(device)
     timer = StepTimer(device, recipe.warmup_steps)
     show = env.progress
+    runlog.start(len(history))
+    images_per_epoch = loader.steps_per_epoch * recipe.batch_size if loader.drop_last else loader.num_train
     for epoch in tqdm(range(len(history), recipe.epochs), desc=spec.run_id, initial=len(history),
                       total=recipe.epochs, unit="epoch", leave=False, disable=None if show is None else not show):
         lr = recipe.lr_at(epoch, parts.base_lr)
@@ -335,6 +331,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         scores = evaluate(parts.student, loader, spec, device)
         history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
+        runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {
             **parts.state(), "history": history, "step_times": step_times, "prepare_s": prepare_s,
             "reused_fit_s": reused_fit_s, "fit_metrics": fit_metrics, "code_fingerprint": code["code_fingerprint"],
@@ -352,6 +349,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
         if changed:  # parameters or BN statistics: a frozen trainer must come out as it went in
             raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
     store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
+    prov["weights_sha256"] = sha256_file(store.weights_path(spec.run_id))
     metrics = {**_run_metrics(history, step_times, device), **fit_metrics}
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
@@ -377,6 +375,7 @@ def run(spec: RunSpec, env: RunEnv) -> RunRecord:
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
     checkpoint_path.unlink(missing_ok=True)
+    runlog.end("finished", f"top1 {metrics['top1_last']:.2f}, {metrics['wall_s']:.0f} s")
     return record
 
 
@@ -410,29 +409,57 @@ def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunReco
                      partial.provenance if partial else {}, reason)
 
 
+def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,
+        wait: bool = True) -> RunRecord | None:
+    """One run of a sweep under its claim; a failure inside it (NaN, out of memory, a bug in one method) becomes a
+    failed record, written, and the caller goes on. ``trainer_failed``: the run id of a failed run that teaches this
+    one. Returns None, at once, when another process holds the run and ``wait`` is False. User errors
+    (KdbenchError) propagate: they stop the sweep."""
+    with env.store.claim(spec.run_id, wait) as claimed:
+        if not claimed:
+            return None
+        runlog = RunLog(spec, env.store.root, sweep, env.sinks)
+        try:
+            if trainer_failed:
+                raise RunFailed(f"run {trainer_failed} that teaches this one failed")
+            return _train(spec, env, runlog)
+        except (KdbenchError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            record = _failed(spec, error, env.store)
+            env.store.write_record(record)
+            runlog.end("failed", record.error)
+            if spec.device == "cuda":
+                torch.cuda.empty_cache()
+            return record
+
+
 def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
-    """Runs every spec in order (teachers first). A failing run is recorded and the sweep goes on;
-    user errors (KdbenchError) stop the sweep; finished runs are skipped."""
+    """Runs every spec in order (teachers first). A run that another process holds is put off, with the runs it
+    teaches, until the others are done, and then waited for: processes sharing a results dir split the work."""
     for dataset in {spec.dataset for spec in specs}:  # data problems stop the sweep before anything is written
         _dataset(dataset, env.data_dir, env.download)
     records: dict[str, RunRecord] = {}
+    sweep = SweepProgress.of(specs)
     show = env.progress
-    for spec in tqdm(specs, desc="sweep", unit="run", disable=None if show is None else not show):
-        failed = [r for r in (records.get(t) for t in (spec.teacher_run, *spec.assistant_runs))
-                  if r is not None and r.status != "finished"]
-        if failed:
-            record = _failed(spec, RunFailed(f"run {failed[0].run_id} that teaches this one failed"), env.store)
-        else:
-            try:
-                record = run(spec, env)
-            except (KdbenchError, KeyboardInterrupt):
-                raise
-            except Exception as error:  # NaN, out of memory, a bug in one method: record it, go on
-                record = _failed(spec, error, env.store)
-                if spec.device == "cuda":
-                    torch.cuda.empty_cache()
-        if record.status == "failed":
-            env.store.write_record(record)
-        records[spec.run_id] = record
-        env.store.rebuild_table()
-    return list(records.values())
+    bar = tqdm(total=len(specs), desc="sweep", unit="run", disable=None if show is None else not show)
+    queue, wait = list(specs), False
+    while queue:
+        put_off: list[RunSpec] = []
+        for spec in queue:
+            trainers = (spec.teacher_run, *spec.assistant_runs)
+            if any(t in {p.run_id for p in put_off} for t in trainers):
+                put_off.append(spec)
+                continue
+            failed = next((t for t in trainers if t in records and records[t].status != "finished"), None)
+            record = run(spec, env, failed, sweep, wait)
+            if record is None:
+                log.info("%s is being trained by another process; put off", spec.run_id)
+                put_off.append(spec)
+                continue
+            records[spec.run_id] = record
+            env.store.rebuild_table()
+            bar.update()
+        queue, wait = put_off, True
+    bar.close()
+    return [records[spec.run_id] for spec in specs]

@@ -90,29 +90,36 @@ def load_results(results_dirs: str | Path | Iterable[str | Path]) -> pd.DataFram
     dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
     if not dirs:
         raise KdbenchError("no results directory given")
-    table = pd.concat([_load_dir(d) for d in dict.fromkeys(Path(d) for d in dirs)], ignore_index=True)
+    loaded = [_load_dir(d) for d in dict.fromkeys(Path(d) for d in dirs)]
+    table = pd.concat([t for t, _ in loaded], ignore_index=True)
     where = table[["run_id", "results_dir"]].drop_duplicates().groupby("run_id", sort=False)["results_dir"].agg(list)
     table = table[table["results_dir"] == table["run_id"].map(where.str[0])].reset_index(drop=True)
     table["also_in"] = table["run_id"].map(where.str[1:].str.join(", "))
+    table.attrs["unreadable"] = [line for _, lines in loaded for line in lines]
     return table
 
 
-def _load_dir(root: Path) -> pd.DataFrame:
-    """The tidy table of one results directory, checked: one clear KdbenchError when it is missing or too old."""
-    from kdbench.results import TABLE_NAME
+def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The tidy table of one results directory, read from its run folders (never a table older than they are), and
+    a line per run folder that could not be read; one clear KdbenchError when nothing is there. A directory that
+    holds only the all-runs table (copied without its run folders) is read from that table."""
+    from kdbench.results import TABLE_NAME, ResultsStore
 
     if not root.is_dir():
         raise KdbenchError(f"results directory {root} does not exist; run `kdbench run --results-dir {root}` first")
-    path = next((p for p in (root / f"{TABLE_NAME}.parquet", root / f"{TABLE_NAME}.csv") if p.is_file()), None)
-    if path is None:
-        raise KdbenchError(f"results directory {root} holds no {TABLE_NAME}.parquet; "
-                           f"run `kdbench run --results-dir {root}` first")
-    try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as error:  # a truncated or foreign file
-        raise KdbenchError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+    table, unreadable = ResultsStore(root).read_table(repair=False)
+    path = root / f"{TABLE_NAME}.parquet"
+    if table.empty and not unreadable:
+        path = next((p for p in (path, root / f"{TABLE_NAME}.csv") if p.is_file()), None)
+        if path is None:
+            raise KdbenchError(f"results directory {root} holds no runs; run `kdbench run --results-dir {root}` first")
+        try:
+            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as error:  # a truncated or foreign file
+            raise KdbenchError(f"cannot read {path}: {' '.join(str(error).split())}") from None
     if table.empty:
-        raise KdbenchError(f"{path} holds no runs; run `kdbench run --results-dir {root}` first")
+        raise KdbenchError(f"{root} holds no readable runs ({'; '.join(unreadable)})" if unreadable else
+                           f"{root} holds no runs; run `kdbench run --results-dir {root}` first")
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
         raise KdbenchError(f"{path} lacks column(s) {', '.join(missing)}: it was written by an older kdbench; "
@@ -120,7 +127,7 @@ def _load_dir(root: Path) -> pd.DataFrame:
     for column, default in _OPTIONAL.items():
         if column not in table.columns:
             table[column] = default
-    return table.assign(results_dir=str(root))
+    return table.assign(results_dir=str(root)), unreadable
 
 
 def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -531,7 +538,8 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
 
 
 def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
-                  not_finished: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None) -> str:
+                  not_finished: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None,
+                  unreadable: list[str] | None = None) -> str:
     """The leaderboard as text: one table per pair (``by="pair"``) or per setting and protocol
     (``by="setting"``), each under a heading naming what it holds, with footnotes, then the runs not counted
     (:func:`unfinished`) and those counted once (:func:`duplicate_runs`); CSV: the numbers."""
@@ -558,6 +566,10 @@ def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
     if not_finished is not None and len(not_finished):
         runs_ = f"{len(not_finished)} run{'s' if len(not_finished) > 1 else ''}"
         blocks.append(_text(f"Not counted ({runs_} did not finish): {_describe(not_finished)}", fmt))
+    if unreadable:
+        runs_ = f"{len(unreadable)} run folder{'s' if len(unreadable) > 1 else ''}"
+        blocks.append(_text(f"Not counted ({runs_} could not be read; `kdbench run` sets such files aside and "
+                            f"makes the runs again): {'; '.join(unreadable)}", fmt))
     if duplicates is not None and len(duplicates):
         runs_ = f"{len(duplicates)} run{'s' if len(duplicates) > 1 else ''}"
         blocks.append(_text(f"Counted once ({runs_} in more than one results directory, read from the first): "
@@ -866,5 +878,5 @@ def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github",
     frame = entries(table, **filters)
     path = published_path(table["results_dir"].iloc[0], published)
     board = leaderboard(frame, metric, load_published(path) if path else None)
-    text = render_report(board, fmt, by, unfinished(table), duplicate_runs(table))
+    text = render_report(board, fmt, by, unfinished(table), duplicate_runs(table), table.attrs.get("unreadable"))
     return text, save_plots(frame, table, plots, metric) if plots else []

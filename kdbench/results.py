@@ -3,25 +3,42 @@
 ``<results>/<run_id>/`` holds ``spec.json``, ``record.json`` (status, run-level metrics, per-epoch
 history, provenance), ``metrics.parquet`` (that run's tidy rows), ``latest.pt`` while the run is in
 progress (full training state for resume) and ``model.pt`` when it finished. ``<results>/metrics.parquet``
-(+ ``metrics.csv``) concatenates every run's rows: one row per (run, metric, epoch). Every write is atomic.
+(+ ``metrics.csv``) concatenates every run's rows: one row per (run, metric, epoch).
+
+Many processes may share one results dir (two shells, many Ray workers, teammates): every write is atomic and
+made with the process's umask, a run is trained only under its lock (``claim``), the table is rebuilt under a lock
+of its own, and a file that cannot be read is set aside (renamed, never deleted) so that its run is made again.
+Locks are ``flock``s (filelock): the kernel drops them when their process dies, so none outlives a killed run.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 
+from kdbench.errors import KdbenchError
 from kdbench.spec import RunSpec
 
+log = logging.getLogger("kdbench")
+
 TABLE_NAME = "metrics"
+LOCKS = ".locks"  # under the results root: one lock file per run, and one for the table
+DISK_FULL_MARGIN = 64 << 20  # a write that fails with less free space than this is reported as a full disk
 # Per-epoch metrics evaluated on the test split; everything else per epoch is about training.
 _TEST_METRICS = {"top1", "top5", "top1_best", "top1_last", "top5_best", "top5_last", "teacher_top1",
                  "teacher_top5", "eval_images_per_s", "eval_s"}
@@ -117,17 +134,58 @@ def _options_text(options: Iterable[tuple[str, Any]]) -> str:
     return ",".join(f"{k}={v}" for k, v in options)
 
 
+class DamagedRun(Exception):
+    """A run folder's file that cannot be read (reported, and with repair set aside)."""
+
+
+class DiskFull(KdbenchError):
+    """No space left where results are written: the sweep stops; it resumes once space is freed."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(path: Path, error: BaseException) -> DiskFull | None:
+    """The one-line error for a write that failed because the disk is full (torch reports it in its own words)."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(path.parent).free < DISK_FULL_MARGIN
+    except OSError:
+        pass
+    if not full:
+        return None
+    return DiskFull(f"no space left on the device holding {path.parent} (writing {path.name}); "
+                    "free some space and run the same command again: it resumes where it stopped")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes through a temporary file in the same folder, then renames: readers never see half a file."""
+    """Writes through a temporary file in the same folder, then renames: readers never see half a file. The file gets
+    the permissions of a plain ``open`` under the process's umask (mkstemp's are 0600), so teammates can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(path, error) if isinstance(error, Exception) else None
+        if full is not None:
+            raise full from None
         raise
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Deletes the temporary files that killed writers left in ``folder`` (call it holding the folder's lock)."""
+    removed = 0
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _json_default(value: Any) -> Any:
@@ -151,13 +209,78 @@ class ResultsStore:
     def checkpoint_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "latest.pt"
 
-    def load_record(self, run_id: str) -> RunRecord | None:
+    def _lock(self, name: str) -> FileLock:
+        (self.root / LOCKS).mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / LOCKS / f"{name}.lock", mode=0o666 & ~_umask())
+
+    @contextmanager
+    def claim(self, run_id: str, wait: bool = True) -> Iterator[bool]:
+        """Holds run ``run_id``'s lock for the ``with`` block, so no other process trains it meanwhile. Yields
+        False at once when another process holds it and ``wait`` is False; else waits for it. Temp files that a
+        killed writer left in the run folder are removed once the lock is held."""
+        lock = self._lock(run_id)
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            yield False
+            return
+        try:
+            if self.run_dir(run_id).is_dir():
+                remove_temp_files(self.run_dir(run_id))
+            yield True
+        finally:
+            lock.release()
+
+    def set_aside(self, path: Path, problem: str) -> Path:
+        """Renames a file that cannot be used to ``<name>.damaged-<time>`` (never deletes it) and says so."""
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.replace(path, aside)
+        log.warning("%s: %s; set aside as %s, its run will be made again", path, problem, aside.name)
+        return aside
+
+    def load_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
+        """The run's record, or None when it has none. An unreadable record raises DamagedRun, or with ``repair``
+        is set aside (None is returned: the run is made again)."""
         path = self.run_dir(run_id) / "record.json"
-        return RunRecord.from_dict(json.loads(path.read_text())) if path.exists() else None
+        try:
+            return RunRecord.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as error:  # truncated, garbled, or not a record
+            problem = f"unreadable record ({type(error).__name__})"
+            if not repair:
+                raise DamagedRun(f"{path}: {problem}") from None
+            self.set_aside(path, problem)
+            return None
+
+    def load_torch(self, path: Path, what: str, **kwargs: Any) -> Any | None:
+        """``torch.load`` of a checkpoint the harness wrote; a damaged one is set aside and None returned."""
+        try:
+            return torch.load(path, **kwargs)
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # truncated zip, bad pickle: torch raises many types
+            self.set_aside(path, f"unreadable {what} ({' '.join(str(error).split())[:120]})")
+            return None
+
+    def finished_record(self, run_id: str) -> RunRecord | None:
+        """The run's record if it finished and its weights are intact (their sha256 is in the record); else None.
+        A finished run whose weights are damaged or gone is set aside, record and weights, to be made again."""
+        record = self.load_record(run_id)
+        if record is None or record.status != "finished":
+            return None
+        expected = record.provenance.get("weights_sha256")
+        path = self.weights_path(run_id)
+        if expected is not None and (not path.is_file() or sha256_file(path, "weights") != expected):
+            problem = "missing" if not path.is_file() else "damaged (its sha256 differs from the record's)"
+            if path.is_file():
+                self.set_aside(path, f"weights {problem}")
+            self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}")
+            return None
+        return record
 
     def is_finished(self, run_id: str) -> bool:
-        record = self.load_record(run_id)
-        return record is not None and record.status == "finished"
+        return self.finished_record(run_id) is not None
 
     def write_spec(self, spec: RunSpec) -> None:
         text = json.dumps(spec.to_dict(), indent=2, sort_keys=True)
@@ -172,12 +295,63 @@ class ResultsStore:
     def save_torch(self, path: Path, obj: Any) -> None:
         atomic_write(path, lambda p: torch.save(obj, p))
 
+    def run_rows(self, run_id: str, repair: bool = True) -> pd.DataFrame | None:
+        """The tidy rows of a run with a record (None without one). Damaged rows are set aside and written again
+        from the record, or with ``repair`` False made from it in memory; an unreadable record raises DamagedRun
+        (``repair`` False) or is set aside (None)."""
+        record = self.load_record(run_id, repair)
+        if record is None:
+            return None
+        path = self.run_dir(run_id) / f"{TABLE_NAME}.parquet"
+        try:
+            return pd.read_parquet(path)
+        except FileNotFoundError:
+            pass
+        except Exception as error:  # pyarrow's ArrowInvalid and kin
+            if not repair:
+                return record.tidy()
+            self.set_aside(path, f"unreadable rows ({type(error).__name__}); written again from record.json")
+        if not repair:
+            return record.tidy()
+        self.write_record(record)
+        return pd.read_parquet(path)
+
+    def read_table(self, repair: bool = True) -> tuple[pd.DataFrame, list[str]]:
+        """Every run of this directory (folders with a record), read from the run folders, and a line for each run
+        that could not be counted (its record is unreadable; with ``repair`` it is set aside, to be made again). A
+        result set nested inside this directory is another set, never pooled."""
+        rows, not_counted = [], []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (folder / "record.json").is_file():
+                continue
+            try:
+                frame = self.run_rows(folder.name, repair)
+            except DamagedRun as error:
+                not_counted.append(str(error))
+                continue
+            if frame is None:  # its record was unreadable and is now set aside
+                not_counted.append(f"{folder / 'record.json'}: unreadable record, set aside")
+                continue
+            rows.append(frame)
+        return (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()), not_counted
+
     def rebuild_table(self) -> pd.DataFrame:
-        """Concatenates the rows of this directory's own runs (folders with a record) into ``metrics.parquet`` and
-        ``metrics.csv`` at the root; a result set nested inside it is another set, never pooled."""
-        parts = [pd.read_parquet(p) for p in sorted(self.root.glob(f"*/{TABLE_NAME}.parquet"))
-                 if (p.parent / "record.json").is_file()]
-        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        atomic_write(self.root / f"{TABLE_NAME}.parquet", lambda p: table.to_parquet(p, index=False))
-        atomic_write(self.root / f"{TABLE_NAME}.csv", lambda p: table.to_csv(p, index=False))
+        """Writes ``metrics.parquet`` and ``metrics.csv`` at the root from the run folders, under the table's lock
+        (so concurrent rebuilds never interleave) and atomically (so readers never see a partial file)."""
+        with self._lock("table"):
+            remove_temp_files(self.root)
+            table, _ = self.read_table()
+            atomic_write(self.root / f"{TABLE_NAME}.parquet", lambda p: table.to_parquet(p, index=False))
+            atomic_write(self.root / f"{TABLE_NAME}.csv", lambda p: table.to_csv(p, index=False))
         return table
+
+
+def sha256_file(path: str | Path, what: str = "file") -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise KdbenchError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return digest.hexdigest()

@@ -324,7 +324,7 @@ def test_clear_errors(capsys, tmp_path, tiny_results):
     assert "does not exist" in _one_line_error(capsys, "--results-dir", str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "holds no metrics.parquet" in _one_line_error(capsys, "--results-dir", str(empty))
+    assert "holds no runs" in _one_line_error(capsys, "--results-dir", str(empty))
     ResultsStore(empty).rebuild_table()  # an all-runs table with no runs in it
     assert "holds no runs" in _one_line_error(capsys, "--results-dir", str(empty))
 

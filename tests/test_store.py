@@ -1,8 +1,21 @@
-"""A results directory's table holds exactly its own runs: nested result sets are never pooled."""
+"""The results store: a directory's table holds exactly its own runs (nested sets are never pooled), damaged files
+are set aside and their runs made again, runs are claimed, and files follow the umask."""
 
-from conftest import TINY
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
 
-from kdbench.results import ResultsStore, RunRecord
+import pandas as pd
+import pytest
+from conftest import TINY, tiny_sweep
+
+from kdbench import harness, results
+from kdbench.harness import RunEnv, run_sweep
+from kdbench.results import LOCKS, ResultsStore, RunRecord
 from kdbench.spec import RunSpec
 
 
@@ -21,3 +34,135 @@ def test_a_nested_result_set_stays_apart(tmp_path):
     table = outer.rebuild_table()  # the nested set's own metrics.parquet sits one level down: not a run
     assert set(table.run_id) == {mine.run_id}
     assert set(nested.rebuild_table().run_id) == {r.run_id for r in theirs}
+
+
+# ---------------------------------------------------------------------------------------------- damage is survived
+
+def _truncate(path: Path, keep: int = 40) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _top1(record: RunRecord) -> list[float]:
+    return [e["top1"] for e in record.epochs]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An undamaged teacher + student sweep, for comparison."""
+    env = RunEnv(ResultsStore(tmp_path_factory.mktemp("reference")), progress=False)
+    return run_sweep(tiny_sweep().plan(), env)
+
+
+def _set_aside(folder: Path, name: str) -> list[Path]:
+    return list(folder.glob(f"{name}.damaged-*"))
+
+
+@pytest.mark.parametrize("damage", ["record", "rows", "teacher_weights"])
+def test_a_damaged_file_is_set_aside_and_its_run_made_again(damage, reference, env, caplog):
+    specs = tiny_sweep().plan()
+    run_sweep(specs, env)
+    teacher, student = (env.store.run_dir(s.run_id) for s in specs)
+    target = {"record": student / "record.json", "rows": student / "metrics.parquet",
+              "teacher_weights": teacher / "model.pt"}[damage]
+    _truncate(target)
+    with caplog.at_level(logging.WARNING, logger="kdbench"):
+        records = run_sweep(specs, env)
+    assert [r.status for r in records] == ["finished", "finished"]
+    assert [_top1(r) for r in records] == [_top1(r) for r in reference]
+    assert _set_aside(target.parent, target.name), "the damaged file was not kept"
+    lines = [r.getMessage() for r in caplog.records if target.name in r.getMessage()]
+    assert len(lines) == 1 and "set aside" in lines[0]
+    table = pd.read_parquet(env.store.root / "metrics.parquet")
+    assert set(table.run_id) == {s.run_id for s in specs}
+
+
+def test_a_damaged_resume_checkpoint_is_set_aside_and_the_run_starts_over(reference, env, monkeypatch, caplog):
+    specs = tiny_sweep().plan()
+    real_evaluate, calls = harness.evaluate, {"n": 0}
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # after the teacher's 3 epochs, the student's teacher check and first epoch
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(specs, env)
+    monkeypatch.setattr(harness, "evaluate", real_evaluate)
+    checkpoint = env.store.checkpoint_path(specs[1].run_id)
+    _truncate(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="kdbench"):
+        records = run_sweep(specs, env)
+    assert [_top1(r) for r in records] == [_top1(r) for r in reference]
+    assert _set_aside(checkpoint.parent, "latest.pt")
+    assert any("latest.pt" in r.getMessage() and "set aside" in r.getMessage() for r in caplog.records)
+
+
+def test_temp_files_of_killed_writers_are_removed_and_files_follow_the_umask(env):
+    specs = tiny_sweep().plan()
+    run_sweep(specs, env)
+    leftovers = [env.store.run_dir(specs[1].run_id) / ".record.json.abc123.tmp", env.store.root / ".metrics.csv.x.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"")
+    umask = os.umask(0o027)
+    try:
+        env.store.write_record(env.store.load_record(specs[1].run_id))
+        with env.store.claim(specs[1].run_id):
+            pass
+        env.store.rebuild_table()
+    finally:
+        os.umask(umask)
+    assert not any(p.exists() for p in leftovers)
+    assert (env.store.run_dir(specs[1].run_id) / "record.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_run_held_by_another_process_is_put_off_and_then_waited_for(env):
+    specs = tiny_sweep(seeds=(0, 1)).plan()
+    other = multiprocessing.get_context("spawn").Process(target=_hold,
+                                                         args=(env.store.root, specs[1].run_id, specs[2].run_id))
+    other.start()
+    try:
+        while not (env.store.root / LOCKS / f"{specs[1].run_id}.lock").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        records = run_sweep(specs, env)
+    finally:
+        other.join()
+    assert [r.status for r in records] == ["finished"] * 3
+    started = [json.loads((env.store.run_dir(s.run_id) / "record.json").read_text())["provenance"]["timestamp"]
+               for s in specs]
+    assert started[2] < started[1], "the held run was not put off behind the free one"
+
+
+def _hold(root: Path, run_id: str, until: str) -> None:
+    """Holds ``run_id``'s claim until run ``until`` has finished (at most two minutes)."""
+    store = ResultsStore(root)
+    with store.claim(run_id):
+        deadline = time.monotonic() + 120
+        while not store.is_finished(until) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_a_full_disk_gives_one_line_naming_the_path(env, monkeypatch):
+    monkeypatch.setattr(results.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+
+    def write(path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
+
+    with pytest.raises(results.DiskFull, match=r"no space left on the device holding .*results.*model.pt"):
+        results.atomic_write(env.store.root / "run" / "model.pt", write)
+    assert not list((env.store.root / "run").glob(".*.tmp"))
+
+
+def test_report_lists_an_unreadable_run_and_changes_nothing(env):
+    from kdbench.report import report
+
+    specs = tiny_sweep(seeds=(0, 1)).plan()
+    run_sweep(specs, env)
+    damaged = env.store.run_dir(specs[2].run_id) / "record.json"
+    _truncate(damaged)
+    before = sorted(p.name for p in env.store.root.rglob("*"))
+    text, _ = report([env.store.root])
+    assert "Not counted (1 run folder could not be read" in text and specs[2].run_id in text
+    assert sorted(p.name for p in env.store.root.rglob("*")) == before  # the report only reads

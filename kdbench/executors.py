@@ -1,0 +1,95 @@
+"""Executors: where the runs of a plan execute. ``local`` is kdbench.harness.run_sweep, in this process; ``ray``
+spreads the runs over a Ray cluster.
+
+Under Ray every run is one task that calls kdbench.harness.run in a worker, so a run is the same code either way.
+A task takes the results of the runs that teach it as arguments, so Ray starts it only when they are done:
+teachers, then teacher-assistant chains, then students, as many at once as the cluster has GPUs (or CPU slots).
+Workers write straight into the results dir, which must therefore be one filesystem that every node sees (NFS,
+Lustre, a local disk for a one-node cluster). A worker that dies is replaced and its task retried; the run resumes
+from its last epoch checkpoint, and its claim (a flock the kernel dropped with the dead process) keeps each result
+made once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kdbench.errors import KdbenchError
+from kdbench.harness import RunEnv, run, run_sweep
+from kdbench.progress import log
+from kdbench.results import RunRecord
+from kdbench.spec import RunSpec
+
+EXECUTORS = ("local", "ray")
+RETRIES = 3  # times Ray restarts a task whose worker died (out of memory, a killed node, kill -9)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Resources of one run: a GPU per CUDA run; ``cpus`` threads each (the CPU slots of a CPU-only cluster)."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001": attach to one
+    cpus: int = 1
+    gpus: float | None = None  # None: 1 for CUDA runs, 0 for CPU runs
+
+
+def execute(specs: list[RunSpec], env: RunEnv, executor: str = "local",
+            ray_options: RayOptions | None = None) -> list[RunRecord]:
+    if executor == "local":
+        return run_sweep(specs, env)
+    if executor == "ray":
+        return run_sweep_ray(specs, env, ray_options or RayOptions())
+    raise KdbenchError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+
+
+def _run_task(spec_dict: dict, env: RunEnv, threads: int, *trainers: dict) -> dict:
+    """One run in a Ray worker; ``trainers``: the records of the runs that teach it (Ray waited for them)."""
+    import torch
+
+    if not log.handlers:  # the worker's lines reach the driver through Ray's log forwarding
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("kdbench: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    torch.set_num_threads(threads)
+    failed = next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
+    return run(RunSpec.from_dict(spec_dict), env, failed).to_dict()
+
+
+def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> list[RunRecord]:
+    """Submits the plan as a graph of Ray tasks, then reports each run as it ends and rebuilds the table."""
+    try:
+        import ray
+    except ImportError:
+        raise KdbenchError("--executor ray needs Ray: pip install 'kdbench[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=True)
+    task = ray.remote(_run_task)
+    refs: dict[str, ray.ObjectRef] = {}
+    for spec in specs:
+        gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")
+        trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
+        refs[spec.run_id] = task.options(num_cpus=options.cpus, num_gpus=gpus, max_retries=RETRIES,
+                                         retry_exceptions=False, name=spec.run_id).remote(
+            spec.to_dict(), env, options.cpus, *trainers)
+    by_ref = {ref: spec for spec, ref in zip(specs, refs.values())}
+    records: dict[str, RunRecord] = {}
+    pending = list(refs.values())
+    while pending:
+        (done,), pending = ray.wait(pending, num_returns=1)
+        spec = by_ref[done]
+        try:
+            record = RunRecord.from_dict(ray.get(done))
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, KdbenchError):
+                raise error.cause from None
+            raise
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.TaskCancelledError) as error:
+            # retries spent: record the failure; its students fail through the trainer check in their tasks
+            record = RunRecord(spec, "failed", {}, [], {}, f"{type(error).__name__}: worker died {RETRIES + 1} times")
+            env.store.write_record(record)
+        records[spec.run_id] = record
+        env.store.rebuild_table()
+        log.info("[%d/%d] %s %s", len(records), len(specs), spec.run_id, record.status)
+    return [records[spec.run_id] for spec in specs]

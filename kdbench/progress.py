@@ -1,0 +1,155 @@
+"""Live progress: one line per run event and per epoch on the ``kdbench`` logger, and optional metric sinks.
+
+Batch schedulers redirect output to files, where progress bars turn themselves off; these lines are what a user
+then sees (the CLI shows them on stderr whenever stderr is not a terminal). Sinks (TensorBoard, Weights & Biases)
+receive each run's spec and its per-epoch metrics through their own libraries. Nothing here decides a number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kdbench.errors import KdbenchError
+from kdbench.spec import RunSpec
+
+log = logging.getLogger("kdbench")
+SINKS = ("tensorboard", "wandb")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@dataclass
+class SweepProgress:
+    """Counts of one sweep in this process, for the sweep's ETA: epochs left times the mean epoch time so far."""
+
+    runs: int
+    epochs_left: int
+    done_runs: int = 0
+    epochs_done: int = 0
+    epoch_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, specs: list[RunSpec]) -> "SweepProgress":
+        return cls(len(specs), sum(s.recipe.epochs for s in specs if not s.pretrained))
+
+    def eta(self) -> float | None:
+        if not self.epochs_done:
+            return None
+        return self.epoch_seconds / self.epochs_done * max(self.epochs_left, 0)
+
+
+class Sink(Protocol):
+    def epoch(self, row: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    """Per-epoch scalars under ``<results>/tensorboard/<run_id>``, the spec as text."""
+
+    def __init__(self, spec: RunSpec, root: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(root / "tensorboard" / spec.run_id))
+        self.writer.add_text("spec", f"```\n{spec.to_dict()}\n```")
+
+    def epoch(self, row: dict[str, float]) -> None:
+        for name, value in row.items():
+            if name != "epoch":
+                self.writer.add_scalar(name, value, int(row["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """One W&B run per kdbench run, offline unless ``WANDB_MODE`` says otherwise (sync later with `wandb sync`)."""
+
+    def __init__(self, spec: RunSpec, root: Path):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdbench"), name=spec.run_id,
+                              id=spec.run_id, resume="allow", config=spec.to_dict(), dir=str(root),
+                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+
+    def epoch(self, row: dict[str, float]) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def check_sinks(names: tuple[str, ...]) -> None:
+    """One clear error before anything runs when a sink is unknown or its library is not installed."""
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in names:
+        if name not in SINKS:
+            raise KdbenchError(f"unknown --log {name!r}; valid: {', '.join(SINKS)}")
+        try:
+            __import__(modules[name])
+        except ImportError:
+            raise KdbenchError(f"--log {name} needs the {modules[name]} package: pip install 'kdbench[log]'") from None
+
+
+@dataclass
+class RunLog:
+    """The progress of one run: its lines, its sinks, and its share of the sweep's ETA."""
+
+    spec: RunSpec
+    root: Path
+    sweep: SweepProgress | None = None
+    sink_names: tuple[str, ...] = ()
+    sinks: list[Any] = field(default_factory=list)
+    position: int = 0  # epochs of this run accounted for in the sweep's count
+
+    def _line(self, text: str) -> None:
+        log.info("%s %s", self.spec.run_id, text)
+
+    def start(self, epochs_done: int) -> None:
+        total = self.spec.recipe.epochs
+        self._line(f"resumes at epoch {epochs_done + 1}/{total}" if epochs_done else f"starts ({total} epochs)")
+        self._advance(epochs_done)
+        self.sinks = [{"tensorboard": TensorBoardSink, "wandb": WandbSink}[n](self.spec, self.root)
+                      for n in self.sink_names]
+
+    def _advance(self, epochs: int, seconds: float | None = None) -> None:
+        self.position += epochs
+        if self.sweep is not None:
+            self.sweep.epochs_left -= epochs
+            if seconds is not None:
+                self.sweep.epochs_done += epochs
+                self.sweep.epoch_seconds += seconds
+
+    def epoch(self, row: dict[str, float], images: int) -> None:
+        """After each epoch: its line (loss, top-1, training img/s, ETAs) and its metrics to the sinks."""
+        total, done = self.spec.recipe.epochs, int(row["epoch"])
+        seconds = row["epoch_s"] + row["eval_s"]
+        self._advance(1, seconds)
+        text = (f"epoch {done}/{total} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
+                f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (total - done))}")
+        if self.sweep is not None:
+            text += f" sweep {duration(self.sweep.eta())}"
+        self._line(text)
+        for sink in self.sinks:
+            sink.epoch(row)
+
+    def end(self, status: str, detail: str = "") -> None:
+        """Finished, failed or skipped (``detail`` says why); closes the sinks."""
+        self._advance(self.spec.recipe.epochs - self.position)
+        if self.sweep is not None:
+            self.sweep.done_runs += 1
+        counter = f"[{self.sweep.done_runs}/{self.sweep.runs}] " if self.sweep is not None else ""
+        self._line(f"{counter}{status}" + (f": {detail}" if detail else ""))
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
