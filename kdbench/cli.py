@@ -6,6 +6,7 @@ User mistakes end with one line on stderr and exit status 2; nothing is written 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def _option(text: str) -> tuple[str, str, str]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+
+
+def _writable_dir(path: Path, flag: str) -> None:
+    """Fails unless ``path`` is a folder kdbench can write in or create; checked before anything is written, so a
+    bad path is a one-line error, not a traceback after hours of training."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise KdbenchError(f"{flag}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdbenchError(f"{flag}: no permission to write in {existing}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,13 +133,27 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt) if args.teacher_ckpt else None)
 
 
+def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
+    """Loads the checkpoint into the pairs' teacher architecture now, so a file that does not fit fails before any
+    run starts."""
+    from kdbench.data import dataset_info
+    from kdbench.harness import load_weights
+    from kdbench.models import create_model
+
+    info = dataset_info(sweep.dataset)
+    load_weights(create_model(sweep.pairs[0].teacher, info.num_classes, info.in_channels), path, "teacher checkpoint")
+
+
 def _run(args: argparse.Namespace) -> int:
     from kdbench.harness import RunEnv, run_sweep, stale_runs
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore
 
+    _writable_dir(args.results_dir, "--results-dir")
     sweep = _sweep(args)
     specs = sweep.plan()
+    if args.teacher_ckpt:
+        _check_teacher_ckpt(args.teacher_ckpt, sweep)
     checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt} if args.teacher_ckpt else {}
     store = ResultsStore(args.results_dir)
     stale = stale_runs(specs, store)
@@ -147,6 +172,12 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kdbench.report import report
 
+    if args.out:
+        if args.out.is_dir():
+            raise KdbenchError(f"--out {args.out} is a directory; name the file to write the report to")
+        _writable_dir(args.out.parent, "--out")
+    if args.plots:
+        _writable_dir(args.plots, "--plots")
     text, plots = report(args.results_dirs or [Path("results")], args.format, args.metric, args.by, args.published,
                          args.plots, dataset=args.dataset, recipe=args.recipe, protocol=args.protocol, pairs=args.pairs,
                          methods=args.methods)

@@ -10,11 +10,13 @@ whatever their batch size, subset or method.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
 import os
 import pickle
+import shutil
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -46,6 +48,10 @@ class DatasetInfo:
     std: tuple[float, ...]
     how_to_get: str
     load: Callable[[Path | None, bool], "ArrayData"]
+    # Images in the training and test splits, known without loading, so a sweep is checked against them when it is
+    # planned (subsets that hold a whole split, batches that no step can fill); None: unknown until loaded.
+    train_size: int | None = None
+    test_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,23 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+@contextlib.contextmanager
+def _downloading_into(root: Path) -> Iterator[None]:
+    """Removes the folders a download created on the way to ``root`` when it fails: a dataset that could not be
+    fetched leaves nothing behind."""
+    created = None
+    for folder in (root, *root.parents):
+        if folder.exists():
+            break
+        created = folder
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- CIFAR (python pickles)
 
 
@@ -155,7 +178,9 @@ def _load_cifar(data_dir: Path | None, download: bool, *, name: str, tv_class, f
         if not download:
             raise KdbenchError(f"{name} not found in {root} and downloading is disabled; {how}")
         try:
-            download_and_extract_archive(tv_class.url, str(root), filename=tv_class.filename, md5=tv_class.tgz_md5)
+            with _downloading_into(root):
+                download_and_extract_archive(tv_class.url, str(root), filename=tv_class.filename,
+                                             md5=tv_class.tgz_md5)
         except _DOWNLOAD_ERRORS as e:
             raise KdbenchError(f"{name} not found in {root} and could not be downloaded "
                                f"({_reason(e)}); {how}") from None
@@ -245,7 +270,8 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> A
         try:
             from torchvision.datasets import FashionMNIST
 
-            FashionMNIST(str(root), train=True, download=True)
+            with _downloading_into(root):
+                FashionMNIST(str(root), train=True, download=True)
         except _DOWNLOAD_ERRORS as e:
             raise KdbenchError(f"fashion-mnist not found in {root} or {DEBIAN_FASHION_MNIST_DIR} and could not be "
                                f"downloaded ({_reason(e)}); {how}") from None
@@ -310,13 +336,13 @@ register_dataset(DatasetInfo(
     name="cifar100", num_classes=100, in_channels=3,
     mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
     how_to_get=_cifar_how_to_get("cifar-100-python.tar.gz"),
-    load=load_cifar100,
+    load=load_cifar100, train_size=50_000, test_size=10_000,
 ))
 register_dataset(DatasetInfo(
     name="cifar10", num_classes=10, in_channels=3,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     how_to_get=_cifar_how_to_get("cifar-10-python.tar.gz"),
-    load=load_cifar10,
+    load=load_cifar10, train_size=50_000, test_size=10_000,
 ))
 register_dataset(DatasetInfo(
     name="fashion-mnist", num_classes=10, in_channels=1,
@@ -324,14 +350,14 @@ register_dataset(DatasetInfo(
     mean=(0.2190,), std=(0.3318,),
     how_to_get="Run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four idx .gz files from "
                "https://github.com/zalandoresearch/fashion-mnist in a folder and pass --data-dir.",
-    load=load_fashion_mnist,
+    load=load_fashion_mnist, train_size=60_000, test_size=10_000,
 ))
 register_dataset(DatasetInfo(
     name="synthetic", num_classes=10, in_channels=3,
     # Computed once over the generated training set, pixels scaled to [0, 1].
     mean=(0.5063, 0.5138, 0.5024), std=(0.2018, 0.2037, 0.2039),
     how_to_get="Nothing to get: generated in memory, deterministic and offline.",
-    load=load_synthetic,
+    load=load_synthetic, train_size=SYNTHETIC_TRAIN, test_size=SYNTHETIC_TEST,
 ))
 
 
@@ -518,8 +544,9 @@ def load_cinic10(data_dir: Path | None = None, download: bool = True) -> ArrayDa
         try:
             from torchvision.datasets import utils as tv_utils
 
-            tv_utils.download_and_extract_archive(CINIC10_URL, str(root), extract_root=str(root / CINIC10_FOLDER),
-                                                  filename=CINIC10_ARCHIVE)
+            with _downloading_into(root):
+                tv_utils.download_and_extract_archive(CINIC10_URL, str(root),
+                                                      extract_root=str(root / CINIC10_FOLDER), filename=CINIC10_ARCHIVE)
         except _DOWNLOAD_ERRORS as e:
             raise KdbenchError(f"cinic10 not found in {root} and could not be downloaded ({_reason(e)}); "
                                f"{how}") from None
@@ -541,5 +568,5 @@ register_dataset(DatasetInfo(
     how_to_get=f"Download {CINIC10_ARCHIVE} from {CINIC10_URL} and extract it into <data dir>/{CINIC10_FOLDER} "
                "(default ~/.cache/kdbench/data, or $KDBENCH_DATA_DIR, or --data-dir); kdbench trains on train/ and "
                "tests on test/.",
-    load=load_cinic10,
+    load=load_cinic10, train_size=90_000, test_size=90_000,
 ))

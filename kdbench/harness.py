@@ -162,11 +162,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device)
     lineage = list(zip((spec.teacher, *spec.assistants), (spec.teacher_run, *spec.assistant_runs)))
     trainers, records = (zip(*(_frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
                          if method_cls.needs_teacher else ((), ()))
-    ctx = MethodContext(student_shapes=feature_shapes(student, input_shape),
-                        teacher_shapes=feature_shapes(trainers[0], input_shape) if trainers else None,
-                        protocol=spec.protocol, batch_size=recipe.batch_size, num_classes=info.num_classes,
-                        options=dict(spec.method_options), seed=spec.seed, role=spec.role,
-                        num_assistants=len(spec.assistants))
+    ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, input_shape),
+                               feature_shapes(trainers[0], input_shape) if trainers else None)
     method = method_cls(ctx).to(device)
     method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format

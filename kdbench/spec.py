@@ -6,13 +6,18 @@ same command maps to the same result folder (skip when finished, resume when int
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
+
+if TYPE_CHECKING:
+    from kdbench.data import DatasetInfo
 
 # Loss-weight presets (methods.md §0.3), each a set of method option values (Method.presets); the first is the
 # default. official: each method as its own official code runs it; crd: RepDistiller's convention (no logit KD
@@ -20,6 +25,9 @@ from kdbench.registry import Registry
 PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
 PAD_MODES = ("zeros", "reflect")
+# Seeds are integers in 0 <= seed < SEED_LIMIT, the signed 32-bit range that every seeded library takes; far larger
+# ones overflowed the results table's int64 columns after the teacher had trained.
+SEED_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Recipe:
     fit_points: int | None = None  # cap on the points of a method's offline fit (k-means); None: every point
     # The registered recipe that trains the teachers of runs with this recipe; None: the recipe itself.
     teacher_recipe: str | None = None
+
     def milestone_epochs(self) -> tuple[int, ...]:
         return tuple(round(f * self.epochs) for f in self.milestones)
 
@@ -57,7 +66,18 @@ class Recipe:
             value = getattr(recipe, key)
             if value is not None and value < 1:
                 raise KdbenchError(f"{what}{key.replace('_', '-')} must be a positive integer, got {value}")
+        if recipe.lr is not None and not (math.isfinite(recipe.lr) and recipe.lr > 0):
+            raise KdbenchError(f"{what}lr must be a finite number > 0, got {recipe.lr}")
         return recipe
+
+    def on(self, info: "DatasetInfo") -> "Recipe":
+        """The recipe on ``info``'s dataset: a subset that holds a whole split is the same experiment as no subset,
+        so it is dropped, and both get the same run id."""
+        def within(subset: int | None, size: int | None) -> int | None:
+            return None if subset is not None and size is not None and subset >= size else subset
+
+        return replace(self, train_subset=within(self.train_subset, info.train_size),
+                       test_subset=within(self.test_subset, info.test_size))
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -173,13 +193,18 @@ class SweepSpec:
         return dict(dataset=self.dataset, device=self.device, precision=self.precision,
                     channels_last=self.channels_last)
 
+    def _on_dataset(self, recipe: Recipe) -> Recipe:
+        from kdbench.data import dataset_info
+
+        return recipe.on(dataset_info(self.dataset))
+
     def teacher_spec(self, arch: str) -> RunSpec:
         """The run that produces ``arch``'s teacher weights, with the teacher recipe; shared by every method, seed
         and protocol. An imported checkpoint is evaluated only, so its spec carries no recipe of its own."""
         seed = 0 if self.teacher_ckpt_sha256 else self.teacher_seed
         recipe = self.recipe if self.teacher_ckpt_sha256 else (self.teacher_recipe or teacher_recipe_of(self.recipe))
-        return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none", recipe=recipe,
-                       pretrained=self.teacher_ckpt_sha256, **self._common())
+        return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none",
+                       recipe=self._on_dataset(recipe), pretrained=self.teacher_ckpt_sha256, **self._common())
 
     def chain(self, pair: Pair) -> tuple[str, ...]:
         """The teacher-assistant chain ``(teacher, TAs..., student)`` for ``pair``: --ta-chain, else the default."""
@@ -196,17 +221,28 @@ class SweepSpec:
     def _taught(self, pair: Pair, arch: str, method: str, options: tuple, seed: int, role: str,
                 assistants: tuple[RunSpec, ...], teacher_run: str) -> RunSpec:
         return RunSpec(student=arch, method=method, seed=seed, role=role, teacher=pair.teacher,
-                       teacher_run=teacher_run, protocol=self.protocol, method_options=options, recipe=self.recipe,
-                       assistants=tuple(a.student for a in assistants),
+                       teacher_run=teacher_run, protocol=self.protocol, method_options=options,
+                       recipe=self._on_dataset(self.recipe), assistants=tuple(a.student for a in assistants),
                        assistant_runs=tuple(a.run_id for a in assistants), **self._common())
 
     def _validate(self) -> dict[str, dict[str, str]]:
         """Checks names, chains and settings before anything runs; returns the ``--set`` overrides per method."""
         from kdbench.data import dataset_info
-        from kdbench.methods import method_class
+        from kdbench.methods import list_methods, method_class
         from kdbench.models import model_entry
 
         dataset_info(self.dataset)
+        if not self.methods:
+            raise KdbenchError(f"--methods names no method; valid methods: {', '.join(list_methods())}")
+        if not self.pairs:
+            raise KdbenchError("--pairs names no pair; write TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
+        if not self.seeds:
+            raise KdbenchError("--seeds names no seed; write comma-separated integers, e.g. 0,1,2")
+        for what, seeds in (("--seeds", self.seeds), ("--teacher-seed", (self.teacher_seed,))):
+            for seed in seeds:
+                if not 0 <= seed < SEED_LIMIT:
+                    raise KdbenchError(f"{what}: seed {seed} is out of range; seeds are integers from 0 to "
+                                       f"{SEED_LIMIT - 1}")
         for pair in self.pairs:
             model_entry(pair.teacher), model_entry(pair.student)
         for chain in self.ta_chains:
@@ -234,22 +270,24 @@ class SweepSpec:
     def plan(self) -> list[RunSpec]:
         """Teacher runs first, then every (pair, method, seed), each preceded by the teacher assistants
         it needs; duplicates removed, order kept. Options resolve per pair: defaults, the protocol's preset, the
-        pair's official values, then ``--set``."""
+        pair's official values, then ``--set``. Every run is checked (:meth:`_check`) before the plan is returned."""
         from kdbench.methods import method_class
         from kdbench.methods.base import LOGIT_OPTIONS
 
         overrides = self._validate()
         classes = {name: method_class(name) for name in self.methods}
-        runs = [self.teacher_spec(pair.teacher) for pair in self.pairs]
+        teachers = [self.teacher_spec(pair.teacher) for pair in self.pairs]
+        taught: list[tuple[Pair, RunSpec]] = []  # every run after the teachers, with the pair it is planned for
         for pair in self.pairs:
             teacher_run = self.teacher_spec(pair.teacher).run_id
             chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
                 if not cls.needs_teacher:
                     options = cls.resolve_options(overrides[name], "none", None, pair.student)
-                    runs.extend(RunSpec(student=pair.student, method=name, seed=seed, role="student",
-                                        protocol="none", method_options=options, recipe=self.recipe,
-                                        **self._common()) for seed in self.seeds)
+                    taught.extend((pair, RunSpec(student=pair.student, method=name, seed=seed, role="student",
+                                                 protocol="none", method_options=options,
+                                                 recipe=self._on_dataset(self.recipe), **self._common()))
+                                  for seed in self.seeds)
                     continue
                 options = cls.resolve_options(overrides[name], self.protocol, pair.teacher, pair.student)
                 # A1 learns from the teacher alone: plain KD with the method's logit options, one run shared by
@@ -263,7 +301,63 @@ class SweepSpec:
                             method, opts = (name, options) if k else ("kd", first_ta)
                             assistants += (self._taught(pair, arch, method, opts, seed, "assistant", assistants,
                                                         teacher_run),)
-                        runs.extend(assistants)
-                    runs.append(self._taught(pair, pair.student, name, options, seed, "student", assistants,
-                                             teacher_run))
-        return list(dict.fromkeys(runs))
+                        taught.extend((pair, a) for a in assistants)
+                    taught.append((pair, self._taught(pair, pair.student, name, options, seed, "student", assistants,
+                                                      teacher_run)))
+        runs = list(dict.fromkeys([*teachers, *(run for _, run in taught)]))
+        self._check(runs, taught)
+        return runs
+
+    def _check(self, runs: list[RunSpec], taught: list[tuple[Pair, RunSpec]]) -> None:
+        """Fails on a run that could not train, before anything does: a run without a step per epoch, or a method
+        that cannot be built on its models (e.g. fitnet.hint_layer=99). Each method is built once per distinct
+        setting, on the feature shapes of its models; models and methods live on the meta device, so building them
+        allocates, initialises and draws nothing."""
+        import torch
+
+        from kdbench.data import IMAGE_SIZE, dataset_info
+        from kdbench.methods import method_class
+        from kdbench.methods.base import MethodContext
+        from kdbench.models import create_model
+        from kdbench.models.taps import feature_shapes
+
+        info = dataset_info(self.dataset)
+        for run in runs:
+            if not run.pretrained:
+                _check_steps(run, method_class(run.method).needs_full_batches, info.train_size)
+
+        @functools.cache
+        def shapes(arch: str) -> dict[str, tuple[int, ...]]:
+            model = create_model(arch, info.num_classes, info.in_channels)
+            return feature_shapes(model, (info.in_channels, IMAGE_SIZE, IMAGE_SIZE))
+
+        built = set()
+        with torch.device("meta"):
+            for pair, run in taught:
+                setting = (run.method, run.method_options, run.protocol, run.teacher, run.student, run.role,
+                           len(run.assistants), run.recipe.batch_size)
+                if setting in built:
+                    continue
+                built.add(setting)
+                ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student),
+                                           shapes(run.teacher) if run.teacher else None)
+                try:
+                    method_class(run.method)(ctx)
+                except (KdbenchError, ValueError) as e:
+                    where = (f"the teacher assistant {run.student} of {pair.teacher}:{pair.student}"
+                             if run.role == "assistant" else f"the pair {pair.teacher}:{pair.student}")
+                    raise KdbenchError(f"{run.method} cannot train {where}: {' '.join(str(e).split())}") from None
+
+
+def _check_steps(run: RunSpec, needs_full_batches: bool, dataset_size: int | None) -> None:
+    """Fails when ``run`` would take no step per epoch: fewer training images than one batch, and the smaller last
+    batch dropped (by the recipe, or because the method needs full batches)."""
+    recipe = run.recipe
+    images = recipe.train_subset or dataset_size
+    if not (recipe.drop_last or needs_full_batches) or images is None or images >= recipe.batch_size:
+        return
+    why = f"{run.method} needs full batches" if needs_full_batches else f"recipe {recipe.name} drops the last batch"
+    fix = ("a larger --teacher-train-subset" if run.role == "teacher"
+           else f"--batch-size {images} or less, or a larger --train-subset")
+    raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches of "
+                       f"{recipe.batch_size}, and {why}: not one step per epoch; use {fix}")

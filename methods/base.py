@@ -8,15 +8,19 @@ every term per epoch; it never branches on a method's name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import KdbenchError
+
+if TYPE_CHECKING:
+    from kdbench.spec import RunSpec
 
 KD_TEMPERATURE = 4.0  # Hinton KD temperature of the crd and semckd protocols (methods.md §0.2)
 # "batchmean": KL summed over classes, mean over the batch (RepDistiller, SemCKD, mdistiller); "mean": mean over
@@ -25,6 +29,34 @@ KL_REDUCTIONS = ("batchmean", "mean")
 # The logit options every distillation method has: the loss is ce_weight·CE + kd_weight·T²·KL_T (+ its own terms).
 LOGIT_OPTIONS: dict[str, Any] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": KD_TEMPERATURE,
                                  "kl_reduction": "batchmean"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers an option may take: finite, at least ``low`` (above it when ``low_open``), at most ``high``.
+
+    Declared per option in ``Method.ranges``, so that a value that makes no sense (a zero temperature, a negative
+    or NaN weight) is rejected when the sweep is planned, not epochs into training.
+    """
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high and (isinstance(value, int) or math.isfinite(value))
+
+    def __str__(self) -> str:
+        low = f"{'>' if self.low_open else '>='} {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
+# The ranges of LOGIT_OPTIONS: weights of loss terms are never negative, and T divides the logits.
+LOGIT_RANGES: dict[str, Range] = {"ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "temperature": POSITIVE}
 # The crd and semckd protocols for a method whose own term is not logit KD (methods.md §0.3): crd adds no KD,
 # semckd adds 1·KD_4 to every method.
 FEATURE_PRESETS: dict[str, dict[str, Any]] = {"crd": {"ce_weight": 1.0, "kd_weight": 0.0},
@@ -53,6 +85,13 @@ class MethodContext:
     seed: int = 0  # the run's seed, for method randomness drawn as a pure function of (seed, epoch, step)
     role: str = "student"  # "assistant" while a teacher assistant is trained (TAKD/DGKD chains)
     num_assistants: int = 0  # teacher assistants teaching this run besides the teacher
+
+    @classmethod
+    def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
+               teacher_shapes: dict[str, tuple[int, ...]] | None) -> "MethodContext":
+        """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
+        return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
+                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants))
 
 
 @dataclass(frozen=True)
@@ -102,6 +141,7 @@ class Method(nn.Module):
     # them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"kl_reduction": KL_REDUCTIONS}  # options that take a few values
+    ranges: ClassVar[dict[str, Range]] = LOGIT_RANGES  # numeric options' valid values; keys without a range: any
     # protocol name -> the option values that protocol sets (kdbench.spec.PROTOCOLS; methods.md §0.3). Every method
     # with a teacher has one preset per protocol; "official" is the method as its own official code runs it.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -118,7 +158,7 @@ class Method(nn.Module):
     def resolve_options(cls, overrides: dict[str, Any], protocol: str = "none", teacher: str | None = None,
                         student: str | None = None) -> tuple[tuple[str, Any], ...]:
         """Defaults, then the protocol's preset, then the pair's defaults, then user overrides (strings are converted
-        to the default's type); sorted, hashable."""
+        to the default's type), each checked against ``choices`` and ``ranges``; sorted, hashable."""
         options = {**cls.defaults, **cls.presets.get(protocol, {}),
                    **(cls.pair_defaults(teacher, student) if student else {})}
         for key, value in overrides.items():
@@ -126,9 +166,13 @@ class Method(nn.Module):
                 valid = ", ".join(cls.defaults) or "none"
                 raise KdbenchError(f"method {cls.name} has no option {key!r}; its options: {valid}")
             options[key] = _convert(value, cls.defaults[key], f"{cls.name}.{key}") if isinstance(value, str) else value
-            if key in cls.choices and options[key] not in cls.choices[key]:
+        for key, value in options.items():
+            if key in cls.choices and value not in cls.choices[key]:
                 raise KdbenchError(f"option {cls.name}.{key} is one of {', '.join(map(str, cls.choices[key]))}; "
                                    f"got {value!r}")
+            if key in cls.ranges and value not in cls.ranges[key]:
+                kind = "an integer" if type(cls.defaults[key]) is int else "a finite number"
+                raise KdbenchError(f"option {cls.name}.{key} must be {kind} {cls.ranges[key]}; got {value!r}")
         return tuple(sorted(options.items()))
 
     @classmethod

@@ -26,7 +26,7 @@ import torch
 
 from kdbench.data import stream_seed
 from kdbench.methods import register_method
-from kdbench.methods.base import StepOutputs, kd_divergence
+from kdbench.methods.base import NON_NEGATIVE, Range, StepOutputs, kd_divergence
 from kdbench.methods.kd import KD
 from kdbench.methods.takd import TAKD
 
@@ -39,6 +39,8 @@ class DGKD(KD):
                 "ce_scale": "code", "trainer_reduction": "sum", "skip_dropped_forward": True, "stochastic_tas": False}
     choices = {**KD.choices, "drop_mode": ("exact_k", "bernoulli", "none"), "ce_scale": ("code", "paper"),
                "trainer_reduction": ("sum", "mean")}
+    # p_survive = 0 would resample the gates forever
+    ranges = {**KD.ranges, "drop_k": NON_NEGATIVE, "p_survive": Range(0, 1, low_open=True)}
     presets = TAKD.presets
 
     def __init__(self, ctx):

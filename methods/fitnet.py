@@ -14,7 +14,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, StepOutputs
+from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
 
 
 class ConvReg(nn.Module):
@@ -57,6 +57,8 @@ def hint_tap(layer: int) -> str:
 class FitNet(Method):
     name = "fitnet"
     defaults = {**LOGIT_OPTIONS, "hint_layer": 2, "beta": 100.0}
+    # hint_layer's top depends on the models: __init__ checks it, and the plan builds every method before a run
+    ranges = {**Method.ranges, "hint_layer": NON_NEGATIVE, "beta": NON_NEGATIVE}
     presets = {"official": {**FEATURE_PRESETS["crd"], "hint_layer": 2},
                "crd": {**FEATURE_PRESETS["crd"], "hint_layer": 2},
                "semckd": {**FEATURE_PRESETS["semckd"], "hint_layer": 1}}

@@ -77,7 +77,18 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, MethodContext, Preparation, StepOutputs
+from kdbench.methods.base import (
+    AT_LEAST_ONE,
+    FEATURE_PRESETS,
+    LOGIT_OPTIONS,
+    NON_NEGATIVE,
+    POSITIVE,
+    Method,
+    MethodContext,
+    Preparation,
+    Range,
+    StepOutputs,
+)
 from kdbench.results import atomic_write
 
 log = logging.getLogger(__name__)
@@ -426,6 +437,11 @@ class LetKD(Method):
         "fit_seed": 0,  # seed of the fit's sampling and k-means (not the run seed: one fit per teacher)
         "kmeans_iters": 20,  # faiss niter, as the reference
     }
+    ranges: ClassVar[dict[str, Range]] = {
+        **Method.ranges, "penult_weight": NON_NEGATIVE, "k_penult": AT_LEAST_ONE, "assign_temperature": POSITIVE,
+        "alpha_penult": NON_NEGATIVE, "kmeans_iters": AT_LEAST_ONE,
+        "fit_seed": Range(0, 2**30),  # faiss seeds are 32-bit ints, and letkd2 seeds fit_seed + class
+    }
     # official: CE + L_penult (+ L_inter), no logit KD (§7.4); crd: the same; semckd: + 1·KD_4 (methods.md §0.3).
     presets: ClassVar[dict[str, dict[str, Any]]] = {"official": {"ce_weight": 1.0, "kd_weight": 0.0},
                                                     **FEATURE_PRESETS}
@@ -658,3 +674,5 @@ class LetKD2(LetKD):
         "alpha_inter": 1.0,  # 0.2 for ResNet50 -> MobileNetV2: pair_defaults
         "inter_weight": 1.0,  # sub_loss_coef
     }
+    ranges = {**LetKD.ranges, "k_sub": AT_LEAST_ONE, "lda_components": AT_LEAST_ONE, "alpha_inter": NON_NEGATIVE,
+              "inter_weight": NON_NEGATIVE}

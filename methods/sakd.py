@@ -78,8 +78,11 @@ from torch import nn
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import (
+    AT_LEAST_ONE,
     FEATURE_PRESETS,
     LOGIT_OPTIONS,
+    NON_NEGATIVE,
+    POSITIVE,
     Method,
     MethodContext,
     Preparation,
@@ -247,21 +250,15 @@ class SAKD(Method):
         "head_input": ("scaled", "raw"),
         "head_mode": ("prefit_teacher", "joint"),
     }
+    ranges = {**Method.ranges, "pool_size": AT_LEAST_ONE, "tau_a": POSITIVE, "head_hidden": AT_LEAST_ONE,
+              "prefit_passes": NON_NEGATIVE, "prefit_lr": POSITIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE,
+              "delta": NON_NEGATIVE, "tau_b": POSITIVE}
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         if ctx.teacher_shapes is None:
             raise ValueError("sakd needs a teacher: MethodContext.teacher_shapes is None")
-        opts: dict[str, Any] = {**self.defaults, **ctx.options}
-        for key, valid in self.choices.items():
-            if opts[key] not in valid:
-                raise KdbenchError(f"option sakd.{key} is one of {', '.join(valid)}; got {opts[key]!r}")
-        for key in ("pool_size", "head_hidden", "prefit_passes"):
-            if int(opts[key]) < (0 if key == "prefit_passes" else 1):
-                raise KdbenchError(f"option sakd.{key} must be a positive integer; got {opts[key]!r}")
-        for key in ("tau_b", "prefit_lr"):
-            if not float(opts[key]) > 0:
-                raise KdbenchError(f"option sakd.{key} must be > 0; got {opts[key]!r}")
+        opts: dict[str, Any] = {**self.defaults, **ctx.options}  # checked by resolve_options (choices, ranges)
         self.components = opts["components"]
         self.head_mode = opts["head_mode"]
         self.beta, self.gamma, self.tau_b = float(opts["beta"]), float(opts["gamma"]), float(opts["tau_b"])

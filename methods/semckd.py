@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, Method, MethodContext, StepOutputs
+from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, MethodContext, StepOutputs
 from kdbench.models.taps import stage_names
 
 EMBED_FACTOR = 4  # the MLP embedding width is B / 4 (official `factor = 4`)
@@ -72,6 +72,7 @@ class SemCKD(Method):
     name = "semckd"
     needs_full_batches = True
     defaults = {**LOGIT_OPTIONS, "beta": 400.0}
+    ranges = {**Method.ranges, "beta": NON_NEGATIVE}
     presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["semckd"]}
 
     def __init__(self, ctx: MethodContext):
