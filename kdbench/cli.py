@@ -6,6 +6,8 @@ User mistakes end with one line on stderr and exit status 2; nothing is written 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -89,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", type=Path, default=Path("results"))
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished runs that other code made instead of re-running them")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="local: one run after another in this process (default); ray: on a Ray cluster")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="attach to this Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
+    run.add_argument("--ray-cpus", type=int, default=1, metavar="N",
+                     help="CPUs (threads) per run under Ray (default 1); CUDA runs also take one GPU each")
+    run.add_argument("--log", default="", metavar="SINKS",
+                     help="also stream each run's spec and per-epoch metrics to: tensorboard, wandb (comma-separated;"
+                          " W&B runs offline unless WANDB_MODE says otherwise)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan and an estimate of its compute (a few measured steps); write nothing")
 
     report = commands.add_parser("report", help="leaderboards (and plots) from the tidy results table")
     report.add_argument("--results-dir", type=Path, action="append", dest="results_dirs", metavar="DIR",
@@ -130,7 +143,7 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
         teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
         ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
-        teacher_ckpt_sha256=sha256_file(args.teacher_ckpt) if args.teacher_ckpt else None)
+        teacher_ckpt_sha256=sha256_file(args.teacher_ckpt, "teacher checkpoint") if args.teacher_ckpt else None)
 
 
 def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
@@ -144,11 +157,32 @@ def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
     load_weights(create_model(sweep.pairs[0].teacher, info.num_classes, info.in_channels), path, "teacher checkpoint")
 
 
+def _show_progress_lines() -> None:
+    """Progress lines on stderr when it is not a terminal (a log file, a batch scheduler), where progress bars turn
+    themselves off; on a terminal the bars show, and only warnings get lines."""
+    log = logging.getLogger("kdbench")
+    for old in [h for h in log.handlers if getattr(h, "kdbench_cli", False)]:  # main() called again (tests)
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kdbench: %(message)s"))
+    handler.kdbench_cli = True
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if sys.stderr.isatty() else logging.INFO)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from kdbench.harness import RunEnv, run_sweep, stale_runs
+    from kdbench.executors import RayOptions, execute
+    from kdbench.harness import RunEnv, stale_runs
+    from kdbench.progress import check_sinks
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore
 
+    sinks = _names(args.log)
+    check_sinks(sinks)
+    if args.ray_cpus < 1:
+        raise KdbenchError(f"--ray-cpus must be a positive integer, got {args.ray_cpus}")
+    if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise KdbenchError("--executor ray needs Ray: pip install 'kdbench[ray]'")
     _writable_dir(args.results_dir, "--results-dir")
     sweep = _sweep(args)
     specs = sweep.plan()
@@ -156,14 +190,20 @@ def _run(args: argparse.Namespace) -> int:
         _check_teacher_ckpt(args.teacher_ckpt, sweep)
     checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt} if args.teacher_ckpt else {}
     store = ResultsStore(args.results_dir)
+    env = RunEnv(store, args.data_dir, not args.no_download, checkpoints, reuse_stale=args.reuse_stale, sinks=sinks)
+    if args.dry_run:
+        from kdbench.estimate import estimate, format_estimate
+
+        print(format_estimate(estimate(specs, env)))
+        return 0
     stale = stale_runs(specs, store)
     if stale:
         changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
         what = "kept (--reuse-stale)" if args.reuse_stale else "re-run"
         print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
               f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
-    env = RunEnv(store, args.data_dir, not args.no_download, checkpoints, reuse_stale=args.reuse_stale)
-    records = run_sweep(specs, env)
+    _show_progress_lines()
+    records = execute(specs, env, args.executor, RayOptions(args.ray_address, args.ray_cpus))
     print(run_summary(records))
     print(f"\ntidy table: {args.results_dir / 'metrics.parquet'} (CSV: {args.results_dir / 'metrics.csv'})")
     return 1 if any(r.status == "failed" for r in records) else 0

@@ -433,30 +433,36 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
 
 def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     """Runs every spec in order (teachers first). A run that another process holds is put off, with the runs it
-    teaches, until the others are done, and then waited for: processes sharing a results dir split the work."""
+    teaches, and tried again after the others; only when every run left is held is the first one waited for.
+    Processes that share a results dir thus split the work, and each run is trained once."""
     for dataset in {spec.dataset for spec in specs}:  # data problems stop the sweep before anything is written
         _dataset(dataset, env.data_dir, env.download)
     records: dict[str, RunRecord] = {}
     sweep = SweepProgress.of(specs)
     show = env.progress
     bar = tqdm(total=len(specs), desc="sweep", unit="run", disable=None if show is None else not show)
-    queue, wait = list(specs), False
+
+    def attempt(spec: RunSpec, wait: bool) -> bool:
+        trainers = (spec.teacher_run, *spec.assistant_runs)
+        failed = next((t for t in trainers if t in records and records[t].status != "finished"), None)
+        record = run(spec, env, failed, sweep, wait)
+        if record is None:
+            log.info("%s is being trained by another process; put off", spec.run_id)
+            return False
+        records[spec.run_id] = record
+        env.store.rebuild_table()
+        bar.update()
+        return True
+
+    queue = list(specs)
     while queue:
         put_off: list[RunSpec] = []
         for spec in queue:
-            trainers = (spec.teacher_run, *spec.assistant_runs)
-            if any(t in {p.run_id for p in put_off} for t in trainers):
+            held = {p.run_id for p in put_off}
+            if any(t in held for t in (spec.teacher_run, *spec.assistant_runs)) or not attempt(spec, wait=False):
                 put_off.append(spec)
-                continue
-            failed = next((t for t in trainers if t in records and records[t].status != "finished"), None)
-            record = run(spec, env, failed, sweep, wait)
-            if record is None:
-                log.info("%s is being trained by another process; put off", spec.run_id)
-                put_off.append(spec)
-                continue
-            records[spec.run_id] = record
-            env.store.rebuild_table()
-            bar.update()
-        queue, wait = put_off, True
+        if put_off and len(put_off) == len(queue):
+            attempt(put_off.pop(0), wait=True)
+        queue = put_off
     bar.close()
     return [records[spec.run_id] for spec in specs]
