@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference
+.PHONY: bench test setup reference soak
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -26,6 +26,11 @@ reference: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# Kill -9 soak of both executors (README, "Sweeps at scale"): about 10 minutes each on a 2-core CPU.
+soak: setup
+	$(VENV)/bin/python tests/soak.py --executor local --kills 15
+	$(VENV)/bin/python tests/soak.py --executor ray --kills 15
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
 

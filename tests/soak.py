@@ -2,10 +2,12 @@
 
 A small sweep (teacher + student and kd, two seeds, synthetic data) is run once without interruption, then again
 in another results dir where it is killed with SIGKILL (its whole process group: for the ray executor, the driver
-and the local cluster it started) at random moments at least ``--kills`` times before it may finish. Then every
+and the local cluster it started) at random moments, ``--kills`` times in all, before it may finish (a sweep that
+finishes between two kills is checked too, and the next kill goes to a new one). Then every
 run must be finished once, every file must parse, no temporary file or held lock may be left, and accuracies and
-weights must equal the uninterrupted sweep. Prints where the kills hit (the run's last log line, and whether a
-file write was in flight) and exits non-zero on any failure.
+weights must equal the uninterrupted sweep. Every third kill waits for a file write to be in flight (checkpoint,
+weights, record, table). Prints where the kills hit (from the run's last log line, and the files being written)
+and exits non-zero on any failure.
 
     python tests/soak.py --executor local --kills 15
     python tests/soak.py --executor ray --kills 15
@@ -54,34 +56,48 @@ def where(results: Path, log: Path) -> str:
         doing = "between runs"
     else:
         doing = "starting up"
-    writing = sorted({p.name.split(".")[1] for p in results.rglob(".*.tmp")})
+    writing = _writing(results)
     return doing + (f" [writing {', '.join(writing)}]" if writing else "")
 
 
+def _writing(results: Path) -> list[str]:
+    """The files being written now (their temporary files exist)."""
+    return sorted({p.name.split(".")[1] for p in results.rglob(".*.tmp")}) if results.is_dir() else []
+
+
 def soak(executor: str, kills: int, work: Path) -> list[str]:
-    reference, soaked = work / "reference", work / "soaked"
+    reference = work / "reference"
     subprocess.run([sys.executable, "-m", "kdbench.cli", *SWEEP, "--results-dir", str(reference)], check=True,
                    capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     started = time.monotonic()
     kdbench(work / "timing", executor, work / "timing.log").wait()
     duration = time.monotonic() - started
     hits: list[str] = []
-    log = work / "soaked.log"
+    rounds = [work / "soaked-1"]  # a round that finishes between kills is checked, and the next one starts afresh
     rng = random.Random(0)
     while len(hits) < kills:
-        process = kdbench(soaked, executor, log)
-        time.sleep(rng.uniform(0.2, duration))
-        if process.poll() is not None:  # it finished before the kill: start again (a resumed sweep is shorter)
+        log = rounds[-1].with_suffix(".log")
+        process = kdbench(rounds[-1], executor, log)
+        if len(hits) % 3 == 2:  # every third kill lands while a file is being written
+            deadline = time.monotonic() + duration
+            while process.poll() is None and time.monotonic() < deadline and not _writing(rounds[-1]):
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.2, duration / 2))
+        if process.poll() is not None:
+            if process.returncode != 0:
+                return [f"a sweep failed after a kill: see {log}"]
+            rounds.append(work / f"soaked-{len(rounds) + 1}")
             continue
-        hits.append(where(soaked, log))
+        hits.append(where(rounds[-1], log))
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    if kdbench(soaked, executor, log).wait() != 0:
-        return [f"the last, uninterrupted sweep failed: see {log}"]
-    print(f"{executor}: {len(hits)} kills; where they hit:")
+    if kdbench(rounds[-1], executor, rounds[-1].with_suffix(".log")).wait() != 0:
+        return [f"the last, uninterrupted sweep failed: see {rounds[-1].with_suffix('.log')}"]
+    print(f"{executor}: {len(hits)} kills over {len(rounds)} sweep(s) of {duration:.0f} s; where they hit:")
     for place, count in collections.Counter(hits).most_common():
         print(f"  {count:3d} × {place}")
-    return check(reference, soaked)
+    return [problem for soaked in rounds for problem in check(reference, soaked)]
 
 
 def check(reference: Path, soaked: Path) -> list[str]:
