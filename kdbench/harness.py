@@ -152,15 +152,17 @@ class _Parts:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device) -> _Parts:
-    """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all."""
+def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> _Parts:
+    """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all. ``frozen``
+    makes each trainer from (arch, run id, env, data, device): by default the finished run's weights (a dry run
+    passes untrained models)."""
     info, recipe = data.info, spec.recipe
     method_cls = method_class(spec.method)
     input_shape = data.image_shape
     torch.manual_seed(stream_seed(spec.seed, 0, "init"))
     student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
     lineage = list(zip((spec.teacher, *spec.assistants), (spec.teacher_run, *spec.assistant_runs)))
-    trainers, records = (zip(*(_frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
+    trainers, records = (zip(*(frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
                          if method_cls.needs_teacher else ((), ()))
     ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, input_shape),
                                feature_shapes(trainers[0], input_shape) if trainers else None)

@@ -112,3 +112,13 @@ def test_console_script_is_installed():
     assert exe, "the kdbench console script is not installed (pip install -e .)"
     result = subprocess.run([exe, "list", "methods"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("methods: student")
+
+
+def test_dry_run_prints_the_plan_and_its_compute_and_writes_nothing(capsys, tmp_path):
+    results = tmp_path / "results"
+    code, out, _ = run_cli(capsys, "run", "--methods", "student,kd", "--pairs", "resnet14:resnet8", *TINY_ARGS,
+                           "--results-dir", str(results), "--dry-run")
+    assert code == 0 and not results.exists()
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["teacher"][1] == "1" and rows["student"][1] == "1" and rows["kd"][1] == "1"  # runs to train
+    assert "device-hours" in out and "settings on cpu" in out

@@ -1,0 +1,256 @@
+"""Dry run (``kdbench run ... --dry-run``): the plan and an estimate of its compute, without writing a result.
+
+Each distinct setting of the plan (method and its options, teacher, student, role, device, precision, layout, batch
+size) is built once, with untrained trainers of the right architectures in place of the finished runs that will
+teach it, and timed on the harness's own code paths (``_train_epoch``, ``evaluate``, the method's ``prepare``) on a
+few batches after a warm-up. Every run is then priced by its recipe: its remaining epochs of steps and test
+evaluations, the teacher's evaluation, the method's offline fit, and the fixed cost of setting a run up and saving it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+
+from kdbench import harness
+from kdbench.data import DeviceLoader
+from kdbench.fingerprint import fingerprint
+from kdbench.measure import StepTimer, macs_per_image, provenance
+from kdbench.methods import method_class
+from kdbench.models import create_model
+from kdbench.results import ResultsStore, RunRecord
+from kdbench.spec import RunSpec
+
+WARMUP_STEPS = 3  # untimed steps first: allocator, kernel selection, caches
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    run_id: str
+    role: str
+    method: str
+    pair: str  # "teacher->student", or the architecture of a run without a teacher
+    status: str  # train, resume, cached, stale (finished by other code: trained again), import (a checkpoint)
+    epochs: int  # epochs left to train
+    seconds: float
+    note: str = ""  # a stale run's changed modules
+
+
+@dataclass(frozen=True)
+class Estimate:
+    runs: tuple[RunEstimate, ...]
+    settings: int  # distinct settings measured
+    steps: int  # timed training steps per setting
+    devices: tuple[str, ...]
+
+    @property
+    def total_s(self) -> float:
+        return sum(r.seconds for r in self.runs)
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """One setting's measured seconds, per unit of work that a recipe multiplies."""
+
+    step: float
+    eval_image: float
+    teacher_eval_image: float
+    fit_image: float  # prepare per image of the training subset, for a fit and for a run that reuses its cache
+    reuse_image: float
+    epoch: float  # a checkpoint and a record written every epoch
+    run: float  # building the loader and modules, exporting and saving the run
+
+
+class _Sample:
+    """A DeviceLoader cut to ``batches`` batches a pass (the plain pass to as many images): what the harness's loops
+    run on here. ``cycle``: a short epoch runs on into the next; else a pass ends where the real one does (prepare)."""
+
+    def __init__(self, loader: DeviceLoader, batches: int, cycle: bool = True):
+        self.loader, self.steps_per_epoch, self.cycle, self.images, self.passes = loader, batches, cycle, 0, 0
+        self.num_train, self.drop_last = batches * loader.batch_size, True
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def _take(self, make, batches: int):
+        self.passes += 1
+        passes = (make(k) for k in (itertools.count() if self.cycle else range(1)))
+        for x, y in itertools.islice(itertools.chain.from_iterable(passes), batches):
+            self.images += len(y)
+            yield x, y
+
+    def train_epoch(self, seed: int, epoch: int):
+        return self._take(lambda k: self.loader.train_epoch(seed, epoch + k), self.steps_per_epoch)
+
+    def train_plain(self):
+        return self._take(lambda k: self.loader.train_plain(), -(-self.num_train // self.loader.eval_batch_size))
+
+    def test_batches(self):
+        return self._take(lambda k: self.loader.test_batches(), self.steps_per_epoch)
+
+
+def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
+    """(training images, steps per epoch, test images, drop_last) of ``spec``, as ``harness.run`` makes its loader."""
+    recipe, n_test = spec.recipe, len(data.test_y)
+    n = min(recipe.train_subset or len(data.train_y), len(data.train_y))
+    drop = recipe.drop_last or method_class(spec.method).needs_full_batches
+    steps = n // recipe.batch_size if drop else -(-n // recipe.batch_size)
+    return n, steps, min(recipe.test_subset or n_test, n_test), drop
+
+
+def _loader(spec: RunSpec, data, device: torch.device) -> DeviceLoader:
+    n, _, n_test, drop = _sizes(spec, data)
+    return DeviceLoader(data, device, batch_size=spec.recipe.batch_size, train_subset=n, test_subset=n_test,
+                        drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode)
+
+
+def _untrained(arch: str, run_id: str, env: harness.RunEnv, data, device: torch.device):
+    """A trainer for ``harness._assemble`` in a dry run: the runs that will teach this one need not exist yet."""
+    model = create_model(arch, data.info.num_classes, data.info.in_channels)
+    return model.to(device).eval().requires_grad_(False), None
+
+
+def _timed(fn, device: torch.device) -> float:
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, evals: dict) -> _Cost:
+    """Times one setting; what it writes goes to a temporary store, deleted. ``evals``: per-image evaluation seconds of
+    plain models already timed (a teacher is evaluated by every run it teaches)."""
+    device, data = torch.device(spec.device), harness._dataset(spec.dataset, env.data_dir, env.download)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    started = time.perf_counter()
+    loader, parts = _loader(spec, data, device), harness._assemble(spec, env, data, device, frozen=_untrained)
+    prov = {**provenance(device), **fingerprint(spec)}
+    run_s = time.perf_counter() - started
+
+    def per_image(model, arch: str | None) -> tuple[float, float]:
+        """(first batch's seconds beyond the steady state, seconds per image); ``arch``: a plain model's, shared."""
+        key = (arch, spec.dataset, spec.device, spec.precision, spec.channels_last)
+        if arch and key in evals:
+            return evals[key]
+        warm, sample = _Sample(loader, 1), _Sample(loader, eval_batches)
+        first, steady = (harness.evaluate(model, s, spec, device)["eval_s"] for s in (warm, sample))
+        cost = max(0.0, first - warm.images * steady / sample.images), steady / sample.images
+        if arch:
+            evals[key] = cost
+        return cost
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ResultsStore(tmp)
+        fit = reuse = teacher_eval = 0.0
+        if parts.trainers:
+            first_eval, teacher_eval = per_image(parts.trainers[0], spec.teacher)  # harness.run's teacher_scores
+            run_s += first_eval
+            # prepare twice: a fit, then what a later run of the same teacher pays (a method that caches its fit)
+            samples = [_Sample(loader, steps, cycle=False), _Sample(loader, 1, cycle=False)]
+            fit, reuse = (_timed(lambda: parts.method.prepare(harness._preparation(parts, s, spec, store)), device)
+                          for s in samples)
+            # per image of the training subset: prepare's passes over it, each sampled, are scaled to whole passes
+            n_train = _sizes(spec, data)[0]
+            fit, reuse = (t * s.passes / s.images if s.images else t / n_train for t, s in zip((fit, reuse), samples))
+        timer = StepTimer(device, 0)
+        warm = harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, 0, timer, False)
+        timer.flush()
+        train = harness._train_epoch(parts, _Sample(loader, steps), spec, 1, timer, False)
+        # the median step (robust to a step that another process slowed), plus the loop's own share per step
+        timed_steps = [s for s, _ in timer.flush()]
+        step = statistics.median(timed_steps) + (train["epoch_s"] - sum(timed_steps)) / steps
+        first_eval, eval_image = per_image(parts.student, None if parts.trainers else spec.student)
+        run_s += max(0.0, warm["epoch_s"] - WARMUP_STEPS * step) + first_eval  # a run's first steps and evaluation
+        history = [{"epoch": 1, "top1": 0.0, "top5": 0.0, **train, "lr": parts.base_lr, "eval_s": 0.0}]
+        epoch_s = _timed(lambda: (
+            store.save_torch(store.checkpoint_path(spec.run_id), {**parts.state(), "history": history,
+                                                                  "rng_cpu": torch.get_rng_state()}),
+            store.write_record(RunRecord(spec, "running", {}, history, prov))), device)
+
+        def finish():  # what harness.run does after the last epoch
+            for extractor in (parts.student_fx, *parts.trainer_fx):
+                extractor.remove()
+            plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
+            deployed = parts.method.export(parts.student)
+            store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
+            macs_per_image(plain, data.image_shape), macs_per_image(deployed, data.image_shape)
+            store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
+
+        run_s += _timed(finish, device)
+    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s)
+
+
+def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
+    """(status, epochs left, note) as ``harness.run`` will treat the run."""
+    record, code = env.store.load_record(spec.run_id), fingerprint(spec)
+    if record is not None and record.status == "finished":
+        reason = harness.stale_reason(record, code)
+        return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", spec.recipe.epochs, reason)
+    if spec.pretrained:
+        return "import", 0, ""
+    if (record is not None and record.epochs and env.store.checkpoint_path(spec.run_id).exists()
+            and record.provenance.get("code_fingerprint") == code["code_fingerprint"]):
+        return "resume", spec.recipe.epochs - len(record.epochs), ""
+    return "train", spec.recipe.epochs, ""
+
+
+def _setting(spec: RunSpec) -> tuple:
+    return (spec.dataset, spec.method, spec.method_options, spec.teacher, spec.assistants, spec.student, spec.role,
+            spec.device, spec.precision, spec.channels_last, spec.recipe.batch_size, spec.recipe.pad_mode)
+
+
+def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1) -> Estimate:
+    """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``."""
+    plan = [(spec, *_status(spec, env)) for spec in specs]
+    costs: dict[tuple, _Cost] = {}
+    evals: dict[tuple, tuple[float, float]] = {}
+    for spec, status, *_ in plan:
+        if status != "cached" and _setting(spec) not in costs:
+            costs[_setting(spec)] = _measure(spec, env, steps, eval_batches, evals)
+    fitted: set[tuple] = set()  # (teacher run, method, options): a cached fit is paid once per teacher
+    rows = []
+    for spec, status, epochs, note in plan:
+        seconds = 0.0
+        if status != "cached":
+            cost, data = costs[_setting(spec)], harness._dataset(spec.dataset, env.data_dir, env.download)
+            n_train, n_steps, n_test, _ = _sizes(spec, data)
+            seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
+            seconds += n_test * cost.eval_image if status == "import" else \
+                epochs * (n_steps * cost.step + n_test * cost.eval_image + cost.epoch)
+            if status in ("train", "stale") and spec.teacher:
+                key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)
+                seconds += n_train * (cost.reuse_image if key in fitted else cost.fit_image)
+                fitted.add(key)
+        rows.append(RunEstimate(spec.run_id, spec.role, spec.method, spec.pair or spec.student, status, epochs,
+                                seconds, note))
+    return Estimate(tuple(rows), len(costs), steps, tuple(sorted({s.device for s, *_ in plan})))
+
+
+def format_estimate(est: Estimate, per_run: bool = False) -> str:
+    """Runs per status and device-hours per method (teachers and assistants apart), the total, and the basis."""
+    groups: dict[str, list[RunEstimate]] = {}
+    for r in est.runs:
+        label = "teacher" if r.role == "teacher" else r.method + (" (assistant)" if r.role == "assistant" else "")
+        groups.setdefault(label, []).append(r)
+    statuses = ("train", "resume", "cached", "stale")
+    groups["total"] = list(est.runs)
+    table = [[label, *(sum(r.status == s for r in runs) for s in statuses), sum(r.seconds for r in runs) / 3600]
+             for label, runs in groups.items()]
+    text = tabulate(table, headers=["method", *statuses, "device-h"], floatfmt=".3g")
+    if per_run:
+        rows = [[r.run_id, r.pair, r.status, r.epochs, f"{r.seconds:.1f}", r.note] for r in est.runs]
+        text += "\n\n" + tabulate(rows, headers=["run", "pair", "status", "epochs", "est. s", "changed"])
+    devices = "/".join(est.devices) or "no device"
+    return (f"{text}\n\nestimate: {est.total_s / 3600:.3g} device-hours ({est.total_s / 60:.1f} min); measured "
+            f"{est.steps} training steps (after {WARMUP_STEPS} warm-up) and test batches of each of {est.settings} "
+            f"settings on {devices}, times the recipes; includes teacher forwards and evaluation, and each method's "
+            f"offline fit (prepare) measured on {est.steps} batches a pass and scaled with the training subset (an "
+            f"upper bound where the recipe caps fit points); excludes loading the dataset. Nothing was written.")

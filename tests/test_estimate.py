@@ -1,0 +1,106 @@
+"""The dry run: plan classification, pricing by the recipe, no writes, and agreement with a real sweep."""
+
+import time
+
+import pytest
+from conftest import TINY, tiny_sweep
+
+import kdbench.estimate as estimate_module
+import kdbench.harness as harness
+from kdbench.estimate import estimate, format_estimate
+from kdbench.fingerprint import fingerprint
+from kdbench.harness import RunEnv, run_sweep
+from kdbench.results import RunRecord
+
+COST = estimate_module._Cost(step=0.5, eval_image=0.01, teacher_eval_image=0.02, fit_image=0.1, reuse_image=0.001,
+                             epoch=0.3, run=2.0)
+STEPS, TEST = 20, 320  # the synthetic set under TINY: 640 training images in batches of 32, 320 test images
+EPOCH_S = STEPS * COST.step + TEST * COST.eval_image + COST.epoch
+
+
+def _fixed_cost(monkeypatch) -> list:
+    measured = []
+    monkeypatch.setattr(estimate_module, "_measure", lambda spec, *a: measured.append(spec) or COST)
+    return measured
+
+
+def _record(env, spec, status, epochs=0, code=None):
+    prov = {**fingerprint(spec), **({"code_fingerprint": code} if code else {})}
+    history = [{"epoch": e + 1, "top1": 50.0, "epoch_s": 1.0, "eval_s": 0.1} for e in range(epochs)]
+    env.store.write_record(RunRecord(spec, status, {"wall_s": 1.0} if status == "finished" else {}, history, prov))
+
+
+def _plan_with_history(env):
+    """Teacher finished, kd interrupted after one epoch, fitnet finished by other code, the baseline new."""
+    teacher, baseline, kd, fitnet = specs = tiny_sweep(methods=("student", "kd", "fitnet")).plan()
+    _record(env, teacher, "finished", 3)
+    _record(env, kd, "running", 1)
+    env.store.save_torch(env.store.checkpoint_path(kd.run_id), {"stand-in": 1})
+    _record(env, fitnet, "finished", 3, code="other code")
+    return specs
+
+
+def test_plan_is_classified_and_priced_by_the_recipe(env, monkeypatch):
+    measured = _fixed_cost(monkeypatch)
+    specs = _plan_with_history(env)
+    est = estimate(specs, env)
+    by_method = {r.method if r.role != "teacher" else "teacher": r for r in est.runs}
+    assert [(r.status, r.epochs) for r in est.runs] == [("cached", 0), ("train", 3), ("resume", 2), ("stale", 3)]
+    assert by_method["teacher"].seconds == 0
+    assert by_method["student"].seconds == pytest.approx(COST.run + 3 * EPOCH_S)  # no teacher, no prepare
+    # resumed: the remaining epochs and the teacher's evaluation, no offline fit (the checkpoint holds it)
+    assert by_method["kd"].seconds == pytest.approx(COST.run + TEST * COST.teacher_eval_image + 2 * EPOCH_S)
+    assert by_method["fitnet"].seconds == pytest.approx(COST.run + TEST * COST.teacher_eval_image + 3 * EPOCH_S
+                                                        + 640 * COST.fit_image)
+    assert len(measured) == 3 and est.total_s == pytest.approx(sum(r.seconds for r in est.runs))
+    # --reuse-stale keeps a stale run, as harness.run does
+    kept = estimate(specs, RunEnv(env.store, reuse_stale=True))
+    assert [r.status for r in kept.runs] == ["cached", "train", "resume", "cached"] and kept.runs[3].seconds == 0
+    text = format_estimate(est)
+    for word in ("teacher", "student", "kd", "fitnet", "device-h", "total", "3 settings on cpu", "offline fit"):
+        assert word in text, word
+
+
+def test_estimate_scales_with_epochs_and_seeds(env, monkeypatch):
+    _fixed_cost(monkeypatch)
+    short = estimate(tiny_sweep(methods=("kd",)).plan(), env)
+    long = estimate(tiny_sweep(methods=("kd",), recipe=TINY.overridden(epochs=6)).plan(), env)
+    assert long.runs[1].seconds - short.runs[1].seconds == pytest.approx(3 * EPOCH_S)
+    # a second seed of the same teacher reuses a cached fit: its prepare costs reuse_image, not fit_image
+    two = estimate(tiny_sweep(methods=("kd",), seeds=(0, 1)).plan(), env)
+    assert two.runs[1].seconds - two.runs[2].seconds == pytest.approx(640 * (COST.fit_image - COST.reuse_image))
+
+
+def _tree(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_dry_run_measures_settings_and_writes_nothing(env):
+    specs = _plan_with_history(env)
+    before = _tree(env.store.root)
+    est = estimate(specs, env, steps=2, eval_batches=1)
+    assert _tree(env.store.root) == before
+    assert [r.status for r in est.runs] == ["cached", "train", "resume", "stale"] and est.settings == 3
+    assert all(r.seconds > 0 for r in est.runs[1:])
+    assert "measured 2 training steps" in format_estimate(est, per_run=True)
+
+
+@pytest.mark.slow
+def test_estimate_agrees_with_a_small_sweep(env, monkeypatch):
+    """Loosely (a factor of 3), on ratios of the same machine's timings: not a wall-clock threshold."""
+    specs = tiny_sweep(methods=("student", "kd")).plan()
+    est = estimate(specs, env)
+    actual = {}
+    real = harness.run
+
+    def timed(spec, *args, **kwargs):
+        started = time.perf_counter()
+        record = real(spec, *args, **kwargs)
+        actual[spec.run_id] = time.perf_counter() - started
+        return record
+
+    monkeypatch.setattr(harness, "run", timed)
+    assert [r.status for r in run_sweep(specs, env)] == ["finished"] * 3
+    assert 1 / 3 < est.total_s / sum(actual.values()) < 3
+    for row in est.runs:
+        assert 1 / 3 < row.seconds / actual[row.run_id] < 3, row
