@@ -56,6 +56,9 @@ def test_plan_is_classified_and_priced_by_the_recipe(env, monkeypatch):
     # --reuse-stale keeps a stale run, as harness.run does
     kept = estimate(specs, RunEnv(env.store, reuse_stale=True))
     assert [r.status for r in kept.runs] == ["cached", "train", "resume", "cached"] and kept.runs[3].seconds == 0
+    # an imported teacher checkpoint is evaluated only
+    imported = estimate(tiny_sweep(methods=("kd",), teacher_ckpt_sha256="0" * 64).plan(), env).runs[0]
+    assert (imported.status, imported.seconds) == ("import", pytest.approx(COST.run + TEST * COST.eval_image))
     text = format_estimate(est)
     for word in ("teacher", "student", "kd", "fitnet", "device-h", "total", "3 settings on cpu", "offline fit"):
         assert word in text, word
@@ -87,7 +90,8 @@ def test_dry_run_measures_settings_and_writes_nothing(env):
 
 @pytest.mark.slow
 def test_estimate_agrees_with_a_small_sweep(env, monkeypatch):
-    """Loosely (a factor of 3), on ratios of the same machine's timings: not a wall-clock threshold."""
+    """Loosely (a factor of 3), as a ratio of the same machine's timings: not a wall-clock threshold. Per run it would
+    flake: another process on a 2-core machine can slow one run several times over."""
     specs = tiny_sweep(methods=("student", "kd")).plan()
     est = estimate(specs, env)
     actual = {}
@@ -102,5 +106,3 @@ def test_estimate_agrees_with_a_small_sweep(env, monkeypatch):
     monkeypatch.setattr(harness, "run", timed)
     assert [r.status for r in run_sweep(specs, env)] == ["finished"] * 3
     assert 1 / 3 < est.total_s / sum(actual.values()) < 3
-    for row in est.runs:
-        assert 1 / 3 < row.seconds / actual[row.run_id] < 3, row
