@@ -234,8 +234,6 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     steps = loader.steps_per_epoch
     losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
     total = sum(losses.values())
-    if not math.isfinite(total):
-        raise RunFailed(f"non-finite training loss ({total}) in epoch {epoch + 1}")
     return {"train_top1": 100.0 * correct.item() / (steps * loader.batch_size if loader.drop_last
                                                     else loader.num_train),
             "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
@@ -326,6 +324,8 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
         train = _train_epoch(parts, loader, spec, epoch, timer, show)
+        if not math.isfinite(train["loss"]):
+            raise RunFailed(f"non-finite training loss ({train['loss']}) in epoch {epoch + 1}")
         step_times += timer.flush()
         scores = evaluate(parts.student, loader, spec, device)
         history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,

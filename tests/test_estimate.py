@@ -106,3 +106,10 @@ def test_estimate_agrees_with_a_small_sweep(env, monkeypatch):
     monkeypatch.setattr(harness, "run", timed)
     assert [r.status for r in run_sweep(specs, env)] == ["finished"] * 3
     assert 1 / 3 < est.total_s / sum(actual.values()) < 3
+
+
+def test_a_run_that_would_diverge_is_still_priced(env):
+    import probe_methods  # noqa: F401  (registers probe-nan: a loss that is NaN from the first step)
+
+    est = estimate(tiny_sweep(methods=("probe-nan",)).plan(), env)
+    assert [r.status for r in est.runs] == ["train", "train"] and all(r.seconds > 0 for r in est.runs)
