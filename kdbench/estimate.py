@@ -240,7 +240,8 @@ def format_estimate(est: Estimate, per_run: bool = False) -> str:
     for r in est.runs:
         label = "teacher" if r.role == "teacher" else r.method + (" (assistant)" if r.role == "assistant" else "")
         groups.setdefault(label, []).append(r)
-    statuses = ("train", "resume", "cached", "stale")
+    statuses = ("train", "resume", "cached", "stale") + (("import",) if any(r.status == "import" for r in est.runs)
+                                                         else ())
     groups["total"] = list(est.runs)
     table = [[label, *(sum(r.status == s for r in runs) for s in statuses), sum(r.seconds for r in runs) / 3600]
              for label, runs in groups.items()]
