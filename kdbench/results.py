@@ -179,13 +179,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def remove_temp_files(folder: Path) -> int:
+def remove_temp_files(folder: Path) -> None:
     """Deletes the temporary files that killed writers left in ``folder`` (call it holding the folder's lock)."""
-    removed = 0
     for tmp in folder.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def _json_default(value: Any) -> Any:
@@ -308,9 +305,8 @@ class ResultsStore:
         except FileNotFoundError:
             pass
         except Exception as error:  # pyarrow's ArrowInvalid and kin
-            if not repair:
-                return record.tidy()
-            self.set_aside(path, f"unreadable rows ({type(error).__name__}); written again from record.json")
+            if repair:
+                self.set_aside(path, f"unreadable rows ({type(error).__name__}); written again from record.json")
         if not repair:
             return record.tidy()
         self.write_record(record)
