@@ -12,8 +12,8 @@ bench: setup
 	$(VENV)/bin/kdbench run --methods student --pairs vgg13:vgg8 --dataset fashion-mnist --recipe short
 
 # The committed reference result set (README, "Reference results"): every method on two pairs, three seeds, the
-# `cpu` recipe (teachers on every Fashion-MNIST training image, students on a fixed low-data subset), fp32, the
-# default (official) protocol. About 4 h on a 2-core CPU; it resumes where it stopped. Failed runs stay in the set
+# `cpu` recipe (teachers on 20,000 Fashion-MNIST training images, students on a fixed 1,000-image subset), fp32, the
+# default (official) protocol. About 5 CPU-hours on 2 cores (`--dry-run` prices it); it resumes where it stopped. Failed runs stay in the set
 # with their reasons (the `-` lets make go on to the report). SemCKD's default beta = 400 diverges on
 # resnet56:resnet20 here (README, "Reference results"), so that pair also gets a labelled beta = 50 row.
 REFERENCE := results/reference-fashion-mnist-cpu
