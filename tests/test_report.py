@@ -168,7 +168,7 @@ def test_option_sets_and_chains_are_labelled_by_what_differs(table):
     alone = pd.concat([table[table.method != "kd"], changed], ignore_index=True)
     assert set(report.leaderboard(report.entries(alone), "top1_best").label) == {
         "teacher", "student (CE)", "kd[temperature=2.0]"}
-    assert "kd[temperature=2.0] resnet14->resnet8 seed 1: failed" in report._describe(report.unfinished(alone))
+    assert "kd[temperature=2.0] resnet14->resnet8 seed 1: failed" in report.describe(report.unfinished(alone))
 
     chained = other.assign(method_options=kd.method_options.values, assistants="resnet12:resnet10")
     board = report.leaderboard(report.entries(pd.concat([table, chained], ignore_index=True)), "top1_best")
@@ -226,7 +226,7 @@ def test_rows_are_labelled_by_what_their_loss_contains(table):
     older = table.assign(method_label=None)  # a table from before method_label: the method's name
     assert set(report.leaderboard(report.entries(older), "top1_best").label) == {"teacher", "student (CE)", "kd"}
     failed = table.assign(method_label=table.method_label.mask(table.method == "probe-nan", "probe-nan (+KD)"))
-    assert "probe-nan (+KD) resnet8 seed 0: failed" in report._describe(report.unfinished(failed))
+    assert "probe-nan (+KD) resnet8 seed 0: failed" in report.describe(report.unfinished(failed))
 
 
 def _coded(table: pd.DataFrame, **changes: tuple[str, str, str, bool]) -> pd.DataFrame:

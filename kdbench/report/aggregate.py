@@ -1,0 +1,296 @@
+"""Aggregation: finished runs → the rows of every leaderboard table, with their statistics.
+
+Rules (harness-performance.md §3.2, kept here because they decide every number shown): finished runs only; mean ±
+sample std (ddof = 1) with n over seeds; Δ against the CE-trained student of the same setting, paired by seed, with a
+95 % t interval; runs of different datasets, recipes, protocols, devices or precisions are never pooled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator
+
+import pandas as pd
+
+from kdbench.errors import KdbenchError
+from kdbench.report.load import runs
+
+METRICS = ("top1_best", "top1_last")
+CE_ONLY = "CE only"  # the pair of a table of CE-trained runs that no distillation run of their setting uses
+CI_LEVEL = 0.95  # of the interval around every Δ
+CI_NAME = f"{CI_LEVEL * 100:g} %"
+RULE_OF_METRIC = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report_rule each metric matches
+# Published protocols that a kdbench protocol reproduces for a method (methods.md §0.3): letKD's published setting has
+_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd",
+                  **{("official", m): p for m, p in (("kd", "crd"), ("fitnet", "crd"), ("semckd", "semckd"),
+                                                     ("takd", "takd"), ("dgkd", "takd"), ("letkd1", "letkd"),
+                                                     ("letkd2", "letkd"))}}
+KIND_ORDER = {"teacher": 0, "student": 1, "method": 2}
+_OPTION = re.compile(r"([A-Za-z_]\w*)=(.*?)(?=,[A-Za-z_]\w*=|$)")  # "k=v,k2=v2" as written by RunRecord.tidy
+
+
+def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str) -> pd.DataFrame:
+    arch = frame["student"]
+    if kind == "method":  # what the loss contains ("fitnet (+KD)"); older tables: the method's name
+        label = frame["method_label"].fillna(frame["method"])
+    elif pair == CE_ONLY:
+        label = kind + " " + arch + (" (CE)" if kind == "student" else "")
+    else:
+        label = pd.Series("student (CE)" if kind == "student" else "teacher", index=frame.index)
+    return frame.assign(kind=kind, protocol=protocol, pair=pair, arch=arch, label=label)
+
+
+def _check(frame: pd.DataFrame, column: str, wanted: set[str], option: str) -> pd.DataFrame:
+    present = set(frame[column].dropna())
+    if not wanted & present:
+        raise KdbenchError(f"no finished run matches {option} {','.join(sorted(wanted))}; "
+                           f"the results hold: {', '.join(sorted(present))}")
+    return frame[frame[column].isin(wanted)]
+
+
+def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | None = None,
+            protocol: str | None = None, pairs: str | None = None, methods: str | None = None) -> pd.DataFrame:
+    """The runs behind every leaderboard row: one row per (run, table it appears in).
+
+    A table is one (setting, protocol, pair): the pair's distillation runs (``kind`` method), the CE-trained
+    ``student`` runs of its student architecture (``kind`` student, the baseline) and the teacher runs its
+    distillation runs learned from (``kind`` teacher). Teacherless runs of other methods join the tables of
+    their architecture as methods. CE runs that no distillation run uses form a table of their own (pair
+    ``CE only``). Filters take comma-separated values (pairs as ``T:S`` or ``T->S``); the baseline and teacher
+    rows stay whatever ``methods`` says.
+    """
+    wide = runs(table)
+    parts = []
+    for _, setting in wide.groupby("setting", sort=False):
+        teachers = setting[setting["role"] == "teacher"]
+        students = setting[setting["role"] == "student"]
+        baseline = students[students["pair"].isna() & (students["method"] == "student")]
+        solo = students[students["pair"].isna() & (students["method"] != "student")]
+        used: set[str] = set()
+        for (proto, pair), distill in students[students["pair"].notna()].groupby(["protocol", "pair"], sort=False):
+            arch_t, arch_s = distill["teacher"].iloc[0], distill["student"].iloc[0]
+            taught_by = set(distill["teacher_run"].dropna())
+            teacher = teachers[teachers["run_id"].isin(taught_by) if taught_by else teachers["student"] == arch_t]
+            ce, others = baseline[baseline["student"] == arch_s], solo[solo["student"] == arch_s]
+            used |= set(teacher["run_id"]) | set(ce["run_id"]) | set(others["run_id"])
+            parts += [_tag(teacher, "teacher", proto, pair), _tag(ce, "student", proto, pair),
+                      _tag(others, "method", proto, pair), _tag(distill, "method", proto, pair)]
+        rest = pd.concat([teachers, baseline, solo])
+        rest = rest[~rest["run_id"].isin(used)]
+        parts += [_tag(rest[rest["role"] == "teacher"], "teacher", "none", CE_ONLY),
+                  _tag(rest[rest["method"].eq("student") & rest["role"].eq("student")], "student", "none", CE_ONLY),
+                  _tag(rest[rest["method"].ne("student")], "method", "none", CE_ONLY)]
+    out = pd.concat([p for p in parts if len(p)], ignore_index=True)
+    _label_variants(out)
+
+    for column, wanted, option in (("dataset", dataset, "--dataset"), ("recipe", recipe, "--recipe"),
+                                   ("protocol", protocol, "--protocol")):
+        if wanted:
+            out = _check(out, column, set(_split(wanted)), option)
+    if pairs:
+        out = _check(out, "pair", {p.replace(":", "->") for p in _split(pairs)}, "--pairs")
+    if methods:
+        wanted = set(_split(methods))
+        _check(out[out["kind"] != "teacher"], "method", wanted, "--methods")
+        keep = (out["kind"] != "method") | out["method"].isin(wanted)
+        hit = (out["method"].isin(wanted) & (out["kind"] != "teacher")).groupby(
+            [out["setting"], out["protocol"], out["pair"]]).transform("any")
+        out = out[keep & hit]
+    return out.reset_index(drop=True)
+
+
+def _label_variants(out: pd.DataFrame) -> None:
+    """Label a method's rows, after what their loss contains, by the options that differ from its defaults or
+    between its option sets in one table (``semckd[beta=50.0]``, ``fitnet (+KD)[hint_layer=1]``), and by the TA
+    chain where chains differ."""
+    for _, rows in out[out["kind"] == "method"].groupby(["setting", "protocol", "pair", "method"], sort=False):
+        options = rows["method_options"].fillna("").map(lambda text: dict(_OPTION.findall(text)))
+        changed = set().union(*rows["method_overrides"].fillna("").map(lambda text: dict(_OPTION.findall(text))))
+        chains = rows["assistants"].fillna("")
+        shown = sorted(changed | {key for key in set().union(*options)
+                                  if options.map(lambda o, key=key: o.get(key)).nunique(dropna=False) > 1})
+        if not shown and chains.nunique() < 2:
+            continue
+        for index, base in rows["label"].items():
+            label = base + ("[" + ",".join(f"{k}={options[index].get(k, '')}" for k in shown) + "]"
+                            if shown else "")
+            out.at[index, "label"] = label + (f" via {chains[index]}" if chains.nunique() > 1 and chains[index] else "")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(title, rows) per setting and protocol: the unit that plots and the ``--by setting`` tables cover."""
+    for (setting, protocol), group in frame.groupby(["setting", "protocol"], sort=False):
+        yield (f"{setting} · protocol {protocol}" if protocol != "none" else f"{setting} · CE only"), group
+
+
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+
+def by_seed(frame: pd.DataFrame, metric: str) -> pd.Series:
+    return frame.groupby("seed")[metric].mean().dropna()
+
+
+def differences(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> tuple[pd.Series, bool]:
+    """``metric`` of ``rows`` minus the baseline's per seed, over the seeds both ran (paired: True); with no seed
+    in common, the difference of their means as one value (paired: False). Empty when either has no value."""
+    ours, base = by_seed(rows, metric), by_seed(baseline, metric)
+    common = ours.index.intersection(base.index)
+    if len(common) or ours.empty or base.empty:
+        return ours[common] - base[common], True
+    return pd.Series([ours.mean() - base.mean()]), False
+
+
+def interval(values: pd.Series) -> tuple[float, float]:
+    """The CI_LEVEL confidence interval of the mean of ``values`` (t distribution, n − 1 degrees of freedom);
+    NaN below two values. Paired differences make seed-to-seed noise that both runs share cancel out."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return values.mean() - half, values.mean() + half
+
+
+def _delta(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """Δ over the baseline with its interval: paired by seed over the common seeds, else a difference of means
+    (no interval)."""
+    diff, paired = differences(rows, baseline, metric)
+    if diff.empty:
+        return {}
+    low, high = interval(diff) if paired else (math.nan, math.nan)
+    return {"delta": diff.mean(), "delta_std": diff.std(ddof=1), "delta_n": len(diff) if paired else 0,
+            "delta_paired": paired, "delta_ci_low": low, "delta_ci_high": high,
+            "delta_excludes_zero": bool(low > 0 or high < 0)}
+
+
+def _core(table: pd.DataFrame) -> str | None:
+    """The most common ``code_core`` of a table's runs (None when none recorded one: an older table)."""
+    counts = table["code_core"].value_counts()
+    return counts.index[0] if len(counts) else None
+
+
+def _commits(rows: pd.DataFrame) -> str:
+    """The git commits (short) that made ``rows``' runs, ``+dirty`` with uncommitted changes."""
+    shas = rows["git_sha"].fillna("unknown").astype(str).str[:7] + rows["git_dirty"].eq(True).map(
+        {True: "+dirty", False: ""})
+    return ", ".join(dict.fromkeys(shas))
+
+
+def _published(published: pd.DataFrame, teacher: str | None, student: str, method: str, protocol: str,
+               metric: str) -> dict[str, str]:
+    """Published values (joined with " / ") and sources for one row; other reporting rules are marked."""
+    match = (published["method"] == method) & (published["student"] == student)
+    if teacher is not None:
+        match &= published["teacher"] == teacher
+    if protocol != "none":  # CE-only tables: CE training is the same under every protocol
+        match &= published["protocol"].isin({protocol, _SAME_PROTOCOL.get((protocol, method), protocol)})
+    values, sources = [], []
+    keys = ["top1", "top1_std", "report_rule", "verified", "protocol"]
+    for (top1, std, rule, verified, proto), rows in published[match].groupby(keys, dropna=False, sort=False):
+        values.append(f"{top1:.2f}" + (f" ± {std:.2f}" if pd.notna(std) else "")
+                      + ("" if rule == RULE_OF_METRIC[metric] else f" [{rule}]"))
+        sources.append("; ".join(dict.fromkeys(rows["source"])) + ("" if verified == "primary" else f" ({verified})")
+                       + ("" if proto == protocol else f" (protocol {proto})"))
+    return {"published": " / ".join(values), "published_source": " / ".join(sources)}
+
+
+def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (table, row) of :func:`entries`: ``n``, mean and sample std of ``metric`` over seeds, Δ over
+    the baseline with its interval, mean costs, whether the row was made by other code than the rest of its
+    table (``other_code``) and by which ``commits``, and (dataset cifar100, ``published`` given) the published
+    numbers side by side."""
+    if metric not in METRICS:
+        raise KdbenchError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    if frame[metric].isna().all():
+        raise KdbenchError(f"no finished run recorded {metric}")
+    rows = []
+    for (setting, protocol, pair), table in frame.groupby(["setting", "protocol", "pair"], sort=False):
+        baseline, core = table[table["kind"] == "student"], _core(table)
+        for (kind, arch, label), g in table.groupby(["kind", "arch", "label"], sort=False):
+            first, values = g.iloc[0], g[metric].dropna()
+            row = {"setting": setting, "protocol": protocol, "pair": pair, "kind": kind, "label": label, "arch": arch,
+                   "method": first["method"], "method_options": first["method_options"],
+                   "method_note": first["method_note"], "dataset": first["dataset"], "recipe": first["recipe"],
+                   "device": first["device"], "precision": first["precision"], "metric": metric,
+                   "n": len(values), "mean": values.mean(), "std": values.std(ddof=1),
+                   "seeds": ",".join(str(s) for s in sorted(g["seed"].unique())),
+                   "delta": math.nan, "delta_std": math.nan, "delta_n": 0, "delta_paired": False,
+                   "delta_ci_low": math.nan, "delta_ci_high": math.nan, "delta_excludes_zero": False,
+                   "train_images_per_s": g["train_images_per_s"].mean(), "peak_bytes": g["peak_bytes"].mean(),
+                   "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
+                   "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
+                   # made by other code: shared code unlike most of the table's runs, or seeds run by different code
+                   "other_code": core is not None and bool(g["code_core"].ne(core).any()
+                                                           or g["code_fingerprint"].nunique(dropna=False) > 1),
+                   "commits": _commits(g)}
+            if kind == "method":
+                row.update(_delta(g, baseline[baseline["arch"] == arch], metric))
+            if published is not None:
+                row.update(_published_row(published, pair, kind, arch, first, protocol, metric))
+            rows.append(row)
+    board = pd.DataFrame(rows)
+    board["_order"] = board["kind"].map(KIND_ORDER)
+    board["_rank"] = -board["mean"].where(board["kind"] == "method", math.inf)
+    order = ["setting", "protocol", "pair"]
+    board["_table"] = board.groupby(order, sort=False).ngroup()
+    return board.sort_values(["_table", "_order", "_rank", "label"]).drop(columns=["_order", "_rank", "_table"]) \
+        .reset_index(drop=True)
+
+
+def _published_row(published: pd.DataFrame, pair: str, kind: str, arch: str, run: pd.Series, protocol: str,
+                   metric: str) -> dict[str, str]:
+    """The published cells of a leaderboard row: empty outside CIFAR-100 and for CE-only extra methods."""
+    if run["dataset"] != "cifar100" or (pair == CE_ONLY and kind == "method"):
+        return {"published": "", "published_source": ""}
+    if pair != CE_ONLY:
+        teacher, student = pair.split("->")
+        return _published(published, teacher, student, kind if kind != "method" else run["method"], protocol, metric)
+    if kind == "student":
+        return _published(published, None, arch, "student", protocol, metric)
+    # a teacher without a pair: its published teacher rows, whichever student they were quoted with
+    rows = published[(published["method"] == "teacher") & (published["teacher"] == arch)]
+    return _published(rows.assign(student=arch), None, arch, "teacher", protocol, metric)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def paired_comparison(frame: pd.DataFrame, a: str, b: str = "student",
+                      metric: str = "top1_best") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-seed differences ``a - b`` of ``metric`` within one table of :func:`entries` (filter it first when
+    both appear in several), and their summary: n, mean, sample std and a paired t-test (n ≥ 2).
+    ``a`` and ``b`` are labels (``kd``, ``student (CE)``) or method names (``student`` is the baseline)."""
+    def rows(name: str) -> pd.DataFrame:
+        picked = frame[(frame["kind"] != "teacher") & ((frame["label"] == name) | (frame["method"] == name))]
+        if picked.empty:
+            raise KdbenchError(f"no finished run of {name!r}; the results hold: "
+                               f"{', '.join(sorted(set(frame.loc[frame['kind'] != 'teacher', 'label'])))}")
+        return picked
+
+    keys = ["setting", "protocol", "pair"]
+    common = rows(a)[keys].drop_duplicates().merge(rows(b)[keys].drop_duplicates())
+    left, right = rows(a).merge(common), rows(b).merge(common)
+    if len(common) != 1 or left["label"].nunique() > 1 or right["label"].nunique() > 1:
+        raise KdbenchError(f"{a!r} and {b!r} appear together in {len(common)} tables; filter the entries to one "
+                           f"(dataset, recipe, protocol, pair) and one option set first")
+    key = common.iloc[0].to_dict()
+    per_seed = pd.concat({a: by_seed(left, metric), b: by_seed(right, metric)}, axis=1).dropna()
+    per_seed["difference"] = per_seed[a] - per_seed[b]
+    diff = per_seed["difference"]
+    summary = {**key, "metric": metric, "n": len(diff), "mean": diff.mean(), "std": diff.std(ddof=1),
+               "t": math.nan, "p": math.nan}
+    if len(diff) >= 2:
+        from scipy import stats
+
+        test = stats.ttest_rel(per_seed[a], per_seed[b])
+        summary.update(t=float(test.statistic), p=float(test.pvalue))
+    return per_seed.rename_axis("seed").reset_index(), summary
+
+
+# ---------------------------------------------------------------------------------------------------- plots

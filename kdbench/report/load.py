@@ -1,0 +1,153 @@
+"""Reading results: the tidy tables of results directories, one row per finished run, and the published table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from kdbench.errors import KdbenchError
+
+PUBLISHED_NAME = "published_cifar100.csv"
+_REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "student", "pair", "protocol", "recipe",
+             "seed", "device", "precision", "metric", "value", "epoch")
+_OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
+             "method_label": None, "teacher_run": None, "device_name": None, "epochs": None, "batch_size": None,
+             "train_subset": None, "test_subset": None, "channels_last": False, "code_fingerprint": None,
+             "code_core": None, "git_sha": None, "git_dirty": None}
+_PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
+                      "verified")
+_RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
+                "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "end_to_end_wall_s", "wall_s")
+MEMORY_NAMES = {"peak_alloc_bytes": "CUDA max allocated", "peak_reserved_bytes": "CUDA max reserved",
+                "cpu_peak_rss_bytes": "CPU peak RSS"}
+
+
+def load_results(results_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """The tidy tables of one or more results directories, concatenated; a run found in several is kept once,
+    from the first that holds it (``results_dir``: where each run was read; ``also_in``: where else it is)."""
+    dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
+    if not dirs:
+        raise KdbenchError("no results directory given")
+    loaded = [_load_dir(d) for d in dict.fromkeys(Path(d) for d in dirs)]
+    table = pd.concat([t for t, _ in loaded], ignore_index=True)
+    where = table[["run_id", "results_dir"]].drop_duplicates().groupby("run_id", sort=False)["results_dir"].agg(list)
+    table = table[table["results_dir"] == table["run_id"].map(where.str[0])].reset_index(drop=True)
+    table["also_in"] = table["run_id"].map(where.str[1:].str.join(", "))
+    table.attrs["unreadable"] = [line for _, lines in loaded for line in lines]
+    return table
+
+
+def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The tidy table of one results directory, read from its run folders (never a table older than they are), and
+    a line per run folder that could not be read; one clear KdbenchError when nothing is there. A directory that
+    holds only the all-runs table (copied without its run folders) is read from that table."""
+    from kdbench.results import TABLE_NAME, ResultsStore
+
+    if not root.is_dir():
+        raise KdbenchError(f"results directory {root} does not exist; run `kdbench run --results-dir {root}` first")
+    table, unreadable = ResultsStore(root).read_table(repair=False)
+    path = root / f"{TABLE_NAME}.parquet"
+    if table.empty and not unreadable:
+        path = next((p for p in (path, root / f"{TABLE_NAME}.csv") if p.is_file()), None)
+        if path is None:
+            raise KdbenchError(f"results directory {root} holds no runs; run `kdbench run --results-dir {root}` first")
+        try:
+            table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as error:  # a truncated or foreign file
+            raise KdbenchError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+    if table.empty:
+        raise KdbenchError(f"{root} holds no readable runs ({'; '.join(unreadable)})" if unreadable else
+                           f"{root} holds no runs; run `kdbench run --results-dir {root}` first")
+    missing = [c for c in _REQUIRED if c not in table.columns]
+    if missing:
+        raise KdbenchError(f"{path} lacks column(s) {', '.join(missing)}: it was written by an older kdbench; "
+                           f"re-run the sweep with this version into a new --results-dir")
+    for column, default in _OPTIONAL.items():
+        if column not in table.columns:
+            table[column] = default
+    return table.assign(results_dir=str(root)), unreadable
+
+
+def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that :func:`load_results` found in more than one results directory."""
+    return table[table["also_in"] != ""].drop_duplicates("run_id")[["run_id", "results_dir", "also_in"]]
+
+
+def load_published(path: str | Path) -> pd.DataFrame:
+    """The published CIFAR-100 table (methods.md §10), checked."""
+    try:
+        published = pd.read_csv(path)
+    except Exception as error:
+        raise KdbenchError(f"cannot read published table {path}: {' '.join(str(error).split())}") from None
+    missing = [c for c in _PUBLISHED_COLUMNS if c not in published.columns]
+    if missing:
+        raise KdbenchError(f"published table {path} lacks column(s) {', '.join(missing)}")
+    return published
+
+
+def published_path(results_dir: str | Path, given: str | Path | None = None) -> Path | None:
+    """``given``, else ``<results_dir>/published_cifar100.csv``, else the copy in this checkout's ``results/``."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise KdbenchError(f"published table {given} does not exist")
+        return Path(given)
+    candidates = (Path(results_dir) / PUBLISHED_NAME, Path(__file__).resolve().parents[2] / "results" / PUBLISHED_NAME)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+_RECIPE_PARTS = (("epochs", "{} epochs"), ("batch_size", "batch {}"), ("train_subset", "{} train images"),
+                 ("test_subset", "{} test images"))
+
+
+def _setting_label(run: pd.Series) -> str:
+    """What runs must share to be pooled: dataset, recipe (with its overrides), device and precision."""
+    recipe = ", ".join(text.format(int(run[key])) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
+    device = run["device"] + (f" ({run['device_name']})" if pd.notna(run["device_name"]) else "")
+    precision = run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
+    return " · ".join([run["dataset"], f"recipe {run['recipe']}" + (f" ({recipe})" if recipe else ""),
+                       device, precision])
+
+
+def runs(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished run: identity, ``setting`` (what must match to pool runs) and run-level metrics."""
+    done = table[table["status"] == "finished"]
+    if done.empty:
+        raise KdbenchError(f"the results table holds no finished run ({_unfinished_line(table)})")
+    identity = [c for c in table.columns if c not in ("metric", "value", "unit", "epoch", "split")]
+    wide = done.drop_duplicates("run_id")[identity].set_index("run_id")
+    level = done[done["epoch"].isna()].pivot_table(index="run_id", columns="metric", values="value",
+                                                   aggfunc="first")
+    level.columns = [str(c) for c in level.columns]
+    wide = wide.join(level.reindex(columns=list(dict.fromkeys([*level.columns, *_RUN_METRICS]))))
+    wide["memory_metric"] = wide["peak_alloc_bytes"].notna().map({True: "peak_alloc_bytes",
+                                                                  False: "cpu_peak_rss_bytes"})
+    wide["peak_bytes"] = wide["peak_alloc_bytes"].fillna(wide["cpu_peak_rss_bytes"])
+    wide["end_to_end_s"] = wide["end_to_end_wall_s"].fillna(wide["wall_s"])  # CE runs: no teacher to add
+    wide["setting"] = [_setting_label(run) for _, run in wide.iterrows()]
+    return wide.reset_index()
+
+
+def unfinished(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that did not finish (failed or interrupted), with its error."""
+    columns = ["run_id", "status", "role", "method", "method_label", "method_overrides", "student", "pair", "seed",
+               "error"]
+    return table[table["status"] != "finished"].drop_duplicates("run_id")[columns]
+
+
+def describe(bad: pd.DataFrame) -> str:
+    """Runs that did not finish, one clause each: what, seed, status and error."""
+    return "; ".join((r.method_label if isinstance(r.method_label, str) and r.method_label else r.method)
+                     + (f"[{r.method_overrides}]" if isinstance(r.method_overrides, str) and r.method_overrides else "")
+                     + f" {r.pair if isinstance(r.pair, str) else r.student} seed {r.seed}: {r.status}"
+                     + (f" ({r.error})" if isinstance(r.error, str) and r.error else "") for r in bad.itertuples())
+
+
+def _unfinished_line(table: pd.DataFrame) -> str:
+    bad = unfinished(table)
+    return f"{len(bad)} not finished: {describe(bad)}" if len(bad) else "no runs"
+
+
+# ----------------------------------------------------------------------------------------- table rows
+
