@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import KdbenchError
-from kdbench.report import FORMATS, METRICS
+from kdbench.report import FORMATS, LAYOUTS, METRICS
 from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec, teacher_recipe_of
 
 
@@ -52,8 +52,18 @@ def _writable_dir(path: Path, flag: str) -> None:
         raise KdbenchError(f"{flag}: no permission to write in {existing}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdbench")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdbench", description="Benchmark knowledge-distillation methods.")
+    parser.add_argument("--version", action="version", version=f"kdbench {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="train teachers and students, write tidy results")
@@ -110,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default="top1_best", choices=METRICS,
                         help="best or last epoch of each run (default top1_best)")
     report.add_argument("--by", default="pair", choices=("pair", "setting"),
-                        help="one table per pair (default) or per setting and protocol")
+                        help="leaderboard layout: one table per pair (default) or per setting and protocol")
+    report.add_argument("--layout", default="leaderboard", choices=LAYOUTS,
+                        help="leaderboard: a table per pair with Δ, intervals, costs and sources (default); paper: "
+                             "methods as rows and pairs as columns, an accuracy and a cost table per setting")
     for name, what in (("dataset", "datasets"), ("recipe", "recipes"), ("protocol", "protocols"),
                        ("pairs", "TEACHER:STUDENT pairs"), ("methods", "methods (teacher and student rows stay)")):
         report.add_argument(f"--{name}", help=f"only these comma-separated {what}")
@@ -219,8 +232,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.plots:
         _writable_dir(args.plots, "--plots")
     text, plots = report(args.results_dirs or [Path("results")], args.format, args.metric, args.by, args.published,
-                         args.plots, dataset=args.dataset, recipe=args.recipe, protocol=args.protocol, pairs=args.pairs,
-                         methods=args.methods)
+                         args.plots, layout=args.layout, dataset=args.dataset, recipe=args.recipe,
+                         protocol=args.protocol, pairs=args.pairs, methods=args.methods)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -107,6 +107,7 @@ class RunRecord:
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
             "epochs": spec.recipe.epochs, "batch_size": spec.recipe.batch_size,
             "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,
+            "lr": spec.recipe.lr,  # None: the model's default
             "precision": spec.precision,
             "channels_last": spec.channels_last, "device": spec.device, "teacher_run": spec.teacher_run,
             # scalars only: the per-module code hashes (code_files) stay in record.json

@@ -119,14 +119,15 @@ def test_formats(capsys, tiny_results, tmp_path, fmt, marker):
 
 
 def _as_cifar100(table: pd.DataFrame) -> pd.DataFrame:
-    """The tiny table relabelled as a CIFAR-100 resnet56 -> resnet20 sweep under the crd protocol."""
+    """The tiny table relabelled as a CIFAR-100 resnet56 -> resnet20 sweep under the crd protocol and the paper
+    recipe."""
     table = table.copy()
     names = {"resnet14": "resnet56", "resnet8": "resnet20", "resnet14->resnet8": "resnet56->resnet20"}
     for column in ("teacher", "student", "pair"):
         table[column] = table[column].replace(names)
     table["dataset"] = "cifar100"
     table.loc[table.protocol != "none", "protocol"] = "crd"
-    return table
+    return table.assign(recipe="paper", epochs=240, batch_size=64, train_subset=None, test_subset=None, lr=None)
 
 
 def test_published_numbers_match_pair_method_protocol_and_mark_other_rules(table):

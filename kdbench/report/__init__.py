@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterable
 
 from kdbench.report.aggregate import CE_ONLY, CI_LEVEL, METRICS, entries, groups, leaderboard, paired_comparison
-from kdbench.report.load import describe, duplicate_runs, load_published, load_results, published_path, runs, unfinished
+from kdbench.report.formats import FORMATS
+from kdbench.report.load import describe, duplicate_runs, load_results, runs, unfinished
 from kdbench.report.plots import (
     plot_accuracy_vs_throughput,
     plot_delta,
@@ -25,23 +26,25 @@ from kdbench.report.plots import (
     plot_top1,
     save_plots,
 )
-from kdbench.report.render import EXCLUDES_ZERO, FORMATS, OTHER_CODE, render_report, run_summary
+from kdbench.report.published import load_published, published_path
+from kdbench.report.render import EXCLUDES_ZERO, LAYOUTS, OTHER_CODE, render_report, run_summary
 
-__all__ = ["CE_ONLY", "CI_LEVEL", "EXCLUDES_ZERO", "FORMATS", "METRICS", "OTHER_CODE", "describe", "duplicate_runs",
-           "entries", "groups", "leaderboard", "load_published", "load_results", "paired_comparison",
-           "plot_accuracy_vs_throughput", "plot_delta", "plot_heatmap", "plot_learning_curves", "plot_memory",
-           "plot_top1", "published_path", "render_report", "report", "run_summary", "runs", "save_plots",
-           "unfinished"]
+__all__ = ["CE_ONLY", "CI_LEVEL", "EXCLUDES_ZERO", "FORMATS", "LAYOUTS", "METRICS", "OTHER_CODE",
+           "describe", "duplicate_runs", "entries", "groups", "leaderboard", "load_published",
+           "load_results", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta", "plot_heatmap",
+           "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "render_report", "report",
+           "run_summary", "runs", "save_plots", "unfinished"]
 
 
 def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str = "top1_best",
            by: str = "pair", published: str | Path | None = None, plots: str | Path | None = None,
-           **filters: str | None) -> tuple[str, list[Path]]:
+           layout: str = "leaderboard", **filters: str | None) -> tuple[str, list[Path]]:
     """``kdbench report``: the leaderboard text and the plot files written (when ``plots`` names a folder). The
     published table is looked for in the first results directory."""
     table = load_results(results_dirs)
     frame = entries(table, **filters)
     path = published_path(table["results_dir"].iloc[0], published)
     board = leaderboard(frame, metric, load_published(path) if path else None)
-    text = render_report(board, fmt, by, unfinished(table), duplicate_runs(table), table.attrs.get("unreadable"))
+    text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
+                         table.attrs.get("unreadable"))
     return text, save_plots(frame, table, plots, metric) if plots else []

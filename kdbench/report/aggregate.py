@@ -15,17 +15,12 @@ import pandas as pd
 
 from kdbench.errors import KdbenchError
 from kdbench.report.load import runs
+from kdbench.report.published import published_cells
 
 METRICS = ("top1_best", "top1_last")
 CE_ONLY = "CE only"  # the pair of a table of CE-trained runs that no distillation run of their setting uses
 CI_LEVEL = 0.95  # of the interval around every Δ
 CI_NAME = f"{CI_LEVEL * 100:g} %"
-RULE_OF_METRIC = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report_rule each metric matches
-# Published protocols that a kdbench protocol reproduces for a method (methods.md §0.3): letKD's published setting has
-_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd",
-                  **{("official", m): p for m, p in (("kd", "crd"), ("fitnet", "crd"), ("semckd", "semckd"),
-                                                     ("takd", "takd"), ("dgkd", "takd"), ("letkd1", "letkd"),
-                                                     ("letkd2", "letkd"))}}
 KIND_ORDER = {"teacher": 0, "student": 1, "method": 2}
 _OPTION = re.compile(r"([A-Za-z_]\w*)=(.*?)(?=,[A-Za-z_]\w*=|$)")  # "k=v,k2=v2" as written by RunRecord.tidy
 
@@ -182,29 +177,11 @@ def _commits(rows: pd.DataFrame) -> str:
     return ", ".join(dict.fromkeys(shas))
 
 
-def _published(published: pd.DataFrame, teacher: str | None, student: str, method: str, protocol: str,
-               metric: str) -> dict[str, str]:
-    """Published values (joined with " / ") and sources for one row; other reporting rules are marked."""
-    match = (published["method"] == method) & (published["student"] == student)
-    if teacher is not None:
-        match &= published["teacher"] == teacher
-    if protocol != "none":  # CE-only tables: CE training is the same under every protocol
-        match &= published["protocol"].isin({protocol, _SAME_PROTOCOL.get((protocol, method), protocol)})
-    values, sources = [], []
-    keys = ["top1", "top1_std", "report_rule", "verified", "protocol"]
-    for (top1, std, rule, verified, proto), rows in published[match].groupby(keys, dropna=False, sort=False):
-        values.append(f"{top1:.2f}" + (f" ± {std:.2f}" if pd.notna(std) else "")
-                      + ("" if rule == RULE_OF_METRIC[metric] else f" [{rule}]"))
-        sources.append("; ".join(dict.fromkeys(rows["source"])) + ("" if verified == "primary" else f" ({verified})")
-                       + ("" if proto == protocol else f" (protocol {proto})"))
-    return {"published": " / ".join(values), "published_source": " / ".join(sources)}
-
-
 def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (table, row) of :func:`entries`: ``n``, mean and sample std of ``metric`` over seeds, Δ over
     the baseline with its interval, mean costs, whether the row was made by other code than the rest of its
-    table (``other_code``) and by which ``commits``, and (dataset cifar100, ``published`` given) the published
-    numbers side by side."""
+    table (``other_code``) and by which ``commits``, and (``published`` given) the published numbers of the same
+    setting side by side, or why the setting has none (``published_mismatch``)."""
     if metric not in METRICS:
         raise KdbenchError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     if frame[metric].isna().all():
@@ -232,7 +209,7 @@ def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.Da
             if kind == "method":
                 row.update(_delta(g, baseline[baseline["arch"] == arch], metric))
             if published is not None:
-                row.update(_published_row(published, pair, kind, arch, first, protocol, metric))
+                row.update(published_cells(published, pair, kind, arch, first, protocol, metric, CE_ONLY))
             rows.append(row)
     board = pd.DataFrame(rows)
     board["_order"] = board["kind"].map(KIND_ORDER)
@@ -241,21 +218,6 @@ def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.Da
     board["_table"] = board.groupby(order, sort=False).ngroup()
     return board.sort_values(["_table", "_order", "_rank", "label"]).drop(columns=["_order", "_rank", "_table"]) \
         .reset_index(drop=True)
-
-
-def _published_row(published: pd.DataFrame, pair: str, kind: str, arch: str, run: pd.Series, protocol: str,
-                   metric: str) -> dict[str, str]:
-    """The published cells of a leaderboard row: empty outside CIFAR-100 and for CE-only extra methods."""
-    if run["dataset"] != "cifar100" or (pair == CE_ONLY and kind == "method"):
-        return {"published": "", "published_source": ""}
-    if pair != CE_ONLY:
-        teacher, student = pair.split("->")
-        return _published(published, teacher, student, kind if kind != "method" else run["method"], protocol, metric)
-    if kind == "student":
-        return _published(published, None, arch, "student", protocol, metric)
-    # a teacher without a pair: its published teacher rows, whichever student they were quoted with
-    rows = published[(published["method"] == "teacher") & (published["teacher"] == arch)]
-    return _published(rows.assign(student=arch), None, arch, "teacher", protocol, metric)
 
 
 # ---------------------------------------------------------------------------------------------- rendering

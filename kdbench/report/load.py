@@ -1,4 +1,4 @@
-"""Reading results: the tidy tables of results directories, one row per finished run, and the published table."""
+"""Reading results: the tidy tables of results directories, and one row per finished run."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import pandas as pd
 
 from kdbench.errors import KdbenchError
 
-PUBLISHED_NAME = "published_cifar100.csv"
 _REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "student", "pair", "protocol", "recipe",
              "seed", "device", "precision", "metric", "value", "epoch")
 _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
-             "method_label": None, "teacher_run": None, "device_name": None, "epochs": None, "batch_size": None,
-             "train_subset": None, "test_subset": None, "channels_last": False, "code_fingerprint": None,
-             "code_core": None, "git_sha": None, "git_dirty": None}
-_PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
-                      "verified")
+             "method_label": None, "method_family": None, "teacher_run": None, "device_name": None, "epochs": None,
+             "batch_size": None, "train_subset": None, "test_subset": None, "lr": None, "channels_last": False,
+             "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None}
 _RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
                 "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "end_to_end_wall_s", "wall_s")
 MEMORY_NAMES = {"peak_alloc_bytes": "CUDA max allocated", "peak_reserved_bytes": "CUDA max reserved",
@@ -60,14 +57,17 @@ def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
     if table.empty:
         raise KdbenchError(f"{root} holds no readable runs ({'; '.join(unreadable)})" if unreadable else
                            f"{root} holds no runs; run `kdbench run --results-dir {root}` first")
+    return conform(table, str(path)).assign(results_dir=str(root)), unreadable
+
+
+def conform(table: pd.DataFrame, source: str = "the table") -> pd.DataFrame:
+    """``table`` with every column the report reads: the required ones checked, the optional ones that older
+    kdbench versions did not write added with their defaults."""
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
-        raise KdbenchError(f"{path} lacks column(s) {', '.join(missing)}: it was written by an older kdbench; "
+        raise KdbenchError(f"{source} lacks column(s) {', '.join(missing)}: it was written by an older kdbench; "
                            f"re-run the sweep with this version into a new --results-dir")
-    for column, default in _OPTIONAL.items():
-        if column not in table.columns:
-            table[column] = default
-    return table.assign(results_dir=str(root)), unreadable
+    return table.assign(**{c: default for c, default in _OPTIONAL.items() if c not in table.columns})
 
 
 def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -75,35 +75,13 @@ def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["also_in"] != ""].drop_duplicates("run_id")[["run_id", "results_dir", "also_in"]]
 
 
-def load_published(path: str | Path) -> pd.DataFrame:
-    """The published CIFAR-100 table (methods.md §10), checked."""
-    try:
-        published = pd.read_csv(path)
-    except Exception as error:
-        raise KdbenchError(f"cannot read published table {path}: {' '.join(str(error).split())}") from None
-    missing = [c for c in _PUBLISHED_COLUMNS if c not in published.columns]
-    if missing:
-        raise KdbenchError(f"published table {path} lacks column(s) {', '.join(missing)}")
-    return published
-
-
-def published_path(results_dir: str | Path, given: str | Path | None = None) -> Path | None:
-    """``given``, else ``<results_dir>/published_cifar100.csv``, else the copy in this checkout's ``results/``."""
-    if given is not None:
-        if not Path(given).is_file():
-            raise KdbenchError(f"published table {given} does not exist")
-        return Path(given)
-    candidates = (Path(results_dir) / PUBLISHED_NAME, Path(__file__).resolve().parents[2] / "results" / PUBLISHED_NAME)
-    return next((p for p in candidates if p.is_file()), None)
-
-
-_RECIPE_PARTS = (("epochs", "{} epochs"), ("batch_size", "batch {}"), ("train_subset", "{} train images"),
-                 ("test_subset", "{} test images"))
+_RECIPE_PARTS = (("epochs", "{:.0f} epochs"), ("batch_size", "batch {:.0f}"), ("train_subset", "{:.0f} train images"),
+                 ("test_subset", "{:.0f} test images"), ("lr", "lr {:g}"))
 
 
 def _setting_label(run: pd.Series) -> str:
     """What runs must share to be pooled: dataset, recipe (with its overrides), device and precision."""
-    recipe = ", ".join(text.format(int(run[key])) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
+    recipe = ", ".join(text.format(run[key]) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
     device = run["device"] + (f" ({run['device_name']})" if pd.notna(run["device_name"]) else "")
     precision = run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
     return " · ".join([run["dataset"], f"recipe {run['recipe']}" + (f" ({recipe})" if recipe else ""),
@@ -126,7 +104,19 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     wide["peak_bytes"] = wide["peak_alloc_bytes"].fillna(wide["cpu_peak_rss_bytes"])
     wide["end_to_end_s"] = wide["end_to_end_wall_s"].fillna(wide["wall_s"])  # CE runs: no teacher to add
     wide["setting"] = [_setting_label(run) for _, run in wide.iterrows()]
+    wide["family"] = wide["method_family"].fillna(wide["method"].map(family_of))
     return wide.reset_index()
+
+
+def family_of(method: str) -> str:
+    """The family a method declares (``Method.family``: logit, feature, relation, assistant, layer-adding), for
+    tables that did not record it; "other" for a method this installation does not have."""
+    from kdbench.methods import method_class
+
+    try:
+        return getattr(method_class(method), "family", None) or "other"
+    except KdbenchError:
+        return "other"
 
 
 def unfinished(table: pd.DataFrame) -> pd.DataFrame:

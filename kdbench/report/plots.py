@@ -1,93 +1,64 @@
 """Plots of one group of leaderboard entries (one setting and protocol), a panel per pair.
 
-Each plot_* takes one group of entries (see ``groups``: one setting and protocol) and returns a Figure with a panel
-per pair; ``setting`` (the group's title) goes under the headline, so a saved file says what it shows.
+Each plot_* takes one group of entries (see ``groups``: one setting and protocol) and returns a Figure; ``setting``
+(the group's title) goes under the headline, so a saved file says what it shows. Colours and markers come from
+:mod:`kdbench.report.style` (a hue per method family), so they stay apart at 25 methods.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from kdbench.report.aggregate import CI_NAME, KIND_ORDER, differences, groups, interval
+from kdbench.report.aggregate import CI_NAME, differences, groups, interval
 from kdbench.report.load import MEMORY_NAMES
+from kdbench.report.style import FAMILY_COLOURS, colours, figure, legend, styles, suptitle
 
 
-def _palette(group: pd.DataFrame) -> dict[str, Any]:
-    """One colour per row label, teacher and baseline first, the same in every plot of a group."""
-    import seaborn as sns
-
-    labels = list(dict.fromkeys(group.sort_values("kind", key=lambda k: k.map(KIND_ORDER), kind="stable")["label"]))
-    return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
-
-
-def _figure(pairs: list[str], headline: str, setting: str, height: float, width: float = 5.5):
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(pairs))
-    fig, axes = plt.subplots(math.ceil(len(pairs) / cols), cols, figsize=(width * cols, height * math.ceil(
-        len(pairs) / cols) + 0.6), squeeze=False, layout="constrained")
-    for ax in axes.flat[len(pairs):]:
-        ax.set_visible(False)
-    _suptitle(fig, headline, setting)
-    return fig, list(axes.flat)
-
-
-def _suptitle(fig, headline: str, setting: str) -> None:
-    """The headline, then the setting broken between its " · " parts to fit the figure's width."""
-    chars = int(fig.get_figwidth() * 14)  # about 14 characters of 10-point text per inch
-    lines = [textwrap.fill(headline, chars)]
-    for part in setting.split(" · ") if setting else []:
-        if len(lines) > 1 and len(lines[-1]) + 3 + len(part) <= chars:
-            lines[-1] += " · " + part
-        else:
-            lines.append(part)
-    fig.suptitle("\n".join(lines), fontsize=10)
-
-
-def _legend(fig, palette: dict[str, Any], line: bool = False) -> None:
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=c, marker=None if line else "o", linestyle="-" if line else "", label=lbl)
-               for lbl, c in palette.items()]
-    fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+def _pairs(frame: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["pair"]))
 
 
 def plot_accuracy_vs_throughput(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
-    """Mean top-1 against training throughput (log x) per pair, error bars = sd over seeds; the Pareto front
-    (nothing both faster and more accurate) is circled and joined by a dashed line."""
+    """Mean top-1 against training throughput (log x) per pair, error bars = sd over seeds, marker area
+    proportional to the deployed model's parameters (``inference_params``: letKD's KD layer ships with its
+    student); the Pareto front in (throughput, top-1) is joined by a dashed line."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
-    palette = {k: v for k, v in _palette(group).items() if k in set(students["label"])}
-    pairs = list(dict.fromkeys(students["pair"]))
+    style = {k: v for k, v in styles(group).items() if k in set(students["label"])}
+    pairs = _pairs(students)
+    largest = students["inference_params"].max()
     with sns.axes_style("whitegrid"):
-        fig, axes = _figure(pairs, f"{metric} vs training throughput (Pareto front circled; error bars: sd over "
-                                   f"seeds)", setting, 4.2)
+        fig, axes = figure(pairs, f"{metric} vs training throughput (error bars: sd over seeds; marker area ∝ "
+                                  f"deployed parameters; dashed: Pareto front)", setting, 4.4)
         for ax, pair in zip(axes, pairs):
             stats = students[students["pair"] == pair].groupby("label").agg(
                 x=("train_images_per_s", "mean"), xerr=("train_images_per_s", "std"),
-                y=(metric, "mean"), yerr=(metric, "std")).dropna(subset=["x", "y"])
+                y=(metric, "mean"), yerr=(metric, "std"), params=("inference_params", "mean")).dropna(
+                subset=["x", "y"])
             for label, s in stats.iterrows():
                 ax.errorbar(s.x, s.y, xerr=None if pd.isna(s.xerr) else s.xerr,
-                            yerr=None if pd.isna(s.yerr) else s.yerr, fmt="o", color=palette[label], capsize=3)
+                            yerr=None if pd.isna(s.yerr) else s.yerr, fmt="none", ecolor=style[label].colour,
+                            capsize=2, linewidth=0.8)
+                area = 25 + 275 * (s.params / largest if largest and pd.notna(s.params) else 0)
+                ax.scatter(s.x, s.y, s=area, color=style[label].colour, marker=style[label].marker,
+                           edgecolor="0.2", linewidth=0.5, zorder=3)
             front, best = [], -math.inf
             for _, s in stats.sort_values("x", ascending=False).iterrows():
                 if s.y > best:
                     front, best = front + [(s.x, s.y)], s.y
             if front:
-                ax.plot(*zip(*sorted(front)), "--", color="0.35", linewidth=1, marker="o", markersize=15,
-                        markerfacecolor="none", zorder=0)
+                ax.plot(*zip(*sorted(front)), "--", color="0.35", linewidth=1, zorder=1)
             ax.set_xscale("log")
             _plain_log_ticks(ax.xaxis)
             ax.set(title=pair, xlabel="training throughput (img/s, log scale)", ylabel=f"{metric} (%)")
-        _legend(fig, palette)
+        legend(fig, style)
     plt.close(fig)
     return fig
 
@@ -109,43 +80,43 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _horizontal(plot, group: pd.DataFrame, x: str, xlabel: str, headline: str, setting: str,
-                hue: str | None = None, colours: dict[str, Any] | None = None,
-                palette: dict[str, Any] | None = None, legend: bool = False, **kwargs):
-    """One horizontal seaborn plot per pair, row labels on the y axis (long names stay readable). Colours:
-    ``palette`` per row label, or ``colours`` per value of ``hue`` when another column is the hue (its
-    ``legend`` goes right of the panels)."""
+def _horizontal(plot, group: pd.DataFrame, x: str, xlabel: str, headline: str, setting: str, order: list[str],
+                hue: str, palette: dict[str, Any], legend_title: str | None = None, **kwargs):
+    """One horizontal seaborn plot per pair, row labels on the y axis in ``order`` (long names stay readable);
+    ``hue`` coloured by ``palette``, with a legend right of the panels when ``legend_title`` is given."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    pairs, palette = list(dict.fromkeys(group["pair"])), palette or _palette(group)
-    height = 1.2 + 0.45 * max(group.groupby("pair")["label"].nunique())
+    pairs = _pairs(group)
+    height = 1.2 + 0.32 * max(group.groupby("pair")["label"].nunique())
     with sns.axes_style("whitegrid"):
-        fig, axes = _figure(pairs, headline, setting, height)
+        fig, axes = figure(pairs, headline, setting, height)
         for ax, pair in zip(axes, pairs):
             data = group[group["pair"] == pair]
-            options = {"hue": "label", "palette": palette} if hue is None else {"hue": hue, "palette": colours}
-            plot(data=data, x=x, y="label", order=[lbl for lbl in palette if lbl in set(data["label"])], ax=ax,
-                 legend=legend and ax is axes[0], **options, **kwargs)
+            plot(data=data, x=x, y="label", order=[lbl for lbl in order if lbl in set(data["label"])], ax=ax,
+                 hue=hue, palette=palette, legend=legend_title is not None and ax is axes[0], **kwargs)
             ax.set(title=pair, xlabel=xlabel, ylabel="")
-        if legend:
+            ax.tick_params(axis="y", labelsize=8)
+        if legend_title is not None:
             handles, labels = axes[0].get_legend_handles_labels()
             axes[0].get_legend().remove()
-            fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=9)
+            fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=9, title=legend_title)
     plt.close(fig)
     return fig, axes
 
 
 def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
     """Top-1 per method and pair: mean with error bars = sd over seeds (their spread; the uncertainty of a
-    comparison is the Δ plot's interval); the teacher as a dashed line."""
+    comparison is the Δ plot's interval); the teacher as a dashed line. Rows in legend order (by family)."""
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
+    style = styles(group)
     fig, axes = _horizontal(sns.pointplot, students, metric, f"{metric} (%): mean, error bars ± sd over seeds",
-                            f"{metric} per method", setting, palette=_palette(group), errorbar="sd",
-                            linestyle="none", capsize=0.3)
-    for ax, pair in zip(axes, dict.fromkeys(students["pair"])):
+                            f"{metric} per method", setting, order=list(style), hue="label",
+                            palette=colours(group), errorbar="sd", linestyle="none", capsize=0.3,
+                            markers=[style[lbl].marker for lbl in style if lbl in set(students["label"])])
+    for ax, pair in zip(axes, _pairs(students)):
         teacher = group[(group["pair"] == pair) & (group["kind"] == "teacher")][metric].mean()
         if pd.notna(teacher):
             ax.axvline(teacher, color="0.3", linestyle="--", linewidth=1)
@@ -154,7 +125,7 @@ def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = "")
     return fig
 
 
-def _seed_deltas(group: pd.DataFrame, metric: str) -> pd.DataFrame:
+def seed_deltas(group: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The differences behind each leaderboard Δ (see :func:`differences`), one row each."""
     parts = []
     for pair, table in group.groupby("pair", sort=False):
@@ -170,15 +141,16 @@ def plot_delta(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""
     worse), error bars = the leaderboard's confidence interval. None when no pair has a baseline."""
     import seaborn as sns
 
-    deltas = _seed_deltas(group, metric)
+    deltas = seed_deltas(group, metric)
     if deltas.empty:
         return None
     better = deltas.groupby(["pair", "label"])["delta"].transform("mean") >= 0
     deltas["direction"] = better.map({True: "better", False: "worse"})
     fig, axes = _horizontal(sns.barplot, deltas, "delta",
                             f"Δ {metric} vs student (points): mean, error bars {CI_NAME} CI of the paired Δ",
-                            f"Δ {metric} over the CE-trained student", setting, hue="direction",
-                            colours={"better": "#2a9d8f", "worse": "#e76f51"}, errorbar=interval, capsize=0.2)
+                            f"Δ {metric} over the CE-trained student", setting, order=list(styles(group)),
+                            hue="direction", palette={"better": "#2a9d8f", "worse": "#e76f51"},
+                            legend_title="mean Δ", errorbar=interval, capsize=0.2)
     for ax in axes:
         ax.axvline(0, color="0.2", linewidth=1)
     return fig
@@ -194,52 +166,78 @@ def plot_memory(group: pd.DataFrame, setting: str = ""):
                       value_name="bytes").dropna(subset=["bytes"])
     data["MiB"] = data["bytes"] / 2**20
     data["measure"] = data["measure"].map(MEMORY_NAMES)
-    xlabel = "peak memory" if len(present) > 1 else data["measure"].iloc[0]
-    fig, _ = _horizontal(sns.barplot, data, "MiB", f"{xlabel} (MiB), mean ± sd over seeds",
-                            "peak memory per method", setting, hue="measure" if len(present) > 1 else None,
-                            legend=len(present) > 1, errorbar="sd", capsize=0.2)
+    several = len(present) > 1
+    xlabel = "peak memory" if several else data["measure"].iloc[0]
+    fig, _ = _horizontal(sns.barplot, data, "MiB", f"{xlabel} (MiB), mean ± sd over seeds", "peak memory per method",
+                         setting, order=list(styles(group)), hue="measure" if several else "label",
+                         palette=(dict(zip(MEMORY_NAMES.values(), ("#4c72b0", "#a1c9f4", "#dd8452"))) if several
+                                  else colours(group)),
+                         legend_title="measure" if several else None, errorbar="sd", capsize=0.2)
     return fig
 
 
 def plot_learning_curves(group: pd.DataFrame, table: pd.DataFrame, setting: str = ""):
-    """Test top-1 by epoch per method and pair, band = sd over seeds."""
+    """Test top-1 by epoch as small multiples: a row per pair, a panel per method family, the CE student (grey)
+    in every panel; band = sd over seeds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     curves = table[(table["metric"] == "top1") & table["epoch"].notna()][["run_id", "epoch", "value"]]
     data = group[["run_id", "pair", "label", "kind"]].merge(curves, on="run_id").astype({"epoch": int})
-    palette, pairs = _palette(group), list(dict.fromkeys(data["pair"]))
+    style = styles(group)
+    data["family"] = data["label"].map(lambda lbl: style[lbl].family)
+    families = [f for f in FAMILY_COLOURS if f in set(data["family"])]
+    pairs = _pairs(data)
+    panels = [(pair, family) for pair in pairs for family in families] or [(pair, None) for pair in pairs]
     with sns.axes_style("whitegrid"):
-        fig, axes = _figure(pairs, "test top-1 by epoch (band: sd over seeds)", setting, 4.0)
-        for ax, pair in zip(axes, pairs):
-            sns.lineplot(data=data[data["pair"] == pair], x="epoch", y="value", hue="label", palette=palette,
-                         errorbar="sd", err_kws={"alpha": 0.12}, linewidth=1.3, ax=ax, legend=False,
-                         marker="o" if data["epoch"].max() <= 20 else None, markersize=4)
-            ax.set(title=pair, xlabel="epoch", ylabel="test top-1 (%)")
+        fig, axes = figure([f"{p} · {f}" for p, f in panels], "test top-1 by epoch, a panel per method family "
+                           "(grey: CE student; band: sd over seeds)", setting, 3.0, width=3.6,
+                           cols=max(1, len(families)))
+        for ax, (pair, family) in zip(axes, panels):
+            shown = data[(data["pair"] == pair) & (data["family"].isin({family, "CE student"}))]
+            sns.lineplot(data=shown, x="epoch", y="value", hue="label", palette=colours(group), errorbar="sd",
+                         err_kws={"alpha": 0.12}, linewidth=1.2, ax=ax, legend=False,
+                         marker="o" if data["epoch"].max() <= 20 else None, markersize=3)
+            ax.set(title=f"{pair} · {family}" if family else pair, xlabel="epoch", ylabel="test top-1 (%)")
+            ax.title.set_fontsize(9)
             ax.xaxis.get_major_locator().set_params(integer=True)
-        _legend(fig, {lbl: c for lbl, c in palette.items() if lbl in set(data["label"])}, line=True)
+        legend(fig, {lbl: s for lbl, s in style.items() if lbl in set(data["label"])}, line=True)
     plt.close(fig)
     return fig
 
 
 def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
-    """Mean top-1 per method (rows) and pair (columns), annotated: the paper-table view. The colour scale
-    spans the students, so a far better teacher does not flatten their differences (its cells saturate)."""
+    """Mean Δ top-1 over the CE student per method (rows) and pair (panels), annotated, on a diverging scale
+    centred at 0 and symmetric per pair, so colour shows the gain within each pair, not the pair; * marks a Δ
+    whose interval excludes zero; rules separate method families. None when no pair has a baseline."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    grid = group.pivot_table(index="label", columns="pair", values=metric, aggfunc="mean", sort=False)
-    grid = grid.reindex([lbl for lbl in _palette(group) if lbl in grid.index])
-    fig, ax = plt.subplots(figsize=(max(6.0, 3.0 + 1.6 * grid.shape[1]), 2.4 + 0.5 * grid.shape[0]),
-                           layout="constrained")
-    students = grid.drop(index=[lbl for lbl in grid.index if lbl.startswith("teacher")])
-    scale = students if students.notna().any().any() else grid  # the teacher saturates the scale's top
-    sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", linewidths=0.5, ax=ax, vmin=scale.min().min(),
-                vmax=scale.max().max(), cbar_kws={"label": f"mean {metric} (%)"})
-    ax.set(xlabel="", ylabel="")
-    ax.tick_params(axis="y", labelrotation=0)
-    ax.tick_params(axis="x", labelrotation=20 if grid.shape[1] > 3 else 0)
-    _suptitle(fig, f"mean {metric} per method and pair", setting)
+    deltas = seed_deltas(group, metric)
+    if deltas.empty:
+        return None
+    style = styles(group)
+    order = [lbl for lbl in style if lbl in set(deltas["label"])]
+    # a rule between method families
+    rules = [i for i in range(1, len(order)) if style[order[i]].family != style[order[i - 1]].family]
+    pairs = _pairs(deltas)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(2.2 + 2.3 * len(pairs), 1.6 + 0.3 * len(order)),
+                             squeeze=False, layout="constrained", sharey=True)
+    for ax, pair in zip(axes.flat, pairs):
+        by_label = deltas[deltas["pair"] == pair].groupby("label")["delta"]
+        mean = by_label.mean().reindex(order)
+        low_high = by_label.apply(lambda d: interval(d)).reindex(order)
+        marks = [("" if not isinstance(b, tuple) or math.isnan(b[0]) or b[0] <= 0 <= b[1] else "*") for b in low_high]
+        text = [[f"{m:+.1f}{s}" if pd.notna(m) else ""] for m, s in zip(mean, marks)]
+        scale = max(mean.abs().max(), 0.1)
+        sns.heatmap(mean.to_frame(pair), annot=text, fmt="", cmap="RdYlGn", center=0, vmin=-scale, vmax=scale,
+                    linewidths=0.5, ax=ax, cbar_kws={"label": "Δ (points)", "shrink": 0.6},
+                    annot_kws={"fontsize": 8})
+        ax.hlines(rules, *ax.get_xlim(), color="0.15", linewidth=1.5)
+        ax.set(xlabel="", ylabel="")
+        ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    suptitle(fig, f"mean Δ {metric} over the CE student (points; scale per pair; * {CI_NAME} CI excludes 0)",
+             setting)
     plt.close(fig)
     return fig
 

@@ -1,32 +1,32 @@
-"""Rendering: leaderboards and per-run summaries as text (GitHub, Markdown, LaTeX, HTML) and CSV."""
+"""Rendering: the per-run summary of a sweep, and leaderboards as text in two layouts.
+
+``leaderboard``: one table per pair (or per setting), a row per method with accuracy, Δ over the CE student with its
+interval, costs and published numbers. ``paper`` (:mod:`kdbench.report.paper`): methods as rows and pairs as
+columns, as KD papers print them, with a cost table in the same layout. CSV: the numbers, rounded to what they can
+tell (the tidy Parquet keeps full precision).
+"""
 
 from __future__ import annotations
 
-import html
-import math
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
-from kdbench.report.aggregate import CE_ONLY, CI_NAME, RULE_OF_METRIC, groups
-from kdbench.report.load import MEMORY_NAMES, PUBLISHED_NAME, describe
+from kdbench.report.aggregate import CE_ONLY, CI_NAME, groups
+from kdbench.report.formats import FORMATS, count, duration, escape, mean_std, number, paragraph, rounded, table
+from kdbench.report.load import MEMORY_NAMES, describe
+from kdbench.report.paper import paper_csv, paper_tables
+from kdbench.report.published import RULE_OF_METRIC, published_note
 
 if TYPE_CHECKING:  # kdbench.results imports torch: the CLI imports this package for its choices
     from kdbench.results import RunRecord
 
-FORMATS = ("github", "markdown", "latex", "csv", "html")
+LAYOUTS = ("leaderboard", "paper")
 EXCLUDES_ZERO = "*"  # marks a Δ whose interval excludes zero
 OTHER_CODE = "†"  # marks a row made by other code than the rest of its table
-_TABLEFMT = {"github": "github", "markdown": "pipe", "latex": "latex", "html": "html"}
 _MEMORY_KEYS = ("peak_alloc_bytes", "cpu_peak_rss_bytes")
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
-
-
 def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
     """One line per run of a sweep: accuracy, speed, memory, wall time, or why it failed."""
     rows = []
@@ -36,48 +36,14 @@ def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
         rows.append({
             "role": spec.role, "method": spec.method, "model": spec.pair or spec.student, "seed": spec.seed,
             "status": record.status if record.status != "failed" else f"failed: {record.error}",
-            "top1 best": _fmt(m.get("top1_best")), "top1 last": _fmt(m.get("top1_last")),
-            "train img/s": _fmt(m.get("train_images_per_s"), 1), "step ms": _fmt(m.get("step_ms_median"), 1),
-            "peak MiB": _fmt(memory / 2**20 if memory else None, 0), "wall s": _fmt(m.get("wall_s"), 1),
+            "top1 best": number(m.get("top1_best")), "top1 last": number(m.get("top1_last")),
+            "train img/s": number(m.get("train_images_per_s"), 1), "step ms": number(m.get("step_ms_median"), 1),
+            "peak MiB": number(memory / 2**20 if memory else None, 0), "wall s": number(m.get("wall_s"), 1),
         })
     return tabulate(rows, headers="keys", tablefmt=tablefmt)
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _count(value: float) -> str:
-    if pd.isna(value):
-        return ""
-    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{suffix}"
-    return f"{value:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    if pd.isna(seconds):
-        return ""
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 \
-        else f"{seconds / 3600:.2f} h"
-
-
-def _mean_std(mean: float, std: float, signed: bool = False) -> str:
-    if pd.isna(mean):
-        return ""
-    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
-    return text + (f" ± {std:.2f}" if pd.notna(std) else "")
-
-
-def _text(text: str, fmt: str, heading: bool = False) -> str:
-    if fmt == "html":
-        return f"<h3>{html.escape(text)}</h3>" if heading else f"<p>{html.escape(text)}</p>"
-    if fmt == "latex":
-        return "% " + text
-    return f"### {text}" if heading else text
-
-
-def _rule_text(metric: str) -> str:
+def rule_text(metric: str) -> str:
     epoch = "the best epoch" if metric == "top1_best" else "the last epoch"
     return (f"Top-1 = {metric} ({epoch} of each run), mean ± sample std (ddof = 1) over the n seeds of finished "
             f"runs. Δ vs student = difference to the CE-trained student of the same setting, paired by seed: mean "
@@ -88,21 +54,26 @@ def _rule_text(metric: str) -> str:
             f"each. Published numbers are marked [rule] when their reporting rule is not {RULE_OF_METRIC[metric]}.")
 
 
-def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """Display rows and footnotes of one table."""
+def row_name(r: Any) -> str:
+    """A leaderboard row's name: the method's label, or teacher/student and the architecture."""
+    return r.label if r.kind == "method" else f"{r.kind} {r.arch}" + (" (CE)" if r.kind == "student" else "")
+
+
+def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption: str) -> str:
+    """One leaderboard table with its footnotes."""
     notes = [n for n in dict.fromkeys(board["method_note"].fillna("")) if n]
     memory = board["memory_metric"].dropna()
     memory_header = "peak alloc MiB" if len(memory) and memory.iloc[0] == "peak_alloc_bytes" else "peak RSS MiB"
-    show_published = "published" in board.columns and (board["dataset"] == "cifar100").all()
+    why_not_published = published_note(board)
     rows, unpaired, distilled, other_code = [], False, (board["kind"] == "method").any(), []
     for r in board.itertuples():
-        name = r.label if r.kind == "method" else f"{r.kind} {r.arch}" + (" (CE)" if r.kind == "student" else "")
+        name = row_name(r)
         if r.other_code:
             other_code.append(f"{name} {r.commits}")
             name += f" {OTHER_CODE}"
         if isinstance(r.method_note, str) and r.method_note:
             name += f" [{notes.index(r.method_note) + 1}]"
-        delta = _mean_std(r.delta, r.delta_std, signed=True)
+        delta = mean_std(r.delta, r.delta_std, signed=True)
         ci = "" if not delta else "n/a" if pd.isna(r.delta_ci_low) else \
             f"[{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}]" + (f" {EXCLUDES_ZERO}" if r.delta_excludes_zero else "")
         if r.kind == "method" and delta and not r.delta_paired:
@@ -110,13 +81,13 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
         elif r.kind == "method" and delta and r.delta_n < r.n:
             delta += f" ({r.delta_n} paired)"
         row = {"pair": r.pair} if with_pair else {}
-        row.update({"model": name, "n": str(r.n), f"{metric} %": _mean_std(r.mean, r.std)})
+        row.update({"model": name, "n": str(r.n), f"{metric} %": mean_std(r.mean, r.std)})
         row.update({"Δ vs student": delta, f"Δ {CI_NAME} CI": ci} if distilled else {})
-        row.update({"train img/s": _fmt(r.train_images_per_s, 1),
-                    memory_header: _fmt(r.peak_bytes / 2**20 if pd.notna(r.peak_bytes) else None, 0),
-                    "extra train params": _count(r.extra_params_train), "inference params": _count(r.inference_params),
-                    "end-to-end": _duration(r.end_to_end_s)})
-        if show_published:
+        row.update({"train img/s": number(r.train_images_per_s, 1),
+                    memory_header: number(r.peak_bytes / 2**20 if pd.notna(r.peak_bytes) else None, 0),
+                    "extra train params": count(r.extra_params_train), "inference params": count(r.inference_params),
+                    "end-to-end": duration(r.end_to_end_s)})
+        if not why_not_published:
             row.update({"published %": r.published, "published source": r.published_source})
         rows.append(row)
     footnotes = [f"[{i}] {', '.join(board.loc[board['method_note'] == n, 'label'])}: {n}"
@@ -132,53 +103,53 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool) -> tuple[list[dict
                          f"data and models code (code_core) is not the table's most common, or its seeds ran "
                          f"different code (code_fingerprint). Commits: {'; '.join(other_code)}"
                          + (f"; the other rows {', '.join(rest)}." if rest else "."))
-    if not (board["dataset"] == "cifar100").all():
-        datasets = ", ".join(sorted(set(board["dataset"])))
-        footnotes.append(f"No published column: the published numbers are CIFAR-100 results (this table: {datasets}).")
-    elif not show_published:
-        footnotes.append(f"No published column: no published table ({PUBLISHED_NAME}) was found.")
-    return rows, footnotes
+    if why_not_published:
+        footnotes.append(why_not_published)
+    headers = list(rows[0])
+    align = ["l" if k in ("pair", "model", "published source") else "r" for k in headers]
+    cells = [[escape(str(v), fmt) for v in row.values()] for row in rows]
+    return table(headers, cells, fmt, align, caption=caption if fmt == "latex" else "", notes=footnotes)
 
 
-def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair",
+def _leaderboard(board: pd.DataFrame, fmt: str, by: str) -> list[str]:
+    metric = board["metric"].iloc[0]
+    blocks = [paragraph(rule_text(metric), fmt)]
+    for title, group in groups(board):
+        parts = ([(f"{pair} · {title}" if pair != CE_ONLY else title, t)
+                  for pair, t in group.groupby("pair", sort=False)] if by == "pair" else [(title, group)])
+        for heading, t in parts:
+            blocks += [paragraph(heading, fmt, heading=True),
+                       _table(t, metric, with_pair=by == "setting", fmt=fmt, caption=heading)]
+    return blocks
+
+
+def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair", layout: str = "leaderboard",
                   not_finished: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None,
                   unreadable: list[str] | None = None) -> str:
-    """The leaderboard as text: one table per pair (``by="pair"``) or per setting and protocol
-    (``by="setting"``), each under a heading naming what it holds, with footnotes, then the runs not counted
-    (:func:`unfinished`) and those counted once (:func:`duplicate_runs`); CSV: the numbers."""
+    """The leaderboard as text in ``layout``: ``leaderboard`` gives one table per pair (``by="pair"``) or per
+    setting and protocol (``by="setting"``), each under a heading naming what it holds, with footnotes; ``paper``
+    gives, per setting and protocol, an accuracy table and a cost table with methods as rows and pairs as columns.
+    Then the runs not counted (:func:`unfinished`) and those counted once (:func:`duplicate_runs`). CSV: the
+    numbers, rounded."""
     if fmt not in FORMATS:
         raise KdbenchError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if by not in ("pair", "setting"):
         raise KdbenchError(f"unknown grouping {by!r}; valid groupings: pair, setting")
+    if layout not in LAYOUTS:
+        raise KdbenchError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
     if fmt == "csv":
-        return board.to_csv(index=False)
-    metric = board["metric"].iloc[0]
-    blocks = [_text(_rule_text(metric), fmt)]
-    for title, table in groups(board):
-        if by == "pair":
-            parts = [(f"{pair} · {title}" if pair != CE_ONLY else title, t)
-                     for pair, t in table.groupby("pair", sort=False)]
-        else:
-            parts = [(title, table)]
-        for heading, t in parts:
-            rows, footnotes = _table(t, metric, with_pair=by == "setting")
-            align = ["left" if k in ("pair", "model", "published source") else "right" for k in rows[0]]
-            blocks += [_text(heading, fmt, heading=True),
-                       tabulate(rows, headers="keys", tablefmt=_TABLEFMT[fmt], disable_numparse=True, colalign=align),
-                       *(_text(n, fmt) for n in footnotes)]
+        return paper_csv(board) if layout == "paper" else rounded(board).to_csv(index=False)
+    blocks = _leaderboard(board, fmt, by) if layout == "leaderboard" else paper_tables(board, fmt)
     if not_finished is not None and len(not_finished):
         runs_ = f"{len(not_finished)} run{'s' if len(not_finished) > 1 else ''}"
-        blocks.append(_text(f"Not counted ({runs_} did not finish): {describe(not_finished)}", fmt))
+        blocks.append(paragraph(f"Not counted ({runs_} did not finish): {describe(not_finished)}", fmt))
     if unreadable:
         runs_ = f"{len(unreadable)} run folder{'s' if len(unreadable) > 1 else ''}"
-        blocks.append(_text(f"Not counted ({runs_} could not be read; `kdbench run` sets such files aside and "
-                            f"makes the runs again): {'; '.join(unreadable)}", fmt))
+        blocks.append(paragraph(f"Not counted ({runs_} could not be read; `kdbench run` sets such files aside and "
+                                f"makes the runs again): {'; '.join(unreadable)}", fmt))
     if duplicates is not None and len(duplicates):
         runs_ = f"{len(duplicates)} run{'s' if len(duplicates) > 1 else ''}"
-        blocks.append(_text(f"Counted once ({runs_} in more than one results directory, read from the first): "
-                            + "; ".join(f"{r.run_id} ({r.results_dir}; also in {r.also_in})"
-                                        for r in duplicates.itertuples()), fmt))
+        blocks.append(paragraph(f"Counted once ({runs_} in more than one results directory, read from the first): "
+                                + "; ".join(f"{r.run_id} ({r.results_dir}; also in {r.also_in})"
+                                            for r in duplicates.itertuples()), fmt))
     return "\n\n".join(blocks) + "\n"
-
-
-# ---------------------------------------------------------------------------------------- paired comparison

@@ -1,0 +1,112 @@
+"""Published numbers beside kdbench's: the published CIFAR-100 table, and which of its rows a leaderboard row may sit
+next to (same dataset, recipe and loss protocol; a reporting rule other than the table's is marked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench.errors import KdbenchError
+
+PUBLISHED_NAME = "published_cifar100.csv"
+PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
+                     "verified", "recipe")
+RULE_OF_METRIC = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report_rule each metric matches
+# Published protocols that a kdbench protocol reproduces for a method: letKD's published setting has no logit KD, as
+# crd; "official" is each method's own code, whose numbers sit under their source's protocol.
+_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd",
+                  **{("official", m): p for m, p in (("kd", "crd"), ("fitnet", "crd"), ("semckd", "semckd"),
+                                                     ("takd", "takd"), ("dgkd", "takd"), ("letkd1", "letkd"),
+                                                     ("letkd2", "letkd"))}}
+_RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
+
+
+def load_published(path: str | Path) -> pd.DataFrame:
+    """The published CIFAR-100 table, checked: one row per published number, with the kdbench recipe that trains
+    as its source did (``recipe``; empty when none does)."""
+    try:
+        published = pd.read_csv(path, keep_default_na=False, na_values={"top1_std": [""]})
+    except Exception as error:
+        raise KdbenchError(f"cannot read published table {path}: {' '.join(str(error).split())}") from None
+    missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
+    if missing:
+        raise KdbenchError(f"published table {path} lacks column(s) {', '.join(missing)}")
+    return published
+
+
+def published_path(results_dir: str | Path, given: str | Path | None = None) -> Path | None:
+    """``given``, else ``<results_dir>/published_cifar100.csv``, else the copy in this checkout's ``results/``."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise KdbenchError(f"published table {given} does not exist")
+        return Path(given)
+    candidates = (Path(results_dir) / PUBLISHED_NAME, Path(__file__).resolve().parents[2] / "results" / PUBLISHED_NAME)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def mismatch(run: pd.Series, published: pd.DataFrame) -> str:
+    """Why ``run``'s setting cannot sit beside published numbers (empty when it can): another dataset, or a recipe
+    that is not one the published runs used, as registered (no overridden epochs, batch, subsets or lr)."""
+    from kdbench.spec import RECIPES
+
+    recipes = sorted(set(published["recipe"]) - {""})
+    if run["dataset"] != "cifar100":
+        return f"the published numbers are CIFAR-100 results (this table: {run['dataset']})"
+    wanted = f"recipe {' or '.join(recipes)} as registered"
+    if run["recipe"] not in recipes or run["recipe"] not in RECIPES.names():
+        return f"the published numbers were trained with {wanted} (this table: recipe {run['recipe']})"
+    registered = RECIPES.get(run["recipe"])
+    changed = [f"{key}={run[key]:g}" for key in _RECIPE_FIELDS
+               if key in run and pd.notna(run[key]) and run[key] != getattr(registered, key)]
+    if changed:
+        return f"the published numbers were trained with {wanted} (this table overrides {', '.join(changed)})"
+    return ""
+
+
+def _matches(published: pd.DataFrame, teacher: str | None, student: str, method: str, protocol: str, recipe: str,
+             metric: str) -> dict[str, str]:
+    """Published values (joined with " / ") and sources for one row; other reporting rules are marked."""
+    match = (published["method"] == method) & (published["student"] == student) & (published["recipe"] == recipe)
+    if teacher is not None:
+        match &= published["teacher"] == teacher
+    if protocol != "none":  # CE-only tables: CE training is the same under every protocol
+        match &= published["protocol"].isin({protocol, _SAME_PROTOCOL.get((protocol, method), protocol)})
+    values, sources = [], []
+    keys = ["top1", "top1_std", "report_rule", "verified", "protocol"]
+    for (top1, std, rule, verified, proto), rows in published[match].groupby(keys, dropna=False, sort=False):
+        values.append(f"{top1:.2f}" + (f" ± {std:.2f}" if pd.notna(std) else "")
+                      + ("" if rule == RULE_OF_METRIC[metric] else f" [{rule}]"))
+        sources.append("; ".join(dict.fromkeys(rows["source"])) + ("" if verified == "primary" else f" ({verified})")
+                       + ("" if proto == protocol else f" (protocol {proto})"))
+    return {"published": " / ".join(values), "published_source": " / ".join(sources)}
+
+
+def published_cells(published: pd.DataFrame, pair: str, kind: str, arch: str, run: pd.Series, protocol: str,
+                    metric: str, ce_only: str) -> dict[str, str]:
+    """The published cells of a leaderboard row, and ``published_mismatch``: why there are none when the setting
+    differs. CE-only extra methods have none."""
+    why = mismatch(run, published)
+    if why or (pair == ce_only and kind == "method"):
+        return {"published": "", "published_source": "", "published_mismatch": why}
+    cells: dict[str, str]
+    if pair != ce_only:
+        teacher, student = pair.split("->")
+        cells = _matches(published, teacher, student, kind if kind != "method" else run["method"], protocol,
+                         run["recipe"], metric)
+    elif kind == "student":
+        cells = _matches(published, None, arch, "student", protocol, run["recipe"], metric)
+    else:  # a teacher without a pair: its published teacher rows, whichever student they were quoted with
+        rows = published[(published["method"] == "teacher") & (published["teacher"] == arch)]
+        cells = _matches(rows.assign(student=arch), None, arch, "teacher", protocol, run["recipe"], metric)
+    return {**cells, "published_mismatch": ""}
+
+
+def published_note(board: pd.DataFrame) -> str:
+    """Why a table shows no published numbers (empty when it shows some)."""
+    if "published" not in board.columns:
+        return f"No published column: no published table ({PUBLISHED_NAME}) was found."
+    reasons = board["published_mismatch"].fillna("")
+    if (reasons == "").any():
+        return ""
+    return f"No published column: {reasons.iloc[0]}."

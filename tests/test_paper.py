@@ -1,0 +1,143 @@
+"""Paper-ready output: the paper layout (LaTeX with booktabs, GitHub, CSV), clean numbers, published numbers matched
+on dataset, recipe and protocol, and plots that keep 25 methods apart."""
+
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+from synthetic_results import ZOO, synthetic_table
+from test_report import PUBLISHED, _as_cifar100, tiny_results  # noqa: F401  (the session's tiny sweep)
+
+from kdbench import report
+from kdbench.cli import main
+from kdbench.report.style import styles
+
+
+@pytest.fixture(scope="module")
+def zoo() -> pd.DataFrame:
+    return synthetic_table()
+
+
+@pytest.fixture(scope="module")
+def zoo_board(zoo) -> pd.DataFrame:
+    return report.leaderboard(report.entries(zoo))
+
+
+def _github_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_paper_table_puts_methods_in_rows_pairs_in_columns_best_in_bold(zoo_board):
+    text = report.render_report(zoo_board, "github", layout="paper")
+    accuracy = _github_rows(text.split("Cost per method")[0])
+    header, rows = accuracy[0], {r[0]: r[1:] for r in accuracy[1:]}
+    assert header == ["method", "resnet56->resnet20", "vgg13->vgg8", "resnet32x4->resnet8x4"]
+    assert [r[0] for r in accuracy[1:3]] == ["Teacher", "Student (CE)"] and set(rows) == {
+        "Teacher", "Student (CE)", *ZOO}
+    for column, pair in enumerate(header[1:]):
+        means = zoo_board[(zoo_board.pair == pair) & (zoo_board.kind == "method")].set_index("label")["mean"]
+        bold = [name for name, cells in rows.items() if cells[column].startswith("**")]
+        assert bold == [means.idxmax()]
+        assert rows[means.idxmax()][column] == f"**{means.max():.2f} ± " \
+            f"{zoo_board.set_index(['pair', 'label']).loc[(pair, means.idxmax()), 'std']:.2f}**"
+    assert "mean ± std over n = 3 seeds" in text and "best method per pair in bold" in text
+    costs = _github_rows(text.split("Cost per method")[1])
+    assert costs[0][:5] == ["method", "resnet56->resnet20 · img/s", "resnet56->resnet20 · peak MiB",
+                            "resnet56->resnet20 · extra params", "resnet56->resnet20 · end-to-end"]
+    assert len(costs) == len(accuracy)
+
+
+def test_paper_latex_uses_booktabs_a_caption_and_no_raw_unicode(zoo_board):
+    text = report.render_report(zoo_board, "latex", layout="paper")
+    tables = re.findall(r"\\begin\{table\}.*?\\end\{table\}", text, re.S)
+    assert len(tables) == 2
+    for table in tables:
+        assert "\\toprule" in table and "\\midrule" in table and "\\bottomrule" in table and "\\hline" not in table
+        assert re.search(r"\\caption\{.*n = 3 seeds|\\caption\{Cost per method", table)
+        assert not re.search(r"[±Δ→·†]", table), "raw unicode in LaTeX"
+    assert "$\\pm$" in tables[0] and "\\textbf{" in tables[0] and "$\\rightarrow$" in tables[0]
+    assert "\\multicolumn{4}{c}{resnet56$\\rightarrow$resnet20}" in tables[1] and "\\cmidrule(lr){2-5}" in tables[1]
+    # the teacher and student rows are set off from the methods by a rule
+    assert re.search(r"Student \(CE\) &[^\n]*\\\\\n\\midrule", tables[0])
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (TeX Live)")
+def test_paper_latex_compiles_in_a_plain_article(zoo_board, tmp_path):
+    body = report.render_report(zoo_board, "latex", layout="paper")
+    (tmp_path / "t.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                                    + body + "\n\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
+    for layout in ("leaderboard", "paper"):
+        out = tmp_path / f"{layout}.csv"
+        assert main(["report", "--results-dir", str(tiny_results), "--format", "csv", "--layout", layout,
+                     "--out", str(out)]) == 0
+        text = out.read_text()
+        assert not re.search(r"\d\.\d{3,}", text), f"float noise in the {layout} CSV"
+    board = pd.read_csv(tmp_path / "leaderboard.csv").set_index("label")
+    table = report.load_results(tiny_results)
+    full = report.leaderboard(report.entries(table)).set_index("label")
+    assert board.loc["kd", "mean"] == round(full.loc["kd", "mean"], 2)
+    assert board.loc["kd", "peak_bytes"] == round(full.loc["kd", "peak_bytes"])
+    paper = pd.read_csv(tmp_path / "paper.csv")
+    assert list(paper.columns[:4]) == ["setting", "protocol", "label", "resnet14->resnet8 n"]
+    # the tidy Parquet keeps full precision
+    assert table["value"].map(lambda v: v != round(v, 2)).any()
+
+
+def test_published_numbers_need_the_same_recipe(tiny_results):  # noqa: F811
+    table = report.load_results(tiny_results)
+    published = report.load_published(PUBLISHED)
+    paper = _as_cifar100(table)
+    board = report.leaderboard(report.entries(paper), "top1_last", published).set_index("label")
+    assert board.loc["kd", "published"] == "70.66" and board.loc["kd", "published_mismatch"] == ""
+
+    longer = report.leaderboard(report.entries(paper.assign(epochs=30)), "top1_last", published)
+    assert (longer.published == "").all()
+    assert "No published column: the published numbers were trained with recipe letkd-native or paper as " \
+        "registered (this table overrides epochs=30)." in report.render_report(longer)
+    other = report.leaderboard(report.entries(paper.assign(recipe="short")), "top1_last", published)
+    assert "(this table: recipe short)" in report.render_report(other, layout="paper")
+    fashion = report.leaderboard(report.entries(table), "top1_last", published)
+    assert "the published numbers are CIFAR-100 results (this table: synthetic)" in report.render_report(fashion)
+
+
+def test_styles_keep_25_methods_apart_and_families_together(zoo):
+    group = report.entries(zoo)
+    style = styles(group)
+    methods = {label: s for label, s in style.items() if label in ZOO}
+    assert len(methods) == 25
+    assert len({(tuple(s.colour), s.marker) for s in methods.values()}) == 25
+    assert {label: s.family for label, s in methods.items()} == ZOO
+    # within a family, labels are contiguous (legend sections) and each has its own marker
+    families = [s.family for s in style.values() if s.family in set(ZOO.values())]
+    assert families == sorted(families, key=families.index)
+    for family in set(ZOO.values()):
+        markers = [s.marker for s in methods.values() if s.family == family]
+        assert len(set(markers)) == len(markers)
+
+
+def test_plots_of_25_methods(zoo, tmp_path):
+    written = report.save_plots(report.entries(zoo), zoo, tmp_path)
+    assert len(written) == 12 and all(p.stat().st_size > 5000 for p in written)
+    group = next(g for _, g in report.groups(report.entries(zoo)))
+    heat = report.plot_heatmap(group)
+    assert [ax.get_xticklabels()[0].get_text() for ax in heat.axes if ax.get_xticklabels()][:3] == [
+        "resnet56->resnet20", "vgg13->vgg8", "resnet32x4->resnet8x4"]
+    mesh = heat.axes[0].collections[0]  # a diverging scale centred at 0, symmetric per pair
+    assert mesh.norm.vmin == -mesh.norm.vmax
+    curves = report.plot_learning_curves(group, zoo)
+    titles = [ax.get_title() for ax in curves.axes if ax.get_visible() and ax.get_title()]
+    assert len(titles) == 3 * 5 and "resnet56->resnet20 · logit" in titles
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and re.fullmatch(r"kdbench \S+\n", capsys.readouterr().out)
