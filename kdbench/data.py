@@ -1,8 +1,9 @@
 """Datasets as whole uint8 tensors, and a device-resident loader with replayable on-device augmentation.
 
-Design (harness-performance.md §1.2-1.3, models-and-recipe.md §3.4): the whole dataset lives on the device, the
-training set is zero-padded once in pixel space, and each batch is cropped and flipped by one integer gather.  This
-reproduces torchvision's ``RandomCrop(32, padding=4) -> RandomHorizontalFlip() -> ToTensor() -> Normalize`` exactly,
+Design (data kept on the device as in KellerJordan/cifar10-airbench and tysam-code/hlb-CIFAR10; augmentation of
+HobbitLong/RepDistiller ``dataset/cifar100.py``): the whole dataset lives on the device, the training set is
+zero-padded once in pixel space, and each batch is cropped and flipped by one integer gather.  This reproduces
+torchvision's ``RandomCrop(32, padding=4) -> RandomHorizontalFlip() -> ToTensor() -> Normalize`` exactly,
 without DataLoader workers or host synchronisation.  Every random stream is a pure function of (seed, epoch, stream
 name), and augmentation parameters are indexed by dataset index, so two runs with the same seed see identical views
 whatever their batch size, subset or method.

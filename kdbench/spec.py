@@ -19,9 +19,10 @@ from kdbench.registry import Registry
 if TYPE_CHECKING:
     from kdbench.data import DatasetInfo
 
-# Loss-weight presets (methods.md §0.3), each a set of method option values (Method.presets); the first is the
-# default. official: each method as its own official code runs it; crd: RepDistiller's convention (no logit KD
-# beside a feature loss); semckd: DefangChen/SemCKD's (CE + KD added to every method).
+# Loss-weight presets, each a set of method option values (Method.presets); the first is the default. official:
+# each method as its own official code runs it; crd: HobbitLong/RepDistiller's convention (scripts/run_cifar_distill.sh:
+# no logit KD beside a feature loss); semckd: DefangChen/SemCKD's (README.md, scripts/run_cifar_distill.sh
+# -r 1 -a 1: CE + KD added to every method).
 PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
 PAD_MODES = ("zeros", "reflect")
@@ -83,7 +84,8 @@ class Recipe:
 RECIPES: Registry[Recipe] = Registry("recipe")
 # HobbitLong/RepDistiller's train_teacher.py and train_student.py: one recipe for both.
 RECIPES.add("paper", Recipe("paper", epochs=240, teacher_recipe="paper"))
-# letKD's own optimisation (methods.md §7.6): Nesterov momentum, reflect-padded crops; RepDistiller teachers.
+# letKD's own optimisation (adagorgun/letKD-framework: the CIFAR100/ configs' optimiser, and
+# distillation/datasets/cifar_dataset.py): Nesterov momentum, reflect-padded crops; RepDistiller teachers.
 RECIPES.add("letkd-native", Recipe("letkd-native", epochs=240, nesterov=True, pad_mode="reflect",
                                    teacher_recipe="paper"))
 # A CPU smoke run: 3 epochs on a fixed 5,000-image subset, teachers alike. Checks that things run, nothing more.

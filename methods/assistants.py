@@ -1,9 +1,10 @@
 """Teacher-assistant chains for TAKD and DGKD: defaults per pair, and validation.
 
-A chain is ``(teacher, A1, ..., An, student)``, largest first. The defaults are kdbench's choice
-(methods.md §5.4): the reference pairs use the chains listed there, which the DGKD paper's parameter
-count implies for wrn_40_2 -> wrn_16_2. Other pairs of one family get every registered depth in
-between. Cross-family pairs need ``--ta-chain``.
+A chain is ``(teacher, A1, ..., An, student)``, largest first. The defaults are kdbench's choice: the
+reference pairs use the chains in ``DEFAULT_CHAINS``; for wrn_40_2 -> wrn_16_2 it is the chain that the DGKD
+paper's teacher + TA parameter count implies (Son et al., ICCV 2021, arXiv 2009.08825: 6.69 M = wrn_40_2 +
+wrn_34_2 + wrn_28_2 + wrn_22_2). Other pairs of one family get every registered depth in between.
+Cross-family pairs need ``--ta-chain``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from kdbench.errors import KdbenchError
 if TYPE_CHECKING:
     from kdbench.spec import RunSpec
 
-KD_TEMPERATURE = 4.0  # Hinton KD temperature of the crd and semckd protocols (methods.md §0.2)
+KD_TEMPERATURE = 4.0  # Hinton KD temperature of the crd and semckd protocols (RepDistiller's train_student.py --kd_T)
 # "batchmean": KL summed over classes, mean over the batch (RepDistiller, SemCKD, mdistiller); "mean": mean over
 # batch and classes, i.e. batchmean / C (nn.KLDivLoss() in the TAKD and DGKD code).
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -57,15 +57,16 @@ class Range:
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
 # The ranges of LOGIT_OPTIONS: weights of loss terms are never negative, and T divides the logits.
 LOGIT_RANGES: dict[str, Range] = {"ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "temperature": POSITIVE}
-# The crd and semckd protocols for a method whose own term is not logit KD (methods.md §0.3): crd adds no KD,
-# semckd adds 1·KD_4 to every method.
+# The crd and semckd protocols for a method whose own term is not logit KD: crd adds no KD (HobbitLong/RepDistiller
+# scripts/run_cifar_distill.sh), semckd adds 1·KD_4 to every method (DefangChen/SemCKD scripts/run_cifar_distill.sh).
 FEATURE_PRESETS: dict[str, dict[str, Any]] = {"crd": {"ce_weight": 1.0, "kd_weight": 0.0},
                                               "semckd": {"ce_weight": 1.0, "kd_weight": 1.0}}
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
-    """Hinton's KD term ``T² · KL(σ(z_t/T) ‖ σ(z_s/T))`` in fp32 (methods.md §0.2); ``reduction`` in KL_REDUCTIONS."""
+    """Hinton's KD term ``T² · KL(σ(z_t/T) ‖ σ(z_s/T))`` in fp32 (Hinton et al. 2015, arXiv 1503.02531; batchmean
+    as HobbitLong/RepDistiller ``distiller_zoo/KD.py::DistillKL``); ``reduction`` in KL_REDUCTIONS."""
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
@@ -142,7 +143,7 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"kl_reduction": KL_REDUCTIONS}  # options that take a few values
     ranges: ClassVar[dict[str, Range]] = LOGIT_RANGES  # numeric options' valid values; keys without a range: any
-    # protocol name -> the option values that protocol sets (kdbench.spec.PROTOCOLS; methods.md §0.3). Every method
+    # protocol name -> the option values that protocol sets (kdbench.spec.PROTOCOLS). Every method
     # with a teacher has one preset per protocol; "official" is the method as its own official code runs it.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # True where logit KD is the method itself (kd, takd, dgkd): report labels then add no "(+KD)".
@@ -178,7 +179,8 @@ class Method(nn.Module):
     @classmethod
     def label(cls, options: dict[str, Any]) -> str:
         """What a leaderboard calls a run: the name, and ``(+KD)`` when the loss adds logit KD to the method's own
-        terms (the semckd protocol's convention, methods.md §0.3)."""
+        terms (the semckd protocol's convention: Chen et al., AAAI 2021, and the DefangChen/SemCKD README report
+        every feature method with logit KD added)."""
         return f"{cls.name} (+KD)" if not cls.logit_kd and options.get("kd_weight", 0) > 0 else cls.name
 
     def attach(self, student: nn.Module) -> None:

@@ -2,7 +2,7 @@
 (arXiv 2009.08825; official code wonchulSon/DGKD).
 
 Like TAKD's chain, but each model is taught by every larger, already trained model, and the final student
-uses stochastic teaching: trainers are dropped at random per mini-batch (methods.md §5). Loss:
+uses stochastic teaching: trainers are dropped at random per mini-batch (wonchulSon/DGKD ``train.py``). Loss:
 ``s_ce·ce_weight·CE + kd_weight·Σ_{kept P} KD_T(z_S, z_P) / d``. Presets: crd and semckd use their vanilla-KD
 weights at T = 4 with batch-mean KL; official is the DGKD code: ``0·CE + 1·τ²·Σ KL_mean`` at τ = 5 (takd.py).
 
@@ -16,7 +16,8 @@ Where the paper and the official code disagree (each is an option; default first
 - ``skip_dropped_forward``: dropped trainers are not forwarded (the code forwards all; same loss, less work).
 - ``stochastic_tas``: the paper drops trainers only for the final student (default false).
 - The code's own λ = 1, τ = 5 and ``KLDivLoss`` mean reduction are the official preset (``kl_reduction=mean``);
-  crd and semckd use batch-mean KL, where those values would mean other weights (methods.md §0.2).
+  crd and semckd use batch-mean KL, where those values would mean other weights (``KLDivLoss()``'s mean is the
+  batch-mean KL divided by the number of classes).
 Gates are drawn on the host from a generator seeded by (seed, epoch, step): replayable, no device sync.
 """
 

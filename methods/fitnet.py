@@ -1,10 +1,11 @@
 """``fitnet``: Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets" (arXiv 1412.6550), single-stage.
 
-As in the CIFAR-100 benchmarks (HobbitLong/RepDistiller ``FitNet.py``/``ConvReg``; methods.md §2): a
-regressor maps the student's hint-layer map (feat[hint_layer]) to the teacher's, trained jointly with the student
-from epoch 1; loss ``MSE`` weighted ``beta`` = 100. Presets: official and crd ``CE + 100·hint`` at hint layer 2
-(RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b 100 --hint_layer 2`` by default); semckd
-``CE + KD_4 + 100·hint`` at hint layer 1, the DefangChen/SemCKD ``train_student.py`` default that its scripts keep.
+As in the CIFAR-100 benchmarks (HobbitLong/RepDistiller ``distiller_zoo/FitNet.py::HintLoss``,
+``models/util.py::ConvReg``): a regressor maps the student's hint-layer map (feat[hint_layer]) to the teacher's,
+trained jointly with the student from epoch 1; loss ``MSE`` weighted ``beta`` = 100. Presets: official and crd
+``CE + 100·hint`` at hint layer 2 (RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b 100 --hint_layer 2``
+by default); semckd ``CE + KD_4 + 100·hint`` at hint layer 1, the DefangChen/SemCKD ``train_student.py`` default
+that its scripts keep.
 """
 
 from __future__ import annotations

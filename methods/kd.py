@@ -1,9 +1,9 @@
 """``kd``: Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (arXiv 1503.02531).
 
 The student matches the teacher's temperature-softened class distribution: ``ce_weight·CE + kd_weight·T²·KL``,
-batch-mean KL (methods.md §1). Presets: crd and official ``0.1·CE + 0.9·KD_4`` (HobbitLong/RepDistiller
-``scripts/run_cifar_distill.sh``; the paper has no official code, RepDistiller is the CIFAR benchmark's), semckd
-``CE + KD_4`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``).
+batch-mean KL (HobbitLong/RepDistiller ``distiller_zoo/KD.py::DistillKL``). Presets: crd and official
+``0.1·CE + 0.9·KD_4`` (HobbitLong/RepDistiller ``scripts/run_cifar_distill.sh``; the paper has no official code,
+RepDistiller is the CIFAR benchmark's), semckd ``CE + KD_4`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """``letkd1`` / ``letkd2``: "Knowledge Distillation Layer that Lets the Student Decide".
 
-Gorgun, Gurbuz, Alatan, BMVC 2023 (arXiv 2309.02843); official code adagorgun/letKD-framework; methods.md §7.
+Gorgun, Gurbuz, Alatan, BMVC 2023 (arXiv 2309.02843) and its supplementary material; official code
+adagorgun/letKD-framework: ``distillation/architectures/miscellaneous/`` (``valueLayer.py``,
+``valueLayer_subclass.py``, ``vector_quantization.py``), ``distillation/algorithms/classification/``
+(``classification_quest_value.py``, ``classification_subclass_quest_value.py``) and the ``CIFAR100/`` configs.
 
 **The deployed model is "student + KD layer"** (the method's ``note``, carried by every results row): the
 learnable KD layers stay inside the student at inference, so a letKD result is not the plain student
@@ -8,7 +11,7 @@ architecture that every other method reports.
 The record carries ``inference_params`` / ``inference_macs`` (student with the layers) next to
 ``student_params`` / ``student_macs`` (the plain architecture); ``extra_params_inference`` is the layers' size.
 
-KD layer (§7.1), hooked onto a student tap so its output feeds the rest of the network::
+KD layer (``valueLayer.py``), hooked onto a student tap so its output feeds the rest of the network::
 
     a = s1 · cos(templates, x)            cosine 1×1 conv C -> K, learnable scalar s1 (init 3.0)
     v = s2 · cos(semantic, ReLU(BN(a)))   cosine 1×1 conv K -> C, learnable scalar s2 (init 1.0)
@@ -17,24 +20,27 @@ KD layer (§7.1), hooked onto a student tap so its output feeds the rest of the 
 Supervision (per spatial location, batch mean over B·H·W locations of ``KL(p_T ‖ softmax(a))``, no τ²):
 
 - ``letkd1``: one layer on ``pre_pool`` (the map global pooling reads), K = 4096 templates; target
-  ``p_T = softmax(−τ_q‖f_T − ρ_k‖²)`` over 4096 k-means centres ρ of the teacher's ``pre_pool`` features (§7.2).
+  ``p_T = softmax(−τ_q‖f_T − ρ_k‖²)`` over 4096 k-means centres ρ of the teacher's ``pre_pool`` features
+  (``vector_quantization.py``).
 - ``letkd2``: letkd1 plus a layer on ``last_stage_first_block`` with K = k_sub · num_classes templates (800 on
   CIFAR-100), supervised by the teacher's sub-class decisions: LDA of the teacher's ``last_stage_first_block``
   features (``min(60, num_classes − 1)`` components), ``k_sub = 8`` k-means sub-classes per class, the decision
-  matrix ``s_T``; a location of class y takes the row of its nearest own-class sub-class (§7.3).
+  matrix ``s_T``; a location of class y takes the row of its nearest own-class sub-class
+  (``valueLayer_subclass.py``).
 
 When the teacher map is larger than the student's, it is average-pooled to the student's size before fitting and
-before every target computation (§7.2 ``downscale``); when it is smaller, targets are computed at the teacher's
-size and repeated (nearest) onto the student's grid (no reference pair does this).
+before every target computation (the configs' teacher option ``downscale``); when it is smaller, targets are
+computed at the teacher's size and repeated (nearest) onto the student's grid (no reference pair does this).
 
-Objective (§7.4): ``ce_weight·CE + kd_weight·KD_T + penult_weight·L_penult (+ inter_weight·L_inter)``. CE and
+Objective: ``ce_weight·CE + kd_weight·KD_T + penult_weight·L_penult (+ inter_weight·L_inter)``. CE and
 logit KD come from the base class's options (``LOGIT_OPTIONS``: ``ce_weight``, ``kd_weight``, ``temperature`` = the
 logit-KD T, ``kl_reduction``; ``Method.logit_terms``); letKD's own are ``penult_weight``, ``inter_weight`` and
 ``assign_temperature`` (τ_q of the soft assignment, config ``temperature: 1``). Presets (``presets``):
 
 - ``official``: the letKD code, ``CE + L_penult (+ L_inter)`` (``cls_loss_coef = quest_loss_coef = sub_loss_coef
   = 1``); the code never uses the teacher's logits, so ``kd_weight = 0``;
-- ``crd``: the same; no logit KD is already the crd convention for a feature method (methods.md §0.3);
+- ``crd``: the same; no logit KD is already the crd convention for a feature method (HobbitLong/RepDistiller
+  ``scripts/run_cifar_distill.sh``);
 - ``semckd``: ``+ 1·KD_4`` (``kd_weight = 1``), the semckd rule that every method adds KD; for letKD an
   unpublished "+KD" variant, labelled so.
 
@@ -124,7 +130,8 @@ class CosineConv(nn.Module):
 
 
 class KDLayer(nn.Module):
-    """letKD's KD layer (§7.1): template scores ``a``, ``BN → ReLU``, semantic vectors, residual ``x + α·v``.
+    """letKD's KD layer (adagorgun/letKD-framework ``valueLayer.py``): template scores ``a``, ``BN → ReLU``,
+    semantic vectors, residual ``x + α·v``.
 
     ``forward(x) -> (x̂, a)``: ``x̂`` has ``x``'s shape and replaces it downstream; ``a`` (``B×K×H×W``) is what the
     teacher supervises. ``alpha`` is a buffer, so a saved state dict describes the layer completely.
@@ -212,7 +219,7 @@ def location_kl(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def visual_word_targets(features: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax_k(−τ‖f − ρ_k‖²)`` per row of ``features`` (``N×d``), fp32 (§7.2).
+    """``softmax_k(−τ‖f − ρ_k‖²)`` per row of ``features`` (``N×d``), fp32 (``vector_quantization.py``).
 
     ``‖f‖²`` is the same for every k, so it is left out of the softmax (exactly; and without its cancellation).
     """
@@ -222,7 +229,7 @@ def visual_word_targets(features: torch.Tensor, centres: torch.Tensor, temperatu
 
 def decision_targets(projected: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
                      decision: torch.Tensor, k_sub: int) -> torch.Tensor:
-    """Rows of ``decision`` for the nearest own-class sub-class of every location (§7.3).
+    """Rows of ``decision`` for the nearest own-class sub-class of every location (``valueLayer_subclass.py``).
 
     ``projected``: ``N×c`` LDA features; ``labels``: ``N`` class ids; ``centres``: ``(classes·k_sub)×c``, class y's
     sub-classes at ``y·k_sub .. y·k_sub + k_sub − 1``; ``decision``: row-stochastic, ``(classes·k_sub)²``.
@@ -348,7 +355,8 @@ def fit_lda(x: torch.Tensor, labels: torch.Tensor, components: int) -> tuple[tor
 
 def fit_subclasses(z: torch.Tensor, labels: torch.Tensor, num_classes: int, k_sub: int, iters: int,
                    seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Per-class k-means (``k_sub`` sub-classes each) on LDA features ``z`` and the decision matrix ``s_T`` (§7.3).
+    """Per-class k-means (``k_sub`` sub-classes each) on LDA features ``z`` and the decision matrix ``s_T``, as
+    adagorgun/letKD-framework ``distillation/algorithms/subclass_decision/subclass_utils.py``.
 
     Each class's centres are a faiss k-means (:func:`kmeans`, seed ``seed + class``) of all its locations.
     Every location is assigned to its nearest own-class centre; prototypes are the means of those groups; row ``k``
@@ -431,7 +439,7 @@ class LetKD(Method):
     defaults: ClassVar[dict[str, Any]] = {
         **LOGIT_OPTIONS,  # ce_weight, kd_weight (0: no logit KD, as published), temperature (of KD), kl_reduction
         "penult_weight": 1.0,  # quest_loss_coef
-        "k_penult": 4096,  # templates of the penultimate KD layer = k-means centres (§7.2)
+        "k_penult": 4096,  # templates of the penultimate KD layer = k-means centres (configs' num_embeddings)
         "assign_temperature": 1.0,  # τ_q of the penultimate soft assignment (config `temperature`)
         "alpha_penult": 1.0,  # residual scale (0.1 for ResNet50 -> MobileNetV2: pair_defaults)
         "fit_seed": 0,  # seed of the fit's sampling and k-means (not the run seed: one fit per teacher)
@@ -442,16 +450,17 @@ class LetKD(Method):
         "alpha_penult": NON_NEGATIVE, "kmeans_iters": AT_LEAST_ONE,
         "fit_seed": Range(0, 2**30),  # faiss seeds are 32-bit ints, and letkd2 seeds fit_seed + class
     }
-    # official: CE + L_penult (+ L_inter), no logit KD (§7.4); crd: the same; semckd: + 1·KD_4 (methods.md §0.3).
+    # official: CE + L_penult (+ L_inter), no logit KD (the configs' *_loss_coef); crd: the same; semckd: + 1·KD_4
+    # (DefangChen/SemCKD's convention).
     presets: ClassVar[dict[str, dict[str, Any]]] = {"official": {"ce_weight": 1.0, "kd_weight": 0.0},
                                                     **FEATURE_PRESETS}
-    # (teacher, student) -> the residual scales of its official config (§7.4, `value_ratio`).
+    # (teacher, student) -> the residual scales of its official config (CIFAR100/cross_model/RN50_MNv2, `value_ratio`).
     PAIR_ALPHAS: ClassVar[dict[tuple[str, str], dict[str, float]]] = {
         ("ResNet50", "MobileNetV2"): {"alpha_penult": 0.1, "alpha_inter": 0.2}}
 
     @classmethod
     def pair_defaults(cls, teacher: str | None, student: str) -> dict[str, Any]:
-        """The official config's ``α`` for ResNet50 -> MobileNetV2 (§7.4); ``{}`` for every other pair."""
+        """The official config's ``α`` (``value_ratio``) for ResNet50 -> MobileNetV2; ``{}`` for every other pair."""
         return {k: v for k, v in cls.PAIR_ALPHAS.get((teacher, student), {}).items() if k in cls.defaults}
 
     def __init__(self, ctx: MethodContext):
@@ -655,7 +664,8 @@ class LetKD(Method):
 
 @register_method
 class LetKD1(LetKD):
-    """letKD-1: one KD layer (K = 4096) before global pooling; deployed as "student + KD layer" (methods.md §7)."""
+    """letKD-1: one KD layer (K = 4096) before global pooling; deployed as "student + KD layer" (Gorgun et al.,
+    BMVC 2023)."""
 
     name = "letkd1"
 
@@ -663,7 +673,7 @@ class LetKD1(LetKD):
 @register_method
 class LetKD2(LetKD):
     """letKD-2: letKD-1 plus a KD layer (K = 8 · classes) after the first block of the last stage, supervised by
-    the teacher's LDA sub-class decisions; deployed as "student + KD layer" (methods.md §7)."""
+    the teacher's LDA sub-class decisions; deployed as "student + KD layer" (Gorgun et al., BMVC 2023)."""
 
     name = "letkd2"
     use_inter = True

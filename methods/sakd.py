@@ -3,12 +3,13 @@
 Guo, Han, Wang, Zhang, Han, "Semantic-aware knowledge distillation with parameter-free feature uniformization",
 Visual Intelligence 1, article 6 (2023), DOI 10.1007/s44267-023-00003-0.
 
-**This is a reconstruction from the paper's abstract only** (methods.md §6). No equation, table or code of the
-paper has been checked; every choice below is kdbench's, is a ``--set sakd.KEY=VALUE`` option, and every result
-of this method must be labelled a reconstruction. The abstract names two components, both implemented here:
+**This is a reconstruction from the paper's abstract only** (at the DOI above; no public code is known). No
+equation, table or code of the paper has been checked; every choice below is kdbench's, is a
+``--set sakd.KEY=VALUE`` option, and every result of this method must be labelled a reconstruction. The abstract
+names two components, both implemented here:
 
 1. A parameter-free self-attention ``U`` that maps teacher and student feature maps of any channel count to
-   vectors of one length, by the same function for both networks (no learned projection), §6.2:
+   vectors of one length, by the same function for both networks (no learned projection):
 
    - ``tokens = spatial`` (the only choice): tokens are spatial positions, so the channel axis disappears in
      ``X̂ X̂ᵀ`` and the result does not depend on the channel count or channel order.
@@ -24,7 +25,7 @@ of this method must be labelled a reconstruction. The abstract names two compone
    - ``vector = full``: ``u = vec(A) ∈ ℝ^{N²}``; ``colmean``: ``u = (1/N)·1ᵀA ∈ ℝ^N`` (attention received).
 
 2. A standalone feature-based classification branch ``g`` that reads the uniformized vectors and supplies
-   class-level guidance, §6.3:
+   class-level guidance:
 
    - ``head = linear``: ``Linear(len(u) → num_classes)``; ``mlp``: ``Linear → ReLU → Linear`` with
      ``head_hidden = 512`` hidden units.
@@ -40,14 +41,14 @@ of this method must be labelled a reconstruction. The abstract names two compone
      ``joint``: ``g`` is trained with the student by the run's SGD, on ``CE(g(u_T), y)`` (term ``*_head_ce``,
      weight 1 [kdbench choice]) and on the student's terms; the KL target ``g(u_T)`` is detached there.
 
-Objective (§6.4), terms named as logged: the logit terms (``ce``, and ``kd`` = ``KD_4`` when ``kd_weight`` > 0,
+Objective, terms named as logged: the logit terms (``ce``, and ``kd`` = ``KD_4`` when ``kd_weight`` > 0,
 ``Method.logit_terms``) and
 
 - ``sakd_kl``  = ``β · τ_b² · KL(σ(g(u_T)/τ_b) ‖ σ(g(u_S)/τ_b))``, ``beta = 1.0``, ``tau_b = 4.0``;
 - ``sakd_ce``  = ``γ · CE(g(u_S), y)``, ``gamma = 0.1``;
 - ``sakd_mse`` = ``δ · mean((u_S − u_T)²)``, ``delta = 0.0`` (the term is left out while δ = 0).
 
-Presets: crd ``α_kd = 0``, semckd ``α_kd = 1`` (§6.5). There is no official code; "official" is the
+Presets: crd ``α_kd = 0``, semckd ``α_kd = 1``. There is no official code; "official" is the
 reconstruction's crd form (no logit KD beside its own terms), the one it was designed around.
 
 Ablation ``components`` (each gives its own set of terms and runs end to end):
@@ -214,10 +215,11 @@ def make_head(kind: str, dim_in: int, num_classes: int, hidden: int) -> nn.Modul
 
 @register_method
 class SAKD(Method):
-    """Reconstruction of SAKD (methods.md §6): parameter-free uniformization + semantic classification branch."""
+    """Reconstruction of SAKD (Guo et al., Visual Intelligence 2023, from the abstract): parameter-free
+    uniformization + semantic classification branch."""
 
     name = "sakd"
-    # Marker for reports: designed from the abstract, not checked against the paper (methods.md §6).
+    # Marker for reports: designed from the abstract, not checked against the paper (no public code is known).
     note = "reconstruction from the abstract (DOI 10.1007/s44267-023-00003-0)"
     defaults = {
         **LOGIT_OPTIONS,

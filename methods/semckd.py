@@ -4,8 +4,9 @@ Chen et al., "Cross-Layer Distillation with Semantic Calibration", AAAI 2021 (ar
 DefangChen/SemCKD (``models/util.py::SelfA``, ``distiller_zoo/SemCKD.py``). Every student stage is matched to
 every teacher stage: a per-pair regressor maps the student map onto the teacher map, and a per-sample attention
 over the teacher stages (query/key MLPs on the rows of the batch Gram matrices) weights the per-pair MSEs.
-Loss: ``ce_weight·CE + kd_weight·KD_4 + β·L_sem`` with ``β = 400`` (methods.md §3). Presets: official and semckd
-``CE + KD_4 + 400·L_sem`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``, ``-r 1 -a 1 -b 400``); crd drops KD.
+Loss: ``ce_weight·CE + kd_weight·KD_4 + β·L_sem`` with ``β = 400`` (DefangChen/SemCKD ``README.md``, CIFAR-100).
+Presets: official and semckd ``CE + KD_4 + 400·L_sem`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``,
+``-r 1 -a 1 -b 400``); crd drops KD.
 
 Batch-size dependence: the query/key MLPs take a Gram-matrix row of width ``B`` as input, so the auxiliary
 module (its parameter count grows with ``B²``) is defined only for batches of exactly the configured size;
@@ -67,7 +68,8 @@ def gram(feature: torch.Tensor) -> torch.Tensor:
 
 @register_method
 class SemCKD(Method):
-    """All student stages × all teacher stages, weighted by a learned per-sample attention (methods.md §3)."""
+    """All student stages × all teacher stages, weighted by a learned per-sample attention (Chen et al., AAAI 2021;
+    DefangChen/SemCKD ``models/util.py::SelfA``)."""
 
     name = "semckd"
     needs_full_batches = True
@@ -139,7 +141,8 @@ class SemCKD(Method):
 
     def semckd_loss(self, student_features: dict[str, torch.Tensor],
                     teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unweighted ``L_sem = Σ_b Σ_i Σ_j a[b,i,j] · ℓ[b,i,j] / (B·S)`` (methods.md §3.4)."""
+        """Unweighted ``L_sem = Σ_b Σ_i Σ_j a[b,i,j] · ℓ[b,i,j] / (B·S)`` (DefangChen/SemCKD
+        ``distiller_zoo/SemCKD.py::SemCKDLoss``)."""
         feat_s = [student_features[n] for n in self.student_taps]
         feat_t = [teacher_features[n].detach() for n in self.teacher_taps]
         sizes = {f.shape[0] for f in (*feat_s, *feat_t)}

@@ -1,8 +1,9 @@
 """``takd``: Mirzadeh et al., AAAI 2020, "Improved Knowledge Distillation via Teacher Assistant" (arXiv 1902.03393).
 
 A chain ``T -> A1 -> ... -> An -> S`` trained in sequence; each model learns by vanilla KD from the model just above
-it only (methods.md §4). kdbench trains every TA as a run of its own, with the students' recipe, cached by lineage;
-A1 (taught by the teacher alone) is one ``kd`` run shared by TAKD and DGKD. The chain is the pair's default
+it only (imirzadeh/Teacher-Assistant-Knowledge-Distillation ``train.py``). kdbench trains every TA as a run of its
+own, with the students' recipe, cached by lineage; A1 (taught by the teacher alone) is one ``kd`` run shared by
+TAKD and DGKD. The chain is the pair's default
 (methods/assistants.py) or ``--ta-chain``; the paper's single-TA setting is ``--ta-chain TEACHER:TA:STUDENT``.
 
 Presets: crd ``0.1·CE + 0.9·KD_4`` and semckd ``CE + KD_4`` per chain step (batch-mean KL); official: the
@@ -17,7 +18,7 @@ from kdbench.methods import register_method
 from kdbench.methods.base import StepOutputs
 from kdbench.methods.kd import KD, KD_PRESETS
 
-# λ = 1 (CE off), τ = 5, nn.KLDivLoss() mean reduction: wonchulSon/DGKD train.py defaults (methods.md §5.3).
+# λ = 1 (CE off), τ = 5, nn.KLDivLoss() mean reduction: wonchulSon/DGKD train.py defaults.
 TA_CODE_PRESET = {"ce_weight": 0.0, "kd_weight": 1.0, "temperature": 5.0, "kl_reduction": "mean"}
 
 

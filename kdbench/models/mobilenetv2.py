@@ -10,7 +10,8 @@ from kdbench.models.common import init_msra_normal, install_taps, run_first_bloc
 
 _FEATURE_BLOCKS = (1, 2, 4, 6)  # stage taps follow these entries of ``blocks``
 # ``tap_last_stage_first_block`` follows the first InvertedResidual of this entry (80 ch at 2x2 for
-# mobile_half): the first block of the last stage (blocks[5..6]), as letKD's MobileNetV2 config (methods.md §7.5).
+# mobile_half): the first block of the last stage (blocks[5..6]), as letKD's MobileNetV2 config
+# (adagorgun/letKD-framework CIFAR100/cross_model/RN50_MNv2/letKD-2.py, an 80-channel intermediate KD layer).
 _LAST_STAGE_BLOCK = 5
 
 

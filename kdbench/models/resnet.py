@@ -89,7 +89,8 @@ _WIDE = [32, 64, 128, 256]  # the "x4" models
 
 
 # RepDistiller's model_dict depths, plus resnet26 and the x4 depths that TAKD/DGKD teacher-assistant chains
-# use (models-and-recipe.md §1.5: built with the same constructor, not in RepDistiller's model_dict).
+# use (built with the same ResNet(depth, widths) constructor of HobbitLong/RepDistiller models/resnet.py, but not
+# in its models/__init__.py model_dict; resnet26 is in DGKD's ResNet chain, Son et al., ICCV 2021).
 for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
     register_model(partial(ResNet, _depth, _NARROW), name=f"resnet{_depth}")
 for _depth in (8, 14, 20, 26, 32):

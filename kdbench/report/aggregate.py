@@ -1,8 +1,10 @@
 """Aggregation: finished runs → the rows of every leaderboard table, with their statistics.
 
-Rules (harness-performance.md §3.2, kept here because they decide every number shown): finished runs only; mean ±
-sample std (ddof = 1) with n over seeds; Δ against the CE-trained student of the same setting, paired by seed, with a
-95 % t interval; runs of different datasets, recipes, protocols, devices or precisions are never pooled.
+Rules (kdbench's, kept here because they decide every number shown): finished runs only; mean ± sample std
+(ddof = 1) with n over seeds, as DKD reports CIFAR-100 (Zhao et al., CVPR 2022: mean of 5 runs,
+megvii-research/mdistiller issue #30); Δ against the CE-trained student of the same setting, paired by seed, with a
+95 % t interval, because absolute numbers drift with hardware and software (megvii-research/mdistiller issues #7,
+#66); runs of different datasets, recipes, protocols, devices or precisions are never pooled.
 """
 
 from __future__ import annotations
