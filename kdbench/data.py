@@ -455,15 +455,17 @@ class DeviceLoader:
         xb = xb.float().div_(255).sub_(self._mean).div_(self._std)
         return self._layout(xb.permute(0, 3, 1, 2))
 
-    def train_epoch(self, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of (augmented normalised images, labels) in this epoch's replayable order."""
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of (augmented normalised images, labels) in this epoch's replayable order; with ``positions``,
+        also each sample's position in the training subset (its dataset index when there is no subset)."""
         perm = torch.randperm(self.num_train, generator=_generator(seed, epoch, "perm")).to(self.device)
         order = self.subset[perm]
         ai, aj, af = (t.to(self.device) for t in self.aug_params(seed, epoch))
         b = self.batch_size
         for k in range(self.steps_per_epoch):
             idx = order[k * b:(k + 1) * b]
-            yield self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
+            batch = self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
+            yield (*batch, perm[k * b:(k + 1) * b]) if positions else batch
 
     def train_plain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image of the training subset once, in order, un-augmented (the unshifted, unflipped crop), in

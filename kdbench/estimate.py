@@ -81,12 +81,12 @@ class _Sample:
     def _take(self, make, batches: int):
         self.passes += 1
         passes = (make(k) for k in (itertools.count() if self.cycle else range(1)))
-        for x, y in itertools.islice(itertools.chain.from_iterable(passes), batches):
-            self.images += len(y)
-            yield x, y
+        for batch in itertools.islice(itertools.chain.from_iterable(passes), batches):
+            self.images += len(batch[1])
+            yield batch
 
-    def train_epoch(self, seed: int, epoch: int):
-        return self._take(lambda k: self.loader.train_epoch(seed, epoch + k), self.steps_per_epoch)
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False):
+        return self._take(lambda k: self.loader.train_epoch(seed, epoch + k, positions), self.steps_per_epoch)
 
     def train_plain(self):
         return self._take(lambda k: self.loader.train_plain(), -(-self.num_train // self.loader.eval_batch_size))

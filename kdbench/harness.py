@@ -165,7 +165,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     trainers, records = (zip(*(frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
                          if method_cls.needs_teacher else ((), ()))
     ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, input_shape),
-                               feature_shapes(trainers[0], input_shape) if trainers else None)
+                               feature_shapes(trainers[0], input_shape) if trainers else None,
+                               min(spec.recipe.train_subset or len(data.train_y), len(data.train_y)))
     method = method_cls(ctx).to(device)
     method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
@@ -192,7 +193,8 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
     # A stream of its own, so preparing changes nothing in the training stream.
     return Preparation(teacher, lambda n: loader.train_epoch(stream_seed(spec.seed, n, "prepare"), n),
                        loader.train_plain,
-                       store.run_dir(spec.teacher_run) / "artefacts", loader.device, spec.recipe.fit_points)
+                       store.run_dir(spec.teacher_run) / "artefacts", loader.device, spec.recipe.fit_points,
+                       loader.train_y[loader.subset])
 
 
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
@@ -208,9 +210,9 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     frozen_forwards = 0
     correct = torch.zeros((), device=device, dtype=torch.long)
     started_epoch, started_cpu = time.perf_counter(), time.process_time()
-    batches = tqdm(loader.train_epoch(spec.seed, epoch), total=loader.steps_per_epoch, unit="step", leave=False,
-                   disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
-    for step, (x, y) in enumerate(batches):
+    batches = tqdm(loader.train_epoch(spec.seed, epoch, positions=True), total=loader.steps_per_epoch, unit="step",
+                   leave=False, disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
+    for step, (x, y, positions) in enumerate(batches):
         started = timer.start()
         active = parts.method.trainers_for_step(epoch, step) if parts.trainers else ()
         frozen_forwards += len(active)
@@ -220,7 +222,8 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
                 taught = {i: parts.trainer_fx[i](x) for i in active}
             teacher_logits, teacher_features = taught.pop(0, (None, None))
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
-                                                    {i: logits for i, (logits, _) in taught.items()}))
+                                                    {i: logits for i, (logits, _) in taught.items()}, epoch,
+                                                    positions))
         parts.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         parts.optimizer.step()

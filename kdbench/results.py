@@ -98,7 +98,7 @@ class RunRecord:
         preset = dict(method_class(spec.method).resolve_options({}, spec.protocol, spec.teacher, spec.student))
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
-            "method": spec.method,
+            "method": spec.method, "method_family": method_class(spec.method).family,
             "method_options": _options_text(spec.method_options),
             # what the user set against the preset, in the kdbench that ran it: report labels show it
             "method_overrides": _options_text((k, v) for k, v in spec.method_options if preset.get(k) != v),

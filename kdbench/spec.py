@@ -343,7 +343,8 @@ class SweepSpec:
                     continue
                 built.add(setting)
                 ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student),
-                                           shapes(run.teacher) if run.teacher else None)
+                                           shapes(run.teacher) if run.teacher else None,
+                                           run.recipe.train_subset or info.train_size or 0)
                 try:
                     method_class(run.method)(ctx)
                 except (KdbenchError, ValueError) as e:

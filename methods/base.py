@@ -86,13 +86,14 @@ class MethodContext:
     seed: int = 0  # the run's seed, for method randomness drawn as a pure function of (seed, epoch, step)
     role: str = "student"  # "assistant" while a teacher assistant is trained (TAKD/DGKD chains)
     num_assistants: int = 0  # teacher assistants teaching this run besides the teacher
+    num_train: int = 0  # training images (positions 0 .. num_train − 1 in StepOutputs.indices); 0: not known yet
 
     @classmethod
     def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
-               teacher_shapes: dict[str, tuple[int, ...]] | None) -> "MethodContext":
+               teacher_shapes: dict[str, tuple[int, ...]] | None, num_train: int = 0) -> "MethodContext":
         """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
         return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
-                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants))
+                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class StepOutputs:
     teacher_features: dict[str, torch.Tensor] | None = None
     # Forwarded teacher assistants by chain position (1 = largest); only those `trainers_for_step` asked for.
     assistant_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0  # 0-indexed, as the harness counts (loss warm-ups: DKD, ReviewKD)
+    # Each sample's position in the training set (0 .. MethodContext.num_train − 1; the dataset index when the recipe
+    # takes every image), int64 on the device: methods with per-sample state index it (CRD's memory banks).
+    indices: torch.Tensor | None = None
 
     def trainer_logits(self, index: int) -> torch.Tensor:
         """Logits of trainer ``index``: 0 is the teacher, k the k-th teacher assistant."""
@@ -122,6 +127,7 @@ class Preparation:
     cache_dir: Path  # beside the teacher's run: artefacts fitted once per teacher, shared by its students
     device: torch.device
     fit_points: int | None = None  # the recipe's cap on points of an offline fit (k-means, LDA); None: all
+    train_labels: torch.Tensor | None = None  # class of every training position (StepOutputs.indices), on the device
 
 
 class Method(nn.Module):
@@ -138,6 +144,10 @@ class Method(nn.Module):
     uses_assistants: ClassVar[bool] = False
     # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".
     note: ClassVar[str] = ""
+    # What the student learns from, for reports that group methods (column `method_family`): "logit" (output
+    # distributions), "feature" (intermediate maps), "relation" (relations between samples, positions or layers),
+    # "assistant" (through teacher assistants), "layer-adding" (a module the deployed student keeps), "baseline".
+    family: ClassVar[str] = "other"
     # Tunable options and their defaults, loss weights and temperature included (LOGIT_OPTIONS); users override
     # them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}

@@ -35,6 +35,7 @@ from kdbench.methods.takd import TAKD
 @register_method
 class DGKD(KD):
     name = "dgkd"
+    family = "assistant"
     uses_assistants = True
     defaults = {**KD.defaults, "drop_mode": "exact_k", "drop_k": 1, "p_survive": 0.75, "teacher_droppable": True,
                 "ce_scale": "code", "trainer_reduction": "sum", "skip_dropped_forward": True, "stochastic_tas": False}

@@ -57,6 +57,7 @@ def hint_tap(layer: int) -> str:
 @register_method
 class FitNet(Method):
     name = "fitnet"
+    family = "feature"
     defaults = {**LOGIT_OPTIONS, "hint_layer": 2, "beta": 100.0}
     # hint_layer's top depends on the models: __init__ checks it, and the plan builds every method before a run
     ranges = {**Method.ranges, "hint_layer": NON_NEGATIVE, "beta": NON_NEGATIVE}

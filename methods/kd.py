@@ -18,6 +18,7 @@ KD_PRESETS = {"crd": {"ce_weight": 0.1, "kd_weight": 0.9}, "semckd": {"ce_weight
 @register_method
 class KD(Method):
     name = "kd"
+    family = "logit"
     logit_kd = True
     defaults = {**LOGIT_OPTIONS, **KD_PRESETS["crd"]}
     presets = {**KD_PRESETS, "official": KD_PRESETS["crd"]}

@@ -72,6 +72,7 @@ class SemCKD(Method):
     DefangChen/SemCKD ``models/util.py::SelfA``)."""
 
     name = "semckd"
+    family = "feature"
     needs_full_batches = True
     defaults = {**LOGIT_OPTIONS, "beta": 400.0}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}

@@ -11,6 +11,7 @@ class Student(Method):
     """Trains the model alone with cross-entropy; also how kdbench trains teachers."""
 
     name = "student"
+    family = "baseline"
     needs_teacher = False
 
     def losses(self, out: StepOutputs):

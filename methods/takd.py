@@ -25,6 +25,7 @@ TA_CODE_PRESET = {"ce_weight": 0.0, "kd_weight": 1.0, "temperature": 5.0, "kl_re
 @register_method
 class TAKD(KD):
     name = "takd"
+    family = "assistant"
     uses_assistants = True
     presets = {**KD_PRESETS, "official": TA_CODE_PRESET}
 

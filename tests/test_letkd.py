@@ -16,6 +16,8 @@ from conftest import tiny_sweep
 from torch.utils.flop_counter import FlopCounterMode
 
 import kdbench.methods.letkd as letkd
+import kdbench.methods.letkd_fit as letkd_fit
+import kdbench.methods.letkd_layer as letkd_layer
 from kdbench.errors import KdbenchError
 from kdbench.harness import run_sweep, sha256_file
 from kdbench.measure import macs_per_image
@@ -44,7 +46,7 @@ def build(cls, student, teacher, num_classes=10, protocol="crd", **overrides):
 
 def test_cosine_conv_ignores_the_input_scale():
     torch.manual_seed(0)
-    conv = letkd.CosineConv(16, 32, scale=3.0)
+    conv = letkd_layer.CosineConv(16, 32, scale=3.0)
     x = torch.randn(2, 16, 4, 4)
     assert torch.allclose(conv(x), conv(3 * x), atol=1e-6)
     assert torch.allclose(conv(x), conv(0.01 * x), atol=1e-6)
@@ -55,7 +57,7 @@ def test_cosine_conv_ignores_the_input_scale():
 
 def test_kd_layer_shapes_and_residual():
     torch.manual_seed(0)
-    layer = letkd.KDLayer(64, 128, alpha=1.0)
+    layer = letkd_layer.KDLayer(64, 128, alpha=1.0)
     assert layer.templates.scale.item() == 3.0 and layer.semantic.scale.item() == 1.0  # s1, s2 init
     x = torch.randn(2, 64, 8, 8)
     out, scores = layer(x)
@@ -150,7 +152,7 @@ def test_resnet50_mobilenetv2_gets_its_official_alphas_and_an_override_wins():
 def test_penultimate_targets_are_soft_assignments():
     g = torch.Generator().manual_seed(0)
     feats, centres = torch.randn(50, 8, generator=g), torch.randn(16, 8, generator=g)
-    p = letkd.visual_word_targets(feats, centres, temperature=0.5)
+    p = letkd_fit.visual_word_targets(feats, centres, temperature=0.5)
     assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(50))
     assert torch.allclose(p, F.softmax(-0.5 * torch.cdist(feats, centres) ** 2, dim=1), atol=1e-5)
 
@@ -173,7 +175,7 @@ def test_method_targets_are_distributions_on_the_student_grid():
     method.lda_weight.normal_(generator=g)
     z = torch.randn(600, method.lda_components, generator=g)
     labels = torch.arange(600) % 10
-    centres, decision, _ = letkd.fit_subclasses(z, labels, 10, 3, 5, 0)
+    centres, decision, _ = letkd_fit.fit_subclasses(z, labels, 10, 3, 5, 0)
     method.inter_centres.copy_(centres)
     method.decision.copy_(decision)
     teacher = {t: torch.randn(4, *shapes("resnet32x4")[t], generator=g) for t in method.teacher_taps}
@@ -207,7 +209,7 @@ def test_decision_matrix_rows_are_distributions():
     labels = torch.arange(200) % 5
     z = torch.randn(200, 4, generator=g) + labels[:, None].float()
     labels[labels == 4] = 3  # class 4 has no locations: its sub-classes get one-hot rows
-    centres, decision, info = letkd.fit_subclasses(z, labels, 5, 4, 5, 0)
+    centres, decision, info = letkd_fit.fit_subclasses(z, labels, 5, 4, 5, 0)
     assert centres.shape == (20, 4) and decision.shape == (20, 20)
     assert (decision >= 0).all() and torch.allclose(decision.sum(1), torch.ones(20))
     assert info["classes_short_of_points"] == 1
@@ -220,7 +222,7 @@ def test_location_kl_is_the_batch_mean_over_locations():
     targets = F.softmax(torch.randn(18, 5, generator=g), dim=1)
     rows = scores.permute(0, 2, 3, 1).reshape(18, 5)
     manual = (targets * (targets.log() - F.log_softmax(rows, dim=1))).sum(1).mean()
-    assert torch.allclose(letkd.location_kl(scores, targets), manual, atol=1e-6)
+    assert torch.allclose(letkd_fit.location_kl(scores, targets), manual, atol=1e-6)
 
 
 def blobs(k, per_blob, dim=8, seed=3):
@@ -239,7 +241,7 @@ def match(means, centres):
 def test_faiss_kmeans_clusters_every_point_and_recovers_the_blobs():
     # 2 × 300 points: more than faiss's default cap of 256 points per centre, which would silently subsample.
     means, x = blobs(2, 300)
-    centres = letkd.kmeans(x, 2, 20, 0)
+    centres = letkd_fit.kmeans(x, 2, 20, 0)
     assert centres.shape == (2, 8) and centres.dtype == torch.float32
     order, dist = match(means, centres)
     assert sorted(order.tolist()) == [0, 1] and dist.max() < 0.1
@@ -252,9 +254,9 @@ def test_faiss_kmeans_clusters_every_point_and_recovers_the_blobs():
     subsampled = torch.from_numpy(default.centroids)[match(means, torch.from_numpy(default.centroids))[0]]
     assert not torch.allclose(subsampled.double(), full, atol=1e-4)
     # seeded: the same fit again
-    assert torch.equal(letkd.kmeans(x, 2, 20, 0), centres)
+    assert torch.equal(letkd_fit.kmeans(x, 2, 20, 0), centres)
     with pytest.raises(KdbenchError, match="at least 700"):
-        letkd.kmeans(x, 700, 20, 0)
+        letkd_fit.kmeans(x, 700, 20, 0)
 
 
 def test_faiss_kmeans_runs_kmeans_iters_rounds_from_faiss_random_init(monkeypatch):
@@ -271,7 +273,7 @@ def test_faiss_kmeans_runs_kmeans_iters_rounds_from_faiss_random_init(monkeypatc
             return super().train(data, weights, init_centroids)
 
     monkeypatch.setattr(faiss, "Kmeans", Recording)
-    centres = letkd.kmeans(x, 4, 7, 11)
+    centres = letkd_fit.kmeans(x, 4, 7, 11)
     assert seen["rows"] == 400 and (seen["d"], seen["k"], seen["niter"], seen["seed"]) == (8, 4, 7, 11)
     assert seen["max_points_per_centroid"] * 4 >= 400  # faiss keeps every point
     assert seen["init_centroids"] is None  # faiss's own (random) initialisation
@@ -284,14 +286,14 @@ def test_faiss_kmeans_runs_kmeans_iters_rounds_from_faiss_random_init(monkeypatc
 def test_locations_keep_every_row_or_a_uniform_capped_sample():
     rows = torch.arange(1000, dtype=torch.float32)[:, None]
     labels = torch.arange(1000) % 7
-    every = letkd.Locations(None, torch.Generator().manual_seed(0))
+    every = letkd_fit.Locations(None, torch.Generator().manual_seed(0))
     for i in range(0, 1000, 64):
         every.add(rows[i:i + 64], labels[i:i + 64])
     kept, kept_labels = every.result()
     assert every.seen == 1000 and torch.equal(kept, rows) and torch.equal(kept_labels, labels)
     picks = []
     for batch in (7, 100):
-        sample = letkd.Locations(50, torch.Generator().manual_seed(0))
+        sample = letkd_fit.Locations(50, torch.Generator().manual_seed(0))
         for i in range(0, 1000, batch):
             sample.add(rows[i:i + batch], labels[i:i + batch])
         picked, picked_labels = sample.result()
@@ -300,7 +302,7 @@ def test_locations_keep_every_row_or_a_uniform_capped_sample():
         picks.append(set(picked.flatten().tolist()))
     assert sample.seen == 1000
     assert picks[0] == picks[1]  # independent of the batching
-    other = letkd.Locations(50, torch.Generator().manual_seed(1))
+    other = letkd_fit.Locations(50, torch.Generator().manual_seed(1))
     other.add(rows, labels)
     assert set(other.result()[0].flatten().tolist()) != picks[0]  # seeded, and the seed matters
 
@@ -543,7 +545,7 @@ def test_exported_student_reproduces_the_training_forward(fitted, tmp_path):
     deployed = method.export(student)
     assert method.export(student) is deployed  # idempotent: the layers are hooked once
     assert method.extra_params_train() == trainable and not any(k.startswith("student") for k in method.state_dict())
-    assert isinstance(deployed, letkd.LetKDStudent) and deployed.note == "student + KD layer"
+    assert isinstance(deployed, letkd_layer.LetKDStudent) and deployed.note == "student + KD layer"
     deployed.eval()
     with torch.no_grad():
         assert torch.allclose(deployed(x), training_forward, atol=1e-6)
@@ -556,7 +558,7 @@ def test_exported_student_reproduces_the_training_forward(fitted, tmp_path):
     state = torch.load(path, weights_only=True)
     assert {k.split(".")[0] for k in state} == {"student", "kd_layers"}
     torch.manual_seed(123)
-    rebuilt = letkd.LetKDStudent.from_state_dict(create_model("resnet8", num_classes=10), state).eval()
+    rebuilt = letkd_layer.LetKDStudent.from_state_dict(create_model("resnet8", num_classes=10), state).eval()
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), training_forward, atol=1e-6)
     assert deployed.training is False and all(not m.training for m in method.kd_layers.modules())

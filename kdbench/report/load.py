@@ -109,12 +109,12 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def family_of(method: str) -> str:
-    """The family a method declares (``Method.family``: logit, feature, relation, assistant, layer-adding), for
-    tables that did not record it; "other" for a method this installation does not have."""
+    """The family a method declares (``Method.family``), for tables that did not record it (``method_family``);
+    "other" for a method this installation does not have."""
     from kdbench.methods import method_class
 
     try:
-        return getattr(method_class(method), "family", None) or "other"
+        return method_class(method).family
     except KdbenchError:
         return "other"
 
