@@ -25,7 +25,7 @@ from kdbench.errors import KdbenchError
 from kdbench.fingerprint import changed_modules, fingerprint
 from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
 from kdbench.methods import method_class
-from kdbench.methods.base import MethodContext, Preparation, StepOutputs
+from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.progress import RunLog, SweepProgress, log
@@ -141,15 +141,24 @@ class _Parts:
     trainers: list[torch.nn.Module] = field(default_factory=list)
     trainer_fx: list[FeatureExtractor] = field(default_factory=list)
     trainer_records: list[RunRecord] = field(default_factory=list)
+    init_stage: InitStage | None = None  # the method's stage before the recipe's epochs, with its own optimiser
+    init_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def init_epochs(self) -> int:
+        return self.init_stage.epochs if self.init_stage else 0
 
     def state(self) -> dict:
         return {"student": self.student.state_dict(), "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(),
+                "init_optimizer": self.init_optimizer.state_dict() if self.init_optimizer else None}
 
     def load_state(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.init_optimizer is not None:
+            self.init_optimizer.load_state_dict(state["init_optimizer"])
 
 
 def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> _Parts:
@@ -178,8 +187,12 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=base_lr,
                                 momentum=recipe.momentum, nesterov=recipe.nesterov,
                                 weight_decay=recipe.weight_decay, **fused)
+    stage = method.init_stage(student, base_lr)
+    init_optimizer = torch.optim.SGD(stage.parameters, lr=stage.lr, momentum=recipe.momentum,
+                                     weight_decay=recipe.weight_decay, **fused) if stage else None
     return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
-                  list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records))
+                  list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records),
+                  stage, init_optimizer)
 
 
 def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
@@ -194,12 +207,14 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
     return Preparation(teacher, lambda n: loader.train_epoch(stream_seed(spec.seed, n, "prepare"), n),
                        loader.train_plain,
                        store.run_dir(spec.teacher_run) / "artefacts", loader.device, spec.recipe.fit_points,
-                       loader.train_y[loader.subset])
+                       loader.train_y[loader.subset], parts.trainers[0])
 
 
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
-                 show: bool | None) -> dict[str, float]:
-    """One epoch of steps; loss terms and correct counts stay on the device until the epoch ends."""
+                 show: bool | None, stage: str = "main") -> dict[str, float]:
+    """One epoch of steps of ``stage`` ("init": the method's InitStage and its optimiser); loss terms and correct
+    counts stay on the device until the epoch ends."""
+    optimizer = parts.init_optimizer if stage == "init" else parts.optimizer
     device = loader.device
     autocast = _autocast(spec, device)
     parts.student.train()
@@ -223,10 +238,10 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
             teacher_logits, teacher_features = taught.pop(0, (None, None))
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
                                                     {i: logits for i, (logits, _) in taught.items()}, epoch,
-                                                    positions))
-        parts.optimizer.zero_grad(set_to_none=True)
+                                                    positions, stage))
+        optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
-        parts.optimizer.step()
+        optimizer.step()
         timer.stop(started, len(y))
         if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up
             reset_peak_memory(device)
@@ -321,17 +336,27 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
     show = env.progress
     runlog.start(len(history))
     images_per_epoch = loader.steps_per_epoch * recipe.batch_size if loader.drop_last else loader.num_train
-    for epoch in tqdm(range(len(history), recipe.epochs), desc=spec.run_id, initial=len(history),
-                      total=recipe.epochs, unit="epoch", leave=False, disable=None if show is None else not show):
-        lr = recipe.lr_at(epoch, parts.base_lr)
-        for group in parts.optimizer.param_groups:
+    init = parts.init_epochs
+    # init-stage epochs come first, numbered 1 − init .. 0, so main epoch k is epoch k for every method
+    for index in tqdm(range(len(history), init + recipe.epochs), desc=spec.run_id, initial=len(history),
+                      total=init + recipe.epochs, unit="epoch", leave=False,
+                      disable=None if show is None else not show):
+        stage, epoch = ("init", index) if index < init else ("main", index - init)
+        if stage == "init":
+            lr, optimizer = parts.init_stage.lr, parts.init_optimizer
+        else:
+            lr, optimizer = recipe.lr_at(epoch, parts.base_lr), parts.optimizer
+            for module in parts.init_stage.frozen_after if parts.init_stage else ():
+                module.requires_grad_(False)
+        for group in optimizer.param_groups:
             group["lr"] = lr
-        train = _train_epoch(parts, loader, spec, epoch, timer, show)
+        train = _train_epoch(parts, loader, spec, epoch, timer, show, stage)
         if not math.isfinite(train["loss"]):
-            raise RunFailed(f"non-finite training loss ({train['loss']}) in epoch {epoch + 1}")
-        step_times += timer.flush()
+            raise RunFailed(f"non-finite training loss ({train['loss']}) in {stage} epoch {epoch + 1}")
+        steps = timer.flush()
+        step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
         scores = evaluate(parts.student, loader, spec, device)
-        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
+        history.append({"epoch": index + 1 - init, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {
@@ -383,12 +408,15 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
 
 def _run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
                  device: torch.device) -> dict[str, float]:
-    """Run-level accuracy, steady-state speed and memory from the per-epoch history and step timings."""
-    best = max(history, key=lambda h: h["top1"])
-    last = history[-1]
+    """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
+    (every epoch) from the per-epoch history and step timings."""
+    main = [h for h in history if h["epoch"] >= 1]
+    best = max(main, key=lambda h: h["top1"])
+    last = main[-1]
     metrics = {"top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]), "top1_last": last["top1"],
-               "top5_best": max(h["top5"] for h in history), "top5_last": last["top5"],
-               "epochs_completed": float(len(history)),
+               "top5_best": max(h["top5"] for h in main), "top5_last": last["top5"],
+               "epochs_completed": float(len(main)), **({"init_epochs": float(len(history) - len(main))}
+                                                         if len(main) < len(history) else {}),
                "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
                "cpu_s": sum(h["epoch_cpu_s"] for h in history),
                "frozen_forwards_per_step": statistics.fmean(h["frozen_forwards_per_step"] for h in history),

@@ -83,7 +83,9 @@ class WandbSink:
                               mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
 
     def epoch(self, row: dict[str, float]) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        # W&B steps must not decrease; an init stage's epochs are numbered up to 0 (harness), so they are logged as
+        # the metric "epoch" over W&B's own step count
+        self.run.log(dict(row))
 
     def close(self) -> None:
         self.run.finish()
@@ -135,7 +137,8 @@ class RunLog:
         total, done = self.spec.recipe.epochs, int(row["epoch"])
         seconds = row["epoch_s"] + row["eval_s"]
         self._advance(1, seconds)
-        text = (f"epoch {done}/{total} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
+        where = f"epoch {done}/{total}" if done >= 1 else f"init epoch, {1 - done} to go before epoch 1/{total},"
+        text = (f"{where} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
                 f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (total - done))}")
         if self.sweep is not None:
             text += f" sweep {duration(self.sweep.eta())}"

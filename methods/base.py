@@ -111,10 +111,24 @@ class StepOutputs:
     # Each sample's position in the training set (0 .. MethodContext.num_train − 1; the dataset index when the recipe
     # takes every image), int64 on the device: methods with per-sample state index it (CRD's memory banks).
     indices: torch.Tensor | None = None
+    stage: str = "main"  # "init" during a method's InitStage
 
     def trainer_logits(self, index: int) -> torch.Tensor:
         """Logits of trainer ``index``: 0 is the teacher, k the k-th teacher assistant."""
         return self.teacher_logits if index == 0 else self.assistant_logits[index]
+
+
+@dataclass(frozen=True)
+class InitStage:
+    """A stage that trains before the recipe's epochs, as RepDistiller's ``helper/pretrain.py::init`` (AB and FSP
+    initialise the student's features, FT its paraphraser): ``epochs`` of SGD at the constant ``lr`` over
+    ``parameters`` (momentum and weight decay from the recipe), the method's ``losses`` called with ``out.stage`` =
+    "init". ``frozen_after``: modules that stay fixed from the first main epoch on (FT's paraphraser)."""
+
+    epochs: int
+    parameters: tuple[nn.Parameter, ...]
+    lr: float
+    frozen_after: tuple[nn.Module, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,7 @@ class Preparation:
     device: torch.device
     fit_points: int | None = None  # the recipe's cap on points of an offline fit (k-means, LDA); None: all
     train_labels: torch.Tensor | None = None  # class of every training position (StepOutputs.indices), on the device
+    teacher_model: nn.Module | None = None  # the frozen teacher itself (eval mode): read it, never change it
 
 
 class Method(nn.Module):
@@ -212,6 +227,11 @@ class Method(nn.Module):
     def fit_metrics(self) -> dict[str, float]:
         """Run-level metrics about what ``prepare`` fitted (e.g. sample sizes), added to the run's record."""
         return {}
+
+    def init_stage(self, student: nn.Module, base_lr: float) -> InitStage | None:
+        """The stage this method trains before the recipe's epochs, if any (built once, with the student and its
+        base lr); its epochs run, checkpoint and resume as the main ones do, and count in the run's cost."""
+        return None
 
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         """The frozen trainers to forward this step (0 = teacher, k = k-th assistant); called before `losses`."""

@@ -38,3 +38,31 @@ class ProbeNaN(Method):
 
     def losses(self, out: StepOutputs):
         return {"ce": self.cross_entropy(out) * torch.tensor(float("nan"))}
+
+
+@register_method
+class ProbeInit(Method):
+    """An init stage (two epochs at lr 0.02) that fits a regressor from the student's stage2 to the teacher's, then
+    freezes it; the main stage is CE plus the frozen regressor's hint loss."""
+
+    name = "probe-init"
+    student_taps = teacher_taps = ("stage2",)
+    defaults = {"init_epochs": 2}
+    stages_seen: list[tuple[str, int]] = []
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        c_s, c_t = ctx.student_shapes["stage2"][0], ctx.teacher_shapes["stage2"][0]
+        self.regressor = torch.nn.Conv2d(c_s, c_t, 1)
+
+    def init_stage(self, student, base_lr):
+        from kdbench.methods.base import InitStage
+
+        return InitStage(self.ctx.options["init_epochs"], tuple(self.regressor.parameters()), 0.02,
+                         frozen_after=(self.regressor,))
+
+    def losses(self, out: StepOutputs):
+        ProbeInit.stages_seen.append((out.stage, out.epoch))
+        hint = F.mse_loss(self.regressor(out.student_features["stage2"].detach()).float(),
+                          out.teacher_features["stage2"].float())
+        return {"hint": hint} if out.stage == "init" else {"ce": self.cross_entropy(out), "hint": hint}

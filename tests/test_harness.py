@@ -127,3 +127,46 @@ def test_teacher_checkpoint_is_imported_and_checked(env, tmp_path):
         sha = harness.sha256_file(path)
         with pytest.raises(KdbenchError, match=message):
             run_sweep(tiny_sweep(teacher_ckpt_sha256=sha).plan(), RunEnv(env.store, checkpoints={sha: path}))
+
+
+def test_an_init_stage_trains_first_with_its_own_optimiser_then_freezes(tmp_path, monkeypatch):
+    """A method's InitStage runs before the recipe's epochs (numbered 1 − init .. 0), at its constant lr, over its
+    parameters only; what it freezes stays fixed in the main stage; throughput and accuracy are the main stage's;
+    a run interrupted inside the stage resumes there and ends as an uninterrupted one."""
+    from probe_methods import ProbeInit
+
+    teacher, spec = tiny_sweep(methods=("probe-init",)).plan()
+    ProbeInit.stages_seen.clear()
+    reference = run_sweep([teacher, spec], RunEnv(ResultsStore(tmp_path / "ref"), progress=False))[1]
+    stages = [s for s, _ in ProbeInit.stages_seen]
+    steps = stages.count("init") // 2
+    assert stages == ["init"] * 2 * steps + ["main"] * 3 * steps
+    assert [e["epoch"] for e in reference.epochs] == [-1, 0, 1, 2, 3]
+    assert [e["lr"] for e in reference.epochs[:2]] == [0.02, 0.02]
+    assert [set(k for k in e if k.startswith("loss_")) for e in reference.epochs] == [{"loss_hint"}] * 2 + [
+        {"loss_ce", "loss_hint"}] * 3
+    # the regressor learns in the init stage and is frozen after it: its hint loss stops changing by training
+    assert reference.epochs[1]["loss_hint"] < reference.epochs[0]["loss_hint"]
+    assert reference.metrics["init_epochs"] == 2 and reference.metrics["epochs_completed"] == 3
+    assert reference.metrics["top1_last"] == reference.epochs[-1]["top1"]
+    assert reference.metrics["wall_s"] == pytest.approx(sum(e["epoch_s"] + e["eval_s"] for e in reference.epochs))
+
+    env = RunEnv(ResultsStore(tmp_path / "resumed"), progress=False)
+    run_sweep([teacher], env)
+    calls = {"n": 0}
+    real_evaluate = harness.evaluate
+
+    def interrupt_in_the_second_init_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the teacher's evaluation, then init epoch 1's, then this
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate", interrupt_in_the_second_init_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep([spec], env)
+    assert [e["epoch"] for e in env.store.load_record(spec.run_id).epochs] == [-1]
+    monkeypatch.setattr(harness, "evaluate", real_evaluate)
+    resumed = run_sweep([spec], env)[0]
+    keys = ("epoch", "top1", "loss", "lr")
+    assert resumed.status == "finished" and _history(resumed, *keys) == _history(reference, *keys)

@@ -168,6 +168,20 @@ PRESETS = {
                  "semckd": (1.0, 1.0, 4.0, "batchmean", {"beta": 400.0}), "sakd": (1.0, 0.0, 4.0, "batchmean", {}),
                  "letkd1": (1.0, 0.0, 4.0, "batchmean", {}), "letkd2": (1.0, 0.0, 4.0, "batchmean", {})},
 }
+# The method zoo (RepDistiller and mdistiller): CE + β·L under crd and official (RepDistiller's scripts), plus KD_4
+# under semckd (SemCKD's scripts); per-pair values at resnet56 -> resnet20 (ReviewKD 0.6, DKD β 2). DKD keeps its own
+# objective, CE + warm-up·DKD, under every protocol.
+_ZOO_OWN = {"at": {"beta": 1000.0, "p": 2}, "sp": {"beta": 3000.0}, "nst": {"beta": 50.0},
+            "kdsvd": {"beta": 1.0, "k": 1, "layout": "repdistiller"}, "cc": {"beta": 0.02},
+            "vid": {"beta": 1.0, "learn_variance": True},
+            "rkd": {"beta": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}, "pkt": {"beta": 30000.0},
+            "crd": {"beta": 0.8, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "feat_dim": 128},
+            "reviewkd": {"beta": 0.6, "warmup_epochs": 20}, "ofd": {"beta": 0.001},
+            "ab": {"init_epochs": 30, "margin": 1.0}, "ft": {"beta": 200.0, "init_epochs": 30},
+            "fsp": {"init_epochs": 30}}
+for _protocol, _rows in PRESETS.items():
+    _rows.update({m: (1.0, float(_protocol == "semckd"), 4.0, "batchmean", own) for m, own in _ZOO_OWN.items()})
+    _rows["dkd"] = (1.0, 0.0, 4.0, "batchmean", {"alpha": 1.0, "beta": 2.0, "warmup_epochs": 20})
 
 
 @pytest.mark.parametrize("protocol", sorted(PRESETS))

@@ -74,6 +74,9 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AvgPool2d(2, ceil_mode=True)  # RepDistiller: AvgPool2d(input_size // 16) for 32x32
         init_msra_normal(self, linear_std=0.01)
         install_taps(self, len(_FEATURE_BLOCKS))
+        # the BN that ends each stage (the pw-linear BN of its last block; plus the residual, it is the preact)
+        self.preact_bn = {f"stage{i}_preact": f"blocks.{b}.{len(self.blocks[b]) - 1}.conv.7"
+                          for i, b in enumerate(_FEATURE_BLOCKS, 1)}
 
     def forward(self, x):
         out = self.tap_stem(self.conv1(x))

@@ -62,6 +62,9 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
         init_kaiming(self)
         install_taps(self, 3)
+        # the BN before each stage preact tap's ReLU (its output plus the shortcut is the preact): the last bn2
+        self.preact_bn = {f"stage{i}_preact": f"layer{i}.{len(layer) - 1}.bn2"
+                          for i, layer in enumerate((self.layer1, self.layer2, self.layer3), 1)}
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

@@ -58,6 +58,9 @@ class ResNet(nn.Module):
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
         init_kaiming(self)  # zero_init_residual is False in the reference, so nothing else
         install_taps(self, 4)
+        # the BN before each stage preact tap's ReLU (its output plus the shortcut is the preact): the last bn3
+        self.preact_bn = {f"stage{i}_preact": f"layer{i}.{len(layer) - 1}.bn3"
+                          for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1)}
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []

@@ -5,6 +5,9 @@ Every zoo model calls parameter-free :class:`Tap` modules at its canonical featu
 ``model.feature_taps`` (canonical name -> module path). Methods read features through
 :class:`FeatureExtractor`, which attaches forward hooks to those taps, so no method knows an
 architecture. Taps hold no state, so checkpoints keep RepDistiller's exact key set.
+
+Where a BatchNorm precedes the ReLU of a stage's preact tap, the model names it in ``model.preact_bn``
+(``stageK_preact`` -> module path; OFD's margins read its affine parameters). ShuffleNets declare none.
 """
 
 from __future__ import annotations

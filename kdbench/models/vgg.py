@@ -52,6 +52,9 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(512, num_classes)
         init_msra_normal(self, linear_std=0.01)
         install_taps(self, 4)
+        # the BN before each stage preact tap's ReLU: the last module of block1..4
+        self.preact_bn = {f"stage{i}_preact": f"block{i}.{len(block) - 1}"
+                          for i, block in enumerate((self.block1, self.block2, self.block3, self.block4), 1)}
 
     def forward(self, x):
         # On 32x32 inputs pool3 is skipped, so blocks 3 and 4 both run at 4x4 (as in RepDistiller).

@@ -83,6 +83,9 @@ class WideResNet(nn.Module):
         self.nChannels = widths[3]
         init_msra_normal(self, linear_std=None)
         install_taps(self, 3)
+        # the BN before each stage preact tap's ReLU: the next BN, which the preact taps apply (see forward)
+        self.preact_bn = {"stage1_preact": "block2.layer.0.bn1", "stage2_preact": "block3.layer.0.bn1",
+                          "stage3_preact": "bn1"}
 
     def forward(self, x):
         out = self.tap_stem(self.conv1(x))
