@@ -65,6 +65,7 @@ class _Cost:
     reuse_image: float
     epoch: float  # a checkpoint and a record written every epoch
     run: float  # building the loader and modules, exporting and saving the run
+    init_epochs: int = 0  # the method's init stage (AB, FT, FSP), priced at the main stage's step
 
 
 class _Sample:
@@ -185,21 +186,21 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
 
         run_s += _timed(finish, device)
-    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s)
+    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs)
 
 
 def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
-    """(status, epochs left, note) as ``harness.run`` will treat the run."""
+    """(status, epochs already done, note) as ``harness.run`` will treat the run."""
     record, code = env.store.load_record(spec.run_id), fingerprint(spec)
     if record is not None and record.status == "finished":
         reason = harness.stale_reason(record, code)
-        return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", spec.recipe.epochs, reason)
+        return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", 0, reason)
     if spec.pretrained:
         return "import", 0, ""
     if (record is not None and record.epochs and env.store.checkpoint_path(spec.run_id).exists()
             and record.provenance.get("code_fingerprint") == code["code_fingerprint"]):
-        return "resume", spec.recipe.epochs - len(record.epochs), ""
-    return "train", spec.recipe.epochs, ""
+        return "resume", len(record.epochs), ""
+    return "train", 0, ""
 
 
 def _setting(spec: RunSpec) -> tuple:
@@ -217,10 +218,11 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             costs[_setting(spec)] = _measure(spec, env, steps, eval_batches, evals)
     fitted: set[tuple] = set()  # (teacher run, method, options): a cached fit is paid once per teacher
     rows = []
-    for spec, status, epochs, note in plan:
-        seconds = 0.0
+    for spec, status, done, note in plan:
+        seconds, epochs = 0.0, 0
         if status != "cached":
             cost, data = costs[_setting(spec)], harness._dataset(spec.dataset, env.data_dir, env.download)
+            epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
             n_train, n_steps, n_test, _ = _sizes(spec, data)
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
             seconds += n_test * cost.eval_image if status == "import" else \

@@ -32,9 +32,9 @@ from torch import nn
 from kdbench.methods import register_method
 from kdbench.methods.at import paired_stages
 from kdbench.methods.base import (
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
+    REPDISTILLER_PRESETS,
     InitStage,
     Method,
     MethodContext,
@@ -76,7 +76,7 @@ class AB(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30, "margin": 1.0}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE, "margin": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from kdbench.methods import register_method
 from kdbench.methods.base import (
     AT_LEAST_ONE,
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
+    REPDISTILLER_PRESETS,
     Method,
     MethodContext,
     StepOutputs,
@@ -75,7 +75,7 @@ class AT(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "beta": 1000.0, "p": 2}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "p": AT_LEAST_ONE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -61,6 +61,8 @@ LOGIT_RANGES: dict[str, Range] = {"ce_weight": NON_NEGATIVE, "kd_weight": NON_NE
 # scripts/run_cifar_distill.sh), semckd adds 1·KD_4 to every method (DefangChen/SemCKD scripts/run_cifar_distill.sh).
 FEATURE_PRESETS: dict[str, dict[str, Any]] = {"crd": {"ce_weight": 1.0, "kd_weight": 0.0},
                                               "semckd": {"ce_weight": 1.0, "kd_weight": 1.0}}
+# A method whose official code is RepDistiller's (or mdistiller's, which keeps its weights): official = crd.
+REPDISTILLER_PRESETS: dict[str, dict[str, Any]] = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

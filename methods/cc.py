@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kdbench.methods import register_method
-from kdbench.methods.base import AT_LEAST_ONE, FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
+from kdbench.methods.base import AT_LEAST_ONE, LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 
 TAP = "pooled"
 
@@ -45,7 +45,7 @@ class CC(Method):
     student_taps = teacher_taps = (TAP,)
     defaults = {**LOGIT_OPTIONS, "beta": 0.02, "embed_dim": 128}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "embed_dim": AT_LEAST_ONE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx):
         super().__init__(ctx)

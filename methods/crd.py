@@ -36,10 +36,10 @@ from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import (
     AT_LEAST_ONE,
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
     POSITIVE,
+    REPDISTILLER_PRESETS,
     Method,
     MethodContext,
     Preparation,
@@ -81,7 +81,7 @@ class CRD(Method):
     defaults = {**LOGIT_OPTIONS, "beta": 0.8, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "feat_dim": 128}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "nce_k": AT_LEAST_ONE, "nce_t": POSITIVE, "nce_m": Range(0, 1),
               "feat_dim": AT_LEAST_ONE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

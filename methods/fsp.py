@@ -28,9 +28,9 @@ from kdbench.methods import register_method
 from kdbench.methods.ab import feature_parameters
 from kdbench.methods.at import pool_to_smaller
 from kdbench.methods.base import (
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
+    REPDISTILLER_PRESETS,
     InitStage,
     Method,
     MethodContext,
@@ -59,7 +59,7 @@ class FSP(Method):
     family = "relation"
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -29,9 +29,9 @@ from torch import nn
 from kdbench.methods import register_method
 from kdbench.methods.at import attention_map, pool_to_smaller
 from kdbench.methods.base import (
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
+    REPDISTILLER_PRESETS,
     InitStage,
     Method,
     MethodContext,
@@ -81,7 +81,7 @@ class FT(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "beta": 200.0, "init_epochs": 30}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "init_epochs": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -34,9 +34,9 @@ from kdbench.methods import register_method
 from kdbench.methods.at import paired_stages, tap_pairs
 from kdbench.methods.base import (
     AT_LEAST_ONE,
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
+    REPDISTILLER_PRESETS,
     Method,
     MethodContext,
     StepOutputs,
@@ -102,7 +102,7 @@ class KDSVD(Method):
     defaults = {**LOGIT_OPTIONS, "beta": 1.0, "k": 1, "layout": "repdistiller"}
     choices = {**Method.choices, "layout": tuple(LAYOUTS)}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "k": AT_LEAST_ONE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kdbench.methods import register_method
 from kdbench.methods.at import paired_stages, pool_to_smaller, tap_pairs
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, MethodContext, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, MethodContext, StepOutputs
 
 
 def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class NST(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "beta": 50.0}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

@@ -39,7 +39,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, Preparation, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, Preparation, StepOutputs
 from kdbench.models import create_model
 from kdbench.models.taps import stage_names
 
@@ -89,7 +89,7 @@ class OFD(Method):
     note = "eval-mode teacher (the official code normalises the teacher with batch statistics)"
     defaults = {**LOGIT_OPTIONS, "beta": 0.001}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     @classmethod
     def pair_defaults(cls, teacher, student):

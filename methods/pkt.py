@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 
 TAP = "pooled"
 EPS = 1e-7  # PKT.cosine_similarity_loss(eps=0.0000001)
@@ -56,7 +56,7 @@ class PKT(Method):
     student_taps = teacher_taps = (TAP,)
     defaults = {**LOGIT_OPTIONS, "beta": 30000.0}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def losses(self, out: StepOutputs):
         return {**self.logit_terms(out), "pkt": self.ctx.options["beta"] * pkt_loss(out.student_features[TAP],

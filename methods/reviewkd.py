@@ -22,7 +22,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.base import AT_LEAST_ONE, FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
+from kdbench.methods.base import AT_LEAST_ONE, LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 from kdbench.methods.dkd import warmup_factor
 from kdbench.models.taps import stage_names
 
@@ -88,7 +88,7 @@ class ReviewKD(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "beta": 1.0, "warmup_epochs": 20}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "warmup_epochs": AT_LEAST_ONE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     @classmethod
     def pair_defaults(cls, teacher, student):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 
 TAP = "pooled"
 DISTANCE_EPS = 1e-12  # floor of squared distances before the square root (RKDLoss.pdist eps)
@@ -56,7 +56,7 @@ class RKD(Method):
     student_taps = teacher_taps = (TAP,)
     defaults = {**LOGIT_OPTIONS, "beta": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "distance_weight": NON_NEGATIVE, "angle_weight": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def losses(self, out: StepOutputs):
         """``beta·distance_weight·L_d`` and ``beta·angle_weight·L_a``; a term of weight 0 is neither computed nor

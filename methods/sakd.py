@@ -80,10 +80,10 @@ from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import (
     AT_LEAST_ONE,
-    FEATURE_PRESETS,
     LOGIT_OPTIONS,
     NON_NEGATIVE,
     POSITIVE,
+    REPDISTILLER_PRESETS,
     Method,
     MethodContext,
     Preparation,
@@ -242,7 +242,7 @@ class SAKD(Method):
         "delta": 0.0,
         "tau_b": 4.0,
     }
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
     choices = {
         **Method.choices,
         "components": COMPONENTS,

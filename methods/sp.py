@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kdbench.methods import register_method
 from kdbench.methods.at import tap_pairs
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, MethodContext, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, MethodContext, StepOutputs
 from kdbench.methods.semckd import gram
 from kdbench.models.taps import stage_names
 
@@ -41,7 +41,7 @@ class SP(Method):
     needs_full_batches = False  # batch-dependent, yet the reference keeps the smaller last batch
     defaults = {**LOGIT_OPTIONS, "beta": 3000.0}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)

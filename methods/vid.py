@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.methods import register_method
-from kdbench.methods.base import FEATURE_PRESETS, LOGIT_OPTIONS, NON_NEGATIVE, Method, StepOutputs
+from kdbench.methods.base import LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 from kdbench.models.taps import stage_names
 
 INIT_VARIANCE = 5.0  # RepDistiller VIDLoss(init_pred_var=5.0)
@@ -76,7 +76,7 @@ class VID(Method):
     family = "feature"
     defaults = {**LOGIT_OPTIONS, "beta": 1.0, "learn_variance": True}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
-    presets = {**FEATURE_PRESETS, "official": FEATURE_PRESETS["crd"]}
+    presets = REPDISTILLER_PRESETS
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.harness import RunEnv
+from kdbench import harness
+from kdbench.harness import RunEnv, run_sweep
 from kdbench.methods import method_class
-from kdbench.methods.base import MethodContext
+from kdbench.methods.base import MethodContext, StepOutputs
 from kdbench.results import ResultsStore
 from kdbench.spec import Pair, Recipe, SweepSpec
 
@@ -24,6 +25,41 @@ def method_context(method, student_shapes, teacher_shapes, protocol="semckd", op
     """A method's context with its options resolved as a sweep does: defaults, the protocol's preset, ``options``."""
     resolved = dict(method_class(method).resolve_options(options or {}, protocol))
     return MethodContext(student_shapes, teacher_shapes, protocol, batch_size, num_classes, resolved, **rest)
+
+
+def step(method, student_features, teacher_features, batch, seed=0) -> StepOutputs:
+    """A training step's outputs around given features: random labels and 100-class logits."""
+    g = torch.Generator().manual_seed(seed)
+    return StepOutputs(torch.randint(0, 100, (batch,), generator=g), torch.randn(batch, 100, generator=g),
+                       student_features, torch.randn(batch, 100, generator=g), teacher_features)
+
+
+def random_features(method, batch, seed=0, requires_grad=False):
+    """Random (student, teacher) features of ``method``'s taps, shaped by its context."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(tap_shapes, taps):
+        return {n: torch.randn(batch, *tap_shapes[n], generator=g).requires_grad_(requires_grad) for n in taps}
+
+    return draw(method.ctx.student_shapes, method.student_taps), draw(method.ctx.teacher_shapes, method.teacher_taps)
+
+
+def run_interrupted(monkeypatch, specs, env, at_evaluation: int) -> None:
+    """Runs ``specs`` until the ``at_evaluation``-th call of the harness's evaluate (1-based: a teacher's epochs,
+    a student's teacher check, then its epochs), which raises KeyboardInterrupt as a kill between a checkpoint and
+    the next would; evaluate is restored afterwards."""
+    real, calls = harness.evaluate, {"n": 0}
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_evaluation:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(specs, env)
+    monkeypatch.setattr(harness, "evaluate", real)
 
 
 @pytest.fixture

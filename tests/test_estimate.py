@@ -74,6 +74,25 @@ def test_estimate_scales_with_epochs_and_seeds(env, monkeypatch):
     assert two.runs[1].seconds - two.runs[2].seconds == pytest.approx(640 * (COST.fit_image - COST.reuse_image))
 
 
+def test_an_init_stage_is_priced_with_its_epochs(env, monkeypatch):
+    """AB/FT/FSP-style init epochs run before the recipe's: priced at the main step; a run resumed inside or after
+    the stage pays what is left of both."""
+    from dataclasses import replace
+
+    import probe_methods  # noqa: F401  (probe-init: 2 init epochs)
+
+    monkeypatch.setattr(estimate_module, "_measure", lambda spec, *a: replace(COST, init_epochs=2))
+    teacher, spec = tiny_sweep(methods=("probe-init",)).plan()
+    _record(env, teacher, "finished", 3)
+    fresh = estimate([teacher, spec], env).runs[1]
+    assert fresh.epochs == 2 + 3
+    _record(env, spec, "running", 3)  # both init epochs and the first main one
+    env.store.save_torch(env.store.checkpoint_path(spec.run_id), {"stand-in": 1})
+    resumed = estimate([teacher, spec], env).runs[1]
+    assert (resumed.status, resumed.epochs) == ("resume", 2)
+    assert fresh.seconds - resumed.seconds == pytest.approx(3 * EPOCH_S + 640 * COST.fit_image)
+
+
 def _tree(root):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 

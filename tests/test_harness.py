@@ -2,7 +2,7 @@ import pandas as pd
 import probe_methods  # noqa: F401  (registers probe-kd and probe-nan)
 import pytest
 import torch
-from conftest import tiny_sweep
+from conftest import run_interrupted, tiny_sweep
 
 import kdbench.harness as harness
 from kdbench.errors import KdbenchError
@@ -70,23 +70,11 @@ def test_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     reference = run_sweep([spec], RunEnv(ResultsStore(tmp_path / "ref"), progress=False))[0]
 
     env = RunEnv(ResultsStore(tmp_path / "resumed"), progress=False)
-    calls = {"n": 0}
-    real_evaluate = harness.evaluate
-
-    def interrupt_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "evaluate", interrupt_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep([spec], env)
+    run_interrupted(monkeypatch, [spec], env, 2)  # in epoch 2
     partial = env.store.load_record(spec.run_id)
     assert partial.status == "running" and len(partial.epochs) == 1
     assert env.store.checkpoint_path(spec.run_id).exists()
 
-    monkeypatch.setattr(harness, "evaluate", real_evaluate)
     resumed = run_sweep([spec], env)[0]
     keys = ("epoch", "top1", "loss", "lr")
     assert resumed.status == "finished" and _history(resumed, *keys) == _history(reference, *keys)
@@ -153,20 +141,8 @@ def test_an_init_stage_trains_first_with_its_own_optimiser_then_freezes(tmp_path
 
     env = RunEnv(ResultsStore(tmp_path / "resumed"), progress=False)
     run_sweep([teacher], env)
-    calls = {"n": 0}
-    real_evaluate = harness.evaluate
-
-    def interrupt_in_the_second_init_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the teacher's evaluation, then init epoch 1's, then this
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "evaluate", interrupt_in_the_second_init_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep([spec], env)
+    run_interrupted(monkeypatch, [spec], env, 3)  # the teacher check, init epoch 1, then init epoch 2
     assert [e["epoch"] for e in env.store.load_record(spec.run_id).epochs] == [-1]
-    monkeypatch.setattr(harness, "evaluate", real_evaluate)
     resumed = run_sweep([spec], env)[0]
     keys = ("epoch", "top1", "loss", "lr")
     assert resumed.status == "finished" and _history(resumed, *keys) == _history(reference, *keys)

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import method_context, tiny_sweep
+from conftest import method_context, run_interrupted, tiny_sweep
 
-from kdbench import harness
 from kdbench.errors import KdbenchError
 from kdbench.harness import run_sweep
 from kdbench.methods import method_class
@@ -333,20 +332,9 @@ def test_an_interrupted_run_resumes_to_the_same_history(env, monkeypatch):
     assert reference.metrics["extra_params_train"] > 0
     shutil.rmtree(env.store.run_dir(student.run_id))  # the same teacher teaches it again
 
-    calls = {"n": 0}
-    real_evaluate, real_prepare = harness.evaluate, CRD.prepare
-
-    def interrupt_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # teacher scores, epoch 1, then epoch 2
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "evaluate", interrupt_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep([student], env)
+    real_prepare = CRD.prepare
+    run_interrupted(monkeypatch, [student], env, 3)  # teacher scores, epoch 1, then epoch 2
     assert len(env.store.load_record(student.run_id).epochs) == 1
-    monkeypatch.setattr(harness, "evaluate", real_evaluate)
     monkeypatch.setattr(CRD, "prepare", lambda *a: pytest.fail("prepare ran on resume"))
     resumed = run_sweep([student], env)[0]
     monkeypatch.setattr(CRD, "prepare", real_prepare)

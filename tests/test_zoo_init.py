@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import method_context, tiny_sweep
+from conftest import method_context, run_interrupted, tiny_sweep
 from torch import nn
 
 from kdbench import harness
@@ -422,20 +422,8 @@ def test_a_resume_inside_the_init_stage_ends_as_the_uninterrupted_run(harness_ru
     reference = records["ab"]
     env = RunEnv(ResultsStore(tmp_path / "resumed"), progress=False)
     run_sweep([teacher.spec], env)
-    calls = {"n": 0}
-    real_evaluate = harness.evaluate
-
-    def interrupt_in_the_second_init_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the teacher's evaluation, then init epoch 1's, then this
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "evaluate", interrupt_in_the_second_init_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep([reference.spec], env)
+    run_interrupted(monkeypatch, [reference.spec], env, 3)  # the teacher check, init epoch 1, then init epoch 2
     assert [e["epoch"] for e in env.store.load_record(reference.spec.run_id).epochs] == [-1]
-    monkeypatch.setattr(harness, "evaluate", real_evaluate)
     resumed = run_sweep([reference.spec], env)[0]
     keys = ("epoch", "top1", "loss", "loss_ab", "lr")
     assert resumed.status == "finished"

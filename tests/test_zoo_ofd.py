@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import method_context, tiny_sweep
+from conftest import method_context, random_features, step, tiny_sweep
 from test_methods_e2e import REFERENCE_PAIRS
 from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.harness import run_sweep
 from kdbench.methods import method_class
-from kdbench.methods.base import Preparation, StepOutputs
+from kdbench.methods.base import Preparation
 from kdbench.methods.ofd import bn_margin, partial_l2
 from kdbench.models import create_model, list_models
 from kdbench.models.taps import FeatureExtractor, feature_shapes
@@ -50,19 +50,6 @@ def build(student, teacher, protocol="crd", options=None, prepare=True):
     return method
 
 
-def step(method, student_features, teacher_features, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return StepOutputs(torch.randint(0, 100, (batch,), generator=g), torch.randn(batch, 100, generator=g),
-                       student_features, torch.randn(batch, 100, generator=g), teacher_features)
-
-
-def random_features(method, batch, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(tap_shapes, taps):
-        return {n: torch.randn(batch, *tap_shapes[n], generator=g).requires_grad_(requires_grad) for n in taps}
-
-    return draw(method.ctx.student_shapes, method.student_taps), draw(method.ctx.teacher_shapes, method.teacher_taps)
 
 
 # --------------------------------------------------------------------------------------------------------- margins

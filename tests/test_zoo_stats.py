@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import method_context, tiny_sweep
+from conftest import method_context, random_features, step, tiny_sweep
 from test_methods_e2e import REFERENCE_PAIRS
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import method_class
-from kdbench.methods.base import StepOutputs
 from kdbench.models import create_model
 from kdbench.models.taps import feature_shapes
 
@@ -30,22 +29,6 @@ def build(method, student, teacher, protocol="crd", options=None, batch_size=64)
     s = shapes(student) if isinstance(student, str) else student
     t = shapes(teacher) if isinstance(teacher, str) else teacher
     return method_class(method)(method_context(method, s, t, protocol, options, batch_size))
-
-
-def step(method, student_features, teacher_features, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return StepOutputs(torch.randint(0, 100, (batch,), generator=g), torch.randn(batch, 100, generator=g),
-                       student_features, torch.randn(batch, 100, generator=g), teacher_features)
-
-
-def random_features(method, batch, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(tap_shapes, taps):
-        return {n: torch.randn(batch, *tap_shapes[n], generator=g).requires_grad_(requires_grad) for n in taps}
-
-    return (draw(method.ctx.student_shapes, method.student_taps),
-            draw(method.ctx.teacher_shapes, method.teacher_taps))
 
 
 def term(method, f_s, f_t, name, batch=1):
