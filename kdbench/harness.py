@@ -334,7 +334,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
     reset_peak_memory(device)
     timer = StepTimer(device, recipe.warmup_steps)
     show = env.progress
-    runlog.start(len(history))
+    runlog.start(len(history), parts.init_epochs)
     images_per_epoch = loader.steps_per_epoch * recipe.batch_size if loader.drop_last else loader.num_train
     init = parts.init_epochs
     # init-stage epochs come first, numbered 1 − init .. 0, so main epoch k is epoch k for every method

@@ -28,24 +28,34 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def epoch_images(spec: RunSpec) -> int:
+    """Training images of one epoch of ``spec``: its recipe's subset, or the whole training split."""
+    from kdbench.data import dataset_info
+
+    size = dataset_info(spec.dataset).train_size or 0
+    return min(spec.recipe.train_subset or size, size) if size else spec.recipe.train_subset or 0
+
+
 @dataclass
 class SweepProgress:
-    """Counts of one sweep in this process, for the sweep's ETA: epochs left times the mean epoch time so far."""
+    """Counts of one sweep in this process, for the sweep's ETA: the training images its epochs have left times the
+    seconds per image so far (a teacher's epoch on the whole training set weighs what it costs, a student's on a
+    subset what it costs)."""
 
     runs: int
-    epochs_left: int
+    images_left: float
     done_runs: int = 0
-    epochs_done: int = 0
-    epoch_seconds: float = 0.0
+    images_done: float = 0.0
+    seconds: float = 0.0
 
     @classmethod
     def of(cls, specs: list[RunSpec]) -> "SweepProgress":
-        return cls(len(specs), sum(s.recipe.epochs for s in specs if not s.pretrained))
+        return cls(len(specs), sum(epoch_images(s) * s.recipe.epochs for s in specs if not s.pretrained))
 
     def eta(self) -> float | None:
-        if not self.epochs_done:
+        if not self.images_done:
             return None
-        return self.epoch_seconds / self.epochs_done * max(self.epochs_left, 0)
+        return self.seconds / self.images_done * max(self.images_left, 0.0)
 
 
 class Sink(Protocol):
@@ -113,13 +123,28 @@ class RunLog:
     sink_names: tuple[str, ...] = ()
     sinks: list[Any] = field(default_factory=list)
     position: int = 0  # epochs of this run accounted for in the sweep's count
+    init_epochs: int = 0  # the method's init stage, before the recipe's epochs
+
+    @property
+    def total(self) -> int:
+        return self.init_epochs + self.spec.recipe.epochs
 
     def _line(self, text: str) -> None:
         log.info("%s %s", self.spec.run_id, text)
 
-    def start(self, epochs_done: int) -> None:
-        total = self.spec.recipe.epochs
-        self._line(f"resumes at epoch {epochs_done + 1}/{total}" if epochs_done else f"starts ({total} epochs)")
+    def start(self, epochs_done: int, init_epochs: int = 0) -> None:
+        """``epochs_done``: init and main epochs a resumed run has; ``init_epochs``: its init stage's length."""
+        self.init_epochs = init_epochs
+        if self.sweep is not None:  # the plan priced the recipe's epochs only
+            self.sweep.images_left += init_epochs * epoch_images(self.spec)
+        main = self.spec.recipe.epochs
+        stage = f"{init_epochs} init + " if init_epochs else ""
+        if not epochs_done:
+            self._line(f"starts ({stage}{main} epochs)")
+        elif epochs_done < init_epochs:
+            self._line(f"resumes in its init stage, {init_epochs - epochs_done} init epochs to go")
+        else:
+            self._line(f"resumes at epoch {epochs_done + 1 - init_epochs}/{main}")
         self._advance(epochs_done)
         self.sinks = [{"tensorboard": TensorBoardSink, "wandb": WandbSink}[n](self.spec, self.root)
                       for n in self.sink_names]
@@ -127,19 +152,20 @@ class RunLog:
     def _advance(self, epochs: int, seconds: float | None = None) -> None:
         self.position += epochs
         if self.sweep is not None:
-            self.sweep.epochs_left -= epochs
+            images = epochs * epoch_images(self.spec)
+            self.sweep.images_left -= images
             if seconds is not None:
-                self.sweep.epochs_done += epochs
-                self.sweep.epoch_seconds += seconds
+                self.sweep.images_done += images
+                self.sweep.seconds += seconds
 
     def epoch(self, row: dict[str, float], images: int) -> None:
         """After each epoch: its line (loss, top-1, training img/s, ETAs) and its metrics to the sinks."""
-        total, done = self.spec.recipe.epochs, int(row["epoch"])
+        main, done = self.spec.recipe.epochs, int(row["epoch"])
         seconds = row["epoch_s"] + row["eval_s"]
         self._advance(1, seconds)
-        where = f"epoch {done}/{total}" if done >= 1 else f"init epoch, {1 - done} to go before epoch 1/{total},"
+        where = f"epoch {done}/{main}" if done >= 1 else f"init epoch, {1 - done} to go before epoch 1/{main},"
         text = (f"{where} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
-                f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (total - done))}")
+                f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (main - done))}")
         if self.sweep is not None:
             text += f" sweep {duration(self.sweep.eta())}"
         self._line(text)
@@ -148,7 +174,7 @@ class RunLog:
 
     def end(self, status: str, detail: str = "") -> None:
         """Finished, failed or skipped (``detail`` says why); closes the sinks."""
-        self._advance(self.spec.recipe.epochs - self.position)
+        self._advance(self.total - self.position)
         if self.sweep is not None:
             self.sweep.done_runs += 1
         counter = f"[{self.sweep.done_runs}/{self.sweep.runs}] " if self.sweep is not None else ""

@@ -26,6 +26,26 @@ def test_every_run_event_and_epoch_gets_a_line(env, caplog):
     assert lines[-1] == f"{specs[0].run_id} [1/1] skipped: finished before"
 
 
+def test_an_init_stage_gets_its_lines_and_the_sweep_eta_weighs_images(env, caplog):
+    import probe_methods  # noqa: F401  (probe-init: 2 init epochs)
+
+    from kdbench.progress import SweepProgress
+    from kdbench.spec import Recipe
+
+    teacher, spec = tiny_sweep(methods=("probe-init",)).plan()
+    with caplog.at_level(logging.INFO, logger="kdbench"):
+        run_sweep([teacher, spec], env)
+    mine = [r.getMessage().removeprefix(spec.run_id + " ") for r in caplog.records
+            if r.getMessage().startswith(spec.run_id)]
+    assert mine[0] == "starts (2 init + 3 epochs)"
+    assert [line.split(" loss ")[0] for line in mine[1:6]] == [
+        "init epoch, 2 to go before epoch 1/3,", "init epoch, 1 to go before epoch 1/3,", "epoch 1/3", "epoch 2/3",
+        "epoch 3/3"]
+    # an epoch's weight is its training images: 640 for the whole synthetic set, 64 for a 64-image subset
+    small = tiny_sweep(recipe=Recipe("small", epochs=3, train_subset=64)).plan()
+    assert SweepProgress.of(tiny_sweep().plan()).images_left == 10 * SweepProgress.of(small).images_left > 0
+
+
 def test_tensorboard_sink_gets_every_epoch(tmp_path):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     env = RunEnv(_store(tmp_path), progress=False, sinks=("tensorboard",))
