@@ -185,7 +185,8 @@ def _show_progress_lines() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdbench.executors import RayOptions, execute
-    from kdbench.harness import RunEnv, stale_runs
+    from kdbench.fingerprint import stale_runs
+    from kdbench.harness import RunEnv
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore

@@ -1,19 +1,10 @@
-"""Datasets as whole uint8 tensors, and a device-resident loader with replayable on-device augmentation.
-
-Design (data kept on the device as in KellerJordan/cifar10-airbench and tysam-code/hlb-CIFAR10; augmentation of
-HobbitLong/RepDistiller ``dataset/cifar100.py``): the whole dataset lives on the device, the training set is
-zero-padded once in pixel space, and each batch is cropped and flipped by one integer gather.  This reproduces
-torchvision's ``RandomCrop(32, padding=4) -> RandomHorizontalFlip() -> ToTensor() -> Normalize`` exactly,
-without DataLoader workers or host synchronisation.  Every random stream is a pure function of (seed, epoch, stream
-name), and augmentation parameters are indexed by dataset index, so two runs with the same seed see identical views
-whatever their batch size, subset or method.
-"""
+"""Datasets as whole uint8 tensors: a registry of what each is (``DatasetInfo``) and how to get it (CIFAR,
+Fashion-MNIST, CINIC-10, a generated set). ``kdbench.loader`` turns one into batches on the device."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import math
 import os
 import pickle
@@ -32,8 +23,6 @@ from kdbench.registry import Registry
 
 IMAGE_SIZE = 32
 PAD = 4
-#: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
-SUBSET_SEED = 20240601
 #: Where Debian's ``dataset-fashion-mnist`` package installs the idx files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -107,16 +96,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
 def default_data_dir() -> Path:
     env = os.environ.get("KDBENCH_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kdbench" / "data"
-
-
-def stream_seed(seed: int, epoch: int, stream: str) -> int:
-    """Counter-based 63-bit seed of one random stream, so no stream's state depends on what others consumed."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _generator(seed: int, epoch: int, stream: str) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, epoch, stream))
 
 
 # Errors that mean "the download did not work": no network (URLError is an OSError), HTTP errors, a bad checksum
@@ -360,125 +339,6 @@ register_dataset(DatasetInfo(
     how_to_get="Nothing to get: generated in memory, deterministic and offline.",
     load=load_synthetic, train_size=SYNTHETIC_TRAIN, test_size=SYNTHETIC_TEST,
 ))
-
-
-# ---------------------------------------------------------------------------------------------- device loader
-
-
-def _fixed_subset(n: int, size: int | None, what: str) -> torch.Tensor:
-    """Sorted indices of a fixed subset (the same for every run and seed), or all ``n`` when ``size`` is None."""
-    if size is None:
-        return torch.arange(n)
-    if not 1 <= size <= n:
-        raise KdbenchError(f"a subset of {what} must hold between 1 and {n} images, got {size}")
-    fixed = torch.Generator().manual_seed(SUBSET_SEED)
-    return torch.randperm(n, generator=fixed)[:size].sort().values
-
-
-class DeviceLoader:
-    """Whole dataset resident on `device`; shuffling + augmentation in batches on the device.
-
-    Reproduces torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize exactly, with
-    one integer gather per batch and no host synchronisation.
-    """
-
-    def __init__(self, data: ArrayData, device: torch.device | str, *, batch_size: int,
-                 train_subset: int | None = None, test_subset: int | None = None, drop_last: bool = False,
-                 channels_last: bool = False, eval_batch_size: int = 1000, pad_mode: str = "zeros"):
-        if batch_size < 1 or eval_batch_size < 1:
-            raise KdbenchError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
-                               f"eval_batch_size={eval_batch_size}")
-        self.info = data.info
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.drop_last = drop_last
-        self.channels_last = channels_last
-        n_full = data.train_x.shape[0]
-        self.num_full_train = n_full
-
-        self.subset = _fixed_subset(n_full, train_subset, f"the {self.info.name} training set").to(self.device)
-
-        self._mean = torch.tensor(self.info.mean, dtype=torch.float32, device=self.device)
-        self._std = torch.tensor(self.info.std, dtype=torch.float32, device=self.device)
-        # Padded once in pixel space (as torchvision pads before ToTensor: zeros, or letKD's padding_mode="reflect")
-        # and stored N x 40 x 40 x C, so a batch gather reads whole pixels and its NCHW view already has
-        # channels_last strides. Reflection is not defined on uint8; the float round trip is exact.
-        train = data.train_x.to(self.device)
-        if pad_mode == "reflect":
-            padded = torch.nn.functional.pad(train.float(), (PAD,) * 4, mode="reflect").to(torch.uint8)
-        elif pad_mode == "zeros":
-            padded = torch.nn.functional.pad(train, (PAD,) * 4)
-        else:
-            raise KdbenchError(f"unknown pad mode {pad_mode!r}; valid: zeros, reflect")
-        self.train_pad = padded.permute(0, 2, 3, 1).contiguous()
-        self.train_y = data.train_y.to(self.device)
-        test_idx = _fixed_subset(data.test_x.shape[0], test_subset, f"the {self.info.name} test set")
-        test = data.test_x[test_idx].to(self.device).float().div_(255)
-        test = test.sub_(self._mean[:, None, None]).div_(self._std[:, None, None])
-        self.test_x = self._layout(test)
-        self.test_y = data.test_y[test_idx].to(self.device)
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
-
-    @property
-    def num_train(self) -> int:
-        return self.subset.shape[0]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        n, b = self.num_train, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def aug_params(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CPU tensors (i, j, flip), one entry per dataset index: crop offsets uniform on 0..8, flip with p=0.5."""
-        g = _generator(seed, epoch, "aug")
-        n = self.num_full_train
-        i = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-        j = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-        flip = torch.rand(n, generator=g) < 0.5
-        return i, j, flip
-
-    def augment(self, idx, crop_i, crop_j, flip) -> torch.Tensor:
-        """Crop + flip + normalise the training images at dataset indices ``idx`` in one integer gather.
-
-        ``crop_i``, ``crop_j`` (offsets into the 40x40 padded image) and ``flip`` are aligned with ``idx``.
-        """
-        dev = self.device
-        idx, crop_i, crop_j, flip = (torch.as_tensor(t, device=dev) for t in (idx, crop_i, crop_j, flip))
-        ar = torch.arange(IMAGE_SIZE, device=dev)
-        rows = crop_i[:, None] + ar
-        cols = torch.where(flip.bool()[:, None], crop_j[:, None] + (IMAGE_SIZE - 1) - ar, crop_j[:, None] + ar)
-        xb = self.train_pad[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # B x 32 x 32 x C
-        # Same operation order as ToTensor (x / 255) then Normalize ((x - mean) / std), so results match bit for bit.
-        xb = xb.float().div_(255).sub_(self._mean).div_(self._std)
-        return self._layout(xb.permute(0, 3, 1, 2))
-
-    def train_epoch(self, seed: int, epoch: int, positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Batches of (augmented normalised images, labels) in this epoch's replayable order; with ``positions``,
-        also each sample's position in the training subset (its dataset index when there is no subset)."""
-        perm = torch.randperm(self.num_train, generator=_generator(seed, epoch, "perm")).to(self.device)
-        order = self.subset[perm]
-        ai, aj, af = (t.to(self.device) for t in self.aug_params(seed, epoch))
-        b = self.batch_size
-        for k in range(self.steps_per_epoch):
-            idx = order[k * b:(k + 1) * b]
-            batch = self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
-            yield (*batch, perm[k * b:(k + 1) * b]) if positions else batch
-
-    def train_plain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every image of the training subset once, in order, un-augmented (the unshifted, unflipped crop), in
-        chunks of ``eval_batch_size``: what offline fits on teacher features see (letKD's reference pass)."""
-        for k in range(0, self.num_train, self.eval_batch_size):
-            idx = self.subset[k:k + self.eval_batch_size]
-            centre = torch.full_like(idx, PAD)
-            yield self.augment(idx, centre, centre, torch.zeros_like(idx, dtype=torch.bool)), self.train_y[idx]
-
-    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The normalised test set (no augmentation) in chunks of ``eval_batch_size``."""
-        for k in range(0, self.test_x.shape[0], self.eval_batch_size):
-            yield self.test_x[k:k + self.eval_batch_size], self.test_y[k:k + self.eval_batch_size]
 
 
 # ---------------------------------------------------------------------------------------------- CINIC-10 (ImageFolder)

@@ -19,8 +19,8 @@ import torch
 from tabulate import tabulate
 
 from kdbench import harness
-from kdbench.data import DeviceLoader
-from kdbench.fingerprint import fingerprint
+from kdbench.fingerprint import fingerprint, stale_reason
+from kdbench.loader import DeviceLoader
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods import method_class
 from kdbench.models import create_model
@@ -193,7 +193,7 @@ def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
     """(status, epochs already done, note) as ``harness.run`` will treat the run."""
     record, code = env.store.load_record(spec.run_id), fingerprint(spec)
     if record is not None and record.status == "finished":
-        reason = harness.stale_reason(record, code)
+        reason = stale_reason(record, code)
         return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", 0, reason)
     if spec.pretrained:
         return "import", 0, ""

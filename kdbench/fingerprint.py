@@ -17,6 +17,11 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdbench.results import ResultsStore, RunRecord
+    from kdbench.spec import RunSpec
 
 # Modules that do not decide a run's numbers (and this one).
 NOT_NUMBERS = ("kdbench.report", "kdbench.cli", "kdbench.results", "kdbench.errors", "kdbench.fingerprint",
@@ -130,3 +135,18 @@ def changed_modules(old: dict[str, str] | None, new: dict[str, str]) -> list[str
     if not old:
         return ["(no fingerprint recorded)"]
     return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+
+
+def stale_reason(record: RunRecord | None, code: dict) -> str | None:
+    """Why a finished run's numbers no longer come from the current code (the modules that changed), or None."""
+    if record is None or record.status != "finished":
+        return None
+    if record.provenance.get("code_fingerprint") == code["code_fingerprint"]:
+        return None
+    return ", ".join(changed_modules(record.provenance.get("code_files"), code["code_files"]))
+
+
+def stale_runs(specs: list[RunSpec], store: ResultsStore) -> dict[str, str]:
+    """Finished runs among ``specs`` that other code made: run id -> the modules that changed."""
+    reasons = {spec.run_id: stale_reason(store.load_record(spec.run_id), fingerprint(spec)) for spec in specs}
+    return {run_id: reason for run_id, reason in reasons.items() if reason}

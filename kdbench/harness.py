@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kdbench.data import ArrayData, DeviceLoader, load_dataset, stream_seed
+from kdbench.data import ArrayData, load_dataset
 from kdbench.errors import KdbenchError
-from kdbench.fingerprint import changed_modules, fingerprint
+from kdbench.fingerprint import fingerprint, stale_reason
+from kdbench.loader import DeviceLoader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
 from kdbench.methods import method_class
 from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
@@ -256,21 +257,6 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
                                                     else loader.num_train),
             "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
             "frozen_forwards_per_step": frozen_forwards / steps}
-
-
-def stale_reason(record: RunRecord | None, code: dict) -> str | None:
-    """Why a finished run's numbers no longer come from the current code (the modules that changed), or None."""
-    if record is None or record.status != "finished":
-        return None
-    if record.provenance.get("code_fingerprint") == code["code_fingerprint"]:
-        return None
-    return ", ".join(changed_modules(record.provenance.get("code_files"), code["code_files"]))
-
-
-def stale_runs(specs: list[RunSpec], store: ResultsStore) -> dict[str, str]:
-    """Finished runs among ``specs`` that other code made: run id -> the modules that changed."""
-    reasons = {spec.run_id: stale_reason(store.load_record(spec.run_id), fingerprint(spec)) for spec in specs}
-    return {run_id: reason for run_id, reason in reasons.items() if reason}
 
 
 def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:

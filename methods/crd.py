@@ -31,8 +31,8 @@ import math
 import torch
 from torch import nn
 
-from kdbench.data import stream_seed
 from kdbench.errors import KdbenchError
+from kdbench.loader import stream_seed
 from kdbench.methods import register_method
 from kdbench.methods.base import (
     AT_LEAST_ONE,

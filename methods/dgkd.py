@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kdbench.data import stream_seed
+from kdbench.loader import stream_seed
 from kdbench.methods import register_method
 from kdbench.methods.base import NON_NEGATIVE, Range, StepOutputs, kd_divergence
 from kdbench.methods.kd import KD

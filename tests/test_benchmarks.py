@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.data import DeviceLoader, load_dataset
+from kdbench.data import load_dataset
+from kdbench.loader import DeviceLoader
 from kdbench.models import create_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -10,8 +10,8 @@ from conftest import TINY, tiny_sweep
 import kdbench.fingerprint
 import kdbench.methods
 from kdbench.cli import main
-from kdbench.fingerprint import fingerprint, module_closure
-from kdbench.harness import RunEnv, run_sweep, stale_runs
+from kdbench.fingerprint import fingerprint, module_closure, stale_runs
+from kdbench.harness import RunEnv, run_sweep
 from kdbench.results import ResultsStore
 
 PLUGIN = '''

@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import tiny_sweep
 
-from kdbench.data import DeviceLoader, load_dataset
+from kdbench.data import load_dataset
 from kdbench.harness import run_sweep
+from kdbench.loader import DeviceLoader
 
 pytestmark = pytest.mark.gpu
 
