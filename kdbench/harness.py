@@ -323,15 +323,20 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
     runlog.start(len(history), parts.init_epochs)
     images_per_epoch = loader.steps_per_epoch * recipe.batch_size if loader.drop_last else loader.num_train
     init = parts.init_epochs
-    # init-stage epochs come first, numbered 1 − init .. 0, so main epoch k is epoch k for every method
+    # One epoch axis: init-stage epochs are −init .. −1 (recorded as 1 − init .. 0), main ones 0 .. E − 1, so main
+    # epoch k is epoch k for every method and no init epoch replays a main epoch's data stream.
     for index in tqdm(range(len(history), init + recipe.epochs), desc=spec.run_id, initial=len(history),
                       total=init + recipe.epochs, unit="epoch", leave=False,
                       disable=None if show is None else not show):
-        stage, epoch = ("init", index) if index < init else ("main", index - init)
+        epoch = index - init
+        stage = "init" if epoch < 0 else "main"
         if stage == "init":
             lr, optimizer = parts.init_stage.lr, parts.init_optimizer
         else:
             lr, optimizer = recipe.lr_at(epoch, parts.base_lr), parts.optimizer
+            if epoch == 0 and init:  # the main stage's warm-up and memory peak are its own, resumed or not
+                timer = StepTimer(device, recipe.warmup_steps)
+                reset_peak_memory(device)
             for module in parts.init_stage.frozen_after if parts.init_stage else ():
                 module.requires_grad_(False)
         for group in optimizer.param_groups:
@@ -342,7 +347,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
         steps = timer.flush()
         step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
         scores = evaluate(parts.student, loader, spec, device)
-        history.append({"epoch": index + 1 - init, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
+        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
                         "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
         runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {

@@ -109,7 +109,7 @@ class StepOutputs:
     teacher_features: dict[str, torch.Tensor] | None = None
     # Forwarded teacher assistants by chain position (1 = largest); only those `trainers_for_step` asked for.
     assistant_logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    epoch: int = 0  # 0-indexed, as the harness counts (loss warm-ups: DKD, ReviewKD)
+    epoch: int = 0  # 0-indexed, as the harness counts (loss warm-ups: DKD, ReviewKD); an init stage's are negative
     # Each sample's position in the training set (0 .. MethodContext.num_train − 1; the dataset index when the recipe
     # takes every image), int64 on the device: methods with per-sample state index it (CRD's memory banks).
     indices: torch.Tensor | None = None

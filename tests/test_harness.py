@@ -129,6 +129,8 @@ def test_an_init_stage_trains_first_with_its_own_optimiser_then_freezes(tmp_path
     stages = [s for s, _ in ProbeInit.stages_seen]
     steps = stages.count("init") // 2
     assert stages == ["init"] * 2 * steps + ["main"] * 3 * steps
+    # one epoch axis: the init stage's epochs are -2 and -1 (so no init epoch replays a main epoch's data stream)
+    assert sorted(set(ProbeInit.stages_seen)) == [("init", -2), ("init", -1), ("main", 0), ("main", 1), ("main", 2)]
     assert [e["epoch"] for e in reference.epochs] == [-1, 0, 1, 2, 3]
     assert [e["lr"] for e in reference.epochs[:2]] == [0.02, 0.02]
     assert [set(k for k in e if k.startswith("loss_")) for e in reference.epochs] == [{"loss_hint"}] * 2 + [
