@@ -149,6 +149,9 @@ class _Parts:
     def init_epochs(self) -> int:
         return self.init_stage.epochs if self.init_stage else 0
 
+    def optimizer_of(self, stage: str) -> torch.optim.Optimizer:
+        return self.init_optimizer if stage == "init" else self.optimizer
+
     def state(self) -> dict:
         return {"student": self.student.state_dict(), "method": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -213,9 +216,9 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
 
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
                  show: bool | None, stage: str = "main") -> dict[str, float]:
-    """One epoch of steps of ``stage`` ("init": the method's InitStage and its optimiser); loss terms and correct
+    """One epoch of steps of ``stage`` ("init": the method's InitStage, with its optimiser); loss terms and correct
     counts stay on the device until the epoch ends."""
-    optimizer = parts.init_optimizer if stage == "init" else parts.optimizer
+    optimizer = parts.optimizer_of(stage)
     device = loader.device
     autocast = _autocast(spec, device)
     parts.student.train()
@@ -331,15 +334,15 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
         epoch = index - init
         stage = "init" if epoch < 0 else "main"
         if stage == "init":
-            lr, optimizer = parts.init_stage.lr, parts.init_optimizer
+            lr = parts.init_stage.lr
         else:
-            lr, optimizer = recipe.lr_at(epoch, parts.base_lr), parts.optimizer
+            lr = recipe.lr_at(epoch, parts.base_lr)
             if epoch == 0 and init:  # the main stage's warm-up and memory peak are its own, resumed or not
                 timer = StepTimer(device, recipe.warmup_steps)
                 reset_peak_memory(device)
             for module in parts.init_stage.frozen_after if parts.init_stage else ():
                 module.requires_grad_(False)
-        for group in optimizer.param_groups:
+        for group in parts.optimizer_of(stage).param_groups:
             group["lr"] = lr
         train = _train_epoch(parts, loader, spec, epoch, timer, show, stage)
         if not math.isfinite(train["loss"]):
@@ -426,8 +429,10 @@ def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunReco
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
     partial = store.load_record(spec.run_id)
     epochs = partial.epochs if partial else []
-    return RunRecord(spec, "failed", {"epochs_completed": float(len(epochs))}, epochs,
-                     partial.provenance if partial else {}, reason)
+    main = sum(e["epoch"] >= 1 for e in epochs)  # as _run_metrics counts: an init stage's epochs apart
+    metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
+                                                   else {})}
+    return RunRecord(spec, "failed", metrics, epochs, partial.provenance if partial else {}, reason)
 
 
 def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,

@@ -91,6 +91,9 @@ class WandbSink:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdbench"), name=spec.run_id,
                               id=spec.run_id, resume="allow", config=spec.to_dict(), dir=str(root),
                               mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+        # the run's epoch is the x axis (an init stage's are <= 0); a resume then overwrites, not repeats, epochs
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
 
     def epoch(self, row: dict[str, float]) -> None:
         # W&B steps must not decrease; an init stage's epochs are numbered up to 0 (harness), so they are logged as
@@ -127,7 +130,8 @@ class RunLog:
 
     @property
     def total(self) -> int:
-        return self.init_epochs + self.spec.recipe.epochs
+        """Epochs this run stands for in the sweep's count; an imported checkpoint trains none (SweepProgress.of)."""
+        return 0 if self.spec.pretrained else self.init_epochs + self.spec.recipe.epochs
 
     def _line(self, text: str) -> None:
         log.info("%s %s", self.spec.run_id, text)
@@ -163,7 +167,7 @@ class RunLog:
         main, done = self.spec.recipe.epochs, int(row["epoch"])
         seconds = row["epoch_s"] + row["eval_s"]
         self._advance(1, seconds)
-        where = f"epoch {done}/{main}" if done >= 1 else f"init epoch, {1 - done} to go before epoch 1/{main},"
+        where = f"epoch {done}/{main}" if done >= 1 else f"init epoch {done + self.init_epochs}/{self.init_epochs}"
         text = (f"{where} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
                 f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (main - done))}")
         if self.sweep is not None:

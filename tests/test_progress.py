@@ -39,7 +39,7 @@ def test_an_init_stage_gets_its_lines_and_the_sweep_eta_weighs_images(env, caplo
             if r.getMessage().startswith(spec.run_id)]
     assert mine[0] == "starts (2 init + 3 epochs)"
     assert [line.split(" loss ")[0] for line in mine[1:6]] == [
-        "init epoch, 2 to go before epoch 1/3,", "init epoch, 1 to go before epoch 1/3,", "epoch 1/3", "epoch 2/3",
+        "init epoch 1/2", "init epoch 2/2", "epoch 1/3", "epoch 2/3",
         "epoch 3/3"]
     # an epoch's weight is its training images: 640 for the whole synthetic set, 64 for a 64-image subset
     small = tiny_sweep(recipe=Recipe("small", epochs=3, train_subset=64)).plan()

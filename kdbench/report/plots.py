@@ -182,7 +182,8 @@ def plot_learning_curves(group: pd.DataFrame, table: pd.DataFrame, setting: str 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    curves = table[(table["metric"] == "top1") & table["epoch"].notna()][["run_id", "epoch", "value"]]
+    # the recipe's epochs: an init stage (AB, FT, FSP; epochs <= 0) trains features, not the classifier
+    curves = table[(table["metric"] == "top1") & (table["epoch"] >= 1)][["run_id", "epoch", "value"]]
     data = group[["run_id", "pair", "label", "kind"]].merge(curves, on="run_id").astype({"epoch": int})
     style = styles(group)
     data["family"] = data["label"].map(lambda lbl: style[lbl].family)
