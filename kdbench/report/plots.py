@@ -33,15 +33,15 @@ def plot_accuracy_vs_throughput(group: pd.DataFrame, metric: str = "top1_best", 
     students = group[group["kind"] != "teacher"]
     style = {k: v for k, v in styles(group).items() if k in set(students["label"])}
     pairs = _pairs(students)
-    largest = students["inference_params"].max()
     with sns.axes_style("whitegrid"):
         fig, axes = figure(pairs, f"{metric} vs training throughput (error bars: sd over seeds; marker area ∝ "
-                                  f"deployed parameters; dashed: Pareto front)", setting, 4.4)
+                                  f"deployed parameters, per pair; dashed: Pareto front)", setting, 4.4)
         for ax, pair in zip(axes, pairs):
             stats = students[students["pair"] == pair].groupby("label").agg(
                 x=("train_images_per_s", "mean"), xerr=("train_images_per_s", "std"),
                 y=(metric, "mean"), yerr=(metric, "std"), params=("inference_params", "mean")).dropna(
                 subset=["x", "y"])
+            largest = stats["params"].max()  # per pair: the students of a pair are what is compared
             for label, s in stats.iterrows():
                 ax.errorbar(s.x, s.y, xerr=None if pd.isna(s.xerr) else s.xerr,
                             yerr=None if pd.isna(s.yerr) else s.yerr, fmt="none", ecolor=style[label].colour,
@@ -201,7 +201,8 @@ def plot_learning_curves(group: pd.DataFrame, table: pd.DataFrame, setting: str 
             ax.set(title=f"{pair} · {family}" if family else pair, xlabel="epoch", ylabel="test top-1 (%)")
             ax.title.set_fontsize(9)
             ax.xaxis.get_major_locator().set_params(integer=True)
-        legend(fig, {lbl: s for lbl, s in style.items() if lbl in set(data["label"])}, line=True)
+        drawn = set(data.loc[data["family"] != "teacher", "label"])  # teachers train with a recipe of their own
+        legend(fig, {lbl: s for lbl, s in style.items() if lbl in drawn}, line=True)
     plt.close(fig)
     return fig
 
