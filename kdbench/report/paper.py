@@ -63,8 +63,8 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
         if kind != "method":
             rules_after = [index]
     epoch = "best" if metric == "top1_best" else "last"
-    caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seeds (other n marked), "
-               f"teacher: one run; best method per pair in bold. {title}.")
+    caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
+               f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
     footnotes = [f"[{i}] {', '.join(dict.fromkeys(group.loc[group['method_note'] == x, 'label']))}: {x}"
                  for i, x in enumerate(notes, 1)]
     why = published_note(group)
