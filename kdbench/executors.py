@@ -81,14 +81,21 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
         spec = by_ref[done]
         try:
             record = RunRecord.from_dict(ray.get(done))
-        except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, KdbenchError):
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.TaskCancelledError) as error:
+            if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, KdbenchError):
                 raise error.cause from None
-            raise
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.TaskCancelledError) as error:
-            # retries spent: record the failure; its students fail through the trainer check in their tasks
-            record = RunRecord(spec, "failed", {}, [], {}, f"{type(error).__name__}: worker died {RETRIES + 1} times")
-            env.store.write_record(record)
+            trainer = next((t for t in (spec.teacher_run, *spec.assistant_runs)
+                            if t in records and records[t].status != "finished"), None)
+            if trainer:  # Ray failed it with its trainer's error, without running it: say which run failed
+                record = run(spec, env, trainer)
+            elif isinstance(error, ray.exceptions.RayTaskError):
+                raise
+            else:  # retries spent
+                tries = RETRIES + 1
+                record = RunRecord(spec, "failed", {}, [], {},
+                                   f"{type(error).__name__}: worker died {tries} time{'s' if tries > 1 else ''}")
+                env.store.write_record(record)
         records[spec.run_id] = record
         env.store.rebuild_table()
         log.info("[%d/%d] %s %s", len(records), len(specs), spec.run_id, record.status)

@@ -40,11 +40,11 @@ def _run(rng, run_id, role, method, teacher, student, seed, top1, family, params
     return rows + [{**identity, "metric": "top1", "value": float(v), "epoch": e + 1} for e, v in enumerate(curve)]
 
 
-def synthetic_table(seed: int = 0) -> pd.DataFrame:
+def synthetic_table(seed: int = 0, pairs: tuple[tuple[str, str], ...] = PAIRS) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     gains = {name: rng.normal(1.0, 1.2) for name in ZOO}
-    for teacher, student in PAIRS:
+    for teacher, student in pairs:
         rows += _run(rng, f"teacher-{teacher}", "teacher", "student", None, teacher, 0, 76.0, None, 2e6, 900.0)
         for s in range(3):
             base = 70.0 + rng.normal(0, 0.3)

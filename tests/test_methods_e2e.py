@@ -1,5 +1,7 @@
 """Every distillation method runs end to end through the harness for every reference pair (CPU, synthetic)."""
 
+import math
+
 import pytest
 from conftest import tiny_sweep
 
@@ -13,12 +15,18 @@ METHODS = ("kd", "fitnet", "semckd")
 FEW_STEPS = Recipe("few-steps", epochs=1, batch_size=8, train_subset=16, test_subset=16, warmup_steps=0)
 
 
+# SemCKD on ResNet50 -> MobileNetV2 trains 849 M auxiliary parameters (test_semckd checks that count on the meta
+# device); allocating and stepping them took 2.5 of the suite's minutes, so that one pair runs the other methods.
+HEAVY = {("ResNet50", "MobileNetV2"): ("semckd",)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", REFERENCE_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
 def test_every_method_trains_on_every_reference_pair(env, pair):
-    records = run_sweep(tiny_sweep(methods=METHODS, pair=pair, recipe=FEW_STEPS).plan(), env)
+    methods = tuple(m for m in METHODS if m not in HEAVY.get(pair, ()))
+    records = run_sweep(tiny_sweep(methods=methods, pair=pair, recipe=FEW_STEPS).plan(), env)
     teacher, *students = records
-    assert [r.spec.method for r in students] == list(METHODS)
+    assert [r.spec.method for r in students] == list(methods)
     for record in records:
         assert record.status == "finished", (record.spec.method, record.error)
     for record in students:
@@ -27,4 +35,4 @@ def test_every_method_trains_on_every_reference_pair(env, pair):
         assert record.metrics["iters_per_epoch"] == 2 and record.metrics["teacher_top1"] >= 0
         assert all(v == v for v in record.epochs[0].values())  # no NaN
     extra = {r.spec.method: r.metrics["extra_params_train"] for r in students}
-    assert extra["kd"] == 0 and extra["fitnet"] > 0 and extra["semckd"] > extra["fitnet"]
+    assert extra["kd"] == 0 and extra["fitnet"] > 0 and extra.get("semckd", math.inf) > extra["fitnet"]

@@ -19,6 +19,9 @@ from kdbench.harness import RunEnv, run_sweep
 from kdbench.results import LOCKS, ResultsStore, RunRecord
 from kdbench.spec import RunSpec
 
+# Two epochs: enough for a resume checkpoint before the last epoch; every run of these tests trains with it.
+SHORT = replace(TINY, epochs=2)
+
 
 def finished(store: ResultsStore, seed: int) -> RunRecord:
     spec = RunSpec(dataset="synthetic", student="resnet8", method="student", seed=seed, recipe=TINY)
@@ -51,7 +54,7 @@ def _top1(record: RunRecord) -> list[float]:
 def reference(tmp_path_factory):
     """An undamaged, finished teacher + student sweep (two seeds): copied by each test, and compared with."""
     env = RunEnv(ResultsStore(tmp_path_factory.mktemp("reference") / "results"), progress=False)
-    return env.store.root, run_sweep(tiny_sweep(seeds=(0, 1)).plan(), env)
+    return env.store.root, run_sweep(tiny_sweep(seeds=(0, 1), recipe=SHORT).plan(), env)
 
 
 @pytest.fixture
@@ -67,7 +70,7 @@ def _set_aside(folder: Path, name: str) -> list[Path]:
 
 @pytest.mark.parametrize("damage", ["record", "rows", "teacher_weights"])
 def test_a_damaged_file_is_set_aside_and_its_run_made_again(damage, reference, finished_env, caplog):
-    env, specs = finished_env, tiny_sweep(seeds=(0, 1)).plan()
+    env, specs = finished_env, tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     teacher, student = (env.store.run_dir(s.run_id) for s in specs[:2])
     target = {"record": student / "record.json", "rows": student / "metrics.parquet",
               "teacher_weights": teacher / "model.pt"}[damage]
@@ -84,12 +87,12 @@ def test_a_damaged_file_is_set_aside_and_its_run_made_again(damage, reference, f
 
 
 def test_a_damaged_resume_checkpoint_is_set_aside_and_the_run_starts_over(reference, env, monkeypatch, caplog):
-    specs = tiny_sweep(seeds=(0, 1)).plan()[:2]
+    specs = tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()[:2]
     real_evaluate, calls = harness.evaluate, {"n": 0}
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # after the teacher's 3 epochs, the student's teacher check and first epoch
+        if calls["n"] == 4:  # the student's second epoch, after the teacher's 2 and the student's first
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
@@ -107,7 +110,7 @@ def test_a_damaged_resume_checkpoint_is_set_aside_and_the_run_starts_over(refere
 
 
 def test_temp_files_of_killed_writers_are_removed_and_files_follow_the_umask(finished_env):
-    env, specs = finished_env, tiny_sweep(seeds=(0, 1)).plan()
+    env, specs = finished_env, tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     leftovers = [env.store.run_dir(specs[1].run_id) / ".record.json.abc123.tmp", env.store.root / ".metrics.csv.x.tmp"]
     for path in leftovers:
         path.write_bytes(b"")
@@ -164,7 +167,7 @@ def test_a_full_disk_gives_one_line_naming_the_path(env, monkeypatch):
 def test_report_lists_an_unreadable_run_and_changes_nothing(finished_env):
     from kdbench.report import report
 
-    env, specs = finished_env, tiny_sweep(seeds=(0, 1)).plan()
+    env, specs = finished_env, tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     damaged = env.store.run_dir(specs[2].run_id) / "record.json"
     _truncate(damaged)
     before = sorted(p.name for p in env.store.root.rglob("*"))

@@ -27,6 +27,15 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
           "α": r"$\alpha$"}
 
 
+def method_notes(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The method notes of a table's rows, in the order their rows are marked [1], [2] …, and a footnote per note
+    naming the rows it concerns."""
+    notes = [n for n in dict.fromkeys(frame["method_note"].fillna("")) if n]
+    lines = [f"[{i}] {', '.join(dict.fromkeys(frame.loc[frame['method_note'] == n, 'label']))}: {n}"
+             for i, n in enumerate(notes, 1)]
+    return notes, lines
+
+
 def number(value: float | None, digits: int = 2) -> str:
     """``value`` with thousands separators and ``digits`` decimals; empty for a missing value."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"

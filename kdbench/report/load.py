@@ -21,6 +21,12 @@ MEMORY_NAMES = {"peak_alloc_bytes": "CUDA max allocated", "peak_reserved_bytes":
                 "cpu_peak_rss_bytes": "CPU peak RSS"}
 
 
+def memory_name(frame: pd.DataFrame) -> str:
+    """What a table's peak memory measures (its runs' ``memory_metric``)."""
+    memory = frame["memory_metric"].dropna()
+    return MEMORY_NAMES[memory.iloc[0]] if len(memory) else "not measured"
+
+
 def load_results(results_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """The tidy tables of one or more results directories, concatenated; a run found in several is kept once,
     from the first that holds it (``results_dir``: where each run was read; ``also_in``: where else it is)."""

@@ -8,8 +8,19 @@ from __future__ import annotations
 import pandas as pd
 
 from kdbench.report.aggregate import groups
-from kdbench.report.formats import bold, count, duration, escape, mean_std, number, paragraph, rounded, table
-from kdbench.report.load import MEMORY_NAMES
+from kdbench.report.formats import (
+    bold,
+    count,
+    duration,
+    escape,
+    mean_std,
+    method_notes,
+    number,
+    paragraph,
+    rounded,
+    table,
+)
+from kdbench.report.load import memory_name
 from kdbench.report.published import published_note
 
 _TOP = ("teacher", "student")  # kinds printed above the methods, in this order
@@ -41,7 +52,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     with_published = [p for p in pairs if group.loc[group["pair"] == p, "published"].fillna("").ne("").any()] \
         if "published" in group.columns else []
     best = {p: group[(group["pair"] == p) & (group["kind"] == "method")]["mean"].max() for p in pairs}
-    notes = [x for x in dict.fromkeys(group["method_note"].fillna("")) if x]
+    notes, footnotes = method_notes(group)
     headers, align = ["method"], ["l"]
     for pair in pairs:
         headers += [pair] + (["published"] if pair in with_published else [])
@@ -65,8 +76,6 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     epoch = "best" if metric == "top1_best" else "last"
     caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
                f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
-    footnotes = [f"[{i}] {', '.join(dict.fromkeys(group.loc[group['method_note'] == x, 'label']))}: {x}"
-                 for i, x in enumerate(notes, 1)]
     why = published_note(group)
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
@@ -78,8 +87,6 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
 
 def _costs(group: pd.DataFrame, title: str, fmt: str) -> str:
     pairs = list(dict.fromkeys(group["pair"]))
-    memory = group["memory_metric"].dropna()
-    memory_name = MEMORY_NAMES[memory.iloc[0]] if len(memory) else "not measured"
     headers, align = ["method"], ["l"]
     for _ in pairs:
         headers += [name for name, _ in _COSTS]
@@ -94,9 +101,9 @@ def _costs(group: pd.DataFrame, title: str, fmt: str) -> str:
                 count(r["extra_params_train"]), duration(r["end_to_end_s"])]
             row += [escape(v or "", fmt) for v in values]
         rows.append(row)
-    caption = (f"Cost per method: training throughput (img/s, mean over seeds), peak memory ({memory_name}, MiB), "
-               f"parameters added for training, and end-to-end wall time (the run plus its teacher's and teacher "
-               f"assistants' training and fitting). {title}.")
+    caption = (f"Cost per method: training throughput (img/s, mean over seeds), peak memory "
+               f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time (the run plus "
+               f"its teacher's and teacher assistants' training and fitting). {title}.")
     return table(headers, rows, fmt, align, caption=caption, column_groups=[(p, len(_COSTS)) for p in pairs])
 
 

@@ -15,8 +15,19 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 from kdbench.report.aggregate import CE_ONLY, CI_NAME, groups
-from kdbench.report.formats import FORMATS, count, duration, escape, mean_std, number, paragraph, rounded, table
-from kdbench.report.load import MEMORY_NAMES, describe
+from kdbench.report.formats import (
+    FORMATS,
+    count,
+    duration,
+    escape,
+    mean_std,
+    method_notes,
+    number,
+    paragraph,
+    rounded,
+    table,
+)
+from kdbench.report.load import MEMORY_NAMES, describe, memory_name
 from kdbench.report.paper import paper_csv, paper_tables
 from kdbench.report.published import RULE_OF_METRIC, published_note
 
@@ -61,9 +72,9 @@ def row_name(r: Any) -> str:
 
 def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption: str) -> str:
     """One leaderboard table with its footnotes."""
-    notes = [n for n in dict.fromkeys(board["method_note"].fillna("")) if n]
-    memory = board["memory_metric"].dropna()
-    memory_header = "peak alloc MiB" if len(memory) and memory.iloc[0] == "peak_alloc_bytes" else "peak RSS MiB"
+    notes, footnotes = method_notes(board)
+    memory = memory_name(board)
+    memory_header = "peak alloc MiB" if memory == MEMORY_NAMES["peak_alloc_bytes"] else "peak RSS MiB"
     why_not_published = published_note(board)
     rows, unpaired, distilled, other_code = [], False, (board["kind"] == "method").any(), []
     for r in board.itertuples():
@@ -90,11 +101,8 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
         if not why_not_published:
             row.update({"published %": r.published, "published source": r.published_source})
         rows.append(row)
-    footnotes = [f"[{i}] {', '.join(board.loc[board['method_note'] == n, 'label'])}: {n}"
-                 for i, n in enumerate(notes, 1)]
-    memory_name = MEMORY_NAMES[memory.iloc[0]] if len(memory) else "not measured"
     footnotes.append(f"end-to-end: wall time of the run plus its teacher's and teacher assistants' training and "
-                     f"fitting (end_to_end_wall_s); {memory_header}: {memory_name}.")
+                     f"fitting (end_to_end_wall_s); {memory_header}: {memory}.")
     if unpaired:
         footnotes.append("(unpaired): no seed in common with the baseline; Δ is a difference of means.")
     if other_code:
