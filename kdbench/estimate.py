@@ -98,11 +98,11 @@ class _Sample:
 
 def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
     """(training images, steps per epoch, test images, drop_last) of ``spec``, as ``harness.run`` makes its loader."""
-    recipe, n_test = spec.recipe, len(data.test_y)
-    n = min(recipe.train_subset or len(data.train_y), len(data.train_y))
+    recipe = spec.recipe
+    n = recipe.train_images(len(data.train_y))
     drop = recipe.drop_last or method_class(spec.method).needs_full_batches
     steps = n // recipe.batch_size if drop else -(-n // recipe.batch_size)
-    return n, steps, min(recipe.test_subset or n_test, n_test), drop
+    return n, steps, recipe.test_images(len(data.test_y)), drop
 
 
 def _loader(spec: RunSpec, data, device: torch.device) -> DeviceLoader:

@@ -179,7 +179,7 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
                          if method_cls.needs_teacher else ((), ()))
     ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, input_shape),
                                feature_shapes(trainers[0], input_shape) if trainers else None,
-                               min(spec.recipe.train_subset or len(data.train_y), len(data.train_y)))
+                               spec.recipe.train_images(len(data.train_y)))
     method = method_cls(ctx).to(device)
     method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
@@ -276,10 +276,9 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    # The recipe's subsets are upper bounds: a smaller dataset is used whole.
     loader = DeviceLoader(data, device, batch_size=recipe.batch_size,
-                          train_subset=min(recipe.train_subset or len(data.train_y), len(data.train_y)),
-                          test_subset=min(recipe.test_subset or len(data.test_y), len(data.test_y)),
+                          train_subset=recipe.train_images(len(data.train_y)),
+                          test_subset=recipe.test_images(len(data.test_y)),
                           drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
                           channels_last=spec.channels_last, pad_mode=recipe.pad_mode)
     if spec.pretrained:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kdbench.data import dataset_info
 from kdbench.errors import KdbenchError
 from kdbench.spec import RunSpec
 
@@ -30,10 +31,7 @@ def duration(seconds: float | None) -> str:
 
 def epoch_images(spec: RunSpec) -> int:
     """Training images of one epoch of ``spec``: its recipe's subset, or the whole training split."""
-    from kdbench.data import dataset_info
-
-    size = dataset_info(spec.dataset).train_size or 0
-    return min(spec.recipe.train_subset or size, size) if size else spec.recipe.train_subset or 0
+    return spec.recipe.train_images(dataset_info(spec.dataset).train_size) or 0
 
 
 @dataclass

@@ -95,7 +95,8 @@ class RunRecord:
 
         spec = self.spec
         # what the protocol's preset and the pair's official values give, without the user's --set
-        preset = dict(method_class(spec.method).resolve_options({}, spec.protocol, spec.teacher, spec.student))
+        preset = dict(method_class(spec.method).resolve_options({}, spec.protocol, spec.teacher, spec.student,
+                                                                spec.recipe.epochs))
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
             "method": spec.method, "method_family": method_class(spec.method).family,

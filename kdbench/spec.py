@@ -71,6 +71,14 @@ class Recipe:
             raise KdbenchError(f"{what}lr must be a finite number > 0, got {recipe.lr}")
         return recipe
 
+    def train_images(self, split_size: int | None) -> int | None:
+        """Training images a run takes: the subset is an upper bound, so a smaller split is used whole."""
+        return _taken(self.train_subset, split_size)
+
+    def test_images(self, split_size: int | None) -> int | None:
+        """Test images a run evaluates on, as `train_images`."""
+        return _taken(self.test_subset, split_size)
+
     def on(self, info: "DatasetInfo") -> "Recipe":
         """The recipe on ``info``'s dataset: a subset that holds a whole split is the same experiment as no subset,
         so it is dropped, and both get the same run id."""
@@ -79,6 +87,10 @@ class Recipe:
 
         return replace(self, train_subset=within(self.train_subset, info.train_size),
                        test_subset=within(self.test_subset, info.test_size))
+
+
+def _taken(subset: int | None, split_size: int | None) -> int | None:
+    return subset if split_size is None else min(subset or split_size, split_size)
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -286,13 +298,14 @@ class SweepSpec:
             chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
                 if not cls.needs_teacher:
-                    options = cls.resolve_options(overrides[name], "none", None, pair.student)
+                    options = cls.resolve_options(overrides[name], "none", None, pair.student, self.recipe.epochs)
                     taught.extend((pair, RunSpec(student=pair.student, method=name, seed=seed, role="student",
                                                  protocol="none", method_options=options,
                                                  recipe=self._on_dataset(self.recipe), **self._common()))
                                   for seed in self.seeds)
                     continue
-                options = cls.resolve_options(overrides[name], self.protocol, pair.teacher, pair.student)
+                options = cls.resolve_options(overrides[name], self.protocol, pair.teacher, pair.student,
+                                              self.recipe.epochs)
                 # A1 learns from the teacher alone: plain KD with the method's logit options, one run shared by
                 # TAKD and DGKD whenever their logit options agree.
                 first_ta = method_class("kd").resolve_options(
@@ -344,7 +357,7 @@ class SweepSpec:
                 built.add(setting)
                 ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student),
                                            shapes(run.teacher) if run.teacher else None,
-                                           run.recipe.train_subset or info.train_size or 0)
+                                           run.recipe.train_images(info.train_size) or 0)
                 try:
                     method_class(run.method)(ctx)
                 except (KdbenchError, ValueError) as e:
@@ -357,7 +370,7 @@ def _check_steps(run: RunSpec, needs_full_batches: bool, dataset_size: int | Non
     """Fails when ``run`` would take no step per epoch: fewer training images than one batch, and the smaller last
     batch dropped (by the recipe, or because the method needs full batches)."""
     recipe = run.recipe
-    images = recipe.train_subset or dataset_size
+    images = recipe.train_images(dataset_size)
     if not (recipe.drop_last or needs_full_batches) or images is None or images >= recipe.batch_size:
         return
     why = f"{run.method} needs full batches" if needs_full_batches else f"recipe {recipe.name} drops the last batch"

@@ -24,8 +24,7 @@ def register_method(cls):
     return cls
 
 
-# The baseline is always the first method, whichever method module is imported first.
-from kdbench.methods import student  # noqa: E402,F401
+from kdbench.methods import student  # noqa: E402,F401  (the baseline is registered whatever is imported first)
 
 
 def _load_all() -> None:
@@ -49,5 +48,6 @@ def method_class(name: str):
 
 
 def list_methods() -> list[str]:
+    """The CE baseline, then every method by name (import order would depend on which module imports which)."""
     _load_all()
-    return _METHODS.names()
+    return ["student", *sorted(name for name in _METHODS.names() if name != "student")]

@@ -4,7 +4,8 @@ Heo, Lee, Yun & Choi, "Knowledge Transfer via Distillation of Activation Boundar
 AAAI 2019 (arXiv 1811.03233). As in HobbitLong/RepDistiller (``distiller_zoo/AB.py::ABLoss``,
 ``models/util.py::Connector``, ``helper/pretrain.py::init``, ``train_student.py`` branch ``abound``):
 
-- Init stage (``init_epochs``, 30): SGD at the student's base lr (constant) over the connectors and the student's
+- Init stage (``init_epochs``, 30 at 240 epochs, in proportion otherwise):
+  SGD at the student's base lr (constant) over the connectors and the student's
   feature modules minimises ``L_AB`` alone. At stage i = 0..K−1 (``stage{i+1}_preact`` of both, paired shallow to
   deep), ``s`` = connector(student pre-activation), ``t`` = the teacher's, margin m = 1:
   ``ℓ_i = Σ_{b,c,h,w} (s + m)²·1[s > −m ∧ t ≤ 0] + (s − m)²·1[s ≤ m ∧ t > 0]`` (the student's neurons take the
@@ -19,9 +20,10 @@ keeps WRN's final ``bn1``, MobileNetV2's ``conv2`` and ShuffleV2's ``conv2``/``b
 eval mode (only WRN's ``bn1`` matters: its ``stage3_preact`` tap is that BN, so kdbench trains it and normalises
 with batch statistics there). Models with different stage counts pair the first min(K_s, K_t) stages (RepDistiller
 asserts equal counts), and a student map smaller than the teacher's by other than 2× uses ``ConvReg``'s fourth
-branch (the teacher map pooled to the student's size; RepDistiller raises). The teacher is still forwarded in the
-main stage, where the loss does not read it, as RepDistiller's ``helper/loops.py::train_distill`` does
-(``trainers_for_step`` cannot tell the stages apart).
+branch (the teacher map pooled to the student's size; RepDistiller raises). In the main stage the teacher is
+forwarded only for a KD term: RepDistiller's ``helper/loops.py::train_distill`` forwards it there for nothing, a
+cost kdbench does not count. Like every option counted in epochs, ``init_epochs`` scales with the recipe
+(30 at 240 epochs; ``Method.epoch_options``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def feature_parameters(student: nn.Module) -> tuple[nn.Parameter, ...]:
     return tuple(p for p in student.parameters() if id(p) not in skip)
 
 
+def teacher_in_init_stage(ctx: MethodContext, epoch: int) -> tuple[int, ...]:
+    """`Method.trainers_for_step` of a method that needs the teacher's features in its init stage only (AB, FSP):
+    every init step, and a main step only for a logit-KD term (RepDistiller's main stage of AB/FSP is CE alone)."""
+    return (0,) if epoch < 0 or ctx.options["kd_weight"] else ()
+
+
 class Connector(ConvReg):
     """RepDistiller's ``ConvReg(use_relu=False)``: the FitNet regressor's conv and BN, no ReLU, so the connected
     map keeps its sign."""
@@ -74,6 +82,7 @@ class AB(Method):
 
     name = "ab"
     family = "feature"
+    epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30, "margin": 1.0}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE, "margin": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS
@@ -91,6 +100,9 @@ class AB(Method):
     def init_stage(self, student: nn.Module, base_lr: float) -> InitStage:
         return InitStage(self.ctx.options["init_epochs"], (*self.connectors.parameters(), *feature_parameters(student)),
                          base_lr, frozen_after=(self.connectors,))
+
+    def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
+        return teacher_in_init_stage(self.ctx, epoch)
 
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         if out.stage == "main":

@@ -26,6 +26,8 @@ KD_TEMPERATURE = 4.0  # Hinton KD temperature of the crd and semckd protocols (R
 # "batchmean": KL summed over classes, mean over the batch (RepDistiller, SemCKD, mdistiller); "mean": mean over
 # batch and classes, i.e. batchmean / C (nn.KLDivLoss() in the TAKD and DGKD code).
 KL_REDUCTIONS = ("batchmean", "mean")
+# The schedule length the official codes (RepDistiller, mdistiller, SemCKD) set their epoch counts for.
+OFFICIAL_EPOCHS = 240
 # The logit options every distillation method has: the loss is ce_weight·CE + kd_weight·T²·KL_T (+ its own terms).
 LOGIT_OPTIONS: dict[str, Any] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": KD_TEMPERATURE,
                                  "kl_reduction": "batchmean"}
@@ -89,13 +91,14 @@ class MethodContext:
     role: str = "student"  # "assistant" while a teacher assistant is trained (TAKD/DGKD chains)
     num_assistants: int = 0  # teacher assistants teaching this run besides the teacher
     num_train: int = 0  # training images (positions 0 .. num_train − 1 in StepOutputs.indices); 0: not known yet
+    student: str = ""  # the student's zoo name (kdbench.models.model_entry), for rules that go by architecture
 
     @classmethod
     def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
                teacher_shapes: dict[str, tuple[int, ...]] | None, num_train: int = 0) -> "MethodContext":
         """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
         return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
-                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train)
+                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train, spec.student)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ class Method(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # True where logit KD is the method itself (kd, takd, dgkd): report labels then add no "(+KD)".
     logit_kd: ClassVar[bool] = False
+    # Options counted in epochs (an init stage, a loss warm-up) whose official values are set for the official
+    # codes' 240-epoch schedule; a recipe of E epochs scales their defaults by E/240 (see `resolve_options`).
+    epoch_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def pair_defaults(cls, teacher: str | None, student: str) -> dict[str, Any]:
@@ -184,11 +190,14 @@ class Method(nn.Module):
 
     @classmethod
     def resolve_options(cls, overrides: dict[str, Any], protocol: str = "none", teacher: str | None = None,
-                        student: str | None = None) -> tuple[tuple[str, Any], ...]:
-        """Defaults, then the protocol's preset, then the pair's defaults, then user overrides (strings are converted
-        to the default's type), each checked against ``choices`` and ``ranges``; sorted, hashable."""
+                        student: str | None = None, epochs: int | None = None) -> tuple[tuple[str, Any], ...]:
+        """Defaults, then the protocol's preset, then the pair's defaults, then ``epoch_options`` scaled to a recipe
+        of ``epochs`` (None: as official), then user overrides (strings are converted to the default's type), each
+        checked against ``choices`` and ``ranges``; sorted, hashable."""
         options = {**cls.defaults, **cls.presets.get(protocol, {}),
                    **(cls.pair_defaults(teacher, student) if student else {})}
+        if epochs is not None:
+            options.update({key: scaled_epochs(options[key], epochs) for key in cls.epoch_options})
         for key, value in overrides.items():
             if key not in cls.defaults:
                 valid = ", ".join(cls.defaults) or "none"
@@ -274,6 +283,13 @@ class Method(nn.Module):
             terms["kd"] = options["kd_weight"] * kd_divergence(out.student_logits, out.trainer_logits(trainer),
                                                                options["temperature"], options["kl_reduction"])
         return terms
+
+
+def scaled_epochs(official: int, epochs: int) -> int:
+    """An official count of epochs (set for a 240-epoch schedule) in a recipe of ``epochs``: in proportion, at least
+    one epoch unless the official count is 0. A 6-epoch recipe runs AB's 30-epoch init stage for 1 epoch, not 5× its
+    own length, and DKD's 20-epoch warm-up reaches the full weight in epoch 1 (round(0.5) = 0, so 1)."""
+    return max(1, round(official * epochs / OFFICIAL_EPOCHS)) if official else 0
 
 
 def _convert(text: str, default: Any, name: str) -> Any:

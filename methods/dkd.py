@@ -11,7 +11,8 @@ Objective: ``ce_weight·CE + min(e / warmup_epochs, 1)·DKD`` with mdistiller's 
 0-indexed ``epoch + 1``; defaults α 1, β 8, T 4, warm-up 20, CE 1 (``mdistiller/engine/cfg.py`` ``CFG.DKD``),
 β per pair from ``configs/cifar100/dkd/*.yaml``. DKD is itself the logit term, so every protocol (official, crd,
 semckd) resolves to that same objective: the semckd protocol's added KD_4 would count the KD signal twice.
-``kl_reduction`` applies only to a logit KD term a user adds with ``kd_weight``.
+``kl_reduction`` applies only to a logit KD term a user adds with ``kd_weight``. The warm-up scales with the
+recipe (20 at 240 epochs; ``Method.epoch_options``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class DKD(Method):
     name = "dkd"
     family = "logit"
     logit_kd = True
+    epoch_options = ("warmup_epochs",)
     defaults = {**LOGIT_OPTIONS, **DKD_OBJECTIVE, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20}
     ranges = {**Method.ranges, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "warmup_epochs": AT_LEAST_ONE}
     presets = {"official": DKD_OBJECTIVE, "crd": DKD_OBJECTIVE, "semckd": DKD_OBJECTIVE}

@@ -4,7 +4,8 @@ Yim, Joo, Bae & Kim, "A Gift from Knowledge Distillation: Fast Optimization, Net
 Learning", CVPR 2017 (no arXiv version). As in HobbitLong/RepDistiller (``distiller_zoo/FSP.py::FSP``,
 ``helper/pretrain.py::init``, ``train_student.py`` branch ``fsp``):
 
-- Init stage (``init_epochs``, 30): SGD at the student's base lr (constant) over the student's feature modules
+- Init stage (``init_epochs``, 30 at 240 epochs, in proportion otherwise):
+  SGD at the student's base lr (constant) over the student's feature modules
   minimises ``L_FSP`` alone. For consecutive taps (g_i, g_{i+1}) of ``stem, stage1..stageK`` the larger map is
   average-pooled to the smaller's size and ``G[b, j, k] = mean_x g_{i+1}[b, j, x]·g_i[b, k, x]`` (the "flow"
   matrix, C_{i+1} × C_i); ``L_FSP = Σ_i mean (G_s − G_t)²``. The student's and the teacher's matrices must have the
@@ -15,7 +16,8 @@ Learning", CVPR 2017 (no arXiv version). As in HobbitLong/RepDistiller (``distil
   so there is no β option) and ``CE + KD_4`` under semckd (kdbench's choice; SemCKD has no FSP).
 
 Deviations: as ``ab``'s (every student parameter but the head is trained, all in train mode; here no tap reads the
-modules RepDistiller leaves out). The teacher is still forwarded in the main stage, as in RepDistiller.
+modules RepDistiller leaves out); the teacher is forwarded in the main stage only for a KD term, and
+``init_epochs`` scales with the recipe (30 at 240 epochs).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.ab import feature_parameters
+from kdbench.methods.ab import feature_parameters, teacher_in_init_stage
 from kdbench.methods.at import pool_to_smaller
 from kdbench.methods.base import (
     LOGIT_OPTIONS,
@@ -57,6 +59,7 @@ class FSP(Method):
 
     name = "fsp"
     family = "relation"
+    epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS
@@ -73,6 +76,9 @@ class FSP(Method):
 
     def init_stage(self, student: nn.Module, base_lr: float) -> InitStage:
         return InitStage(self.ctx.options["init_epochs"], feature_parameters(student), base_lr)
+
+    def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
+        return teacher_in_init_stage(self.ctx, epoch)
 
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         if out.stage == "main":

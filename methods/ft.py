@@ -7,7 +7,8 @@ Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor 
 - Paraphraser: an autoencoder on the teacher's last stage map (``stageK``), conv3×3 C_t→C_t→C_t/2→C_t/2 and back
   with transposed convs, each followed by LeakyReLU(0.1), no BN. Translator: conv3×3 C_s→C_s→C_t/2→C_t/2 on the
   student's ``stageK``, each with BN and LeakyReLU(0.1).
-- Init stage (``init_epochs``, 30): SGD over the paraphraser alone minimises ``MSE(decoder(encoder(F_t)), F_t)``;
+- Init stage (``init_epochs``, 30 at 240 epochs, in proportion otherwise):
+  SGD over the paraphraser alone minimises ``MSE(decoder(encoder(F_t)), F_t)``;
   the student is not trained. Its lr is constant: 0.01 for a CIFAR ResNet or WRN student, else the student's base
   lr (RepDistiller decides by the student's architecture, though only the teacher's paraphraser is trained).
 - Main stage: the paraphraser is frozen; ``φ_s`` = translator(F_s), ``φ_t`` = encoder(F_t) (under no_grad),
@@ -37,13 +38,13 @@ from kdbench.methods.base import (
     MethodContext,
     StepOutputs,
 )
-from kdbench.models.resnet import ResNet
+from kdbench.models import model_entry
 from kdbench.models.taps import stage_names
-from kdbench.models.wrn import WideResNet
 
 FACTOR_RATE = 0.5  # factor channels per teacher channel (RepDistiller's k)
 # RepDistiller's paraphraser lr for CIFAR ResNet and WRN students (helper/pretrain.py::init)
 CIFAR_RESNET_INIT_LR = 0.01
+CIFAR_RESNET_FAMILIES = ("resnet", "wrn")
 
 
 def conv_stack(widths: list[int], conv: type[nn.Module], batch_norm: bool) -> nn.Sequential:
@@ -79,6 +80,7 @@ class FT(Method):
 
     name = "ft"
     family = "feature"
+    epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "beta": 200.0, "init_epochs": 30}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "init_epochs": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS
@@ -93,7 +95,7 @@ class FT(Method):
         self.translator = conv_stack([c_s, c_s, factor, factor], nn.Conv2d, batch_norm=True)
 
     def init_stage(self, student: nn.Module, base_lr: float) -> InitStage:
-        lr = CIFAR_RESNET_INIT_LR if isinstance(student, (ResNet, WideResNet)) else base_lr
+        lr = CIFAR_RESNET_INIT_LR if model_entry(self.ctx.student).family in CIFAR_RESNET_FAMILIES else base_lr
         return InitStage(self.ctx.options["init_epochs"], tuple(self.paraphraser.parameters()), lr,
                          frozen_after=(self.paraphraser,))
 

@@ -11,7 +11,8 @@ Levels: the student's post-ReLU ``stage1..K`` and ``pooled`` (as C×1×1) agains
 off the models' tap shapes, which reproduces every pair it lists. Objective ``ce_weight·CE + kd_weight·KD_T +
 min(e / warmup_epochs, 1)·β·L_HCL`` with mdistiller's 1-indexed e (kdbench's ``epoch + 1``). β: 1 (mdistiller's
 ``REVIEWKD_WEIGHT``), or the ``--kd-loss-weight`` of ``CIFAR-100/script/reviewKD.sh`` for the pairs it runs.
-Presets: official and crd ``CE + β·L`` (the script runs without ``--use-kl``); semckd adds KD_4.
+Presets: official and crd ``CE + β·L`` (the script runs without ``--use-kl``); semckd adds KD_4. The warm-up
+scales with the recipe (20 at 240 epochs; ``Method.epoch_options``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class ReviewKD(Method):
 
     name = "reviewkd"
     family = "feature"
+    epoch_options = ("warmup_epochs",)
     defaults = {**LOGIT_OPTIONS, "beta": 1.0, "warmup_epochs": 20}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "warmup_epochs": AT_LEAST_ONE}
     presets = REPDISTILLER_PRESETS

@@ -179,10 +179,10 @@ def test_interrupted_chain_resumes_where_it_stopped(env, monkeypatch):
     a2 = plan[2]
     real_train_epoch = harness._train_epoch
 
-    def interrupt_a2_in_epoch_two(parts, loader, spec, epoch, timer, show):
+    def interrupt_a2_in_epoch_two(parts, loader, spec, epoch, *args, **kwargs):
         if spec.run_id == a2.run_id and epoch == 1:
             raise KeyboardInterrupt
-        return real_train_epoch(parts, loader, spec, epoch, timer, show)
+        return real_train_epoch(parts, loader, spec, epoch, *args, **kwargs)
 
     monkeypatch.setattr(harness, "_train_epoch", interrupt_a2_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):

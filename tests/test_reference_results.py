@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 
 from kdbench import report
-from kdbench.methods import list_methods, method_class
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference-fashion-mnist-short"
 PAIRS = {"resnet56->resnet20", "vgg13->vgg8"}
+# The methods the smoke set was made with: those before the RepDistiller/mdistiller zoo, which joins in the cpu set.
+METHODS = ("kd", "fitnet", "semckd", "takd", "dgkd", "sakd", "letkd1", "letkd2")
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,12 @@ def table() -> pd.DataFrame:
     return report.load_results(REFERENCE)
 
 
-def test_every_registered_method_on_both_pairs_with_two_seeds(table):
+def test_every_method_of_the_set_on_both_pairs_with_two_seeds(table):
     runs = table.drop_duplicates("run_id")
     assert set(runs.dataset) == {"fashion-mnist"} and set(runs.recipe) == {"short"}
     finished = runs[runs.status == "finished"]
     distilled = finished[finished.role.eq("student") & finished.pair.notna()]
-    shipped = {m for m in list_methods() if method_class(m).__module__.startswith("kdbench.methods.")}
-    for method in shipped - {"student"}:
+    for method in METHODS:
         for pair in PAIRS:
             seeds = set(distilled.loc[(distilled.method == method) & (distilled.pair == pair), "seed"])
             assert seeds == {0, 1}, (method, pair, seeds)

@@ -17,7 +17,7 @@ from kdbench.errors import KdbenchError
 from kdbench.harness import RunEnv, run_sweep
 from kdbench.methods import method_class
 from kdbench.methods.base import StepOutputs, kd_divergence
-from kdbench.models import create_model
+from kdbench.models import create_model, model_entry
 from kdbench.models.taps import feature_shapes
 from kdbench.results import ResultsStore
 from kdbench.spec import Recipe
@@ -39,7 +39,8 @@ def build(method, student, teacher, protocol="crd", options=None):
     """``student``/``teacher``: zoo names or shape dicts."""
     s = shapes(student) if isinstance(student, str) else student
     t = shapes(teacher) if isinstance(teacher, str) else teacher
-    return method_class(method)(method_context(method, s, t, protocol, options, batch_size=4))
+    name = {"student": student} if isinstance(student, str) else {}
+    return method_class(method)(method_context(method, s, t, protocol, options, batch_size=4, **name))
 
 
 def step(m, stage="main", batch=2, requires_grad=False, features=None, seed=0):
@@ -293,6 +294,32 @@ def test_presets_resolve_to_the_spec_weights(method, protocol, ce, kd):
         cls.resolve_options({"init_epochs": -1})
 
 
+@pytest.mark.parametrize("method, option, official", [("ab", "init_epochs", 30), ("ft", "init_epochs", 30),
+                                                       ("fsp", "init_epochs", 30), ("dkd", "warmup_epochs", 20),
+                                                       ("reviewkd", "warmup_epochs", 20)])
+def test_options_counted_in_epochs_scale_with_the_recipe(method, option, official):
+    """Official at 240 epochs, in proportion otherwise (at least 1); the user's --set wins, and 0 stays off."""
+    def planned(epochs, overrides=()):
+        sweep = tiny_sweep(methods=(method,), pair=("resnet56", "resnet20"),
+                           recipe=dataclasses.replace(MICRO, epochs=epochs), method_options=overrides)
+        (run,) = [r for r in sweep.plan() if r.method == method]
+        return dict(run.method_options)[option]
+
+    assert planned(240) == official and planned(120) == official // 2 and planned(24) == official // 10
+    assert planned(6) == max(1, round(official * 6 / 240)) and planned(1) == 1
+    assert planned(6, ((method, option, "7"),)) == 7
+    if option == "init_epochs":  # 0 turns the stage off, whatever the recipe
+        assert dict(method_class(method).resolve_options({option: 0}, "crd", epochs=6))[option] == 0
+
+
+@pytest.mark.parametrize("protocol, main", [("crd", ()), ("official", ()), ("semckd", (0,))])
+@pytest.mark.parametrize("method", ("ab", "fsp"))
+def test_ab_and_fsp_forward_the_teacher_in_the_main_stage_only_for_kd(method, protocol, main):
+    m = build(method, "resnet20", "resnet56", protocol)
+    assert m.trainers_for_step(-3, 0) == m.trainers_for_step(-1, 5) == (0,)
+    assert m.trainers_for_step(0, 0) == m.trainers_for_step(4, 2) == main
+
+
 # ------------------------------------------------------------------------------------------- what init stages train
 def ids(parameters) -> set[int]:
     return {id(p) for p in parameters}
@@ -316,8 +343,6 @@ def test_ab_and_fsp_init_stages_train_the_student_features_at_its_base_lr(method
                                          ("vgg8", 0.05), ("ShuffleV2", 0.01), ("MobileNetV2", 0.01)])
 def test_ft_init_stage_trains_the_paraphraser_alone_at_repdistillers_lr(student, lr):
     """0.01 for a CIFAR ResNet or WRN student (RepDistiller's list), else the student's base lr."""
-    from kdbench.models import model_entry
-
     ft = build("ft", student, "resnet32x4")
     stage = ft.init_stage(create_model(student, num_classes=100), model_entry(student).base_lr)
     assert stage.lr == lr and stage.epochs == 30

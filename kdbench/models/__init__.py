@@ -19,17 +19,20 @@ class ModelEntry:
     name: str
     constructor: Callable[..., nn.Module]
     base_lr: float  # the RepDistiller recipe's learning rate when this model is trained
+    family: str  # the architecture family ("resnet": the CIFAR ResNets, "wrn", "vgg", ...), for rules that go by it
 
 
 _MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, base_lr: float = 0.05):
-    """Decorator: ``@register_model`` or ``@register_model(name="vgg8", base_lr=0.01)``."""
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, base_lr: float = 0.05,
+                   family: str | None = None):
+    """Decorator: ``@register_model`` or ``@register_model(name="vgg8", base_lr=0.01, family="vgg")``; the family
+    defaults to the name."""
 
     def register(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or constructor.__name__
-        _MODELS.add(key, ModelEntry(key, constructor, base_lr))
+        _MODELS.add(key, ModelEntry(key, constructor, base_lr, family or key))
         return constructor
 
     return register(fn) if fn is not None else register

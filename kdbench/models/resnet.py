@@ -95,6 +95,6 @@ _WIDE = [32, 64, 128, 256]  # the "x4" models
 # use (built with the same ResNet(depth, widths) constructor of HobbitLong/RepDistiller models/resnet.py, but not
 # in its models/__init__.py model_dict; resnet26 is in DGKD's ResNet chain, Son et al., ICCV 2021).
 for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
-    register_model(partial(ResNet, _depth, _NARROW), name=f"resnet{_depth}")
+    register_model(partial(ResNet, _depth, _NARROW), name=f"resnet{_depth}", family="resnet")
 for _depth in (8, 14, 20, 26, 32):
-    register_model(partial(ResNet, _depth, _WIDE), name=f"resnet{_depth}x4")
+    register_model(partial(ResNet, _depth, _WIDE), name=f"resnet{_depth}x4", family="resnet")

@@ -89,4 +89,4 @@ class VGG(nn.Module):
 
 # RepDistiller's vgg8_bn .. vgg19_bn (their cfg keys S, A, B, D, E).
 for _name, _cfg in (("vgg8", "S"), ("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"), ("vgg19", "E")):
-    register_model(partial(VGG, _CFG[_cfg]), name=_name)
+    register_model(partial(VGG, _CFG[_cfg]), name=_name, family="vgg")

@@ -107,4 +107,4 @@ class WideResNet(nn.Module):
 # RepDistiller's WRNs, plus the depths of the wrn_40_2 -> wrn_16_2 teacher-assistant chain (methods/assistants.py),
 # built with the WideResNet(depth, widen_factor) constructor of HobbitLong/RepDistiller models/wrn.py.
 for _depth, _width in ((16, 1), (16, 2), (22, 2), (28, 2), (34, 2), (40, 1), (40, 2)):
-    register_model(partial(WideResNet, _depth, _width), name=f"wrn_{_depth}_{_width}")
+    register_model(partial(WideResNet, _depth, _width), name=f"wrn_{_depth}_{_width}", family="wrn")
