@@ -6,18 +6,20 @@ HobbitLong/RepDistiller (``crd/criterion.py::CRDLoss, ContrastLoss, Embed``, ``c
 ``mdistiller/distillers/CRD.py``. The ``pooled`` features of both models are embedded (``Linear`` to ``feat_dim`` =
 128, then ``x/‖x‖₂``; both embeddings trained) and contrasted against two momentum memory banks of every training
 image, symmetrically: the teacher embedding against the student bank and the student embedding against the teacher
-bank. Per anchor, the positive is its own bank row and the ``nce_k`` = 16,384 negatives are drawn uniformly without
-replacement from the images of the other classes. With ``e = exp(⟨bank row, v⟩/τ)`` (τ = 0.07) and ``P = e/Z``,
-where Z is set once, on the first batch, to ``mean(e)·N`` and then frozen, each side's NCE loss with noise
+bank. Per anchor, the positive is its own bank row and the ``nce_k`` = 16,384 negatives are drawn uniformly from
+the images of the other classes: without replacement, or with replacement when the anchor's class has fewer other-class
+images than K (RepDistiller's ``CIFAR100InstanceSample``: ``replace = self.k > len(self.cls_negative[target])``;
+on a training subset of a few thousand images, every draw). With ``e = exp(⟨bank row, v⟩/τ)`` (τ = 0.07) and
+``P = e/Z``, where Z is set once, on the first batch, to ``mean(e)·N`` and then frozen, each side's NCE loss with noise
 ``P_n = 1/N`` and ``m = K`` is ``−(1/B)[Σ_b log(P_b0/(P_b0 + mP_n + ε)) + Σ_{b,k≥1} log(mP_n/(P_bk + mP_n + ε))]``,
 ε = 1e-7; ``L_CRD`` is their sum. After scoring, each anchor's bank rows move to ``normalise(μ·row + (1−μ)·v)``
 (``nce_m`` μ = 0.5). Loss ``ce_weight·CE + kd_weight·KD_T + β·L_CRD``, β = 0.8. Presets: official and crd
 ``CE + 0.8·L_CRD`` (RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b 0.8``); semckd ``CE + KD_4 + 0.8·L_CRD``
 (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``; RepDistiller's "CRD+KD").
 
-K is capped at N minus the largest class's size (RepDistiller draws with replacement when K exceeds its pool).
-Negatives are drawn on the device as the K smallest of uniform float64 keys, same-class keys set above every other
-(exactly uniform without replacement), from a generator seeded by (seed, epoch, step), the step counted in a buffer.
+Negatives are drawn on the device, from a generator seeded by (seed, epoch, step), the step counted in a buffer:
+without replacement as the K smallest of uniform float64 keys, same-class keys set above every other (exactly
+uniform), with replacement by ``torch.multinomial`` over the other-class positions.
 The class of every position is a buffer of fixed size N, unlike per-class tables whose width depends on the class
 sizes, so a resumed run loads it (with the banks, Z and the step count) without running ``prepare``.
 Scores are one ``(B, D)×(D, N)`` product per side and a gather, instead of RepDistiller's gather of B·(K+1) bank
@@ -96,7 +98,7 @@ class CRD(Method):
         bound = 1 / math.sqrt(dim / 3)
         self.register_buffer("memory_v1", torch.rand(n, dim).mul_(2 * bound).sub_(bound))  # student bank
         self.register_buffer("memory_v2", torch.rand(n, dim).mul_(2 * bound).sub_(bound))  # teacher bank
-        # RepDistiller's [K, τ, Z_v1, Z_v2, m]; K = 0 until prepare sets the capped K, Z < 0 until the first batch.
+        # RepDistiller's [K, τ, Z_v1, Z_v2, m]; K = 0 until prepare sets it, Z < 0 until the first batch.
         self.register_buffer("params", torch.tensor([0.0, options["nce_t"], -1.0, -1.0, options["nce_m"]]))
         self.register_buffer("train_labels", torch.full((n,), -1, dtype=torch.long))  # class of every position
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # steps taken, for the negatives' seed
@@ -113,23 +115,30 @@ class CRD(Method):
         if labels is None or labels.shape != self.train_labels.shape:
             raise ValueError(f"crd needs the class of each of its {self.train_labels.numel()} training positions "
                              f"(Preparation.train_labels); got {None if labels is None else tuple(labels.shape)}")
-        available = labels.numel() - int(torch.bincount(labels).max())
-        if available < 1:
+        if labels.numel() == int(torch.bincount(labels).max()):
             raise KdbenchError("crd needs training images of at least two classes (its negatives are other-class)")
         self.train_labels.copy_(labels)
-        self.num_negatives = min(int(self.ctx.options["nce_k"]), available)
+        self.num_negatives = int(self.ctx.options["nce_k"])
         self.params[0] = self.num_negatives
 
     def negatives(self, anchors: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """(B, K) training positions, for each anchor position drawn uniformly without replacement from the
-        positions of other classes; a pure function of (seed, epoch, step) and the anchors."""
-        labels = self.train_labels
+        """(B, K) training positions, for each anchor position drawn uniformly from the positions of other classes,
+        with replacement where there are fewer than K of them; a pure function of (seed, epoch, step) and the
+        anchors."""
+        labels, k = self.train_labels, self.num_negatives
         generator = torch.Generator(device=labels.device)
         generator.manual_seed(stream_seed(self.ctx.seed, epoch, f"crd-negatives:{step}"))
-        keys = torch.rand(anchors.shape[0], labels.numel(), generator=generator, device=labels.device,
-                          dtype=torch.float64)
-        keys.masked_fill_(labels[anchors].unsqueeze(1) == labels.unsqueeze(0), 2.0)  # keys are < 1
-        return keys.topk(self.num_negatives, dim=1, largest=False, sorted=False).indices
+        same = labels[anchors].unsqueeze(1) == labels.unsqueeze(0)  # (B, N)
+        replace = (~same).sum(dim=1) < k
+        drawn = torch.empty(anchors.shape[0], k, dtype=torch.long, device=labels.device)
+        if replace.any():
+            drawn[replace] = torch.multinomial((~same[replace]).double(), k, replacement=True, generator=generator)
+        if not replace.all():
+            keys = torch.rand(int((~replace).sum()), labels.numel(), generator=generator, device=labels.device,
+                              dtype=torch.float64)
+            keys.masked_fill_(same[~replace], 2.0)  # keys are < 1
+            drawn[~replace] = keys.topk(k, dim=1, largest=False, sorted=False).indices
+        return drawn
 
     def contrast_loss(self, v_s: torch.Tensor, v_t: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
         """``L(P_s) + L(P_t)`` for embeddings (B, D) and bank positions ``contrast`` (B, K+1), positive first; sets

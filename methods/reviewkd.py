@@ -13,6 +13,11 @@ min(e / warmup_epochs, 1)·β·L_HCL`` with mdistiller's 1-indexed e (kdbench's 
 ``REVIEWKD_WEIGHT``), or the ``--kd-loss-weight`` of ``CIFAR-100/script/reviewKD.sh`` for the pairs it runs.
 Presets: official and crd ``CE + β·L`` (the script runs without ``--use-kl``); semckd adds KD_4. The warm-up
 scales with the recipe (20 at 240 epochs; ``Method.epoch_options``).
+
+kdbench runs ReviewKD as mdistiller does, on the CRD recipe with the teacher in eval mode. The authors'
+``CIFAR-100/train.py`` differs: batch 128, lr 0.1 (0.02 for ShuffleNet/MobileNet students), Nesterov, a warm-up
+``min(1, e/20)`` with 0-indexed e (no feature loss in the first epoch), and a teacher never put in eval mode (its
+batch statistics normalise, and its running statistics move).
 """
 
 from __future__ import annotations

@@ -146,17 +146,24 @@ UNBALANCED = torch.tensor([0] * 4 + [1] * 10 + [2] * 14 + [3] * 12)[torch.randpe
                                                                                   generator=torch.Generator().manual_seed(3))]
 
 
-def test_negatives_are_other_class_distinct_and_capped():
-    method = build(labels=UNBALANCED, num_train=40)
-    assert method.num_negatives == 40 - 14  # 16,384 asked: capped at the fewest other-class positions
+@pytest.mark.parametrize("k", (5, 28, 16384))
+def test_negatives_are_other_class_and_distinct_unless_the_class_has_fewer_than_k(k):
+    """RepDistiller: with replacement exactly where an anchor's class has fewer than K other-class positions
+    (here 36, 30, 26 and 28 for classes 0-3; K = 28 mixes both kinds in one batch)."""
+    method = build(labels=UNBALANCED, num_train=40, options={"nce_k": k})
+    assert method.num_negatives == k and method.params[0] == k
+    pool = {c: int((UNBALANCED != c).sum()) for c in range(4)}
     anchors = torch.arange(40)
     for epoch, step in ((0, 0), (0, 1), (3, 17)):
         draw = method.negatives(anchors, epoch, step)
-        assert draw.shape == (40, 26) and draw.dtype == torch.long
+        assert draw.shape == (40, k) and draw.dtype == torch.long
         for anchor, row in zip(anchors.tolist(), draw.tolist()):
-            assert anchor not in row and len(set(row)) == len(row)
             assert all(UNBALANCED[i] != UNBALANCED[anchor] for i in row)
-    assert build(options={"nce_k": 5}, labels=UNBALANCED, num_train=40).negatives(anchors, 0, 0).shape == (40, 5)
+            if pool[int(UNBALANCED[anchor])] >= k:
+                assert len(set(row)) == k
+            else:  # with replacement: more draws than positions, so repeats; 16,384 draws cover the whole pool
+                assert len(set(row)) < k
+                assert k < 1000 or set(row) == {i for i in range(40) if UNBALANCED[i] != UNBALANCED[anchor]}
 
 
 def test_the_same_seed_epoch_and_step_draw_the_same_negatives():
@@ -185,6 +192,10 @@ def test_negatives_are_uniform_over_the_other_classes():
     assert (counts[4:] - 2000).abs().max() < 200
     subsets = torch.unique(draw.sort(dim=1).values, dim=0, return_counts=True)[1]
     assert len(subsets) == math.comb(8, 4)  # every 4-subset occurs (57 expected each)
+    # K = 16 > 8 other-class positions: with replacement, each position 4000·16/8 = 8000 ± 85 (1σ) times
+    method = build(labels=labels, num_train=12, options={"nce_k": 16})
+    counts = torch.bincount(method.negatives(torch.zeros(4000, dtype=torch.long), 0, 0).flatten(), minlength=12)
+    assert counts[:4].sum() == 0 and (counts[4:] - 8000).abs().max() < 500
 
 
 # ------------------------------------------------------------------------------------------------ resume, Z
@@ -279,7 +290,7 @@ def test_every_reference_pair_builds_and_its_losses_run(pair):
     teacher, student = pair
     torch.manual_seed(0)
     method = build(student, teacher, protocol="semckd", labels=torch.arange(16) % 5, num_train=16)
-    assert method.num_negatives == 16 - 4
+    assert method.num_negatives == 16384  # 12 other-class positions per anchor: drawn with replacement
     out = outputs(method, [3, 0, 15, 8], requires_grad=True)
     terms = method.losses(out)
     assert set(terms) == {"ce", "kd", "crd"} and all(torch.isfinite(v) for v in terms.values())
