@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference soak
+.PHONY: bench test setup reference soak notebook
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -26,6 +26,12 @@ reference: setup
 	-$(VENV)/bin/kdbench run --methods student,$(ZOO_METHODS) --pairs resnet56:resnet20 $(REFERENCE_RUN)
 	-$(VENV)/bin/kdbench run --methods semckd --set semckd.beta=50 --pairs resnet56:resnet20 $(REFERENCE_RUN)
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --plots $(REFERENCE)/plots
+
+# notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
+# the repository page (the tests execute it again, on a tiny sweep, without writing it).
+NOTEBOOK_RESULTS := results/reference-fashion-mnist-short
+notebook: setup
+	cd notebooks && KDBENCH_RESULTS=../$(NOTEBOOK_RESULTS) ../$(VENV)/bin/jupyter execute --inplace analysis.ipynb
 
 test: setup
 	$(VENV)/bin/python -m pytest

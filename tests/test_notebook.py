@@ -23,3 +23,17 @@ def test_analysis_notebook_runs_top_to_bottom(tiny_results, monkeypatch):  # noq
     assert "| student resnet8 (CE) |" in text and "Not counted (2 runs did not finish)" in text
     assert "kd − student (top1_best):" in text and "over n = 2 seeds" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # six report plots + the paired one
+
+
+def test_the_committed_notebook_shows_the_outputs_of_a_committed_set():
+    """`make notebook` executed it in place: a reader sees the tables and plots of a set in the repository."""
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count and cell.outputs for cell in code), "run `make notebook` and commit the result"
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))  # top to bottom, once
+    first = code[0].outputs[0]["text"]
+    results = first.split(":")[0]
+    assert results.startswith("../results/reference-") and (NOTEBOOK.parent / results / "metrics.parquet").is_file()
+    assert not any(o.get("output_type") == "error" for cell in code for o in cell.outputs)
+    assert sum("image/png" in o.get("data", {}) for cell in code for o in cell.outputs) >= 7
