@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference soak notebook
+.PHONY: bench test setup reference soak notebook bench-perf
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -26,6 +26,20 @@ reference: setup
 	-$(VENV)/bin/kdbench run --methods student,$(ZOO_METHODS) --pairs resnet56:resnet20 $(REFERENCE_RUN)
 	-$(VENV)/bin/kdbench run --methods semckd --set semckd.beta=50 --pairs resnet56:resnet20 $(REFERENCE_RUN)
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --plots $(REFERENCE)/plots
+
+# Where the step time goes (README, "Performance"): kd and semckd on vgg13:vgg8 at batch 64, on 3x32x32 inputs
+# (synthetic, CIFAR's shape) and on Fashion-MNIST's 1x28x28, in fp32, bf16 and bf16 + channels_last, each against a
+# fixed batch, a bare PyTorch loop and the device's measured peak; then the micro-benchmarks. Run it on a quiet
+# machine: it measures speed.
+PERF := results/perf
+PERF_RUN := --methods kd,semckd --pairs vgg13:vgg8 --recipe short --results-dir $(PERF) --profile
+bench-perf: setup
+	for data in synthetic fashion-mnist; do \
+	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data && \
+	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp && \
+	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp --channels-last || exit 1; \
+	done
+	$(VENV)/bin/python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-json=$(PERF)/micro.json
 
 # notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
 # the repository page (the tests execute it again, on a tiny sweep, without writing it).

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                           " W&B runs offline unless WANDB_MODE says otherwise)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan and an estimate of its compute (a few measured steps); write nothing")
+    run.add_argument("--profile", action="store_true",
+                     help="time each setting's training step by phase, against a fixed batch, a bare PyTorch loop "
+                          "and the device's peak; write RESULTS_DIR/profile.parquet and a plot, train nothing")
 
     report = commands.add_parser("report", help="leaderboards (and plots) from the tidy results table")
     report.add_argument("--results-dir", type=Path, action="append", dest="results_dirs", metavar="DIR",
@@ -209,6 +212,14 @@ def _run(args: argparse.Namespace) -> int:
         from kdbench.estimate import estimate, format_estimate
 
         print(format_estimate(estimate(specs, env)))
+        return 0
+    if args.profile:
+        from kdbench.profile import format_profile, profile, save
+
+        table = profile(specs, env)
+        path = save(table, args.results_dir)
+        print(format_profile(table))
+        print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
     stale = stale_runs(specs, store)
     if stale:

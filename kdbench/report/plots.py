@@ -264,3 +264,45 @@ def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, me
                     fig.savefig(folder / f"{name}{suffix}", dpi=150)
                     written.append(folder / f"{name}{suffix}")
     return written
+
+
+def plot_profile(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """``kdbench run --profile``'s table as one bar per setting: the instrumented step split by phase (stacked), with
+    the harness's, the fixed-batch and the bare loop's step times as marks; saved as ``stem``.png and .svg."""
+    import matplotlib.pyplot as plt
+
+    from kdbench.profile import PHASES, VARIANTS
+
+    keys = ["host", "dataset", "method", "teacher", "student", "precision", "channels_last", "batch_size"]
+    wide = table.pivot_table(index=keys, columns="metric", values="value", sort=False).reset_index()
+    labels = [f"{r.method} {r.teacher}->{r.student}" if r.teacher else f"{r.method} {r.student}" for r in
+              wide.itertuples()]
+    labels = [f"{name} · {r.dataset} · {r.precision}{' · channels_last' if r.channels_last else ''}"
+              for name, r in zip(labels, wide.itertuples())]
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(wide) + 1.8), layout="constrained")
+    left = pd.Series(0.0, index=wide.index)
+    palette = plt.get_cmap("tab10")
+    for k, phase in enumerate(PHASES):
+        width = wide[f"phase_ms_{phase}"]
+        ax.barh(labels, width, left=left, color=palette(k), label=phase.replace("_", " "))
+        left += width
+    for variant, marker in zip(VARIANTS, ("|", "x", "o")):
+        ax.scatter(wide[f"step_ms_{variant}"], labels, marker=marker, color="black", s=80, zorder=3,
+                   facecolors="none" if marker == "o" else None, label=f"step: {variant.replace('_', ' ')}")
+    for y, r in enumerate(wide.itertuples()):
+        end = max(left.iloc[y], *(getattr(r, f"step_ms_{v}") for v in VARIANTS))
+        ax.annotate(f"{100 * r.fraction_of_peak:.1f}% of peak", (end, y), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.12)
+    ax.set_xlabel("ms per training step (bars: instrumented step by phase)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    hosts = " | ".join(dict.fromkeys(wide["host"]))
+    ax.set_title(f"Where a training step's time goes (batch {int(wide['batch_size'].iloc[0])})\n{hosts}",
+                 fontsize=10)
+    written = []
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=150)
+        written.append(stem.with_suffix(suffix))
+    plt.close(fig)
+    return written

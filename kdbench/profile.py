@@ -1,0 +1,266 @@
+"""Where a training step's time goes (``kdbench run ... --profile``), and how close it comes to the machine's peak.
+
+Each distinct setting of the plan (method, pair, device, precision, layout, batch size) is built as the dry run
+builds it (untrained trainers of the right architectures, the harness's own ``_assemble`` and ``_train_epoch``) and
+timed four ways on the same modules:
+
+- ``harness``: the harness's steps on its loader, as a run takes them (the step time a run records: augmentation
+  and the loop's bookkeeping excluded, as in ``train_images_per_s``; ``epoch`` adds them back);
+- ``instrumented``: the same steps with a clock at every phase boundary: ``data`` (the loader's augmentation and the
+  loop between steps), ``student_forward``, ``frozen_forwards`` (teacher and assistants, no grad), ``loss`` (the
+  method's terms), ``backward`` (with ``zero_grad``) and ``optimizer``. On CUDA each boundary synchronises, so the
+  phases add up to more than an unsynchronised step;
+- ``fixed_batch``: the harness's steps on one pre-made batch, so the difference to ``harness`` is the data path;
+- ``bare``: a minimal PyTorch loop on that batch, the same architectures, CE + KD₄ against the teacher (CE alone for
+  the baseline) and SGD, no harness: what the step costs without kdbench.
+
+The achieved rate is the step's FLOPs (student forward and backward ≈ 3× its forward MACs, plus one forward per
+frozen model, ×2 FLOPs per MAC) over its time; the peak is the best of a large matmul and a large 3×3 convolution
+measured on the same device and precision. Results are tidy rows (one per setting and metric) in
+``<results-dir>/profile.parquet`` (rows of the same setting and host replaced) and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from kdbench import harness
+from kdbench.estimate import WARMUP_STEPS, _loader, _Sample, _setting, _untrained
+from kdbench.measure import StepTimer, macs_per_image, provenance
+from kdbench.methods.base import KD_TEMPERATURE, kd_divergence
+from kdbench.models import create_model
+from kdbench.results import ResultsStore, atomic_write
+from kdbench.spec import RunSpec
+
+PHASES = ("data", "student_forward", "frozen_forwards", "loss", "backward", "optimizer")
+VARIANTS = ("harness", "fixed_batch", "bare")
+
+
+class _Clock:
+    """Seconds per phase of each step, from hooks on the student, the trainers, the method and the optimiser. Time
+    outside the forwards, the loss, backward and the optimiser (the loader's next batch, the loop) counts as data."""
+
+    def __init__(self, parts, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = defaultdict(float)
+        self._phase, self._since = "data", None
+        self._handles = []
+        for model, phase in ((parts.student, "student_forward"), *((t, "frozen_forwards") for t in parts.trainers)):
+            self._handles += [model.register_forward_pre_hook(lambda *_, p=phase: self._enter(p)),
+                              model.register_forward_hook(lambda *_: self._enter("data"))]
+        optimizer = parts.optimizer_of("main")
+        self._handles += [optimizer.register_step_pre_hook(lambda *_: self._enter("optimizer")),
+                          optimizer.register_step_post_hook(lambda *_: self._end_step())]
+        losses, self._method = parts.method.losses, parts.method
+
+        def timed_losses(out):
+            self._enter("loss")
+            terms = losses(out)
+            self._enter("backward")  # zero_grad, the sum of the terms and backward follow
+            return terms
+
+        parts.method.losses = timed_losses
+
+    def _enter(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._since is not None:
+            self._current[self._phase] += now - self._since
+        self._phase, self._since = phase, now
+
+    def _end_step(self) -> None:
+        self._enter("data")
+        self.steps.append(dict(self._current))
+        self._current = defaultdict(float)
+
+    def medians(self) -> dict[str, float]:
+        """Median seconds per phase over the steps that had a whole data phase (all but the first)."""
+        steps = self.steps[1:] or self.steps
+        return {p: statistics.median(s.get(p, 0.0) for s in steps) for p in PHASES}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        del self._method.losses  # back to the class's method
+
+
+class _FixedBatch(_Sample):
+    """The loader cut to ``batches`` steps of one pre-made batch: the harness's loop without its data path."""
+
+    def __init__(self, loader, batches: int, batch):
+        super().__init__(loader, batches)
+        self.batch = batch
+
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False):
+        return iter([self.batch if positions else self.batch[:2]] * self.steps_per_epoch)
+
+
+def _step_seconds(parts, loader, spec: RunSpec, device: torch.device) -> float:
+    """Median seconds of the harness's steady-state step on ``loader``."""
+    timer = StepTimer(device, 0)
+    harness._train_epoch(parts, loader, spec, 1, timer, False)
+    return statistics.median(s for s, _ in timer.flush())
+
+
+def _bare_seconds(spec: RunSpec, data, device: torch.device, batch, steps: int) -> float:
+    """Median seconds of a minimal loop's step: fresh models of the same architectures, CE + KD₄ (or CE), SGD."""
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    info = data.info
+    student = create_model(spec.student, info.num_classes, info.in_channels).to(device, memory_format=memory_format)
+    teacher = (create_model(spec.teacher, info.num_classes, info.in_channels).to(device, memory_format=memory_format)
+               .eval().requires_grad_(False) if spec.teacher else None)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x, y = batch[0], batch[1]
+    times = []
+    for step in range(WARMUP_STEPS + steps):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+            logits = student(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = 0.1 * loss + 0.9 * kd_divergence(logits, target, KD_TEMPERATURE, "batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= WARMUP_STEPS:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def peak_flops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+    """FLOP/s of the better of a 2048² matmul and a batch-64, 128-channel, 32×32 3×3 convolution, in ``precision``:
+    the rate this device reaches on large, dense work, the ceiling a training step is compared with."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(64, 128, 32, 32, device=device, dtype=dtype)
+    w = torch.randn(128, 128, 3, 3, device=device, dtype=dtype)
+    work = ((lambda: a @ b, 2 * 2048 ** 3), (lambda: F.conv2d(x, w, padding=1), 2 * 64 * 128 * 128 * 9 * 32 * 32))
+    best = 0.0
+    for fn, flops in work:
+        fn()
+        runs, started = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - started < seconds / 2:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            runs += 1
+        best = max(best, runs * flops / (time.perf_counter() - started))
+    return best
+
+
+@dataclass(frozen=True)
+class Profile:
+    spec: RunSpec
+    seconds: dict[str, float]  # variant -> median step seconds
+    phases: dict[str, float]  # phase -> median seconds (instrumented steps)
+    step_flops: float
+    peak: float
+
+    def rows(self, host: str) -> list[dict]:
+        spec = self.spec
+        setting = {"dataset": spec.dataset, "method": spec.method, "teacher": spec.teacher or "",
+                   "student": spec.student, "device": spec.device, "precision": spec.precision,
+                   "channels_last": spec.channels_last, "batch_size": spec.recipe.batch_size, "host": host,
+                   "torch": torch.__version__}
+        batch = spec.recipe.batch_size
+        values = {**{f"step_ms_{v}": 1e3 * s for v, s in self.seconds.items()},
+                  **{f"img_per_s_{v}": batch / s for v, s in self.seconds.items()},
+                  **{f"phase_ms_{p}": 1e3 * s for p, s in self.phases.items()},
+                  "achieved_gflops": self.step_flops / self.seconds["harness"] / 1e9,
+                  "peak_gflops": self.peak / 1e9,
+                  "fraction_of_peak": self.step_flops / self.seconds["harness"] / self.peak}
+        return [{**setting, "metric": k, "value": float(v)} for k, v in values.items()]
+
+
+def profile_setting(spec: RunSpec, env: harness.RunEnv, steps: int, peaks: dict) -> Profile:
+    device, data = torch.device(spec.device), harness._dataset(spec.dataset, env.data_dir, env.download)
+    loader, parts = _loader(spec, data, device), harness._assemble(spec, env, data, device, frozen=_untrained)
+    with tempfile.TemporaryDirectory() as tmp:
+        if parts.trainers:  # a method's fitted state (centres, banks, heads) from a few batches, untimed
+            parts.method.prepare(harness._preparation(parts, _Sample(loader, 2, cycle=False), spec, ResultsStore(tmp)))
+    warm = _Sample(loader, WARMUP_STEPS)
+    harness._train_epoch(parts, warm, spec, 0, StepTimer(device, 0), False)
+    seconds = {"harness": _step_seconds(parts, _Sample(loader, steps), spec, device)}
+    clock = _Clock(parts, device)
+    try:
+        harness._train_epoch(parts, _Sample(loader, steps + 1), spec, 2, StepTimer(device, 0), False)
+    finally:
+        clock.remove()
+    batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True)))
+    seconds["fixed_batch"] = _step_seconds(parts, _FixedBatch(loader, steps, batch), spec, device)
+    seconds["bare"] = _bare_seconds(spec, data, device, batch, steps)
+    shape = data.image_shape
+    student_macs = macs_per_image(create_model(spec.student, data.info.num_classes, data.info.in_channels), shape)
+    frozen_macs = sum(macs_per_image(create_model(m, data.info.num_classes, data.info.in_channels), shape)
+                      for m in (spec.teacher, *spec.assistants) if m)
+    per_step = 2 * spec.recipe.batch_size * (3 * student_macs + frozen_macs)
+    key = (spec.device, spec.precision)
+    if key not in peaks:
+        peaks[key] = peak_flops(device, spec.precision)
+    return Profile(spec, seconds, clock.medians(), per_step, peaks[key])
+
+
+def profile(specs: list[RunSpec], env: harness.RunEnv, steps: int = 10) -> pd.DataFrame:
+    """Profiles each distinct student setting of the plan (teachers are profiled as the CE baseline's settings)."""
+    seen, rows, peaks = set(), [], {}
+    hosts = {}
+    for spec in specs:
+        if spec.role == "teacher" or spec.pretrained or _setting(spec) in seen:
+            continue
+        seen.add(_setting(spec))
+        if spec.device not in hosts:
+            where = provenance(torch.device(spec.device))
+            hosts[spec.device] = f"{where['hostname']}: {where['device_name']}, {where['cpu_threads']} threads"
+        rows += profile_setting(spec, env, steps, peaks).rows(hosts[spec.device])
+    return pd.DataFrame(rows)
+
+
+def save(table: pd.DataFrame, results_dir: Path) -> Path:
+    """Adds ``table`` to ``<results_dir>/profile.parquet`` (CSV beside it), replacing rows of the same setting and
+    host, and draws the plot; returns the Parquet's path."""
+    path = results_dir / "profile.parquet"
+    keys = [c for c in table.columns if c not in ("metric", "value", "torch")]
+    if path.exists():
+        old = pd.read_parquet(path)
+        merged = old.merge(table[keys].drop_duplicates(), on=keys, how="left", indicator=True)
+        table = pd.concat([old[merged["_merge"].eq("left_only").to_numpy()], table], ignore_index=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: table.to_parquet(f, index=False))
+    atomic_write(results_dir / "profile.csv", lambda f: table.to_csv(f, index=False))
+    from kdbench.report.plots import plot_profile
+
+    plot_profile(table, results_dir / "profile")
+    return path
+
+
+def format_profile(table: pd.DataFrame) -> str:
+    """One line per setting: img/s of the three variants, the phases' shares and the fraction of peak."""
+    from tabulate import tabulate
+
+    keys = ["method", "teacher", "student", "dataset", "device", "precision", "channels_last"]
+    wide = table.pivot_table(index=keys, columns="metric", values="value", sort=False).reset_index()
+    rows = []
+    for _, r in wide.iterrows():
+        total = sum(r[f"phase_ms_{p}"] for p in PHASES)
+        rows.append([r.method, f"{r.teacher}->{r.student}" if r.teacher else r.student, r.dataset, r.precision,
+                     "yes" if r.channels_last else "no", *(f"{r[f'img_per_s_{v}']:.0f}" for v in VARIANTS),
+                     " ".join(f"{p.split('_')[0]} {100 * r[f'phase_ms_{p}'] / total:.0f}%" for p in PHASES),
+                     f"{100 * r.fraction_of_peak:.1f}% of {r.peak_gflops:.0f}"])
+    headers = ["method", "pair", "dataset", "precision", "channels_last", "img/s harness", "fixed batch", "bare",
+               "instrumented step: share per phase", "GFLOP/s reached"]
+    return tabulate(rows, headers, tablefmt="github")
