@@ -187,9 +187,12 @@ def _show_progress_lines() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from kdbench.executors import RayOptions, execute
     from kdbench.fingerprint import stale_runs
     from kdbench.harness import RunEnv
+    from kdbench.profile import slow_setting_note
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore
@@ -221,6 +224,9 @@ def _run(args: argparse.Namespace) -> int:
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
+    note = slow_setting_note(torch.device(sweep.device), sweep.precision, sweep.channels_last)
+    if note:
+        print(f"kdbench: warning: {note}", file=sys.stderr)
     stale = stale_runs(specs, store)
     if stale:
         changed = sorted({m for reason in stale.values() for m in reason.split(", ")})

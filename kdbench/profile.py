@@ -163,6 +163,41 @@ def peak_flops(device: torch.device, precision: str, seconds: float = 1.0) -> fl
     return best
 
 
+def _conv_step_seconds(device: torch.device, precision: str, channels_last: bool, reps: int = 3) -> float:
+    """Median seconds of a 3×3, 64-channel convolution's forward and backward (batch 16, 16×16) in a setting."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(16, 64, 16, 16, device=device).to(memory_format=layout).requires_grad_()
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device, memory_format=layout)
+    times = []
+    for _ in range(reps + 1):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = conv(x)
+        out.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def slow_setting_note(device: torch.device, precision: str, channels_last: bool) -> str | None:
+    """One line when the run's precision and layout train a convolution slower than plain fp32 on this device,
+    measured now (a second at most); None when they are fp32 and contiguous, or not slower. On a CPU without bf16
+    kernels in oneDNN (no AVX-512 BF16 or AMX), PyTorch runs bf16 convolutions on ``aten::_slow_conv2d``."""
+    if precision == "fp32" and not channels_last:
+        return None
+    ratio = (_conv_step_seconds(device, precision, channels_last) / _conv_step_seconds(device, "fp32", False))
+    if ratio < 1.2:
+        return None
+    what = " + ".join(["bf16 autocast"] * (precision == "bf16") + ["channels_last"] * channels_last)
+    why = ""
+    if device.type == "cpu" and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        why = ("; oneDNN has no bf16 kernels for this CPU (no AVX-512 BF16 or AMX), so PyTorch runs bf16 "
+               "convolutions on its slow reference path (aten::_slow_conv2d)")
+    return (f"{what} trains a 3x3 convolution {ratio:.1f}x slower than fp32 on this {device.type} (measured just "
+            f"now){why}; the runs will be slow, fp32 is faster here")
+
+
 @dataclass(frozen=True)
 class Profile:
     spec: RunSpec

@@ -87,3 +87,26 @@ def test_cli_profile_prints_the_table_and_trains_nothing(tmp_path, capsys):
     assert code == 0 and "| kd " in out and "% of" in out and "profile table:" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.csv", "profile.parquet", "profile.png",
                                                          "profile.svg"]
+
+
+@pytest.mark.parametrize("slower, expected", [(1.0, None), (1.1, None), (3.0, "3.0x slower than fp32")])
+def test_a_slower_precision_or_layout_gets_one_measured_line(monkeypatch, slower, expected):
+    monkeypatch.setattr(profile, "_conv_step_seconds",
+                        lambda device, precision, channels_last: slower if (precision, channels_last) != (
+                            "fp32", False) else 1.0)
+    note = profile.slow_setting_note(torch.device("cpu"), "bf16", True)
+    assert note is None if expected is None else (expected in note and "bf16 autocast + channels_last" in note)
+    assert profile.slow_setting_note(torch.device("cpu"), "fp32", False) is None  # nothing to compare, no measure
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has oneDNN bf16 kernels")
+def test_bf16_on_a_cpu_without_onednn_bf16_names_the_slow_path(capsys, tmp_path, monkeypatch):
+    """This machine's case (AVX2 only): bf16 convolutions fall back to aten::_slow_conv2d; the run says so before
+    it trains (the executor is stubbed out: the line is the point, not bf16 training)."""
+    import kdbench.executors
+
+    monkeypatch.setattr(kdbench.executors, "execute", lambda *args, **kwargs: [])
+    main(["run", "--methods", "student", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--device", "cpu",
+          "--epochs", "1", "--train-subset", "64", "--test-subset", "64", "--amp", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "kdbench: warning: bf16 autocast trains a 3x3 convolution" in err and "aten::_slow_conv2d" in err
