@@ -7,10 +7,12 @@ Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor 
 - Paraphraser: an autoencoder on the teacher's last stage map (``stageK``), conv3×3 C_t→C_t→C_t/2→C_t/2 and back
   with transposed convs, each followed by LeakyReLU(0.1), no BN. Translator: conv3×3 C_s→C_s→C_t/2→C_t/2 on the
   student's ``stageK``, each with BN and LeakyReLU(0.1).
-- Init stage (``init_epochs``, 30 at 240 epochs, in proportion otherwise):
-  SGD over the paraphraser alone minimises ``MSE(decoder(encoder(F_t)), F_t)``;
-  the student is not trained. Its lr is constant: 0.01 for a CIFAR ResNet or WRN student, else the student's base
-  lr (RepDistiller decides by the student's architecture, though only the teacher's paraphraser is trained).
+- Init stage (``init_epochs``, 30 under every recipe): SGD over the paraphraser alone minimises
+  ``MSE(decoder(encoder(F_t)), F_t)``; the student is not trained. That makes the stage a fit of the teacher's
+  paraphraser, not a share of the student's schedule, so unlike AB's and FSP's it does not scale with the recipe:
+  one epoch of a 1,000-image subset would be 15 steps, an autoencoder barely started. Its lr is constant: 0.01
+  for a CIFAR ResNet or WRN student, else the student's base lr (RepDistiller decides by the student's
+  architecture, though only the teacher's paraphraser is trained).
 - Main stage: the paraphraser is frozen; ``φ_s`` = translator(F_s), ``φ_t`` = encoder(F_t) (under no_grad),
   the spatially larger pooled to the smaller, ``a(φ) = normalize_2(mean_c φ²)``,
   ``L_FT = mean_{b,hw} |a(φ_s) − a(φ_t)|`` (the code's channel-collapsed factor; the paper normalises the whole
@@ -80,7 +82,6 @@ class FT(Method):
 
     name = "ft"
     family = "feature"
-    epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "beta": 200.0, "init_epochs": 30}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "init_epochs": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS

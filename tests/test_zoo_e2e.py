@@ -21,9 +21,10 @@ def test_kdbench_list_shows_the_zoo(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["crd", "semckd"])
-def test_every_zoo_method_trains_end_to_end(env, protocol):
-    records = run_sweep(tiny_sweep(methods=ZOO, recipe=FEW_STEPS, protocol=protocol, method_options=INIT).plan(),
+def test_every_zoo_method_trains_end_to_end(env):
+    """Under the semckd protocol, so every feature term trains beside a logit-KD term (the presets of the other
+    protocols are checked per method)."""
+    records = run_sweep(tiny_sweep(methods=ZOO, recipe=FEW_STEPS, protocol="semckd", method_options=INIT).plan(),
                         env)
     teacher, *students = records
     assert [r.spec.method for r in students] == list(ZOO)

@@ -294,22 +294,34 @@ def test_presets_resolve_to_the_spec_weights(method, protocol, ce, kd):
         cls.resolve_options({"init_epochs": -1})
 
 
-@pytest.mark.parametrize("method, option, official", [("ab", "init_epochs", 30), ("ft", "init_epochs", 30),
-                                                       ("fsp", "init_epochs", 30), ("dkd", "warmup_epochs", 20),
+@pytest.mark.parametrize("method, option, official", [("ab", "init_epochs", 30), ("fsp", "init_epochs", 30),
+                                                       ("dkd", "warmup_epochs", 20),
                                                        ("reviewkd", "warmup_epochs", 20)])
 def test_options_counted_in_epochs_scale_with_the_recipe(method, option, official):
     """Official at 240 epochs, in proportion otherwise (at least 1); the user's --set wins, and 0 stays off."""
-    def planned(epochs, overrides=()):
-        sweep = tiny_sweep(methods=(method,), pair=("resnet56", "resnet20"),
-                           recipe=dataclasses.replace(MICRO, epochs=epochs), method_options=overrides)
-        (run,) = [r for r in sweep.plan() if r.method == method]
-        return dict(run.method_options)[option]
+    cls = method_class(method)
 
-    assert planned(240) == official and planned(120) == official // 2 and planned(24) == official // 10
-    assert planned(6) == max(1, round(official * 6 / 240)) and planned(1) == 1
-    assert planned(6, ((method, option, "7"),)) == 7
+    def resolved(epochs, overrides=None):
+        return dict(cls.resolve_options(overrides or {}, "crd", "resnet56", "resnet20", epochs))[option]
+
+    assert resolved(240) == official and resolved(120) == official // 2 and resolved(24) == official // 10
+    assert resolved(6) == max(1, round(official * 6 / 240)) and resolved(1) == 1
+    assert resolved(6, {option: "7"}) == 7
     if option == "init_epochs":  # 0 turns the stage off, whatever the recipe
-        assert dict(method_class(method).resolve_options({option: 0}, "crd", epochs=6))[option] == 0
+        assert resolved(6, {option: 0}) == 0
+
+
+def test_a_sweep_resolves_epoch_options_with_its_recipe():
+    sweep = tiny_sweep(methods=("dkd",), pair=("resnet56", "resnet20"), recipe=dataclasses.replace(MICRO, epochs=6))
+    (run,) = [r for r in sweep.plan() if r.method == "dkd"]
+    assert dict(run.method_options)["warmup_epochs"] == 1
+
+
+def test_fts_init_stage_keeps_its_30_epochs_under_every_recipe():
+    """It fits the teacher's paraphraser only: a fit, not a share of the student's schedule."""
+    assert "init_epochs" not in method_class("ft").epoch_options
+    for epochs in (1, 6, 240):
+        assert dict(method_class("ft").resolve_options({}, "crd", epochs=epochs))["init_epochs"] == 30
 
 
 @pytest.mark.parametrize("protocol, main", [("crd", ()), ("official", ()), ("semckd", (0,))])
