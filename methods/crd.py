@@ -102,13 +102,25 @@ class CRD(Method):
         self.register_buffer("params", torch.tensor([0.0, options["nce_t"], -1.0, -1.0, options["nce_m"]]))
         self.register_buffer("train_labels", torch.full((n,), -1, dtype=torch.long))  # class of every position
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # steps taken, for the negatives' seed
-        # Host copies of K and the step count, so that a step needs no device sync; reloaded with the state.
+        # Host copies of K, the step count and whether negatives are drawn with replacement, so that a step needs
+        # no device sync; reloaded with the state.
         self.num_negatives = self.steps_taken = 0
+        self.replacement: bool | None = None
         self.register_load_state_dict_post_hook(CRD._host_copies)
 
     @staticmethod
     def _host_copies(module: "CRD", _incompatible) -> None:
         module.num_negatives, module.steps_taken = int(module.params[0].item()), int(module.steps.item())
+        module.replacement = module._replacement()
+
+    def _replacement(self) -> bool | None:
+        """True when every class has fewer other-class positions than K (all draws with replacement), False when
+        none has (all without), None when it depends on the anchor's class, or before prepare."""
+        if not self.num_negatives:
+            return None
+        counts = torch.bincount(self.train_labels)
+        short = self.train_labels.numel() - counts[counts > 0] < self.num_negatives
+        return True if bool(short.all()) else False if not bool(short.any()) else None
 
     def prepare(self, prep: Preparation) -> None:
         labels = prep.train_labels
@@ -120,6 +132,7 @@ class CRD(Method):
         self.train_labels.copy_(labels)
         self.num_negatives = int(self.ctx.options["nce_k"])
         self.params[0] = self.num_negatives
+        self.replacement = self._replacement()
 
     def negatives(self, anchors: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """(B, K) training positions, for each anchor position drawn uniformly from the positions of other classes,
@@ -128,16 +141,24 @@ class CRD(Method):
         labels, k = self.train_labels, self.num_negatives
         generator = torch.Generator(device=labels.device)
         generator.manual_seed(stream_seed(self.ctx.seed, epoch, f"crd-negatives:{step}"))
-        same = labels[anchors].unsqueeze(1) == labels.unsqueeze(0)  # (B, N)
-        replace = (~same).sum(dim=1) < k
+        other = labels[anchors].unsqueeze(1) != labels.unsqueeze(0)  # (B, N)
+
+        def with_replacement(rows: torch.Tensor) -> torch.Tensor:
+            return torch.multinomial(rows.double(), k, replacement=True, generator=generator)
+
+        def without_replacement(rows: torch.Tensor) -> torch.Tensor:
+            keys = torch.rand(rows.shape, generator=generator, device=labels.device, dtype=torch.float64)
+            keys.masked_fill_(~rows, 2.0)  # keys are < 1
+            return keys.topk(k, dim=1, largest=False, sorted=False).indices
+
+        if self.replacement is not None:  # every anchor alike (the usual case): no device sync
+            return with_replacement(other) if self.replacement else without_replacement(other)
+        replace = other.sum(dim=1) < k  # classes on both sides of K: decided per anchor
         drawn = torch.empty(anchors.shape[0], k, dtype=torch.long, device=labels.device)
         if replace.any():
-            drawn[replace] = torch.multinomial((~same[replace]).double(), k, replacement=True, generator=generator)
+            drawn[replace] = with_replacement(other[replace])
         if not replace.all():
-            keys = torch.rand(int((~replace).sum()), labels.numel(), generator=generator, device=labels.device,
-                              dtype=torch.float64)
-            keys.masked_fill_(same[~replace], 2.0)  # keys are < 1
-            drawn[~replace] = keys.topk(k, dim=1, largest=False, sorted=False).indices
+            drawn[~replace] = without_replacement(other[~replace])
         return drawn
 
     def contrast_loss(self, v_s: torch.Tensor, v_t: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,7 @@ def test_negatives_are_other_class_and_distinct_unless_the_class_has_fewer_than_
     (here 36, 30, 26 and 28 for classes 0-3; K = 28 mixes both kinds in one batch)."""
     method = build(labels=UNBALANCED, num_train=40, options={"nce_k": k})
     assert method.num_negatives == k and method.params[0] == k
+    assert method.replacement == {5: False, 28: None, 16384: True}[k]  # host-side: the usual cases need no sync
     pool = {c: int((UNBALANCED != c).sum()) for c in range(4)}
     anchors = torch.arange(40)
     for epoch, step in ((0, 0), (0, 1), (3, 17)):
@@ -214,10 +215,11 @@ def test_state_dict_round_trip_restores_banks_z_labels_and_step_counter():
 
     torch.manual_seed(99)  # other banks and embeddings: everything must come from the state
     resumed = build(labels=None, num_train=40, options={"nce_k": 6})
-    assert resumed.num_negatives == 0 and resumed.params[2] < 0
+    assert resumed.num_negatives == 0 and resumed.params[2] < 0 and resumed.replacement is None
     resumed.load_state_dict(state)  # no prepare(), as a resumed run
     for key, value in state.items():
         assert torch.equal(resumed.state_dict()[key], value), key
+    assert resumed.replacement is False and method.replacement is False
     assert resumed.steps_taken == 3 and resumed.num_negatives == 6 and torch.equal(resumed.params[2:4], z)
 
     out = outputs(method, [7, 1, 30, 22], epoch=1, seed=9)
