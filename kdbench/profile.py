@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import harness
-from kdbench.estimate import WARMUP_STEPS, _loader, _Sample, _setting, _untrained
+from kdbench.estimate import WARMUP_STEPS, _loader, _Sample, _setting, _timed, _untrained
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods.base import KD_TEMPERATURE, kd_divergence
 from kdbench.models import create_model
@@ -122,10 +122,9 @@ def _bare_seconds(spec: RunSpec, data, device: torch.device, batch, steps: int) 
                .eval().requires_grad_(False) if spec.teacher else None)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = batch[0], batch[1]
-    times = []
-    for step in range(WARMUP_STEPS + steps):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+
+    def step():
+        with harness._autocast(spec, device):
             logits = student(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None:
@@ -135,11 +134,14 @@ def _bare_seconds(spec: RunSpec, data, device: torch.device, batch, steps: int) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= WARMUP_STEPS:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+
+    return _median_seconds(step, device, steps, WARMUP_STEPS)
+
+
+def _median_seconds(fn, device: torch.device, runs: int, warmup: int) -> float:
+    """Median seconds of ``runs`` calls of ``fn`` (each synchronised), after ``warmup`` untimed ones."""
+    times = [_timed(fn, device) for _ in range(warmup + runs)]
+    return statistics.median(times[warmup:])
 
 
 def peak_flops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
@@ -168,16 +170,13 @@ def _conv_step_seconds(device: torch.device, precision: str, channels_last: bool
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(16, 64, 16, 16, device=device).to(memory_format=layout).requires_grad_()
     conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device, memory_format=layout)
-    times = []
-    for _ in range(reps + 1):
-        started = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = conv(x)
         out.float().sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+
+    return _median_seconds(step, device, reps, 1)
 
 
 def slow_setting_note(device: torch.device, precision: str, channels_last: bool) -> str | None:
@@ -269,10 +268,9 @@ def save(table: pd.DataFrame, results_dir: Path) -> Path:
     """Adds ``table`` to ``<results_dir>/profile.parquet`` (CSV beside it), replacing rows of the same setting and
     host, and draws the plot; returns the Parquet's path."""
     path = results_dir / "profile.parquet"
-    keys = [c for c in table.columns if c not in ("metric", "value", "torch")]
     if path.exists():
         old = pd.read_parquet(path)
-        merged = old.merge(table[keys].drop_duplicates(), on=keys, how="left", indicator=True)
+        merged = old.merge(table[SETTING].drop_duplicates(), on=SETTING, how="left", indicator=True)
         table = pd.concat([old[merged["_merge"].eq("left_only").to_numpy()], table], ignore_index=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: table.to_parquet(f, index=False))
@@ -283,14 +281,20 @@ def save(table: pd.DataFrame, results_dir: Path) -> Path:
     return path
 
 
+SETTING = ["host", "dataset", "method", "teacher", "student", "device", "precision", "channels_last", "batch_size"]
+
+
+def wide(table: pd.DataFrame) -> pd.DataFrame:
+    """A row per setting and host, a column per metric."""
+    return table.pivot_table(index=SETTING, columns="metric", values="value", sort=False).reset_index()
+
+
 def format_profile(table: pd.DataFrame) -> str:
     """One line per setting: img/s of the three variants, the phases' shares and the fraction of peak."""
     from tabulate import tabulate
 
-    keys = ["method", "teacher", "student", "dataset", "device", "precision", "channels_last"]
-    wide = table.pivot_table(index=keys, columns="metric", values="value", sort=False).reset_index()
     rows = []
-    for _, r in wide.iterrows():
+    for _, r in wide(table).iterrows():
         total = sum(r[f"phase_ms_{p}"] for p in PHASES)
         rows.append([r.method, f"{r.teacher}->{r.student}" if r.teacher else r.student, r.dataset, r.precision,
                      "yes" if r.channels_last else "no", *(f"{r[f'img_per_s_{v}']:.0f}" for v in VARIANTS),

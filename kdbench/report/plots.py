@@ -272,13 +272,11 @@ def plot_profile(table: pd.DataFrame, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from kdbench.profile import PHASES, VARIANTS
+    from kdbench.profile import wide as settings
 
-    keys = ["host", "dataset", "method", "teacher", "student", "precision", "channels_last", "batch_size"]
-    wide = table.pivot_table(index=keys, columns="metric", values="value", sort=False).reset_index()
-    labels = [f"{r.method} {r.teacher}->{r.student}" if r.teacher else f"{r.method} {r.student}" for r in
-              wide.itertuples()]
-    labels = [f"{name} · {r.dataset} · {r.precision}{' · channels_last' if r.channels_last else ''}"
-              for name, r in zip(labels, wide.itertuples())]
+    wide = settings(table)
+    labels = [f"{r.method} {f'{r.teacher}->' if r.teacher else ''}{r.student} · {r.dataset} · {r.precision}"
+              f"{' · channels_last' if r.channels_last else ''}" for r in wide.itertuples()]
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(wide) + 1.8), layout="constrained")
     left = pd.Series(0.0, index=wide.index)
     palette = plt.get_cmap("tab10")
