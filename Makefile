@@ -39,7 +39,7 @@ bench-perf: setup
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp && \
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp --channels-last || exit 1; \
 	done
-	$(VENV)/bin/python -m pytest tests/test_benchmarks.py --benchmark-enable --benchmark-json=$(PERF)/micro.json
+	$(VENV)/bin/python -m pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-json=$(PERF)/micro.json
 
 # notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
 # the repository page (the tests execute it again, on a tiny sweep, without writing it).

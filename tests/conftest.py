@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,9 @@ from kdbench.results import ResultsStore
 from kdbench.spec import Pair, Recipe, SweepSpec
 
 TINY = Recipe("tiny", epochs=3, batch_size=32, warmup_steps=2)
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # parallel test files (setup.cfg): the cores shared out, not oversubscribed
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def tiny_sweep(methods=("student",), pair=("resnet14", "resnet8"), seeds=(0,), **changes) -> SweepSpec:
