@@ -16,7 +16,7 @@ from kdbench.spec import Pair, Recipe, SweepSpec
 
 TINY = Recipe("tiny", epochs=3, batch_size=32, warmup_steps=2)
 
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # parallel test files (setup.cfg): the cores shared out, not oversubscribed
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # test files in parallel (setup.cfg): the cores shared out
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
