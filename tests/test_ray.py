@@ -59,7 +59,8 @@ def _sweep_with_a_kill(specs, root, role: str = "student"):
 
 @pytest.mark.slow
 def test_ray_sweep_equals_in_process_and_survives_a_killed_worker(cluster, tmp_path):
-    specs = tiny_sweep(methods=("student", "kd"), seeds=(0,)).plan()
+    # two epochs of ten steps: the kill lands in the second epoch, after the first checkpoint
+    specs = tiny_sweep(methods=("student", "kd"), seeds=(0,), recipe=replace(TINY, epochs=2, train_subset=320)).plan()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray task runs (RayOptions.cpus)
     try:
