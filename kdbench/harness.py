@@ -73,6 +73,14 @@ def load_weights(model: torch.nn.Module, path: Path, what: str) -> None:
         raise KdbenchError(f"{what} {path} does not fit {type(model).__name__}: {detail[:300]}") from None
 
 
+def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
+    """Compiles ``model.forward`` in place (``mode``: a torch.compile mode; None leaves it eager). Its state dict is
+    unchanged, hooks on its layers (feature taps) are compiled with it, and hooks on the model itself run outside
+    the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode."""
+    if mode is not None:
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+
+
 def _autocast(spec: RunSpec, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
 
@@ -185,6 +193,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     for module in (student, method, *trainers):
         module.to(memory_format=memory_format)
+    for module in (student, *trainers):
+        compile_forward(module, spec.compile)
     base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
     # fused SGD on CUDA, foreach elsewhere: the same update rule either way
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
