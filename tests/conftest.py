@@ -73,6 +73,10 @@ def env(tmp_path) -> RunEnv:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files with slow (end-to-end) tests first: parallel workers take whole files (setup.cfg), so the long files start
+    # early and the suite ends on short tests. The sort is stable: the order within a file is kept.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

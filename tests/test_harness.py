@@ -15,6 +15,7 @@ def _history(record, *keys):
     return [tuple(epoch[k] for k in keys) for epoch in record.epochs]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_trains_teacher_then_students_and_writes_tidy_table(env):
     probe_methods.ProbeKD.seen.clear()
     records = run_sweep(tiny_sweep(methods=("student", "probe-kd")).plan(), env)
@@ -48,6 +49,7 @@ def test_tiny_sweep_trains_teacher_then_students_and_writes_tidy_table(env):
     assert not list(env.store.root.glob("*/latest.pt"))  # finished runs drop their resume state
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     a, b = (run_sweep(tiny_sweep().plan()[1:], RunEnv(ResultsStore(tmp_path / n), progress=False))[0]
             for n in "ab")
@@ -57,6 +59,7 @@ def test_same_seed_same_metrics(tmp_path):
     assert _history(other, *keys) != _history(a, *keys)
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(env, monkeypatch):
     specs = tiny_sweep().plan()
     first = run_sweep(specs, env)
@@ -80,6 +83,7 @@ def test_interrupted_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     assert resumed.status == "finished" and _history(resumed, *keys) == _history(reference, *keys)
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(env):
     records = run_sweep(tiny_sweep(methods=("probe-nan", "student")).plan(), env)
     failed = [r for r in records if r.status == "failed"]
@@ -94,6 +98,7 @@ def _repdistiller_checkpoint(model, path):
     torch.save({"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(70.0), "optimizer": {}}, path)
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_is_imported_and_checked(env, tmp_path):
     trained = run_sweep(tiny_sweep().plan()[:1], env)[0]
     teacher = create_model("resnet14", 10)
@@ -117,6 +122,7 @@ def test_teacher_checkpoint_is_imported_and_checked(env, tmp_path):
             run_sweep(tiny_sweep(teacher_ckpt_sha256=sha).plan(), RunEnv(env.store, checkpoints={sha: path}))
 
 
+@pytest.mark.slow
 def test_an_init_stage_trains_first_with_its_own_optimiser_then_freezes(tmp_path, monkeypatch):
     """A method's InitStage runs before the recipe's epochs (numbered 1 − init .. 0), at its constant lr, over its
     parameters only; what it freezes stays fixed in the main stage; throughput and accuracy are the main stage's;

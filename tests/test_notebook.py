@@ -8,6 +8,7 @@ from test_report import tiny_results  # noqa: F401  (the session's tiny sweep, b
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 
 
+@pytest.mark.slow
 def test_analysis_notebook_runs_top_to_bottom(tiny_results, monkeypatch):  # noqa: F811
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

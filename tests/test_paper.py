@@ -73,6 +73,7 @@ def test_paper_latex_compiles_in_a_plain_article(zoo_board, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
     for layout in ("leaderboard", "paper"):
         out = tmp_path / f"{layout}.csv"

@@ -10,6 +10,7 @@ from conftest import tiny_sweep
 from kdbench.harness import RunEnv, run_sweep
 
 
+@pytest.mark.slow
 def test_every_run_event_and_epoch_gets_a_line(env, caplog):
     specs = tiny_sweep(seeds=(0, 1)).plan()
     with caplog.at_level(logging.INFO, logger="kdbench"):
@@ -26,6 +27,7 @@ def test_every_run_event_and_epoch_gets_a_line(env, caplog):
     assert lines[-1] == f"{specs[0].run_id} [1/1] skipped: finished before"
 
 
+@pytest.mark.slow
 def test_an_init_stage_gets_its_lines_and_the_sweep_eta_weighs_images(env, caplog):
     import probe_methods  # noqa: F401  (probe-init: 2 init epochs)
 

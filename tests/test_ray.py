@@ -57,6 +57,7 @@ def _sweep_with_a_kill(specs, root, role: str = "student"):
     return records
 
 
+@pytest.mark.slow
 def test_ray_sweep_equals_in_process_and_survives_a_killed_worker(cluster, tmp_path):
     specs = tiny_sweep(methods=("student", "kd"), seeds=(0,)).plan()
     threads = torch.get_num_threads()
@@ -84,6 +85,7 @@ def test_ray_sweep_equals_in_process_and_survives_a_killed_worker(cluster, tmp_p
     assert not list(root.rglob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_teacher_out_of_retries_fails_its_students_by_name(cluster, tmp_path, monkeypatch):
     monkeypatch.setattr("kdbench.executors.RETRIES", 0)
     specs = tiny_sweep(methods=("student", "kd"), seeds=(0,), recipe=replace(TINY, epochs=2)).plan()

@@ -65,6 +65,7 @@ def _rows(text: str) -> dict[str, dict[str, str]]:
     return {cells[0]: dict(zip(lines[0], cells)) for cells in lines if cells != lines[0]}
 
 
+@pytest.mark.slow
 def test_leaderboard_aggregates_seeds_and_pairs_delta_by_seed(table):
     board = report.leaderboard(report.entries(table), "top1_best")
     rows = board.set_index("label")

@@ -283,6 +283,7 @@ def test_wrong_batch_size_raises():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_through_the_harness(env):
     # beta = 50 via `--set semckd.beta=50`: at the default 400 and the student's lr 0.05 this tiny synthetic run
     # diverges (non-finite loss) within ~12 steps; the run's recipe is otherwise the conftest TINY one.

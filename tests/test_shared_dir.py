@@ -9,11 +9,13 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 SWEEP = ["run", "--methods", "student,kd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe",
          "short", "--epochs", "3", "--batch-size", "32", "--teacher-epochs", "3", "--seeds", "0,1", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_two_identical_sweeps_train_each_run_once_and_log_every_epoch(tmp_path):
     results = tmp_path / "results"
     logs = [tmp_path / f"sweep{i}.log" for i in (1, 2)]
