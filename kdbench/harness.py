@@ -9,6 +9,7 @@ twice; other executors (kdbench.executors) call the same ``run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -79,6 +80,22 @@ def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
     the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode."""
     if mode is not None:
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+
+
+@contextlib.contextmanager
+def batch_statistics(models, enabled: bool = True):
+    """Inside, the BatchNorms of ``models`` normalise with the batch's statistics and leave their running statistics
+    and counters as they are (train mode without tracking); outside, they are as before."""
+    norms = [m for model in models for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if enabled else []
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.training, m.track_running_stats = training, tracking
 
 
 def _autocast(spec: RunSpec, device: torch.device):
@@ -247,7 +264,8 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
         frozen_forwards += len(active)
         with autocast:
             s_logits, s_features = parts.student_fx(x)
-            with torch.no_grad():
+            with torch.no_grad(), batch_statistics([parts.trainers[i] for i in active],
+                                                   parts.method.teacher_batch_stats):
                 taught = {i: parts.trainer_fx[i](x) for i in active}
             teacher_logits, teacher_features = taught.pop(0, (None, None))
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
