@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                     help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
+                          "max-autotune, max-autotune-no-cudagraphs; default: default)")
     run.add_argument("--teacher-seed", type=int, default=0, help="seed of trained teachers (default 0)")
     run.add_argument("--teacher-ckpt", type=Path, help="use this checkpoint (RepDistiller format) as the teacher")
     run.add_argument("--data-dir", type=Path, help="where datasets are found or downloaded to")
@@ -157,6 +160,7 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, teacher_recipe=teacher_recipe,
         protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
+        compile=args.compile,
         teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
         ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt, "teacher checkpoint") if args.teacher_ckpt else None)

@@ -205,7 +205,7 @@ def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
 
 def _setting(spec: RunSpec) -> tuple:
     return (spec.dataset, spec.method, spec.method_options, spec.teacher, spec.assistants, spec.student, spec.role,
-            spec.device, spec.precision, spec.channels_last, spec.recipe.batch_size, spec.recipe.pad_mode)
+            spec.device, spec.precision, spec.channels_last, spec.compile, spec.recipe.batch_size, spec.recipe.pad_mode)
 
 
 def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1) -> Estimate:

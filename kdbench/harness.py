@@ -9,6 +9,7 @@ twice; other executors (kdbench.executors) call the same ``run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -71,6 +72,30 @@ def load_weights(model: torch.nn.Module, path: Path, what: str) -> None:
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise KdbenchError(f"{what} {path} does not fit {type(model).__name__}: {detail[:300]}") from None
+
+
+def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
+    """Compiles ``model.forward`` in place (``mode``: a torch.compile mode; None leaves it eager). Its state dict is
+    unchanged, hooks on its layers (feature taps) are compiled with it, and hooks on the model itself run outside
+    the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode."""
+    if mode is not None:
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+
+
+@contextlib.contextmanager
+def batch_statistics(models, enabled: bool = True):
+    """Inside, the BatchNorms of ``models`` normalise with the batch's statistics and leave their running statistics
+    and counters as they are (train mode without tracking); outside, they are as before."""
+    norms = [m for model in models for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if enabled else []
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.training, m.track_running_stats = training, tracking
 
 
 def _autocast(spec: RunSpec, device: torch.device):
@@ -185,6 +210,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     for module in (student, method, *trainers):
         module.to(memory_format=memory_format)
+    for module in (student, *trainers):
+        compile_forward(module, spec.compile)
     base_lr = recipe.lr if recipe.lr is not None else model_entry(spec.student).base_lr
     # fused SGD on CUDA, foreach elsewhere: the same update rule either way
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -237,7 +264,8 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
         frozen_forwards += len(active)
         with autocast:
             s_logits, s_features = parts.student_fx(x)
-            with torch.no_grad():
+            with torch.no_grad(), batch_statistics([parts.trainers[i] for i in active],
+                                                   parts.method.teacher_batch_stats):
                 taught = {i: parts.trainer_fx[i](x) for i in active}
             teacher_logits, teacher_features = taught.pop(0, (None, None))
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,

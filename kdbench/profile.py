@@ -120,6 +120,9 @@ def _bare_seconds(spec: RunSpec, data, device: torch.device, batch, steps: int) 
     student = create_model(spec.student, info.num_classes, info.in_channels).to(device, memory_format=memory_format)
     teacher = (create_model(spec.teacher, info.num_classes, info.in_channels).to(device, memory_format=memory_format)
                .eval().requires_grad_(False) if spec.teacher else None)
+    for model in (student, teacher):
+        if model is not None:
+            harness.compile_forward(model, spec.compile)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = batch[0], batch[1]
 
@@ -209,7 +212,8 @@ class Profile:
         spec = self.spec
         setting = {"dataset": spec.dataset, "method": spec.method, "teacher": spec.teacher or "",
                    "student": spec.student, "device": spec.device, "precision": spec.precision,
-                   "channels_last": spec.channels_last, "batch_size": spec.recipe.batch_size, "host": host,
+                   "channels_last": spec.channels_last, "compile": spec.compile or "eager",
+                   "batch_size": spec.recipe.batch_size, "host": host,
                    "torch": torch.__version__}
         batch = spec.recipe.batch_size
         values = {**{f"step_ms_{v}": 1e3 * s for v, s in self.seconds.items()},
@@ -270,6 +274,8 @@ def save(table: pd.DataFrame, results_dir: Path) -> Path:
     path = results_dir / "profile.parquet"
     if path.exists():
         old = pd.read_parquet(path)
+        if "compile" not in old:  # tables made before --compile existed
+            old["compile"] = "eager"
         merged = old.merge(table[SETTING].drop_duplicates(), on=SETTING, how="left", indicator=True)
         table = pd.concat([old[merged["_merge"].eq("left_only").to_numpy()], table], ignore_index=True)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +287,8 @@ def save(table: pd.DataFrame, results_dir: Path) -> Path:
     return path
 
 
-SETTING = ["host", "dataset", "method", "teacher", "student", "device", "precision", "channels_last", "batch_size"]
+SETTING = ["host", "dataset", "method", "teacher", "student", "device", "precision", "channels_last", "compile",
+           "batch_size"]
 
 
 def wide(table: pd.DataFrame) -> pd.DataFrame:
@@ -297,9 +304,10 @@ def format_profile(table: pd.DataFrame) -> str:
     for _, r in wide(table).iterrows():
         total = sum(r[f"phase_ms_{p}"] for p in PHASES)
         rows.append([r.method, f"{r.teacher}->{r.student}" if r.teacher else r.student, r.dataset, r.precision,
-                     "yes" if r.channels_last else "no", *(f"{r[f'img_per_s_{v}']:.0f}" for v in VARIANTS),
+                     "yes" if r.channels_last else "no", r.compile,
+                     *(f"{r[f'img_per_s_{v}']:.0f}" for v in VARIANTS),
                      " ".join(f"{p.split('_')[0]} {100 * r[f'phase_ms_{p}'] / total:.0f}%" for p in PHASES),
                      f"{100 * r.fraction_of_peak:.1f}% of {r.peak_gflops:.0f}"])
-    headers = ["method", "pair", "dataset", "precision", "channels_last", "img/s harness", "fixed batch", "bare",
-               "instrumented step: share per phase", "GFLOP/s reached"]
+    headers = ["method", "pair", "dataset", "precision", "channels_last", "compile", "img/s harness", "fixed batch",
+               "bare", "instrumented step: share per phase", "GFLOP/s reached"]
     return tabulate(rows, headers, tablefmt="github")

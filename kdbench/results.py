@@ -110,7 +110,8 @@ class RunRecord:
             "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,
             "lr": spec.recipe.lr,  # None: the model's default
             "precision": spec.precision,
-            "channels_last": spec.channels_last, "device": spec.device, "teacher_run": spec.teacher_run,
+            "channels_last": spec.channels_last, "compile": spec.compile, "device": spec.device,
+            "teacher_run": spec.teacher_run,
             # scalars only: the per-module code hashes (code_files) stay in record.json
             **{k: v for k, v in self.provenance.items() if not isinstance(v, dict)},
         }

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # -r 1 -a 1: CE + KD added to every method).
 PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
+# torch.compile modes (kdbench run --compile MODE): the student and the frozen models are compiled, not the method.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PAD_MODES = ("zeros", "reflect")
 # Seeds are integers in 0 <= seed < SEED_LIMIT, the signed 32-bit range that every seeded library takes; far larger
 # ones overflowed the results table's int64 columns after the teacher had trained.
@@ -139,6 +141,7 @@ class RunSpec:
     device: str = "cpu"  # resolved device type: "cpu" or "cuda"
     precision: str = "fp32"
     channels_last: bool = False
+    compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: eager
 
     @property
     def pair(self) -> str | None:
@@ -199,6 +202,7 @@ class SweepSpec:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = False
+    compile: str | None = None
     teacher_seed: int = 0
     teacher_ckpt_sha256: str | None = None  # import this checkpoint as the teacher instead of training one
     method_options: tuple[tuple[str, str, str], ...] = ()  # (method, key, value) from `--set METHOD.KEY=VALUE`
@@ -206,7 +210,7 @@ class SweepSpec:
 
     def _common(self) -> dict[str, Any]:
         return dict(dataset=self.dataset, device=self.device, precision=self.precision,
-                    channels_last=self.channels_last)
+                    channels_last=self.channels_last, compile=self.compile)
 
     def _on_dataset(self, recipe: Recipe) -> Recipe:
         from kdbench.data import dataset_info
@@ -278,6 +282,8 @@ class SweepSpec:
             raise KdbenchError(f"unknown protocol {self.protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
         if self.precision not in PRECISIONS:
             raise KdbenchError(f"unknown precision {self.precision!r}; valid precisions: {', '.join(PRECISIONS)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise KdbenchError(f"unknown compile mode {self.compile!r}; valid modes: {', '.join(COMPILE_MODES)}")
         if self.teacher_ckpt_sha256 and len({p.teacher for p in self.pairs}) > 1:
             raise KdbenchError("--teacher-ckpt holds one teacher, but the pairs name several teacher architectures")
         return overrides

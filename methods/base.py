@@ -164,6 +164,9 @@ class Method(nn.Module):
     uses_assistants: ClassVar[bool] = False
     # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".
     note: ClassVar[str] = ""
+    # The frozen trainers' BatchNorms normalise each training step's batch with its own statistics (their running
+    # statistics untouched) instead of the running ones; an instance may set it from an option (OFD).
+    teacher_batch_stats: bool = False
     # What the student learns from, for reports that group methods (column `method_family`): "logit" (output
     # distributions), "feature" (intermediate maps), "relation" (relations between samples, positions or layers),
     # "assistant" (through teacher assistants), "layer-adding" (a module the deployed student keeps), "baseline".

@@ -22,7 +22,10 @@ NotImplementedError for them): OFD refuses a ShuffleNet teacher when the sweep i
 Labelled deviation (``note``): both official codes run the teacher with batch statistics (clovaai
 ``d_net.t_net.train()``; mdistiller's ``OFD.train`` puts every child, the teacher too, in train mode), which also
 moves the teacher's running statistics; the author calls this deliberate (clovaai/overhaul-distillation issue #37).
-kdbench keeps the teacher frozen in eval mode, so its maps use the running statistics. No batch-statistics option.
+kdbench keeps the teacher frozen in eval mode by default, so its maps use the running statistics.
+``teacher_batch_stats=true`` normalises the teacher's maps in training steps with each batch's statistics, as the
+official codes do, without their drift: the teacher's running statistics stay as trained (kdbench.harness
+``batch_statistics``), so evaluation, the margins and every other run of the teacher are unchanged.
 
 Presets: official and crd ``CE + 0.001·L_OFD`` (mdistiller ``OFD.LOSS.FEAT_WEIGHT 0.001``; clovaai
 ``loss_distill.sum() / batch_size / 1000``); semckd ``CE + KD_4 + 0.001·L_OFD``.
@@ -87,7 +90,7 @@ class OFD(Method):
     name = "ofd"
     family = "feature"
     note = "eval-mode teacher (the official code normalises the teacher with batch statistics)"
-    defaults = {**LOGIT_OPTIONS, "beta": 0.001}
+    defaults = {**LOGIT_OPTIONS, "beta": 0.001, "teacher_batch_stats": False}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS
 
@@ -100,6 +103,9 @@ class OFD(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        self.teacher_batch_stats = bool(ctx.options["teacher_batch_stats"])
+        if self.teacher_batch_stats:
+            self.note = "teacher normalised with batch statistics, its running statistics frozen (official: drifting)"
         s_stages, t_stages = stage_names(ctx.student_shapes), stage_names(ctx.teacher_shapes)
         depth = min(len(s_stages), len(t_stages))
         self.student_taps = tuple(f"{name}_preact" for name in s_stages[len(s_stages) - depth:])

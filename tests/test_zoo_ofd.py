@@ -12,7 +12,7 @@ from test_methods_e2e import REFERENCE_PAIRS
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.harness import run_sweep
+from kdbench.harness import batch_statistics, run_sweep
 from kdbench.methods import method_class
 from kdbench.methods.base import Preparation
 from kdbench.methods.ofd import bn_margin, partial_l2
@@ -241,6 +241,7 @@ def test_presets_resolve_to_the_spec_weights(protocol, ce, kd):
         options = dict(OFD.resolve_options({}, protocol, teacher, student))
         assert (options["ce_weight"], options["kd_weight"], options["beta"]) == (ce, kd, 0.001)
         assert options["temperature"] == 4.0 and options["kl_reduction"] == "batchmean"
+        assert options["teacher_batch_stats"] is False  # eval-mode teacher unless asked (the labelled deviation)
     assert OFD.family == "feature" and OFD.label(options) == ("ofd (+KD)" if kd else "ofd")
 
 
@@ -309,3 +310,43 @@ def test_a_short_run_prepares_margins_from_the_harness_teacher(env, monkeypatch)
         bn = model.get_submodule(model.preact_bn[tap])
         assert torch.equal(margin, bn_margin(bn.weight, bn.bias))
     assert math.isfinite(record.epochs[0]["loss_ofd"]) and record.epochs[0]["loss_ofd"] > 0
+
+
+def test_batch_statistics_normalise_with_the_batch_and_leave_the_teacher_as_it_was():
+    torch.manual_seed(0)
+    teacher = create_model("resnet14", 10, 3)
+    teacher(torch.randn(64, 3, 32, 32) * 3 + 1)  # running statistics that differ from the next batch's
+    teacher.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(16, 3, 32, 32)
+    copy = create_model("resnet14", 10, 3)
+    copy.load_state_dict(before)
+    reference = copy.train()(x)  # train mode: batch statistics (and, unlike the context, drifting running ones)
+    with torch.no_grad(), batch_statistics([teacher]):
+        inside = teacher(x)
+    assert torch.allclose(inside, reference, atol=1e-5)
+    assert not torch.allclose(teacher(x), reference, atol=1e-3)  # outside: running statistics again
+    assert not any(m.training for m in teacher.modules())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # counters included
+    with batch_statistics([teacher], enabled=False):
+        assert torch.equal(teacher(x), teacher.eval()(x))
+
+
+def test_teacher_batch_stats_runs_the_teacher_on_batch_statistics_and_keeps_it_frozen(env, monkeypatch):
+    modes = []  # per training step after prepare: did the teacher's BNs normalise with the batch's statistics?
+    real_prepare = OFD.prepare
+
+    def prepare(self, prep):
+        real_prepare(self, prep)
+        bn = prep.teacher_model.get_submodule(prep.teacher_model.preact_bn["stage1_preact"])
+        bn.register_forward_hook(lambda m, *_: modes.append(m.training and not m.track_running_stats))
+
+    monkeypatch.setattr(OFD, "prepare", prepare)
+    recipe = Recipe("ofd-few", epochs=1, batch_size=16, train_subset=32, test_subset=16, warmup_steps=0)
+    teacher, student = tiny_sweep(methods=("ofd",), recipe=recipe,
+                                  method_options=(("ofd", "teacher_batch_stats", "true"),)).plan()
+    record = run_sweep([teacher, student], env)[1]  # the harness fails a run whose frozen teacher changed
+    assert record.status == "finished", record.error
+    assert modes == [True, True]  # both steps (32 images, batch 16)
+    assert dict(record.spec.method_options)["teacher_batch_stats"] is True
+    assert "batch statistics" in record.provenance["method_note"]

@@ -14,6 +14,7 @@ _REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "studen
 _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
              "method_label": None, "method_family": None, "teacher_run": None, "device_name": None, "epochs": None,
              "batch_size": None, "train_subset": None, "test_subset": None, "lr": None, "channels_last": False,
+             "compile": None,
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None}
 _RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
                 "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "end_to_end_wall_s", "wall_s")
@@ -89,7 +90,8 @@ def _setting_label(run: pd.Series) -> str:
     """What runs must share to be pooled: dataset, recipe (with its overrides), device and precision."""
     recipe = ", ".join(text.format(run[key]) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
     device = run["device"] + (f" ({run['device_name']})" if pd.notna(run["device_name"]) else "")
-    precision = run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
+    precision = (run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
+                 + (f", compiled ({run['compile']})" if pd.notna(run["compile"]) else ""))
     return " · ".join([run["dataset"], f"recipe {run['recipe']}" + (f" ({recipe})" if recipe else ""),
                        device, precision])
 

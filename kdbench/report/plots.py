@@ -276,7 +276,8 @@ def plot_profile(table: pd.DataFrame, stem: Path) -> list[Path]:
 
     wide = settings(table)
     labels = [f"{r.method} {f'{r.teacher}->' if r.teacher else ''}{r.student} · {r.dataset} · {r.precision}"
-              f"{' · channels_last' if r.channels_last else ''}" for r in wide.itertuples()]
+              f"{' · channels_last' if r.channels_last else ''}"
+              f"{f' · compiled ({r.compile})' if r.compile not in ('eager', None) else ''}" for r in wide.itertuples()]
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(wide) + 1.8), layout="constrained")
     left = pd.Series(0.0, index=wide.index)
     palette = plt.get_cmap("tab10")
