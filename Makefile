@@ -28,16 +28,17 @@ reference: setup
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --plots $(REFERENCE)/plots
 
 # Where the step time goes (README, "Performance"): kd and semckd on vgg13:vgg8 at batch 64, on 3x32x32 inputs
-# (synthetic, CIFAR's shape) and on Fashion-MNIST's 1x28x28, in fp32, bf16 and bf16 + channels_last, each against a
-# fixed batch, a bare PyTorch loop and the device's measured peak; then the micro-benchmarks. Run it on a quiet
-# machine: it measures speed.
+# (synthetic, CIFAR's shape) and on Fashion-MNIST's 1x28x28, in fp32, bf16, bf16 + channels_last and compiled fp32
+# (--compile; the first compile takes minutes on a CPU), each against a fixed batch, a bare PyTorch loop and the
+# device's measured peak; then the micro-benchmarks. Run it on a quiet machine: it measures speed.
 PERF := results/perf
 PERF_RUN := --methods kd,semckd --pairs vgg13:vgg8 --recipe short --results-dir $(PERF) --profile
 bench-perf: setup
 	for data in synthetic fashion-mnist; do \
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data && \
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp && \
-	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp --channels-last || exit 1; \
+	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --amp --channels-last && \
+	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --compile || exit 1; \
 	done
 	$(VENV)/bin/python -m pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-json=$(PERF)/micro.json
 
