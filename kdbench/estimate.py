@@ -65,7 +65,8 @@ class _Cost:
     reuse_image: float
     epoch: float  # a checkpoint and a record written every epoch
     run: float  # building the loader and modules, exporting and saving the run
-    init_epochs: int = 0  # the method's init stage (AB, FT, FSP), priced at the main stage's step
+    init_epochs: int = 0  # the method's init stage (AB, FT, FSP)
+    init_step: float = 0.0  # a step of that stage, which trains other parameters (FT: the paraphraser alone)
 
 
 class _Sample:
@@ -162,12 +163,18 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             n_train = _sizes(spec, data)[0]
             fit, reuse = (t * s.passes / s.images if s.images else t / n_train for t, s in zip((fit, reuse), samples))
         timer = StepTimer(device, 0)
+        init_step = 0.0
+        if parts.init_stage:  # timed first, as the harness runs it: before the main stage, on its own optimiser
+            for group in parts.init_optimizer.param_groups:
+                group["lr"] = parts.init_stage.lr
+            harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, -2, timer, False, "init")
+            timer.flush()
+            init = harness._train_epoch(parts, _Sample(loader, steps), spec, -1, timer, False, "init")
+            init_step = _step_seconds(timer.flush(), init["epoch_s"], steps)
         warm = harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, 0, timer, False)
         timer.flush()
         train = harness._train_epoch(parts, _Sample(loader, steps), spec, 1, timer, False)
-        # the median step (robust to a step that another process slowed), plus the loop's own share per step
-        timed_steps = [s for s, _ in timer.flush()]
-        step = statistics.median(timed_steps) + (train["epoch_s"] - sum(timed_steps)) / steps
+        step = _step_seconds(timer.flush(), train["epoch_s"], steps)
         first_eval, eval_image = per_image(parts.student, None if parts.trainers else spec.student)
         run_s += max(0.0, warm["epoch_s"] - WARMUP_STEPS * step) + first_eval  # a run's first steps and evaluation
         history = [{"epoch": 1, "top1": 0.0, "top5": 0.0, **train, "lr": parts.base_lr, "eval_s": 0.0}]
@@ -186,7 +193,13 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
 
         run_s += _timed(finish, device)
-    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs)
+    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs, init_step)
+
+
+def _step_seconds(timed: list[tuple[float, int]], epoch_s: float, steps: int) -> float:
+    """The median step (robust to a step that another process slowed), plus the loop's own share per step."""
+    seconds = [s for s, _ in timed]
+    return statistics.median(seconds) + (epoch_s - sum(seconds)) / steps
 
 
 def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
@@ -222,11 +235,13 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
         seconds, epochs = 0.0, 0
         if status != "cached":
             cost, data = costs[_setting(spec)], harness._dataset(spec.dataset, env.data_dir, env.download)
+            init_left = 0 if status == "import" else max(0, cost.init_epochs - done)
             epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
             n_train, n_steps, n_test, _ = _sizes(spec, data)
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
             seconds += n_test * cost.eval_image if status == "import" else \
-                epochs * (n_steps * cost.step + n_test * cost.eval_image + cost.epoch)
+                epochs * (n_test * cost.eval_image + cost.epoch) + n_steps * (
+                    init_left * cost.init_step + (epochs - init_left) * cost.step)
             if status in ("train", "stale") and spec.teacher:
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)
                 seconds += n_train * (cost.reuse_image if key in fitted else cost.fit_image)

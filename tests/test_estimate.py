@@ -75,22 +75,47 @@ def test_estimate_scales_with_epochs_and_seeds(env, monkeypatch):
 
 
 def test_an_init_stage_is_priced_with_its_epochs(env, monkeypatch):
-    """AB/FT/FSP-style init epochs run before the recipe's: priced at the main step; a run resumed inside or after
-    the stage pays what is left of both."""
+    """AB/FT/FSP-style init epochs run before the recipe's, each step at the init stage's own measured cost; a run
+    resumed inside or after the stage pays what is left of both."""
     from dataclasses import replace
 
     import probe_methods  # noqa: F401  (probe-init: 2 init epochs)
 
-    monkeypatch.setattr(estimate_module, "_measure", lambda spec, *a: replace(COST, init_epochs=2))
+    init_step = 0.125
+    init_epoch_s = EPOCH_S - STEPS * (COST.step - init_step)
+    monkeypatch.setattr(estimate_module, "_measure", lambda spec, *a: replace(COST, init_epochs=2,
+                                                                              init_step=init_step))
     teacher, spec = tiny_sweep(methods=("probe-init",)).plan()
     _record(env, teacher, "finished", 3)
     fresh = estimate([teacher, spec], env).runs[1]
     assert fresh.epochs == 2 + 3
-    _record(env, spec, "running", 3)  # both init epochs and the first main one
+    _record(env, spec, "running", 1)  # inside the stage: one init epoch left
     env.store.save_torch(env.store.checkpoint_path(spec.run_id), {"stand-in": 1})
+    inside = estimate([teacher, spec], env).runs[1]
+    assert (inside.status, inside.epochs) == ("resume", 4)
+    assert fresh.seconds - inside.seconds == pytest.approx(init_epoch_s + 640 * COST.fit_image)
+    _record(env, spec, "running", 3)  # both init epochs and the first main one
     resumed = estimate([teacher, spec], env).runs[1]
     assert (resumed.status, resumed.epochs) == ("resume", 2)
-    assert fresh.seconds - resumed.seconds == pytest.approx(3 * EPOCH_S + 640 * COST.fit_image)
+    assert fresh.seconds - resumed.seconds == pytest.approx(2 * init_epoch_s + EPOCH_S + 640 * COST.fit_image)
+
+
+def test_the_init_stage_step_is_measured_on_its_own(env, monkeypatch):
+    """The dry run times the init stage's steps (warm-up, then timed) before and apart from the main ones."""
+    import probe_methods  # noqa: F401
+
+    calls, real = [], harness._train_epoch
+
+    def train_epoch(parts, loader, spec, epoch, timer, show, stage="main"):
+        calls.append((stage, epoch, loader.steps_per_epoch))
+        return real(parts, loader, spec, epoch, timer, show, stage)
+
+    monkeypatch.setattr(harness, "_train_epoch", train_epoch)
+    teacher, spec = tiny_sweep(methods=("probe-init",)).plan()
+    cost = estimate_module._measure(spec, env, 2, 1, {})
+    warm = estimate_module.WARMUP_STEPS
+    assert calls == [("init", -2, warm), ("init", -1, 2), ("main", 0, warm), ("main", 1, 2)]
+    assert cost.init_epochs == 2 and cost.init_step > 0 and cost.step > 0
 
 
 def _tree(root):
