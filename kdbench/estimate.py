@@ -162,19 +162,12 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             # per image of the training subset: prepare's passes over it, each sampled, are scaled to whole passes
             n_train = _sizes(spec, data)[0]
             fit, reuse = (t * s.passes / s.images if s.images else t / n_train for t, s in zip((fit, reuse), samples))
-        timer = StepTimer(device, 0)
         init_step = 0.0
         if parts.init_stage:  # timed first, as the harness runs it: before the main stage, on its own optimiser
             for group in parts.init_optimizer.param_groups:
                 group["lr"] = parts.init_stage.lr
-            harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, -2, timer, False, "init")
-            timer.flush()
-            init = harness._train_epoch(parts, _Sample(loader, steps), spec, -1, timer, False, "init")
-            init_step = _step_seconds(timer.flush(), init["epoch_s"], steps)
-        warm = harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, 0, timer, False)
-        timer.flush()
-        train = harness._train_epoch(parts, _Sample(loader, steps), spec, 1, timer, False)
-        step = _step_seconds(timer.flush(), train["epoch_s"], steps)
+            _, _, init_step = _timed_stage(parts, loader, spec, steps, "init", -2)
+        warm, train, step = _timed_stage(parts, loader, spec, steps, "main", 0)
         first_eval, eval_image = per_image(parts.student, None if parts.trainers else spec.student)
         run_s += max(0.0, warm["epoch_s"] - WARMUP_STEPS * step) + first_eval  # a run's first steps and evaluation
         history = [{"epoch": 1, "top1": 0.0, "top5": 0.0, **train, "lr": parts.base_lr, "eval_s": 0.0}]
@@ -196,10 +189,17 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
     return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs, init_step)
 
 
-def _step_seconds(timed: list[tuple[float, int]], epoch_s: float, steps: int) -> float:
-    """The median step (robust to a step that another process slowed), plus the loop's own share per step."""
-    seconds = [s for s, _ in timed]
-    return statistics.median(seconds) + (epoch_s - sum(seconds)) / steps
+def _timed_stage(parts, loader: DeviceLoader, spec: RunSpec, steps: int, stage: str,
+                 epoch: int) -> tuple[dict, dict, float]:
+    """``WARMUP_STEPS`` untimed steps of ``stage`` (as epoch ``epoch``), then ``steps`` timed ones (``epoch`` + 1):
+    both epochs' metrics and the seconds per step, i.e. the median step (robust to a step that another process
+    slowed) plus the loop's own share per step."""
+    timer = StepTimer(torch.device(spec.device), 0)
+    warm = harness._train_epoch(parts, _Sample(loader, WARMUP_STEPS), spec, epoch, timer, False, stage)
+    timer.flush()
+    timed = harness._train_epoch(parts, _Sample(loader, steps), spec, epoch + 1, timer, False, stage)
+    seconds = [s for s, _ in timer.flush()]
+    return warm, timed, statistics.median(seconds) + (timed["epoch_s"] - sum(seconds)) / steps
 
 
 def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
