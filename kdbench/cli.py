@@ -170,7 +170,7 @@ def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
     """Loads the checkpoint into the pairs' teacher architecture now, so a file that does not fit fails before any
     run starts."""
     from kdbench.data import dataset_info
-    from kdbench.harness import load_weights
+    from kdbench.execution import load_weights
     from kdbench.models import create_model
 
     info = dataset_info(sweep.dataset)
@@ -212,9 +212,11 @@ def _run(args: argparse.Namespace) -> int:
     specs = sweep.plan()
     if args.teacher_ckpt:
         _check_teacher_ckpt(args.teacher_ckpt, sweep)
-    checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt} if args.teacher_ckpt else {}
-    store = ResultsStore(args.results_dir)
-    env = RunEnv(store, args.data_dir, not args.no_download, checkpoints, reuse_stale=args.reuse_stale, sinks=sinks)
+    # Absolute paths: Ray workers run in the directory their node started in, not in this one.
+    checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt.resolve()} if args.teacher_ckpt else {}
+    store = ResultsStore(args.results_dir.resolve())
+    env = RunEnv(store, args.data_dir.resolve() if args.data_dir else None, not args.no_download, checkpoints,
+                 reuse_stale=args.reuse_stale, sinks=sinks)
     if args.dry_run:
         from kdbench.estimate import estimate, format_estimate
 

@@ -19,6 +19,7 @@ import torch
 from tabulate import tabulate
 
 from kdbench import harness
+from kdbench.execution import evaluate
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.loader import DeviceLoader
 from kdbench.measure import StepTimer, macs_per_image, provenance
@@ -143,7 +144,7 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
         if arch and key in evals:
             return evals[key]
         warm, sample = _Sample(loader, 1), _Sample(loader, eval_batches)
-        first, steady = (harness.evaluate(model, s, spec, device)["eval_s"] for s in (warm, sample))
+        first, steady = (evaluate(model, s, spec, device)["eval_s"] for s in (warm, sample))
         cost = max(0.0, first - warm.images * steady / sample.images), steady / sample.images
         if arch:
             evals[key] = cost

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from kdbench.errors import KdbenchError
-from kdbench.harness import RunEnv, run, run_sweep
+from kdbench.harness import RunEnv, load_data, run, run_sweep
 from kdbench.progress import log
 from kdbench.results import RunRecord
 from kdbench.spec import RunSpec
@@ -63,6 +63,7 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
         import ray
     except ImportError:
         raise KdbenchError("--executor ray needs Ray: pip install 'kdbench[ray]'") from None
+    load_data(specs, env)  # here, before a cluster starts; workers then read it from their own data dir
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=True)
     task = ray.remote(_run_task)

@@ -17,7 +17,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from kdbench.results import ResultsStore, RunRecord
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 NOT_NUMBERS = ("kdbench.report", "kdbench.cli", "kdbench.results", "kdbench.errors", "kdbench.fingerprint",
                "kdbench.progress", "kdbench.executors")
 CORE = "kdbench.harness"
+# Modules that only some runs execute, with the test of a spec that says whether it does: counted in those runs'
+# code only, so that changing, say, the compiled path leaves every eager run's fingerprint as it was. Each imports
+# no kdbench module outside the harness's closure.
+OPTIONAL: dict[str, Callable[[RunSpec], bool]] = {"kdbench.compiled": lambda spec: spec.compile is not None}
 
 
 def _module_file(name: str) -> Path | None:
@@ -82,13 +86,13 @@ def _resolve(name: str, importer: str) -> str:
 
 def module_closure(root: str) -> dict[str, str]:
     """``{module name: hash}`` for ``root`` and every module it imports from its own top-level package or kdbench,
-    transitively, except NOT_NUMBERS."""
+    transitively, except NOT_NUMBERS and OPTIONAL."""
     packages = {"kdbench", root.split(".")[0]}
     seen: dict[str, str] = {}
     stack = [root]
     while stack:
         name = stack.pop()
-        if name in seen or name in NOT_NUMBERS or name.split(".")[0] not in packages:
+        if name in seen or name in NOT_NUMBERS or name in OPTIONAL or name.split(".")[0] not in packages:
             continue
         path = _module_file(name)
         if path is None:
@@ -127,6 +131,7 @@ def run_methods(spec) -> tuple[str, ...]:
 def fingerprint(spec) -> dict[str, object]:
     """What a record stores: the run's fingerprint, the shared core's, and the per-module hashes behind them."""
     files = code_files(run_methods(spec))
+    files.update({name: _parsed(_module_file(name))[0] for name, used in OPTIONAL.items() if used(spec)})
     return {"code_fingerprint": digest(files), "code_core": digest(module_closure(CORE)), "code_files": files}
 
 

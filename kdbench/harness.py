@@ -9,7 +9,6 @@ twice; other executors (kdbench.executors) call the same ``run``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import shutil
@@ -21,8 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
 from kdbench.errors import KdbenchError
+from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.loader import DeviceLoader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
@@ -55,70 +56,6 @@ class RunEnv:
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, data_dir: Path | None, download: bool) -> ArrayData:
     return load_dataset(name, data_dir, download)
-
-
-def load_weights(model: torch.nn.Module, path: Path, what: str) -> None:
-    """Loads a plain state dict or a RepDistiller checkpoint (weights under ``model``) with strict=True."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise KdbenchError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise KdbenchError(f"{what} {path} holds no state dict (expected a dict, or one under the key 'model')")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise KdbenchError(f"{what} {path} does not fit {type(model).__name__}: {detail[:300]}") from None
-
-
-def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
-    """Compiles ``model.forward`` in place (``mode``: a torch.compile mode; None leaves it eager). Its state dict is
-    unchanged, hooks on its layers (feature taps) are compiled with it, and hooks on the model itself run outside
-    the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode."""
-    if mode is not None:
-        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
-
-
-@contextlib.contextmanager
-def batch_statistics(models, enabled: bool = True):
-    """Inside, the BatchNorms of ``models`` normalise with the batch's statistics and leave their running statistics
-    and counters as they are (train mode without tracking); outside, they are as before."""
-    norms = [m for model in models for m in model.modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if enabled else []
-    saved = [(m.training, m.track_running_stats) for m in norms]
-    for m in norms:
-        m.training, m.track_running_stats = True, False
-    try:
-        yield
-    finally:
-        for m, (training, tracking) in zip(norms, saved):
-            m.training, m.track_running_stats = training, tracking
-
-
-def _autocast(spec: RunSpec, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 (%) on the test set in eval mode, and evaluation throughput."""
-    model.eval()
-    correct = torch.zeros(2, device=device)
-    seen = 0
-    started = time.perf_counter()
-    for x, y in loader.test_batches():
-        with _autocast(spec, device):
-            logits = model(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
-        seen += len(y)
-    top1, top5 = (100.0 * correct / seen).tolist()
-    elapsed = time.perf_counter() - started
-    return {"top1": top1, "top5": top5, "eval_s": elapsed, "eval_images_per_s": seen / elapsed}
 
 
 def _frozen(arch: str, run_id: str, env: RunEnv, data: ArrayData,
@@ -231,7 +168,7 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
 
     @torch.no_grad()
     def teacher(x: torch.Tensor):
-        with _autocast(spec, loader.device):
+        with autocast(spec, loader.device):
             return teacher_fx(x)
 
     # A stream of its own, so preparing changes nothing in the training stream.
@@ -247,7 +184,7 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     counts stay on the device until the epoch ends."""
     optimizer = parts.optimizer_of(stage)
     device = loader.device
-    autocast = _autocast(spec, device)
+    precision = autocast(spec, device)
     parts.student.train()
     parts.method.train()
     for trainer in parts.trainers:
@@ -262,7 +199,7 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
         started = timer.start()
         active = parts.method.trainers_for_step(epoch, step) if parts.trainers else ()
         frozen_forwards += len(active)
-        with autocast:
+        with precision:
             s_logits, s_features = parts.student_fx(x)
             with torch.no_grad(), batch_statistics([parts.trainers[i] for i in active],
                                                    parts.method.teacher_batch_stats):
@@ -487,12 +424,17 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
             return record
 
 
+def load_data(specs: list[RunSpec], env: RunEnv) -> None:
+    """Loads every dataset of a plan, so that a data problem stops the sweep before anything is written."""
+    for dataset in {spec.dataset for spec in specs}:
+        _dataset(dataset, env.data_dir, env.download)
+
+
 def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     """Runs every spec in order (teachers first). A run that another process holds is put off, with the runs it
     teaches, and tried again after the others; only when every run left is held is the first one waited for.
     Processes that share a results dir thus split the work, and each run is trained once."""
-    for dataset in {spec.dataset for spec in specs}:  # data problems stop the sweep before anything is written
-        _dataset(dataset, env.data_dir, env.download)
+    load_data(specs, env)
     records: dict[str, RunRecord] = {}
     sweep = SweepProgress.of(specs)
     show = env.progress

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import harness
+from kdbench.compiled import compile_forward
 from kdbench.estimate import WARMUP_STEPS, _loader, _Sample, _setting, _timed, _untrained
+from kdbench.execution import autocast
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods.base import KD_TEMPERATURE, kd_divergence
 from kdbench.models import create_model
@@ -122,12 +124,12 @@ def _bare_seconds(spec: RunSpec, data, device: torch.device, batch, steps: int) 
                .eval().requires_grad_(False) if spec.teacher else None)
     for model in (student, teacher):
         if model is not None:
-            harness.compile_forward(model, spec.compile)
+            compile_forward(model, spec.compile)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = batch[0], batch[1]
 
     def step():
-        with harness._autocast(spec, device):
+        with autocast(spec, device):
             logits = student(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None:

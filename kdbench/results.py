@@ -231,11 +231,12 @@ class ResultsStore:
         finally:
             lock.release()
 
-    def set_aside(self, path: Path, problem: str) -> Path:
+    def set_aside(self, path: Path, problem: str, say: bool = True) -> Path:
         """Renames a file that cannot be used to ``<name>.damaged-<time>`` (never deletes it) and says so."""
         aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
-        log.warning("%s: %s; set aside as %s, its run will be made again", path, problem, aside.name)
+        if say:
+            log.warning("%s: %s; set aside as %s, its run will be made again", path, problem, aside.name)
         return aside
 
     def load_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
@@ -264,20 +265,30 @@ class ResultsStore:
             return None
 
     def finished_record(self, run_id: str) -> RunRecord | None:
-        """The run's record if it finished and its weights are intact (their sha256 is in the record); else None.
-        A finished run whose weights are damaged or gone is set aside, record and weights, to be made again."""
+        """The run's record if it finished and its weights are intact (their sha256 is the record's; a record made
+        before kdbench stored it: the weights load); else None. A finished run whose weights are damaged or gone is
+        set aside, record and weights, to be made again."""
         record = self.load_record(run_id)
         if record is None or record.status != "finished":
             return None
         expected = record.provenance.get("weights_sha256")
         path = self.weights_path(run_id)
-        if expected is not None and (not path.is_file() or sha256_file(path, "weights") != expected):
-            problem = "missing" if not path.is_file() else "damaged (its sha256 differs from the record's)"
-            if path.is_file():
-                self.set_aside(path, f"weights {problem}")
-            self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}")
-            return None
-        return record
+        if not path.is_file():
+            problem = "missing"
+        elif expected is not None:
+            problem = None if sha256_file(path, "weights") == expected else \
+                "damaged (their sha256 differs from the record's)"
+        else:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+                problem = None
+            except Exception as error:  # truncated zip, bad pickle: torch raises many types
+                problem = f"unreadable ({' '.join(str(error).split())[:120]})"
+        if problem is None:
+            return record
+        aside = f"; weights set aside as {self.set_aside(path, '', say=False).name}" if path.is_file() else ""
+        self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}{aside}")
+        return None
 
     def is_finished(self, run_id: str) -> bool:
         return self.finished_record(run_id) is not None

@@ -346,7 +346,7 @@ class SweepSpec:
         info = dataset_info(self.dataset)
         for run in runs:
             if not run.pretrained:
-                _check_steps(run, method_class(run.method).needs_full_batches, info.train_size)
+                _check_steps(run, method_class(run.method), info.train_size)
 
         @functools.cache
         def shapes(arch: str) -> dict[str, tuple[int, ...]]:
@@ -372,15 +372,24 @@ class SweepSpec:
                     raise KdbenchError(f"{run.method} cannot train {where}: {' '.join(str(e).split())}") from None
 
 
-def _check_steps(run: RunSpec, needs_full_batches: bool, dataset_size: int | None) -> None:
-    """Fails when ``run`` would take no step per epoch: fewer training images than one batch, and the smaller last
-    batch dropped (by the recipe, or because the method needs full batches)."""
+def _check_steps(run: RunSpec, method: type, dataset_size: int | None) -> None:
+    """Fails when ``run`` would take no step per epoch (fewer training images than one batch, and the smaller last
+    batch dropped by the recipe or because the method needs full batches), or a batch smaller than the method
+    takes (``Method.min_batch``)."""
     recipe = run.recipe
     images = recipe.train_images(dataset_size)
-    if not (recipe.drop_last or needs_full_batches) or images is None or images >= recipe.batch_size:
+    if images is None:
         return
-    why = f"{run.method} needs full batches" if needs_full_batches else f"recipe {recipe.name} drops the last batch"
-    fix = ("a larger --teacher-train-subset" if run.role == "teacher"
-           else f"--batch-size {images} or less, or a larger --train-subset")
-    raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches of "
-                       f"{recipe.batch_size}, and {why}: not one step per epoch; use {fix}")
+    drops = recipe.drop_last or method.needs_full_batches
+    if drops and images < recipe.batch_size:
+        why = f"{run.method} needs full batches" if method.needs_full_batches else \
+            f"recipe {recipe.name} drops the last batch"
+        fix = ("a larger --teacher-train-subset" if run.role == "teacher"
+               else f"--batch-size {images} or less, or a larger --train-subset")
+        raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches "
+                           f"of {recipe.batch_size}, and {why}: not one step per epoch; use {fix}")
+    last = images % recipe.batch_size
+    if not drops and 0 < last < method.min_batch:
+        raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches "
+                           f"of {recipe.batch_size}, leaving a last batch of {last}, and {run.method} needs at least "
+                           f"{method.min_batch} images a batch; use another --train-subset or --batch-size")

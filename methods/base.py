@@ -92,13 +92,15 @@ class MethodContext:
     num_assistants: int = 0  # teacher assistants teaching this run besides the teacher
     num_train: int = 0  # training images (positions 0 .. num_train − 1 in StepOutputs.indices); 0: not known yet
     student: str = ""  # the student's zoo name (kdbench.models.model_entry), for rules that go by architecture
+    fit_points: int | None = None  # the recipe's cap on the points of an offline fit (Preparation.fit_points)
 
     @classmethod
     def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
                teacher_shapes: dict[str, tuple[int, ...]] | None, num_train: int = 0) -> "MethodContext":
         """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
         return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
-                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train, spec.student)
+                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train, spec.student,
+                   spec.recipe.fit_points)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ class Method(nn.Module):
     teacher_taps: tuple[str, ...] = ()
     # Methods whose modules depend on the batch size (SemCKD) skip a smaller last batch.
     needs_full_batches: ClassVar[bool] = False
+    # The fewest images a training batch may hold (ReviewKD: a BatchNorm on a 1x1 map needs two in train mode).
+    min_batch: ClassVar[int] = 1
     # Methods taught along a teacher-assistant chain (TAKD, DGKD): the sweep trains the chain first.
     uses_assistants: ClassVar[bool] = False
     # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".

@@ -212,6 +212,7 @@ class LetKD(Method):
             self.register_buffer("inter_centres", torch.zeros(k_inter, self.lda_components))
             self.register_buffer("decision", torch.zeros(k_inter, k_inter))
             taps.append(INTER_TAP)
+        self._check_fit_size()
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.kd_layers = nn.ModuleDict(layers)
         self.student_taps = ()
@@ -221,6 +222,21 @@ class LetKD(Method):
         self._deployed: LetKDStudent | None = None
         self.fit_meta: dict[str, dict[str, Any]] = {}
         self._reused_fit_s = 0.0
+
+    def _check_fit_size(self) -> None:
+        """Fails when the offline fit would have fewer locations than centres (the recipe's cap, or every location of
+        the training images), so that the sweep stops when it is planned rather than after the teacher trained."""
+        sites = {"k_penult": (self.penult, int(self.opts["k_penult"]))}
+        if self.use_inter:
+            sites["k_sub"] = (self.inter, self.k_sub * self.ctx.num_classes)
+        for option, (site, centres) in sites.items():
+            h, w = site.fit_size
+            points = [n for n in (self.ctx.fit_points, self.ctx.num_train * h * w if self.ctx.num_train else None)
+                      if n is not None]
+            if points and min(points) < centres:
+                raise KdbenchError(f"{self.name}: the fit at {site.tap} would cluster {min(points)} feature locations "
+                                   f"into {centres} centres; use more training images, a larger fit_points cap in "
+                                   f"the recipe, or a smaller {self.name}.{option}")
 
     def _site(self, tap: str) -> Site:
         for side, shapes in (("student", self.ctx.student_shapes), ("teacher", self.ctx.teacher_shapes)):
@@ -303,11 +319,7 @@ class LetKD(Method):
         return Path(cache_dir) / f"letkd-{key['kind']}-{digest}.pt"
 
     def prepare(self, prep: Preparation) -> None:
-        cap = prep.fit_points
-        if cap is not None and cap < self.opts["k_penult"]:
-            raise KdbenchError(f"{self.name}: the recipe's fit_points cap ({cap}) is below {self.name}.k_penult "
-                               f"({self.opts['k_penult']}); k-means needs a point per centre")
-        keys = self.artefact_keys(cap)
+        keys = self.artefact_keys(prep.fit_points)
         artefacts: dict[str, dict[str, Any]] = {}
         for kind, key in keys.items():
             path = self.artefact_path(prep.cache_dir, key)

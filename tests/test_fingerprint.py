@@ -1,6 +1,7 @@
 """No stale results: a finished run made by other code is re-run (or kept on purpose), teachers only when their own
 code changed; comments and docstrings change nothing."""
 
+import dataclasses
 import importlib
 import sys
 
@@ -107,3 +108,21 @@ def test_closure_covers_the_harness_and_the_methods_imports_not_the_report():
     dgkd = module_closure("kdbench.methods.dgkd")
     assert {"kdbench.methods.dgkd", "kdbench.methods.kd", "kdbench.methods.takd", "kdbench.data"} <= set(dgkd)
     assert "kdbench.methods.fitnet" not in dgkd
+
+
+def test_the_compiled_path_counts_only_in_compiled_runs(monkeypatch):
+    """kdbench.compiled runs only under --compile: an edit there re-runs compiled runs and leaves eager ones."""
+    eager = next(s for s in tiny_sweep(methods=("kd",)).plan() if s.method == "kd")
+    compiled = dataclasses.replace(eager, compile="default")
+    assert "kdbench.compiled" not in fingerprint(eager)["code_files"]
+    assert "kdbench.compiled" in fingerprint(compiled)["code_files"]
+    before = {spec: fingerprint(spec)["code_fingerprint"] for spec in (eager, compiled)}
+    real = kdbench.fingerprint._parsed
+
+    def edited(path):
+        digest, imports = real(path)
+        return (digest + "-edited", imports) if path.name == "compiled.py" else (digest, imports)
+
+    monkeypatch.setattr(kdbench.fingerprint, "_parsed", edited)
+    assert fingerprint(eager)["code_fingerprint"] == before[eager]
+    assert fingerprint(compiled)["code_fingerprint"] != before[compiled]

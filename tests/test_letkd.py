@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import faiss
 import pytest
@@ -408,8 +409,23 @@ def test_the_recipe_cap_is_honoured_recorded_and_keyed(tmp_path):
     order, dist = match(means, method.penult_centres)
     assert dist.max() < 0.1  # a uniform sample still finds the blobs, but from 300 of the 800 locations
     assert not torch.allclose(method.penult_centres[order].double(), full, atol=1e-4)
-    with pytest.raises(KdbenchError, match="fit_points cap"):
-        synthetic_method(k_penult=4).prepare(synthetic(tmp_path, fit_points=3)[0])
+
+
+@pytest.mark.parametrize("options, context, message", [
+    (dict(k_penult=4), dict(fit_points=3), "the fit at pre_pool would cluster 3 feature locations into 4 centres"),
+    (dict(k_penult=9), dict(num_train=2), "the fit at pre_pool would cluster 8 feature locations into 9 centres"),
+    (dict(k_sub=10), dict(num_train=3, fit_points=100),  # 3 images x 2x2 locations; k_sub 10 x 2 classes
+     "at last_stage_first_block would cluster 12 feature locations into 20 centres; use more training images, a "
+     "larger fit_points cap in the recipe, or a smaller letkd2.k_sub"),
+])
+def test_a_fit_with_fewer_locations_than_centres_fails_when_the_method_is_built(options, context, message):
+    """Methods are built when the sweep is planned (SweepSpec._check): it stops before any teacher trains."""
+    taps = ("pre_pool", "last_stage_first_block")
+    options = dict(LetKD2.resolve_options({"k_penult": 2, "k_sub": 2, **options}, "official"))
+    with pytest.raises(KdbenchError, match=re.escape(message)):
+        LetKD2(MethodContext({t: (16, 2, 2) for t in taps}, {t: (8, 2, 2) for t in taps}, "official", 8, 2, options,
+                             **context))
+    LetKD2(MethodContext({t: (16, 2, 2) for t in taps}, {t: (8, 2, 2) for t in taps}, "official", 8, 2, options))
 
 
 @pytest.fixture(scope="module")

@@ -68,12 +68,15 @@ def _set_aside(folder: Path, name: str) -> list[Path]:
     return list(folder.glob(f"{name}.damaged-*"))
 
 
-@pytest.mark.parametrize("damage", ["record", "rows", "teacher_weights"])
+@pytest.mark.parametrize("damage", ["record", "rows", "teacher_weights", "teacher_weights_of_an_old_record"])
 def test_a_damaged_file_is_set_aside_and_its_run_made_again(damage, reference, finished_env, caplog):
     env, specs = finished_env, tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     teacher, student = (env.store.run_dir(s.run_id) for s in specs[:2])
-    target = {"record": student / "record.json", "rows": student / "metrics.parquet",
-              "teacher_weights": teacher / "model.pt"}[damage]
+    target = {"record": student / "record.json", "rows": student / "metrics.parquet"}.get(damage, teacher / "model.pt")
+    if damage == "teacher_weights_of_an_old_record":  # made before records kept the weights' sha256
+        record = json.loads((teacher / "record.json").read_text())
+        del record["provenance"]["weights_sha256"]
+        (teacher / "record.json").write_text(json.dumps(record))
     _truncate(target)
     with caplog.at_level(logging.WARNING, logger="kdbench"):
         records = run_sweep(specs, env)

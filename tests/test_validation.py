@@ -72,9 +72,14 @@ def fails_cleanly(capsys, argv: list[str], message: str, *unwritten) -> None:
     (["--methods", "student", *PAIR, "--recipe", "short", "--teacher-train-subset", "10"],
      "the teacher resnet14 (student) would train on 10 images in batches of 64, and recipe short drops the last "
      "batch"),
+    (["--methods", "reviewkd", *PAIR, "--batch-size", "4", "--train-subset", "9"],
+     "the student resnet8 (reviewkd) would train on 9 images in batches of 4, leaving a last batch of 1, and "
+     "reviewkd needs at least 2 images a batch"),
     # methods that cannot be built on the pair's models: found before the teacher trains
     (["--methods", "kd,fitnet", *PAIR, "--set", "fitnet.hint_layer=99"],
      "fitnet cannot train the pair resnet14:resnet8: fitnet.hint_layer=99 is not a feature of both models"),
+    (["--methods", "letkd1", *PAIR, "--set", "letkd1.k_penult=300000"],
+     "letkd1 cannot train the pair resnet14:resnet8: letkd1: the fit at pre_pool would cluster"),
     (["--methods", "probe-ta", "--pairs", "resnet56:resnet20"],
      "probe-ta cannot train the teacher assistant resnet32 of resnet56:resnet20: probe-ta cannot be built"),
 ])
@@ -116,10 +121,13 @@ def test_report_out_must_be_writable(capsys, tmp_path):
                   f"--plots: {taken} is a file, not a directory")
 
 
-def test_missing_data_creates_no_data_dir(capsys, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_missing_data_creates_no_data_dir(capsys, tmp_path, executor):
+    """Checked before any run is claimed, and under Ray before a cluster starts."""
     data, results = tmp_path / "new" / "data", tmp_path / "results"
     fails_cleanly(capsys, ["run", "--dataset", "cifar10", "--device", "cpu", "--methods", "student", *PAIR,
-                           "--data-dir", str(data), "--no-download", "--results-dir", str(results)],
+                           "--data-dir", str(data), "--no-download", "--results-dir", str(results),
+                           "--executor", executor],
                   "cifar10 not found in", data.parent, results)
 
 
