@@ -343,3 +343,23 @@ def test_clear_errors(capsys, tmp_path, tiny_results):
         capsys, "--results-dir", results, "--pairs", "vgg13:vgg8")
     assert "argument --metric: invalid choice: 'top5'" in _one_line_error(
         capsys, "--results-dir", results, "--metric", "top5")
+
+
+def test_a_teacher_with_its_own_recipe_heads_its_students_table_and_plots_skip_teachers_alone(tmp_path, table):
+    """Teachers trained under their own recipe (`--recipe cpu` → `cpu-teacher`) form a setting of their own: the
+    teacher still heads the table of the runs that learned from it, with a footnote naming its recipe; a teacher
+    that no run learned from makes a CE-only table and no plot (nothing to plot)."""
+    own = table.assign(recipe=table.recipe.where(table.role != "teacher", "cpu-teacher"))
+    lonely = own[own.role == "teacher"].assign(run_id=lambda t: t.run_id + "-lonely", student="resnet20")
+    entries = report.entries(pd.concat([own, lonely], ignore_index=True))
+    board = report.leaderboard(entries, "top1_best")
+    pair = board[board.pair == "resnet14->resnet8"]
+    assert list(pair.kind[:2]) == ["teacher", "student"] and pair.setting.nunique() == 1
+    assert "recipe cpu-teacher" in pair.trained_in.iloc[0] and "recipe cpu-teacher" not in pair.setting.iloc[0]
+    text = report.render_report(board)
+    assert "teacher resnet14: trained under recipe cpu-teacher" in text
+    assert "teacher resnet20" in text  # the lonely teacher's CE-only table
+    written = report.save_plots(entries, own, tmp_path / "plots")
+    folders = {p.parent for p in written}
+    assert len(folders) == 1 and "cpu-teacher" not in next(iter(folders)).name
+    assert "teacher resnet14: trained under recipe cpu-teacher" in report.render_report(board, layout="paper")

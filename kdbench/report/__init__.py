@@ -6,7 +6,7 @@ Everything here except :func:`run_summary` reads only the tidy results table (``
 :mod:`~kdbench.report.render` writes them as text, :mod:`~kdbench.report.plots` draws them.
 
 Pipeline: :func:`load_results` → :func:`entries` (one row per run and table it appears in) → :func:`leaderboard`
-(one row per table row) → :func:`render_report`; :func:`groups` + ``plot_*`` for figures.
+(one row per table row) → :func:`render_report`; :func:`plot_groups` + ``plot_*`` for figures.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from kdbench.report.load import describe, duplicate_runs, load_results, runs, un
 from kdbench.report.plots import (
     plot_accuracy_vs_throughput,
     plot_delta,
+    plot_groups,
     plot_heatmap,
     plot_learning_curves,
     plot_memory,
@@ -31,9 +32,9 @@ from kdbench.report.render import EXCLUDES_ZERO, LAYOUTS, OTHER_CODE, render_rep
 
 __all__ = ["CE_ONLY", "CI_LEVEL", "EXCLUDES_ZERO", "FORMATS", "LAYOUTS", "METRICS", "OTHER_CODE",
            "describe", "duplicate_runs", "entries", "groups", "leaderboard", "load_published",
-           "load_results", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta", "plot_heatmap",
-           "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "render_report", "report",
-           "run_summary", "runs", "save_plots", "unfinished"]
+           "load_results", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",
+           "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "render_report",
+           "report", "run_summary", "runs", "save_plots", "unfinished"]
 
 
 def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str = "top1_best",

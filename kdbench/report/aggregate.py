@@ -27,7 +27,9 @@ KIND_ORDER = {"teacher": 0, "student": 1, "method": 2}
 _OPTION = re.compile(r"([A-Za-z_]\w*)=(.*?)(?=,[A-Za-z_]\w*=|$)")  # "k=v,k2=v2" as written by RunRecord.tidy
 
 
-def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str) -> pd.DataFrame:
+def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str, setting: str) -> pd.DataFrame:
+    """``frame``'s runs as rows of the table (setting, protocol, pair); ``trained_in`` keeps the setting of a
+    teacher trained under its own recipe."""
     arch = frame["student"]
     if kind == "method":  # what the loss contains ("fitnet (+KD)"); older tables: the method's name
         label = frame["method_label"].fillna(frame["method"])
@@ -35,7 +37,9 @@ def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str) -> pd.DataFra
         label = kind + " " + arch + (" (CE)" if kind == "student" else "")
     else:
         label = pd.Series("student (CE)" if kind == "student" else "teacher", index=frame.index)
-    return frame.assign(kind=kind, protocol=protocol, pair=pair, arch=arch, label=label)
+    trained_in = frame["setting"].where(frame["setting"] != setting)
+    return frame.assign(kind=kind, protocol=protocol, pair=pair, arch=arch, label=label, setting=setting,
+                        trained_in=trained_in)
 
 
 def _check(frame: pd.DataFrame, column: str, wanted: set[str], option: str) -> pd.DataFrame:
@@ -58,26 +62,28 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
     rows stay whatever ``methods`` says.
     """
     wide = runs(table)
-    parts = []
-    for _, setting in wide.groupby("setting", sort=False):
-        teachers = setting[setting["role"] == "teacher"]
+    all_teachers = wide[wide["role"] == "teacher"]  # a teacher may have its own recipe, hence its own setting
+    parts, used = [], set()
+    for name, setting in wide.groupby("setting", sort=False):
         students = setting[setting["role"] == "student"]
         baseline = students[students["pair"].isna() & (students["method"] == "student")]
         solo = students[students["pair"].isna() & (students["method"] != "student")]
-        used: set[str] = set()
         for (proto, pair), distill in students[students["pair"].notna()].groupby(["protocol", "pair"], sort=False):
             arch_t, arch_s = distill["teacher"].iloc[0], distill["student"].iloc[0]
             taught_by = set(distill["teacher_run"].dropna())
-            teacher = teachers[teachers["run_id"].isin(taught_by) if taught_by else teachers["student"] == arch_t]
+            teacher = all_teachers[all_teachers["run_id"].isin(taught_by) if taught_by
+                                   else (all_teachers["student"] == arch_t) & (all_teachers["setting"] == name)]
             ce, others = baseline[baseline["student"] == arch_s], solo[solo["student"] == arch_s]
             used |= set(teacher["run_id"]) | set(ce["run_id"]) | set(others["run_id"])
-            parts += [_tag(teacher, "teacher", proto, pair), _tag(ce, "student", proto, pair),
-                      _tag(others, "method", proto, pair), _tag(distill, "method", proto, pair)]
-        rest = pd.concat([teachers, baseline, solo])
-        rest = rest[~rest["run_id"].isin(used)]
-        parts += [_tag(rest[rest["role"] == "teacher"], "teacher", "none", CE_ONLY),
-                  _tag(rest[rest["method"].eq("student") & rest["role"].eq("student")], "student", "none", CE_ONLY),
-                  _tag(rest[rest["method"].ne("student")], "method", "none", CE_ONLY)]
+            parts += [_tag(teacher, "teacher", proto, pair, name), _tag(ce, "student", proto, pair, name),
+                      _tag(others, "method", proto, pair, name), _tag(distill, "method", proto, pair, name)]
+    untaught = wide["role"].eq("teacher") | wide["role"].eq("student") & wide["pair"].isna()
+    rest = wide[untaught & ~wide["run_id"].isin(used)]
+    for name, setting in rest.groupby("setting", sort=False):
+        ce = setting["method"].eq("student")
+        parts += [_tag(setting[setting["role"] == "teacher"], "teacher", "none", CE_ONLY, name),
+                  _tag(setting[ce & setting["role"].eq("student")], "student", "none", CE_ONLY, name),
+                  _tag(setting[~ce], "method", "none", CE_ONLY, name)]
     out = pd.concat([p for p in parts if len(p)], ignore_index=True)
     _label_variants(out)
 
@@ -204,6 +210,7 @@ def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.Da
                    "train_images_per_s": g["train_images_per_s"].mean(), "peak_bytes": g["peak_bytes"].mean(),
                    "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
                    "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
+                   "trained_in": first["trained_in"] if isinstance(first["trained_in"], str) else None,
                    # made by other code: shared code unlike most of the table's runs, or seeds run by different code
                    "other_code": core is not None and bool(g["code_core"].ne(core).any()
                                                            or g["code_fingerprint"].nunique(dropna=False) > 1),

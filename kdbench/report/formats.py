@@ -36,6 +36,16 @@ def method_notes(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     return notes, lines
 
 
+def teacher_notes(board: pd.DataFrame) -> list[str]:
+    """A line per teacher trained in another setting than its table's (under its own recipe), naming what differs."""
+    if "trained_in" not in board:
+        return []
+    own = board[board["kind"].eq("teacher") & board["trained_in"].notna()].drop_duplicates(["arch", "trained_in"])
+    return [f"teacher {r.arch}: trained under "
+            f"{' · '.join(p for p in r.trained_in.split(' · ') if p not in r.setting.split(' · '))}"
+            for r in own.itertuples()]
+
+
 def number(value: float | None, digits: int = 2) -> str:
     """``value`` with thousands separators and ``digits`` decimals; empty for a missing value."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"

@@ -11,7 +11,6 @@ from kdbench.report.aggregate import groups
 from kdbench.report.formats import (
     bold,
     count,
-    duration,
     escape,
     mean_std,
     method_notes,
@@ -19,13 +18,14 @@ from kdbench.report.formats import (
     paragraph,
     rounded,
     table,
+    teacher_notes,
 )
 from kdbench.report.load import memory_name
 from kdbench.report.published import published_note
 
 _TOP = ("teacher", "student")  # kinds printed above the methods, in this order
 _COSTS = (("img/s", "train_images_per_s"), ("peak MiB", "peak_bytes"), ("extra params", "extra_params_train"),
-          ("end-to-end", "end_to_end_s"))
+          ("end-to-end min", "end_to_end_s"))
 
 
 def _rows(group: pd.DataFrame) -> list[tuple[str, str]]:
@@ -51,7 +51,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     n = int(methods["n"].mode().iloc[0]) if len(methods) else 1
     with_published = [p for p in pairs if group.loc[group["pair"] == p, "published"].fillna("").ne("").any()] \
         if "published" in group.columns else []
-    best = {p: group[(group["pair"] == p) & (group["kind"] == "method")]["mean"].max() for p in pairs}
+    best = {p: round(group[(group["pair"] == p) & (group["kind"] == "method")]["mean"].max(), 2) for p in pairs}
     notes, footnotes = method_notes(group)
     headers, align = ["method"], ["l"]
     for pair in pairs:
@@ -67,7 +67,8 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
             text = "" if r is None else mean_std(r["mean"], r["std"]) + (
                 f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "")
             text = escape(text, fmt)
-            row.append(bold(text, fmt) if r is not None and kind == "method" and r["mean"] == best[pair] else text)
+            is_best = r is not None and kind == "method" and round(r["mean"], 2) == best[pair]
+            row.append(bold(text, fmt) if is_best else text)
             if pair in with_published:
                 row.append(escape("" if r is None else r["published"], fmt))
         rows.append(row)
@@ -77,6 +78,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
                f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
     why = published_note(group)
+    footnotes += teacher_notes(group)
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
                          "`--layout leaderboard` for the sources).")
@@ -86,25 +88,23 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
 
 
 def _costs(group: pd.DataFrame, title: str, fmt: str) -> str:
+    """Pairs stacked as blocks of rows (a pair per block, its name in the first row), so that the table keeps one
+    column per measure and fits a page at any number of pairs."""
     pairs = list(dict.fromkeys(group["pair"]))
-    headers, align = ["method"], ["l"]
-    for _ in pairs:
-        headers += [name for name, _ in _COSTS]
-        align += ["r"] * len(_COSTS)
-    rows = []
-    for _, label in _rows(group):
-        row = [escape(_name(label), fmt)]
-        for pair in pairs:
-            r = _cell(group, pair, label)
-            values = [None] * len(_COSTS) if r is None else [
-                number(r["train_images_per_s"], 1), number(r["peak_bytes"] / 2**20, 0),
-                count(r["extra_params_train"]), duration(r["end_to_end_s"])]
-            row += [escape(v or "", fmt) for v in values]
-        rows.append(row)
+    headers, align = ["pair", "method", *(name for name, _ in _COSTS)], ["l", "l", *["r"] * len(_COSTS)]
+    rows, rules_after = [], []
+    for pair in pairs:
+        block = [(label, r) for _, label in _rows(group) if (r := _cell(group, pair, label)) is not None]
+        for index, (label, r) in enumerate(block):
+            values = [number(r["train_images_per_s"], 1), number(r["peak_bytes"] / 2**20, 0),
+                      count(r["extra_params_train"]), number(r["end_to_end_s"] / 60, 1)]
+            rows.append([escape(pair if index == 0 else "", fmt), escape(_name(label), fmt),
+                         *(escape(v, fmt) for v in values)])
+        rules_after.append(len(rows) - 1)
     caption = (f"Cost per method: training throughput (img/s, mean over seeds), peak memory "
-               f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time (the run plus "
-               f"its teacher's and teacher assistants' training and fitting). {title}.")
-    return table(headers, rows, fmt, align, caption=caption, column_groups=[(p, len(_COSTS)) for p in pairs])
+               f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time in minutes "
+               f"(the run plus its teacher's and teacher assistants' training and fitting). {title}.")
+    return table(headers, rows, fmt, align, caption=caption, rules_after=rules_after)
 
 
 def paper_tables(board: pd.DataFrame, fmt: str) -> list[str]:

@@ -7,10 +7,11 @@ Each plot_* takes one group of entries (see ``groups``: one setting and protocol
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -245,13 +246,22 @@ def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = 
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:100]
+    """A folder name for a group's title: readable, cut to 80 characters, and unique by a hash of the whole title."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def plot_groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The groups (see ``groups``) that have something to plot: a group of teachers alone (teachers trained under
+    their own recipe that no run of the results learned from) has none."""
+    for title, group in groups(frame):
+        if (group["kind"] != "teacher").any():
+            yield title, group
 
 
 def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best") -> list[Path]:
     """Every plot, as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the files written."""
     out_dir, written = Path(out_dir), []
-    for title, group in groups(frame):
+    for title, group in plot_groups(frame):
         folder = out_dir / _slug(title)
         folder.mkdir(parents=True, exist_ok=True)
         figures = {"accuracy_vs_throughput": plot_accuracy_vs_throughput(group, metric, title),

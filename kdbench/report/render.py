@@ -26,6 +26,7 @@ from kdbench.report.formats import (
     paragraph,
     rounded,
     table,
+    teacher_notes,
 )
 from kdbench.report.load import MEMORY_NAMES, describe, memory_name
 from kdbench.report.paper import paper_csv, paper_tables
@@ -101,6 +102,7 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
         if not why_not_published:
             row.update({"published %": r.published, "published source": r.published_source})
         rows.append(row)
+    footnotes += teacher_notes(board)
     footnotes.append(f"end-to-end: wall time of the run plus its teacher's and teacher assistants' training and "
                      f"fitting (end_to_end_wall_s); {memory_header}: {memory}.")
     if unpaired:
