@@ -43,10 +43,11 @@ def test_paper_table_puts_methods_in_rows_pairs_in_columns_best_in_bold(zoo_boar
         assert rows[means.idxmax()][column] == f"**{means.max():.2f} ± " \
             f"{zoo_board.set_index(['pair', 'label']).loc[(pair, means.idxmax()), 'std']:.2f}**"
     assert "mean ± std over n = 3 seeds" in text and "best method per pair in bold" in text
-    costs = _github_rows(text.split("Cost per method")[1])
-    assert costs[0][:5] == ["method", "resnet56->resnet20 · img/s", "resnet56->resnet20 · peak MiB",
-                            "resnet56->resnet20 · extra params", "resnet56->resnet20 · end-to-end"]
-    assert len(costs) == len(accuracy)
+    costs = _github_rows(text.split("Cost per method")[1])  # pairs stacked: a title row, then the pair's rows
+    assert costs[0] == ["method", "img/s", "peak MiB", "extra params", "end-to-end min"]
+    titles = [i for i, r in enumerate(costs) if r[0] in header[1:]]
+    assert [costs[i][0] for i in titles] == header[1:] and all(c == "" for i in titles for c in costs[i][1:])
+    assert len(costs) == 1 + 3 * len(accuracy[1:]) + 3
 
 
 def test_paper_latex_uses_booktabs_a_caption_and_no_raw_unicode(zoo_board):
@@ -58,7 +59,7 @@ def test_paper_latex_uses_booktabs_a_caption_and_no_raw_unicode(zoo_board):
         assert re.search(r"\\caption\{.*n = 3 seeds|\\caption\{Cost per method", table)
         assert not re.search(r"[±Δ→·†]", table), "raw unicode in LaTeX"
     assert "$\\pm$" in tables[0] and "\\textbf{" in tables[0] and "$\\rightarrow$" in tables[0]
-    assert "\\multicolumn{4}{c}{resnet56$\\rightarrow$resnet20}" in tables[1] and "\\cmidrule(lr){2-5}" in tables[1]
+    assert "\\multicolumn{5}{l}{\\emph{resnet56$\\rightarrow$resnet20}}" in tables[1]
     # the teacher and student rows are set off from the methods by a rule
     assert re.search(r"Student \(CE\) &[^\n]*\\\\\n\\midrule", tables[0])
 
@@ -71,6 +72,7 @@ def test_paper_latex_compiles_in_a_plain_article(zoo_board, tmp_path):
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
+    assert "Overfull \\hbox" not in (tmp_path / "t.log").read_text(errors="replace"), "a table is wider than the page"
 
 
 @pytest.mark.slow
@@ -88,6 +90,7 @@ def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
     assert board.loc["kd", "peak_bytes"] == round(full.loc["kd", "peak_bytes"])
     paper = pd.read_csv(tmp_path / "paper.csv")
     assert list(paper.columns[:4]) == ["setting", "protocol", "label", "resnet14->resnet8 n"]
+    assert set(paper["resnet14->resnet8 n"].dropna()) == {1, 2} and ".0," not in text
     # the tidy Parquet keeps full precision
     assert table["value"].map(lambda v: v != round(v, 2)).any()
 
@@ -139,7 +142,30 @@ def test_plots_of_25_methods(tmp_path):
     assert len(titles) == 2 * 5 and "resnet56->resnet20 · logit" in titles
 
 
+def test_every_plot_marks_a_method_with_its_own_marker(zoo):
+    """A method's marker is the same in every plot (the legend's): each drawn point is told apart by its colour."""
+    from matplotlib.colors import to_hex
+
+    group = next(g for _, g in report.plot_groups(report.entries(zoo)))
+    by_colour = {to_hex(s.colour): (label, s.marker) for label, s in styles(group).items()}
+    for fig in (report.plot_top1(group), report.plot_learning_curves(group, zoo)):
+        drawn = [(to_hex(line.get_color()), line.get_marker()) for ax in fig.axes for line in ax.lines
+                 if line.get_marker() not in ("None", "", None)]
+        assert len(drawn) >= 25
+        assert [(by_colour[c][0], m) for c, m in drawn if by_colour.get(c, (None, m))[1] != m] == []
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and re.fullmatch(r"kdbench \S+\n", capsys.readouterr().out)
+
+
+def test_a_pair_without_published_numbers_says_so(tiny_results):  # noqa: F811
+    """The setting matches (CIFAR-100, the paper recipe) but the published table has no row for the pair."""
+    table = _as_cifar100(report.load_results(tiny_results))
+    table = table.assign(student=table.student.replace({"resnet20": "resnet8"}),
+                         pair=table.pair.replace({"resnet56->resnet20": "resnet56->resnet8"}))
+    board = report.leaderboard(report.entries(table), "top1_last", report.load_published(PUBLISHED))
+    line = "No published number in the table for resnet56->resnet8 (protocol crd)."
+    assert line in report.render_report(board) and line in report.render_report(board, layout="paper")

@@ -363,3 +363,21 @@ def test_a_teacher_with_its_own_recipe_heads_its_students_table_and_plots_skip_t
     folders = {p.parent for p in written}
     assert len(folders) == 1 and "cpu-teacher" not in next(iter(folders)).name
     assert "teacher resnet14: trained under recipe cpu-teacher" in report.render_report(board, layout="paper")
+
+
+@pytest.mark.parametrize("method, protocol, shown, source", [
+    ("at", "official", "70.55", "CRD (Tian et al. ICLR 2020) Table 1"),  # RepDistiller's code
+    ("dkd", "official", "71.97 [best_mean5]", "mdistiller README (DKD table)"),  # one objective, every protocol
+    ("dkd", "semckd", "71.97 [best_mean5]", "mdistiller README (DKD table)"),
+    ("crd", "semckd", "71.63", "(protocol crd) (as crd+kd)"),  # CE + KD + 0.8 CRD is RepDistiller's CRD+KD
+])
+def test_published_numbers_of_zoo_methods_sit_beside_the_protocol_that_reproduces_them(table, method, protocol,
+                                                                                       shown, source):
+    frame = _as_cifar100(table)
+    frame = frame.assign(method=frame.method.replace({"kd": method}),
+                         method_label=frame.method_label.replace({"kd": method}),
+                         protocol=frame.protocol.replace({"crd": protocol}))
+    board = report.leaderboard(report.entries(frame), "top1_last", report.load_published(PUBLISHED))
+    row = board.set_index("label").loc[method]
+    assert shown in row.published.split(" / ") and source in row.published_source
+    assert f"(protocol {'dkd' if method == 'dkd' else 'crd'})" in row.published_source

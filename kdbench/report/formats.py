@@ -98,40 +98,34 @@ def paragraph(text: str, fmt: str, heading: bool = False) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, align: Sequence[str],
-          caption: str = "", notes: Sequence[str] = (), column_groups: Sequence[tuple[str, int]] = (),
-          rules_after: Sequence[int] = ()) -> str:
+          caption: str = "", notes: Sequence[str] = (), rules_after: Sequence[int] = (),
+          sections: dict[int, str] | None = None) -> str:
     """One table. ``rows`` hold text already escaped for ``fmt`` (so cells may carry markup such as bold);
-    ``headers``, ``caption``, ``notes`` and ``column_groups`` are plain text. ``column_groups``: (label, span)
-    over the columns after the first, a header row of its own in LaTeX and HTML, a prefix of each header
-    elsewhere. ``align``: "l" or "r" per column. ``rules_after``: row indices followed by a rule (LaTeX)."""
+    ``headers``, ``caption`` and ``notes`` are plain text. ``align``: "l" or "r" per column. ``rules_after``: row
+    indices followed by a rule (LaTeX). ``sections``: a plain-text title set before the row of each index, across
+    the table in LaTeX, in the first column elsewhere."""
     headers = list(headers)
-    if column_groups and fmt != "latex":
-        spans = [label for label, span in column_groups for _ in range(span)]
-        headers = headers[:1] + [f"{group} · {h}" if group else h for group, h in zip(spans, headers[1:])]
+    sections = sections or {}
     if fmt == "latex":
-        return _latex(headers, rows, align, caption, notes, column_groups, rules_after)
+        return _latex(headers, rows, align, caption, notes, rules_after, sections)
+    rows = [line for index, row in enumerate(rows)
+            for line in ([[escape(sections[index], fmt), *[""] * (len(headers) - 1)]] if index in sections else [])
+            + [list(row)]]
     body = tabulate([list(r) for r in rows], headers=[escape(h, fmt) for h in headers], tablefmt=_TABLEFMT[fmt],
                     disable_numparse=True, colalign=["left" if a == "l" else "right" for a in align])
     return "\n\n".join([*([paragraph(caption, fmt)] if caption else []), body, *(paragraph(n, fmt) for n in notes)])
 
 
 def _latex(headers: list[str], rows: Sequence[Sequence[str]], align: Sequence[str], caption: str,
-           notes: Sequence[str], column_groups: Sequence[tuple[str, int]], rules_after: Sequence[int]) -> str:
+           notes: Sequence[str], rules_after: Sequence[int], sections: dict[int, str]) -> str:
     lines = [r"\begin{table}[htbp]", r"\centering", r"\small"]
     if caption:
         lines.append(f"\\caption{{{escape(caption, 'latex')}}}")
     lines += [f"\\begin{{tabular}}{{{''.join(align)}}}", r"\toprule"]
-    if column_groups:
-        cells, rules, start = [""], [], 2
-        for label, span in column_groups:
-            cells.append(f"\\multicolumn{{{span}}}{{c}}{{{escape(label, 'latex')}}}" if span > 1
-                         else escape(label, "latex"))
-            if label:
-                rules.append(f"\\cmidrule(lr){{{start}-{start + span - 1}}}")
-            start += span
-        lines += [" & ".join(cells) + r" \\", " ".join(rules)]
     lines += [" & ".join(escape(h, "latex") for h in headers) + r" \\", r"\midrule"]
     for index, row in enumerate(rows):
+        if index in sections:
+            lines.append(f"\\multicolumn{{{len(headers)}}}{{l}}{{\\emph{{{escape(sections[index], 'latex')}}}}} \\\\")
         lines.append(" & ".join(row) + r" \\")
         if index in rules_after and index < len(rows) - 1:
             lines.append(r"\midrule")

@@ -82,29 +82,30 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
                          "`--layout leaderboard` for the sources).")
-    elif why:
+    if why:
         footnotes.append(why)
     return table(headers, rows, fmt, align, caption=caption, notes=footnotes, rules_after=rules_after)
 
 
 def _costs(group: pd.DataFrame, title: str, fmt: str) -> str:
-    """Pairs stacked as blocks of rows (a pair per block, its name in the first row), so that the table keeps one
-    column per measure and fits a page at any number of pairs."""
+    """Pairs stacked as blocks of rows under the pair's name, so that the table keeps one column per measure and
+    fits a page at any number of pairs."""
     pairs = list(dict.fromkeys(group["pair"]))
-    headers, align = ["pair", "method", *(name for name, _ in _COSTS)], ["l", "l", *["r"] * len(_COSTS)]
-    rows, rules_after = [], []
+    headers, align = ["method", *(name for name, _ in _COSTS)], ["l", *["r"] * len(_COSTS)]
+    rows, rules_after, sections = [], [], {}
     for pair in pairs:
-        block = [(label, r) for _, label in _rows(group) if (r := _cell(group, pair, label)) is not None]
-        for index, (label, r) in enumerate(block):
-            values = [number(r["train_images_per_s"], 1), number(r["peak_bytes"] / 2**20, 0),
-                      count(r["extra_params_train"]), number(r["end_to_end_s"] / 60, 1)]
-            rows.append([escape(pair if index == 0 else "", fmt), escape(_name(label), fmt),
-                         *(escape(v, fmt) for v in values)])
+        sections[len(rows)] = pair
+        for _, label in _rows(group):
+            r = _cell(group, pair, label)
+            if r is not None:
+                values = [number(r["train_images_per_s"], 1), number(r["peak_bytes"] / 2**20, 0),
+                          count(r["extra_params_train"]), number(r["end_to_end_s"] / 60, 1)]
+                rows.append([escape(_name(label), fmt), *(escape(v, fmt) for v in values)])
         rules_after.append(len(rows) - 1)
     caption = (f"Cost per method: training throughput (img/s, mean over seeds), peak memory "
                f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time in minutes "
                f"(the run plus its teacher's and teacher assistants' training and fitting). {title}.")
-    return table(headers, rows, fmt, align, caption=caption, rules_after=rules_after)
+    return table(headers, rows, fmt, align, caption=caption, rules_after=rules_after, sections=sections)
 
 
 def paper_tables(board: pd.DataFrame, fmt: str) -> list[str]:
@@ -121,6 +122,8 @@ def paper_csv(board: pd.DataFrame) -> str:
     wide = rounded(board).pivot_table(index=["setting", "protocol", "label"], columns="pair", values=measures,
                                       aggfunc="first", sort=False)
     wide.columns = [f"{pair} {measure}" for measure, pair in wide.columns]
+    counts = [c for c in wide.columns if c.endswith(" n")]
+    wide[counts] = wide[counts].astype("Int64")  # the pivot made floats of them
     pairs = list(dict.fromkeys(board["pair"]))
     return wide[[f"{p} {m}" for p in pairs for m in measures if f"{p} {m}" in wide.columns]].reset_index().to_csv(
         index=False)

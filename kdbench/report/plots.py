@@ -113,10 +113,11 @@ def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = "")
 
     students = group[group["kind"] != "teacher"]
     style = styles(group)
+    shown = [lbl for lbl in style if lbl in set(students["label"])]  # markers are handed out in hue order
     fig, axes = _horizontal(sns.pointplot, students, metric, f"{metric} (%): mean, error bars ± sd over seeds",
-                            f"{metric} per method", setting, order=list(style), hue="label",
+                            f"{metric} per method", setting, order=list(style), hue="label", hue_order=shown,
                             palette=colours(group), errorbar="sd", linestyle="none", capsize=0.3,
-                            markers=[style[lbl].marker for lbl in style if lbl in set(students["label"])])
+                            markers=[style[lbl].marker for lbl in shown])
     for ax, pair in zip(axes, _pairs(students)):
         teacher = group[(group["pair"] == pair) & (group["kind"] == "teacher")][metric].mean()
         if pd.notna(teacher):
@@ -197,9 +198,11 @@ def plot_learning_curves(group: pd.DataFrame, table: pd.DataFrame, setting: str 
                            cols=max(1, len(families)))
         for ax, (pair, family) in zip(axes, panels):
             shown = data[(data["pair"] == pair) & (data["family"].isin({family, "CE student"}))]
+            few = data["epoch"].max() <= 20  # markers on every epoch only while they do not crowd
             sns.lineplot(data=shown, x="epoch", y="value", hue="label", palette=colours(group), errorbar="sd",
-                         err_kws={"alpha": 0.12}, linewidth=1.2, ax=ax, legend=False,
-                         marker="o" if data["epoch"].max() <= 20 else None, markersize=3)
+                         err_kws={"alpha": 0.12}, linewidth=1.2, ax=ax, legend=False, style="label", dashes=False,
+                         markers={lbl: style[lbl].marker for lbl in set(shown["label"])} if few else False,
+                         markersize=4)
             ax.set(title=f"{pair} · {family}" if family else pair, xlabel="epoch", ylabel="test top-1 (%)")
             ax.title.set_fontsize(9)
             ax.xaxis.get_major_locator().set_params(integer=True)

@@ -13,12 +13,21 @@ PUBLISHED_NAME = "published_cifar100.csv"
 PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
                      "verified", "recipe")
 RULE_OF_METRIC = {"top1_last": "last", "top1_best": "best_mean5"}  # the published report_rule each metric matches
-# Published protocols that a kdbench protocol reproduces for a method: letKD's published setting has no logit KD, as
-# crd; "official" is each method's own code, whose numbers sit under their source's protocol.
-_SAME_PROTOCOL = {("crd", "letkd1"): "letkd", ("crd", "letkd2"): "letkd",
-                  **{("official", m): p for m, p in (("kd", "crd"), ("fitnet", "crd"), ("semckd", "semckd"),
-                                                     ("takd", "takd"), ("dgkd", "takd"), ("letkd1", "letkd"),
-                                                     ("letkd2", "letkd"))}}
+# Published (method, protocol) rows that a kdbench (protocol, method) reproduces, besides its own name and protocol.
+# "official" is each method's own code, whose numbers sit under their source's protocol (RepDistiller's for its
+# methods, mdistiller's `dkd`, the authors' code, `other`, for ReviewKD and OFD); letKD's published setting has no
+# logit KD, as crd; DKD's objective is the same under every protocol; CRD under semckd (CE + KD + 0.8·CRD) is
+# RepDistiller's CRD+KD.
+_REPDISTILLER = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "kdsvd")
+_EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("crd", "letkd1"): (("letkd1", "letkd"),), ("crd", "letkd2"): (("letkd2", "letkd"),),
+    **{("official", m): ((m, "crd"),) for m in _REPDISTILLER},
+    **{("official", m): ((m, p),) for m, p in (("semckd", "semckd"), ("takd", "takd"), ("dgkd", "takd"),
+                                               ("letkd1", "letkd"), ("letkd2", "letkd"), ("reviewkd", "other"),
+                                               ("ofd", "other"))},
+    **{(p, "dkd"): (("dkd", "dkd"),) for p in ("official", "crd", "semckd")},
+    ("semckd", "crd"): (("crd+kd", "crd"),),
+}
 _RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
 
 
@@ -67,18 +76,22 @@ def mismatch(run: pd.Series, published: pd.DataFrame) -> str:
 def _matches(published: pd.DataFrame, teacher: str | None, student: str, method: str, protocol: str, recipe: str,
              metric: str) -> dict[str, str]:
     """Published values (joined with " / ") and sources for one row; other reporting rules are marked."""
-    match = (published["method"] == method) & (published["student"] == student) & (published["recipe"] == recipe)
+    match = (published["student"] == student) & (published["recipe"] == recipe)
     if teacher is not None:
         match &= published["teacher"] == teacher
-    if protocol != "none":  # CE-only tables: CE training is the same under every protocol
-        match &= published["protocol"].isin({protocol, _SAME_PROTOCOL.get((protocol, method), protocol)})
+    if protocol == "none":  # CE-only tables: CE training is the same under every protocol
+        match &= published["method"] == method
+    else:
+        same = {(method, protocol), *_EQUIVALENT.get((protocol, method), ())}
+        match &= pd.Series(list(zip(published["method"], published["protocol"])), index=published.index).isin(same)
     values, sources = [], []
-    keys = ["top1", "top1_std", "report_rule", "verified", "protocol"]
-    for (top1, std, rule, verified, proto), rows in published[match].groupby(keys, dropna=False, sort=False):
+    keys = ["top1", "top1_std", "report_rule", "verified", "protocol", "method"]
+    for (top1, std, rule, verified, proto, name), rows in published[match].groupby(keys, dropna=False, sort=False):
         values.append(f"{top1:.2f}" + (f" ± {std:.2f}" if pd.notna(std) else "")
                       + ("" if rule == RULE_OF_METRIC[metric] else f" [{rule}]"))
         sources.append("; ".join(dict.fromkeys(rows["source"])) + ("" if verified == "primary" else f" ({verified})")
-                       + ("" if proto == protocol else f" (protocol {proto})"))
+                       + ("" if proto == protocol else f" (protocol {proto})") + ("" if name == method else
+                                                                                  f" (as {name})"))
     return {"published": " / ".join(values), "published_source": " / ".join(sources)}
 
 
@@ -103,10 +116,12 @@ def published_cells(published: pd.DataFrame, pair: str, kind: str, arch: str, ru
 
 
 def published_note(board: pd.DataFrame) -> str:
-    """Why a table shows no published numbers (empty when it shows some)."""
+    """Why a table shows no published numbers, or which of its pairs have none (empty when every pair has some)."""
     if "published" not in board.columns:
         return f"No published column: no published table ({PUBLISHED_NAME}) was found."
     reasons = board["published_mismatch"].fillna("")
-    if (reasons == "").any():
-        return ""
-    return f"No published column: {reasons.iloc[0]}."
+    if not (reasons == "").any():
+        return f"No published column: {reasons.iloc[0]}."
+    shown = board["published"].fillna("").ne("").groupby([board["pair"], board["protocol"]], sort=False).any()
+    missing = [f"{pair} (protocol {protocol})" for (pair, protocol), some in shown.items() if not some]
+    return f"No published number in the table for {', '.join(missing)}." if missing else ""
