@@ -25,7 +25,7 @@ from kdbench.loader import DeviceLoader
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods import method_class
 from kdbench.models import create_model
-from kdbench.results import ResultsStore, RunRecord
+from kdbench.results import DamagedRun, ResultsStore, RunRecord
 from kdbench.spec import RunSpec
 
 WARMUP_STEPS = 3  # untimed steps first: allocator, kernel selection, caches
@@ -204,9 +204,16 @@ def _timed_stage(parts, loader: DeviceLoader, spec: RunSpec, steps: int, stage: 
 
 
 def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
-    """(status, epochs already done, note) as ``harness.run`` will treat the run."""
-    record, code = env.store.load_record(spec.run_id), fingerprint(spec)
+    """(status, epochs already done, note) as ``harness.run`` will treat the run; reads, never repairs: damaged
+    files are set aside by the run itself."""
+    try:
+        record = env.store.load_record(spec.run_id, repair=False)
+    except DamagedRun:
+        return "train", 0, "unreadable record: set aside when the run starts"
+    code = fingerprint(spec)
     if record is not None and record.status == "finished":
+        if env.store.finished_record(spec.run_id, repair=False) is None:
+            return "train", 0, "its weights are damaged or missing: set aside when the run starts"
         reason = stale_reason(record, code)
         return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", 0, reason)
     if spec.pretrained:

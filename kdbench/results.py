@@ -175,8 +175,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
+        # judged before the partial file is removed: its bytes are what filled the disk
         full = _disk_full(path, error) if isinstance(error, Exception) else None
+        Path(tmp).unlink(missing_ok=True)
         if full is not None:
             raise full from None
         raise
@@ -264,11 +265,12 @@ class ResultsStore:
             self.set_aside(path, f"unreadable {what} ({' '.join(str(error).split())[:120]})")
             return None
 
-    def finished_record(self, run_id: str) -> RunRecord | None:
+    def finished_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
         """The run's record if it finished and its weights are intact (their sha256 is the record's; a record made
-        before kdbench stored it: the weights load); else None. A finished run whose weights are damaged or gone is
-        set aside, record and weights, to be made again."""
-        record = self.load_record(run_id)
+        before kdbench stored it: the weights load); else None. With ``repair``, a finished run whose weights are
+        damaged or gone is set aside, record and weights, to be made again; without, nothing is touched (an
+        unreadable record raises DamagedRun)."""
+        record = self.load_record(run_id, repair)
         if record is None or record.status != "finished":
             return None
         expected = record.provenance.get("weights_sha256")
@@ -284,8 +286,8 @@ class ResultsStore:
                 problem = None
             except Exception as error:  # truncated zip, bad pickle: torch raises many types
                 problem = f"unreadable ({' '.join(str(error).split())[:120]})"
-        if problem is None:
-            return record
+        if problem is None or not repair:
+            return None if problem else record
         aside = f"; weights set aside as {self.set_aside(path, '', say=False).name}" if path.is_file() else ""
         self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}{aside}")
         return None
@@ -333,6 +335,10 @@ class ResultsStore:
         rows, not_counted = [], []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (folder / "record.json").is_file():
+                aside = sorted(folder.glob("record.json.damaged-*"))
+                if aside:  # set aside, and its run not made again yet (killed, or the disk was full)
+                    not_counted.append(f"{folder / aside[-1].name}: its record was set aside and the run has not "
+                                       "been made again yet")
                 continue
             try:
                 frame = self.run_rows(folder.name, repair)

@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 from conftest import TINY, tiny_sweep
 
 import kdbench.estimate as estimate_module
@@ -10,7 +11,7 @@ import kdbench.harness as harness
 from kdbench.estimate import estimate, format_estimate
 from kdbench.fingerprint import fingerprint
 from kdbench.harness import RunEnv, run_sweep
-from kdbench.results import RunRecord
+from kdbench.results import RunRecord, sha256_file
 
 COST = estimate_module._Cost(step=0.5, eval_image=0.01, teacher_eval_image=0.02, fit_image=0.1, reuse_image=0.001,
                              epoch=0.3, run=2.0)
@@ -26,6 +27,9 @@ def _fixed_cost(monkeypatch) -> list:
 
 def _record(env, spec, status, epochs=0, code=None):
     prov = {**fingerprint(spec), **({"code_fingerprint": code} if code else {})}
+    if status == "finished":  # a finished run has its weights
+        env.store.save_torch(env.store.weights_path(spec.run_id), {"weight": torch.zeros(1)})
+        prov["weights_sha256"] = sha256_file(env.store.weights_path(spec.run_id))
     history = [{"epoch": e + 1, "top1": 50.0, "epoch_s": 1.0, "eval_s": 0.1} for e in range(epochs)]
     env.store.write_record(RunRecord(spec, status, {"wall_s": 1.0} if status == "finished" else {}, history, prov))
 
@@ -130,6 +134,21 @@ def test_dry_run_measures_settings_and_writes_nothing(env):
     assert [r.status for r in est.runs] == ["cached", "train", "resume", "stale"] and est.settings == 3
     assert all(r.seconds > 0 for r in est.runs[1:])
     assert "measured 2 training steps" in format_estimate(est, per_run=True)
+
+
+def test_dry_run_prices_damaged_runs_as_runs_to_make_and_repairs_nothing(env, monkeypatch):
+    """A finished run with damaged weights and one with an unreadable record: the sweep would set them aside and
+    train them, so the dry run prices them so, and leaves the files as they are."""
+    _fixed_cost(monkeypatch)
+    teacher, baseline, kd, fitnet = specs = _plan_with_history(env)
+    env.store.weights_path(teacher.run_id).write_bytes(b"damaged")
+    record = env.store.run_dir(fitnet.run_id) / "record.json"
+    record.write_text(record.read_text()[:40])
+    before = _tree(env.store.root)
+    est = estimate(specs, env)
+    assert _tree(env.store.root) == before
+    assert [(r.status, r.note.split(":")[0]) for r in est.runs[::3]] == [
+        ("train", "its weights are damaged or missing"), ("train", "unreadable record")]
 
 
 @pytest.mark.slow

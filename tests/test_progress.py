@@ -70,3 +70,21 @@ def _store(tmp_path):
     from kdbench.results import ResultsStore
 
     return ResultsStore(tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_and_a_failed_one_say_so(env, monkeypatch, caplog):
+    import probe_methods  # noqa: F401  (probe-nan: a non-finite loss)
+    from conftest import run_interrupted
+
+    specs = tiny_sweep(methods=("kd", "probe-nan")).plan()
+    teacher = next(s for s in specs if s.role == "teacher")
+    assert specs[0] == teacher
+    run_interrupted(monkeypatch, specs, env, at_evaluation=2)  # in the teacher's second epoch
+    with caplog.at_level(logging.INFO, logger="kdbench"):
+        run_sweep(specs, env)
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"{teacher.run_id} resumes at epoch 2/3" in lines
+    nan = next(s for s in specs if s.method == "probe-nan")
+    assert any(line.startswith(f"{nan.run_id} [") and " failed: RunFailed: non-finite training loss" in line
+               for line in lines)

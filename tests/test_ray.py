@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import TINY, tiny_sweep
 
+from kdbench.cli import main
 from kdbench.executors import RayOptions, run_sweep_ray
-from kdbench.harness import RunEnv, run_sweep
+from kdbench.harness import RunEnv
 from kdbench.results import LOCKS, ResultsStore
 
 ray = pytest.importorskip("ray")
@@ -44,43 +45,58 @@ def _kill_a_worker_mid_run(root, stop: threading.Event, killed: list[str], role:
         time.sleep(0.02)
 
 
-def _sweep_with_a_kill(specs, root, role: str = "student"):
+def _with_a_kill(sweep, root, role: str = "student"):
+    """Runs ``sweep()`` while a watcher kill -9s the worker of the first ``role`` run past its first checkpoint."""
     stop, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_a_worker_mid_run, args=(root, stop, killed, role))
     watcher.start()
     try:
-        records = run_sweep_ray(specs, RunEnv(ResultsStore(root), progress=False), RayOptions(cpus=1))
+        result = sweep()
     finally:
         stop.set()
         watcher.join()
     assert killed, "no worker was killed in the middle of a run"
-    return records
+    return result
+
+
+def _sweep_with_a_kill(specs, root, role: str = "student"):
+    return _with_a_kill(lambda: run_sweep_ray(specs, RunEnv(ResultsStore(root), progress=False), RayOptions(cpus=1)),
+                        root, role)
+
+
+# student, kd and fitnet x 2 seeds on synthetic data; two epochs of ten steps, so a kill lands in the second epoch
+PLAN = ["run", "--methods", "student,kd,fitnet", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--seeds",
+        "0,1", "--device", "cpu", "--recipe", "short", "--epochs", "2", "--teacher-epochs", "2", "--batch-size", "32",
+        "--train-subset", "320", "--teacher-train-subset", "320", "--test-subset", "64"]
 
 
 @pytest.mark.slow
 def test_ray_sweep_equals_in_process_and_survives_a_killed_worker(cluster, tmp_path):
-    # two epochs of ten steps: the kill lands in the second epoch, after the first checkpoint
-    specs = tiny_sweep(methods=("student", "kd"), seeds=(0,), recipe=replace(TINY, epochs=2, train_subset=320)).plan()
+    """Through the CLI, on a two-worker cluster: the same table and the same weights as in-process, each run once,
+    files readable by the group, after a worker is killed in the middle of a run."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray task runs (RayOptions.cpus)
+    torch.set_num_threads(1)  # as each Ray task runs (--ray-cpus 1)
     try:
-        local = {r.run_id: r for r in run_sweep(specs, RunEnv(ResultsStore(tmp_path / "local"), progress=False))}
+        assert main([*PLAN, "--results-dir", str(tmp_path / "local")]) == 0
     finally:
         torch.set_num_threads(threads)
     umask = os.umask(0o022)
     root = tmp_path / "ray"
     try:
-        records = _sweep_with_a_kill(specs, root)
+        assert _with_a_kill(lambda: main([*PLAN, "--results-dir", str(root), "--executor", "ray"]), root) == 0
     finally:
         os.umask(umask)
-    assert [r.run_id for r in records] == [s.run_id for s in specs]
-    for record in records:
-        assert record.status == "finished"
-        assert [e["top1"] for e in record.epochs] == [e["top1"] for e in local[record.run_id].epochs]
-        assert [e["loss"] for e in record.epochs] == [e["loss"] for e in local[record.run_id].epochs]
-    table = pd.read_parquet(root / "metrics.parquet")
-    assert set(table.run_id) == {s.run_id for s in specs}
-    assert table.groupby(["run_id", "metric", "epoch"], dropna=False).size().max() == 1  # each result once
+    local, ray_table = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("local", "ray"))
+    assert ray_table.groupby(["run_id", "metric", "epoch"], dropna=False).size().max() == 1  # each result once
+    assert set(ray_table.run_id) == set(local.run_id) and len(set(local.run_id)) == 7
+    assert set(ray_table.status) == {"finished"}
+    numbers = ["top1", "top5", "loss", "loss_ce", "train_top1", "top1_best", "top1_last", "top5_best"]
+    keys = ["run_id", "metric", "epoch"]
+    pick = [frame[frame.metric.isin(numbers)].set_index(keys)["value"].sort_index() for frame in (local, ray_table)]
+    pd.testing.assert_series_equal(*pick, check_exact=True)
+    for run_dir in (tmp_path / "local").glob("*-s*-*"):
+        mine, theirs = (torch.load(d / run_dir.name / "model.pt", weights_only=True) for d in (run_dir.parent, root))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), run_dir.name
     written = [p for p in root.rglob("*") if p.is_file()]
     assert written and all(p.stat().st_mode & 0o044 == 0o044 for p in written)  # group- and world-readable
     assert not list(root.rglob(".*.tmp"))

@@ -229,7 +229,7 @@ def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.Da
         .reset_index(drop=True)
 
 
-# ---------------------------------------------------------------------------------------------- rendering
+# ------------------------------------------------------------------------------------------ paired comparison
 
 
 def paired_comparison(frame: pd.DataFrame, a: str, b: str = "student",
@@ -262,6 +262,3 @@ def paired_comparison(frame: pd.DataFrame, a: str, b: str = "student",
         test = stats.ttest_rel(per_seed[a], per_seed[b])
         summary.update(t=float(test.statistic), p=float(test.pvalue))
     return per_seed.rename_axis("seed").reset_index(), summary
-
-
-# ---------------------------------------------------------------------------------------------------- plots

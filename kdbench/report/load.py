@@ -145,7 +145,3 @@ def describe(bad: pd.DataFrame) -> str:
 def _unfinished_line(table: pd.DataFrame) -> str:
     bad = unfinished(table)
     return f"{len(bad)} not finished: {describe(bad)}" if len(bad) else "no runs"
-
-
-# ----------------------------------------------------------------------------------------- table rows
-
