@@ -358,6 +358,8 @@ def test_a_teacher_with_its_own_recipe_heads_its_students_table_and_plots_skip_t
     assert "recipe cpu-teacher" in pair.trained_in.iloc[0] and "recipe cpu-teacher" not in pair.setting.iloc[0]
     text = report.render_report(board)
     assert "teacher resnet14: trained under recipe cpu-teacher" in text
+    filtered = report.entries(pd.concat([own, lonely], ignore_index=True), recipe="tiny")
+    assert set(filtered.kind) == {"teacher", "student", "method"} and set(filtered.recipe) == {"tiny", "cpu-teacher"}
     assert "teacher resnet20" in text  # the lonely teacher's CE-only table
     written = report.save_plots(entries, own, tmp_path / "plots")
     folders = {p.parent for p in written}

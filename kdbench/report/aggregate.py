@@ -43,11 +43,15 @@ def _tag(frame: pd.DataFrame, kind: str, protocol: str, pair: str, setting: str)
 
 
 def _check(frame: pd.DataFrame, column: str, wanted: set[str], option: str) -> pd.DataFrame:
+    """The tables (setting, protocol, pair) whose own runs match: a teacher trained under its own recipe stays in the
+    tables of its students."""
     present = set(frame[column].dropna())
     if not wanted & present:
         raise KdbenchError(f"no finished run matches {option} {','.join(sorted(wanted))}; "
                            f"the results hold: {', '.join(sorted(present))}")
-    return frame[frame[column].isin(wanted)]
+    own = frame[frame["trained_in"].isna()]
+    tables = own.loc[own[column].isin(wanted), ["setting", "protocol", "pair"]].drop_duplicates()
+    return frame.merge(tables, on=["setting", "protocol", "pair"])
 
 
 def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | None = None,
