@@ -212,7 +212,7 @@ def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
         return "train", 0, "unreadable record: set aside when the run starts"
     code = fingerprint(spec)
     if record is not None and record.status == "finished":
-        if env.store.finished_record(spec.run_id, repair=False) is None:
+        if env.store.weights_problem(record) is not None:
             return "train", 0, "its weights are damaged or missing: set aside when the run starts"
         reason = stale_reason(record, code)
         return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", 0, reason)

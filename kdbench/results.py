@@ -164,6 +164,11 @@ def _disk_full(path: Path, error: BaseException) -> DiskFull | None:
                     "free some space and run the same command again: it resumes where it stopped")
 
 
+def _error_text(error: BaseException) -> str:
+    """An exception's message on one line, cut to 120 characters (torch's can run to pages)."""
+    return " ".join(str(error).split())[:120]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Writes through a temporary file in the same folder, then renames: readers never see half a file. The file gets
     the permissions of a plain ``open`` under the process's umask (mkstemp's are 0600), so teammates can read it."""
@@ -262,32 +267,35 @@ class ResultsStore:
         except FileNotFoundError:
             return None
         except Exception as error:  # truncated zip, bad pickle: torch raises many types
-            self.set_aside(path, f"unreadable {what} ({' '.join(str(error).split())[:120]})")
+            self.set_aside(path, f"unreadable {what} ({_error_text(error)})")
             return None
 
-    def finished_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
-        """The run's record if it finished and its weights are intact (their sha256 is the record's; a record made
-        before kdbench stored it: the weights load); else None. With ``repair``, a finished run whose weights are
-        damaged or gone is set aside, record and weights, to be made again; without, nothing is touched (an
-        unreadable record raises DamagedRun)."""
-        record = self.load_record(run_id, repair)
+    def weights_problem(self, record: RunRecord) -> str | None:
+        """What is wrong with a finished run's weights (None: intact, their sha256 is the record's; a record made
+        before kdbench stored it: the weights load). Reads only."""
+        path = self.weights_path(record.run_id)
+        if not path.is_file():
+            return "missing"
+        expected = record.provenance.get("weights_sha256")
+        if expected is not None:
+            return None if sha256_file(path, "weights") == expected else \
+                "damaged (their sha256 differs from the record's)"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, bad pickle: torch raises many types
+            return f"unreadable ({_error_text(error)})"
+        return None
+
+    def finished_record(self, run_id: str) -> RunRecord | None:
+        """The run's record if it finished and its weights are intact (``weights_problem``); else None. A finished
+        run whose weights are damaged or gone is set aside, record and weights, to be made again."""
+        record = self.load_record(run_id)
         if record is None or record.status != "finished":
             return None
-        expected = record.provenance.get("weights_sha256")
+        problem = self.weights_problem(record)
+        if problem is None:
+            return record
         path = self.weights_path(run_id)
-        if not path.is_file():
-            problem = "missing"
-        elif expected is not None:
-            problem = None if sha256_file(path, "weights") == expected else \
-                "damaged (their sha256 differs from the record's)"
-        else:
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-                problem = None
-            except Exception as error:  # truncated zip, bad pickle: torch raises many types
-                problem = f"unreadable ({' '.join(str(error).split())[:120]})"
-        if problem is None or not repair:
-            return None if problem else record
         aside = f"; weights set aside as {self.set_aside(path, '', say=False).name}" if path.is_file() else ""
         self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}{aside}")
         return None

@@ -97,6 +97,7 @@ class ReviewKD(Method):
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "warmup_epochs": AT_LEAST_ONE}
     presets = REPDISTILLER_PRESETS
     min_batch = 2  # the pooled level's ABF normalises a 1x1 map over the batch
+
     @classmethod
     def pair_defaults(cls, teacher, student):
         weight = PAIR_WEIGHT.get((teacher, student))

@@ -163,9 +163,15 @@ def test_version(capsys):
 
 def test_a_pair_without_published_numbers_says_so(tiny_results):  # noqa: F811
     """The setting matches (CIFAR-100, the paper recipe) but the published table has no row for the pair."""
-    table = _as_cifar100(report.load_results(tiny_results))
-    table = table.assign(student=table.student.replace({"resnet20": "resnet8"}),
-                         pair=table.pair.replace({"resnet56->resnet20": "resnet56->resnet8"}))
+    published = _as_cifar100(report.load_results(tiny_results))
+    table = published.assign(student=published.student.replace({"resnet20": "resnet8"}),
+                             pair=published.pair.replace({"resnet56->resnet20": "resnet56->resnet8"}),
+                             run_id=published.run_id.where(published.role == "teacher", published.run_id + "-r8"))
     board = report.leaderboard(report.entries(table), "top1_last", report.load_published(PUBLISHED))
     line = "No published number in the table for resnet56->resnet8 (protocol crd)."
     assert line in report.render_report(board) and line in report.render_report(board, layout="paper")
+    # beside a pair that has published numbers, in one table per setting: the column stays, the line names the other
+    both = report.leaderboard(report.entries(pd.concat([published, table], ignore_index=True)), "top1_last",
+                              report.load_published(PUBLISHED))
+    text = report.render_report(both, by="setting")
+    assert "published %" in text and re.search(r"\| kd +\|.*\| +70\.66 \|", text) and line in text

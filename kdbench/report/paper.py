@@ -21,7 +21,7 @@ from kdbench.report.formats import (
     teacher_notes,
 )
 from kdbench.report.load import memory_name
-from kdbench.report.published import published_note
+from kdbench.report.published import published_note, unpublished_pairs_note
 
 _TOP = ("teacher", "student")  # kinds printed above the methods, in this order
 _COSTS = (("img/s", "train_images_per_s"), ("peak MiB", "peak_bytes"), ("extra params", "extra_params_train"),
@@ -82,8 +82,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
                          "`--layout leaderboard` for the sources).")
-    if why:
-        footnotes.append(why)
+    footnotes += [note for note in (why, unpublished_pairs_note(group)) if note]
     return table(headers, rows, fmt, align, caption=caption, notes=footnotes, rules_after=rules_after)
 
 

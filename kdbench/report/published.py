@@ -116,12 +116,19 @@ def published_cells(published: pd.DataFrame, pair: str, kind: str, arch: str, ru
 
 
 def published_note(board: pd.DataFrame) -> str:
-    """Why a table shows no published numbers, or which of its pairs have none (empty when every pair has some)."""
+    """Why a table shows no published column (empty when its setting matches the published numbers')."""
     if "published" not in board.columns:
         return f"No published column: no published table ({PUBLISHED_NAME}) was found."
     reasons = board["published_mismatch"].fillna("")
-    if not (reasons == "").any():
-        return f"No published column: {reasons.iloc[0]}."
+    if (reasons == "").any():
+        return ""
+    return f"No published column: {reasons.iloc[0]}."
+
+
+def unpublished_pairs_note(board: pd.DataFrame) -> str:
+    """The pairs of a table with a published column that the published table has no number for (empty if none)."""
+    if published_note(board):
+        return ""
     shown = board["published"].fillna("").ne("").groupby([board["pair"], board["protocol"]], sort=False).any()
     missing = [f"{pair} (protocol {protocol})" for (pair, protocol), some in shown.items() if not some]
     return f"No published number in the table for {', '.join(missing)}." if missing else ""

@@ -30,7 +30,7 @@ from kdbench.report.formats import (
 )
 from kdbench.report.load import MEMORY_NAMES, describe, memory_name
 from kdbench.report.paper import paper_csv, paper_tables
-from kdbench.report.published import RULE_OF_METRIC, published_note
+from kdbench.report.published import RULE_OF_METRIC, published_note, unpublished_pairs_note
 
 if TYPE_CHECKING:  # kdbench.results imports torch: the CLI imports this package for its choices
     from kdbench.results import RunRecord
@@ -113,8 +113,7 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
                          f"data and models code (code_core) is not the table's most common, or its seeds ran "
                          f"different code (code_fingerprint). Commits: {'; '.join(other_code)}"
                          + (f"; the other rows {', '.join(rest)}." if rest else "."))
-    if why_not_published:
-        footnotes.append(why_not_published)
+    footnotes += [note for note in (why_not_published, unpublished_pairs_note(board)) if note]
     headers = list(rows[0])
     align = ["l" if k in ("pair", "model", "published source") else "r" for k in headers]
     cells = [[escape(str(v), fmt) for v in row.values()] for row in rows]
