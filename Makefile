@@ -44,7 +44,7 @@ bench-perf: setup
 
 # notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
 # the repository page (the tests execute it again, on a tiny sweep, without writing it).
-NOTEBOOK_RESULTS := results/reference-fashion-mnist-short
+NOTEBOOK_RESULTS := $(REFERENCE)
 notebook: setup
 	cd notebooks && KDBENCH_RESULTS=../$(NOTEBOOK_RESULTS) ../$(VENV)/bin/jupyter execute --inplace analysis.ipynb
 

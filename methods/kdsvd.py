@@ -17,6 +17,12 @@ student matches the RBF-kernel relation between the vectors of consecutive stage
 - For each stage i ≥ 2: ``R[b,p,q,j] = exp(−(v_i[b,p,j] − v_{i−1}[b,q,j])² / 8)``;
   ``L_KDSVD = Σ_i Σ (R_s − R_t)² / B``, non-finite entries set to 0 (the gradient through nearly equal singular
   values is not finite).
+- The gradient that flows back through the student's SVD is made finite the same way (non-finite entries set to
+  0). Repeated singular values (a map with dead channels or positions, common after ReLU; certain when H·W < C, as
+  at resnet20's 7×7 × 64 stage on 28×28 inputs) give it inf/NaN entries; the reference only cleans the forward,
+  so one such batch writes NaN into the student's weights and the next SVD fails on non-finite input (all three
+  seeds of resnet56 → resnet20 on Fashion-MNIST did, within two epochs). On maps without repeated singular values
+  the gradient is the reference's, unchanged.
 
 Stages ``stage1..stageK`` of both, paired shallow to deep (RepDistiller ``train_student.py`` zips ``feat[1:-1]``).
 Presets: RepDistiller's scripts list no KDSVD; official and crd ``CE + 1·L_KDSVD`` (mdistiller
@@ -62,6 +68,8 @@ def svd_matrix(feature: torch.Tensor, layout: str) -> torch.Tensor:
 def top_singular(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` right singular vectors (B, D, n), each L2-normalised, and the first ``n`` singular values,
     L2-normalised together (B, n)."""
+    if x.requires_grad:  # the student's side: see the module docstring on the gradient
+        x.register_hook(finite)
     _, values, vh = torch.linalg.svd(x, full_matrices=False)
     vectors = finite(vh.transpose(1, 2))[:, :, :n]
     return F.normalize(vectors, dim=1, eps=1e-12), F.normalize(finite(values)[:, :n], dim=1, eps=1e-12)

@@ -11,6 +11,7 @@ from test_methods_e2e import REFERENCE_PAIRS
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import method_class
+from kdbench.methods.kdsvd import kdsvd_loss
 from kdbench.models import create_model
 from kdbench.models.taps import feature_shapes
 
@@ -277,3 +278,28 @@ def test_presets_resolve_to_the_reference_weights(method, protocol, ce, kd):
         assert options["temperature"] == 4.0 and options["kl_reduction"] == "batchmean"
     assert cls.family == {"at": "feature", "sp": "relation", "nst": "feature", "kdsvd": "relation"}[method]
     assert cls.label(options) == (f"{method} (+KD)" if kd else method)
+
+
+
+def kdsvd_student_gradient(dead_channels: int) -> torch.Tensor:
+    """The gradient KDSVD sends into a resnet20-like student's stage maps (28×28 input: 7×7 × 64 at stage 3, so
+    H·W < C), with ``dead_channels`` of stage 3 all zero, as ReLU leaves them."""
+    torch.manual_seed(0)
+    sizes = [(16, 28, 28), (32, 14, 14), (64, 7, 7)]
+    f_s = [torch.relu(torch.randn(8, *s)) for s in sizes]
+    f_s[2][:, 64 - dead_channels:] = 0
+    f_s = [f.requires_grad_() for f in f_s]
+    f_t = [torch.relu(torch.randn(8, *s)) for s in sizes]
+    kdsvd_loss(list(zip(f_s, f_t)), 1, "repdistiller").backward()
+    return torch.cat([f.grad.flatten() for f in f_s])
+
+
+def test_kdsvd_zeroes_the_gradient_through_repeated_singular_values_and_leaves_it_alone_elsewhere(monkeypatch):
+    """Repeated (zero) singular values make the SVD's backward inf/NaN; unchecked, one such batch puts NaN into the
+    student's weights (every seed of the reference set's resnet56 -> resnet20 did). kdsvd zeroes those entries."""
+    hooked = kdsvd_student_gradient(dead_channels=54), kdsvd_student_gradient(dead_channels=0)
+    monkeypatch.setattr(torch.Tensor, "register_hook", lambda self, hook: None)  # the reference: no gradient hook
+    plain = kdsvd_student_gradient(dead_channels=54), kdsvd_student_gradient(dead_channels=0)
+    assert not torch.isfinite(plain[0]).all()
+    assert torch.isfinite(hooked[0]).all() and hooked[0].abs().sum() > 0
+    assert torch.isfinite(plain[1]).all() and torch.equal(hooked[1], plain[1])

@@ -17,6 +17,7 @@ import pandas as pd
 FAMILY_COLOURS = {"logit": ("Blues", 0.95, 0.4), "feature": ("Greens", 0.95, 0.4), "relation": ("Purples", 0.95, 0.4),
                   "assistant": ("YlOrBr", 0.6, 0.35), "layer-adding": ("Reds", 0.95, 0.55),
                   "other": ("copper", 0.2, 0.8)}
+LEGEND_ROW_PT, TITLE_IN = 15, 1.0  # a fontsize-8 legend entry with its spacing; the two-line headline
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
 _TOP = {"teacher": ("teacher", "0.05", "*"), "student": ("CE student", "0.55", "o")}
 
@@ -91,5 +92,6 @@ def legend(fig, shown: dict[str, Style], line: bool = False) -> None:
         family = style.family
         handles.append(Line2D([], [], color=style.colour, marker=style.marker, markersize=6,
                               linestyle="-" if line else "", label=label))
+    rows = max(1, int((fig.get_figheight() - TITLE_IN) * 72 / LEGEND_ROW_PT))  # what fits below the headline
     fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8,
-               ncols=1 if len(handles) <= 30 else 2)
+               ncols=math.ceil(len(handles) / rows))
