@@ -57,12 +57,25 @@ def test_paper_latex_uses_booktabs_a_caption_and_no_raw_unicode(zoo_board):
     for table in tables:
         assert "\\toprule" in table and "\\midrule" in table and "\\bottomrule" in table and "\\hline" not in table
         assert re.search(r"\\caption\{.*n = 3 seeds|\\caption\{Cost per method", table)
-        assert not re.search(r"[±Δ→·†]", table), "raw unicode in LaTeX"
+        assert not re.search(r"[±Δ→·†–]", table), "raw unicode in LaTeX"
     assert "$\\pm$" in tables[0] and "\\textbf{" in tables[0] and "$\\rightarrow$" in tables[0]
     assert "\\multicolumn{5}{l}{\\emph{resnet56$\\rightarrow$resnet20}}" in tables[1]
     # the teacher and student rows are set off from the methods by a rule
     assert re.search(r"Student \(CE\) &[^\n]*\\\\\n\\midrule", tables[0])
 
+
+
+def test_a_pair_without_a_finished_run_of_a_method_says_so_in_its_cell(zoo_board):
+    """A method that never finished on a pair (every seed failed, or not run) gets a dash and a footnote, not a
+    blank that reads like a rendering fault."""
+    board = zoo_board[~((zoo_board.pair == "vgg13->vgg8") & (zoo_board.label == "dkd"))]
+    text = report.render_report(board, "github", layout="paper")
+    rows = {r[0]: r[1:] for r in _github_rows(text.split("Cost per method")[0])}
+    assert rows["dkd"][1] == "–" and rows["dkd"][0] != "–"
+    assert "–: no finished run of this method on this pair" in text
+    assert "no finished run" not in report.render_report(zoo_board, "github", layout="paper")
+    latex = report.render_report(board, "latex", layout="paper")
+    assert re.search(r"\ndkd & [^\n]* & -- & ", latex) and "--: no finished run" in latex
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (TeX Live)")
 def test_paper_latex_compiles_in_a_plain_article(zoo_board, tmp_path):

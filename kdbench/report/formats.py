@@ -24,7 +24,7 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
           "†": r"$^\dagger$", "·": r"$\cdot$", "−": r"$-$", "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$",
           "<": r"$<$", ">": r"$>$", "→": r"$\rightarrow$", "…": r"\ldots{}", "σ": r"$\sigma$", "β": r"$\beta$",
-          "α": r"$\alpha$"}
+          "α": r"$\alpha$", "–": "--"}
 
 
 def method_notes(frame: pd.DataFrame) -> tuple[list[str], list[str]]:

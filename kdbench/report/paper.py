@@ -23,6 +23,7 @@ from kdbench.report.formats import (
 from kdbench.report.load import memory_name
 from kdbench.report.published import published_note, unpublished_pairs_note
 
+MISSING = "–"  # a cell without a finished run: said, never left blank
 _TOP = ("teacher", "student")  # kinds printed above the methods, in this order
 _COSTS = (("img/s", "train_images_per_s"), ("peak MiB", "peak_bytes"), ("extra params", "extra_params_train"),
           ("end-to-end min", "end_to_end_s"))
@@ -64,7 +65,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
         row = [escape(_name(label) + (f" [{notes.index(note) + 1}]" if note else ""), fmt)]
         for pair in pairs:
             r = _cell(group, pair, label)
-            text = "" if r is None else mean_std(r["mean"], r["std"]) + (
+            text = MISSING if r is None else mean_std(r["mean"], r["std"]) + (
                 f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "")
             text = escape(text, fmt)
             is_best = r is not None and kind == "method" and round(r["mean"], 2) == best[pair]
@@ -78,6 +79,9 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
                f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
     why = published_note(group)
+    if any(_cell(group, pair, label) is None for _, label in _rows(group) for pair in pairs):
+        footnotes.append(f"{MISSING}: no finished run of this method on this pair (not run, or every seed failed; the "
+                         "report lists the failed runs and their reasons).")
     footnotes += teacher_notes(group)
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
