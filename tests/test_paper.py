@@ -77,6 +77,7 @@ def test_a_pair_without_a_finished_run_of_a_method_says_so_in_its_cell(zoo_board
     latex = report.render_report(board, "latex", layout="paper")
     assert re.search(r"\ndkd & [^\n]* & -- & ", latex) and "--: no finished run" in latex
 
+
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (TeX Live)")
 def test_paper_latex_compiles_in_a_plain_article(zoo_board, tmp_path):
     body = report.render_report(zoo_board, "latex", layout="paper")

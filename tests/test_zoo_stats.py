@@ -280,7 +280,6 @@ def test_presets_resolve_to_the_reference_weights(method, protocol, ce, kd):
     assert cls.label(options) == (f"{method} (+KD)" if kd else method)
 
 
-
 def kdsvd_student_gradient(dead_channels: int) -> torch.Tensor:
     """The gradient KDSVD sends into a resnet20-like student's stage maps (28×28 input: 7×7 × 64 at stage 3, so
     H·W < C), with ``dead_channels`` of stage 3 all zero, as ReLU leaves them."""

@@ -58,13 +58,14 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     for pair in pairs:
         headers += [pair] + (["published"] if pair in with_published else [])
         align += ["r"] + (["r"] if pair in with_published else [])
-    rows, rules_after = [], []
+    rows, rules_after, missing = [], [], False
     for index, (kind, label) in enumerate(_rows(group)):
         first = group[group["label"] == label].iloc[0]
         note = first["method_note"] if isinstance(first["method_note"], str) else ""
         row = [escape(_name(label) + (f" [{notes.index(note) + 1}]" if note else ""), fmt)]
         for pair in pairs:
             r = _cell(group, pair, label)
+            missing |= r is None
             text = MISSING if r is None else mean_std(r["mean"], r["std"]) + (
                 f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "")
             text = escape(text, fmt)
@@ -79,7 +80,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
                f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
     why = published_note(group)
-    if any(_cell(group, pair, label) is None for _, label in _rows(group) for pair in pairs):
+    if missing:
         footnotes.append(f"{MISSING}: no finished run of this method on this pair (not run, or every seed failed; the "
                          "report lists the failed runs and their reasons).")
     footnotes += teacher_notes(group)
