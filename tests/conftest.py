@@ -22,7 +22,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # test files in parallel (setup.c
 
 def tiny_sweep(methods=("student",), pair=("resnet14", "resnet8"), seeds=(0,), **changes) -> SweepSpec:
     return SweepSpec(methods=tuple(methods), pairs=(Pair(*pair),), seeds=tuple(seeds), dataset="synthetic",
-                     recipe=changes.pop("recipe", TINY), device="cpu", **changes)
+                     recipe=changes.pop("recipe", TINY), device=changes.pop("device", "cpu"), **changes)
 
 
 def method_context(method, student_shapes, teacher_shapes, protocol="semckd", options=None, batch_size=64,
