@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference soak notebook bench-perf
+.PHONY: bench test setup reference soak notebook bench-perf bench-official
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -41,6 +41,11 @@ bench-perf: setup
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --compile || exit 1; \
 	done
 	$(VENV)/bin/python -m pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-json=$(PERF)/micro.json
+
+# kdbench beside RepDistiller's own train_student.py on this CPU, alternating (README, "Where the time goes"); clone the
+# official code first (benchmarks/official/README.md). Quiet machine only. benchmarks/official/gpu.sh does it on a GPU.
+bench-official: setup
+	bash benchmarks/official/cpu.sh
 
 # notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
 # the repository page (the tests execute it again, on a tiny sweep, without writing it).

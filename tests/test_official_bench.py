@@ -1,0 +1,29 @@
+"""benchmarks/official: both sides of a comparison with the official loops train on the same data, and its random
+teachers are RepDistiller checkpoints that kdbench's models load."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torchvision.datasets.cifar
+
+from kdbench.data import load_cifar100
+from kdbench.execution import load_weights
+from kdbench.models import create_model
+
+FAKE = Path(__file__).resolve().parents[1] / "benchmarks" / "official" / "fake_cifar100.py"
+
+
+def test_the_fake_cifar100_is_the_same_images_to_kdbench_and_to_torchvision(tmp_path, monkeypatch):
+    subprocess.run([sys.executable, str(FAKE), str(tmp_path), "40", "20"], check=True, capture_output=True)
+    ours = load_cifar100(tmp_path / "kdbench", download=False, verify=False)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    for train, x, y in ((True, ours.train_x, ours.train_y), (False, ours.test_x, ours.test_y)):
+        theirs = torchvision.datasets.CIFAR100(str(tmp_path / "torchvision"), train=train, download=False)
+        assert len(theirs) == len(y) == (40 if train else 20)
+        assert torch.equal(x, torch.from_numpy(theirs.data).permute(0, 3, 1, 2))  # theirs: N x H x W x C
+        assert y.tolist() == theirs.targets
+    for arch in ("vgg13", "resnet32x4"):  # at the path RepDistiller's get_teacher_name parses
+        path = tmp_path / "teachers" / f"{arch}_cifar100_lr_0.05_decay_0.0005_trial_0" / f"{arch}_best.pth"
+        load_weights(create_model(arch, 100, 3), path, "teacher checkpoint")  # strict: every key and shape fits
