@@ -14,14 +14,16 @@ timed four ways on the same modules:
 - ``bare``: a minimal PyTorch loop on that batch, the same architectures, CE + KD₄ against the teacher (CE alone for
   the baseline) and SGD, no harness: what the step costs without kdbench.
 
-The achieved rate is the step's FLOPs (student forward and backward ≈ 3× its forward MACs, plus one forward per
-frozen model, ×2 FLOPs per MAC) over its time; the peak is the best of a large matmul and a large 3×3 convolution
+The achieved rate is the step's FLOPs over its time: the matmuls and convolutions of one eager step as torch's
+``FlopCounterMode`` counts them (the student's forward and backward, the frozen forwards, and the method's own modules
+and losses, which dominate SemCKD's step); the peak is the best of a large matmul and a large 3×3 convolution
 measured on the same device and precision. Results are tidy rows (one per setting and metric) in
 ``<results-dir>/profile.parquet`` (rows of the same setting and host replaced) and a plot beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -32,12 +34,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdbench import harness
 from kdbench.compiled import compile_forward
 from kdbench.estimate import WARMUP_STEPS, _loader, _Sample, _setting, _timed, _untrained
 from kdbench.execution import autocast
-from kdbench.measure import StepTimer, macs_per_image, provenance
+from kdbench.measure import StepTimer, provenance
 from kdbench.methods.base import KD_TEMPERATURE, kd_divergence
 from kdbench.models import create_model
 from kdbench.results import ResultsStore, atomic_write
@@ -227,12 +230,29 @@ class Profile:
         return [{**setting, "metric": k, "value": float(v)} for k, v in values.items()]
 
 
+def _prepared(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader) -> harness._Parts:
+    """The setting's parts as the harness assembles them, untrained frozen models, and the method's fitted state
+    (centres, banks, heads) from a few batches."""
+    parts = harness._assemble(spec, env, data, device, frozen=_untrained)
+    with tempfile.TemporaryDirectory() as tmp:
+        if parts.trainers:
+            parts.method.prepare(harness._preparation(parts, _Sample(loader, 2, cycle=False), spec, ResultsStore(tmp)))
+    return parts
+
+
+def _step_flops(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader, batch) -> float:
+    """FLOPs of one eager step of the setting on ``batch`` (compiled kernels are invisible to the counter)."""
+    eager = dataclasses.replace(spec, compile=None)
+    parts = _prepared(eager, env, data, device, loader)
+    with FlopCounterMode(display=False) as counter:
+        harness._train_epoch(parts, _FixedBatch(loader, 1, batch), eager, 0, StepTimer(device, 0), False)
+    return float(counter.get_total_flops())
+
+
 def profile_setting(spec: RunSpec, env: harness.RunEnv, steps: int, peaks: dict) -> Profile:
     device, data = torch.device(spec.device), harness._dataset(spec.dataset, env.data_dir, env.download)
-    loader, parts = _loader(spec, data, device), harness._assemble(spec, env, data, device, frozen=_untrained)
-    with tempfile.TemporaryDirectory() as tmp:
-        if parts.trainers:  # a method's fitted state (centres, banks, heads) from a few batches, untimed
-            parts.method.prepare(harness._preparation(parts, _Sample(loader, 2, cycle=False), spec, ResultsStore(tmp)))
+    loader = _loader(spec, data, device)
+    parts = _prepared(spec, env, data, device, loader)
     warm = _Sample(loader, WARMUP_STEPS)
     harness._train_epoch(parts, warm, spec, 0, StepTimer(device, 0), False)
     seconds = {"harness": _step_seconds(parts, _Sample(loader, steps), spec, device)}
@@ -244,15 +264,10 @@ def profile_setting(spec: RunSpec, env: harness.RunEnv, steps: int, peaks: dict)
     batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True)))
     seconds["fixed_batch"] = _step_seconds(parts, _FixedBatch(loader, steps, batch), spec, device)
     seconds["bare"] = _bare_seconds(spec, data, device, batch, steps)
-    shape = data.image_shape
-    student_macs = macs_per_image(create_model(spec.student, data.info.num_classes, data.info.in_channels), shape)
-    frozen_macs = sum(macs_per_image(create_model(m, data.info.num_classes, data.info.in_channels), shape)
-                      for m in (spec.teacher, *spec.assistants) if m)
-    per_step = 2 * spec.recipe.batch_size * (3 * student_macs + frozen_macs)
     key = (spec.device, spec.precision)
     if key not in peaks:
         peaks[key] = peak_flops(device, spec.precision)
-    return Profile(spec, seconds, clock.medians(), per_step, peaks[key])
+    return Profile(spec, seconds, clock.medians(), _step_flops(spec, env, data, device, loader, batch), peaks[key])
 
 
 def profile(specs: list[RunSpec], env: harness.RunEnv, steps: int = 10) -> pd.DataFrame:

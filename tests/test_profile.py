@@ -7,7 +7,10 @@ from conftest import tiny_sweep
 
 from kdbench import harness, profile
 from kdbench.cli import main
+from kdbench.estimate import _loader
 from kdbench.harness import RunEnv
+from kdbench.measure import macs_per_image
+from kdbench.models import create_model
 from kdbench.results import ResultsStore
 
 METRICS = {*(f"step_ms_{v}" for v in profile.VARIANTS), *(f"img_per_s_{v}" for v in profile.VARIANTS),
@@ -43,9 +46,10 @@ def test_the_clock_leaves_no_hook_or_wrapper_behind(tmp_path):
     built = {}
     real = harness._assemble
 
-    def keep(*args, **kwargs):
-        built["parts"] = real(*args, **kwargs)
-        return built["parts"]
+    def keep(*args, **kwargs):  # the profiled parts: the first assembled (the FLOP count builds its own)
+        parts = real(*args, **kwargs)
+        built.setdefault("parts", parts)
+        return parts
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(harness, "_assemble", keep)
@@ -55,6 +59,23 @@ def test_the_clock_leaves_no_hook_or_wrapper_behind(tmp_path):
     for model in (parts.student, *parts.trainers):
         assert not model._forward_pre_hooks
     assert not parts.optimizer._optimizer_step_pre_hooks and not parts.optimizer._optimizer_step_post_hooks
+
+
+def test_a_steps_flops_count_the_student_the_teacher_and_the_methods_own_modules(tmp_path):
+    env, cpu = RunEnv(ResultsStore(tmp_path), progress=False), torch.device("cpu")
+    flops = {}
+    for method in ("student", "kd", "crd"):
+        spec = next(s for s in tiny_sweep(methods=(method,)).plan() if s.role != "teacher")
+        data = harness._dataset(spec.dataset, None, True)
+        loader = _loader(spec, data, cpu)
+        batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True)))
+        flops[method] = profile._step_flops(spec, env, data, cpu, loader, batch)
+    images = len(batch[1])
+    student, teacher = (2 * images * macs_per_image(create_model(arch, 10, 3), data.image_shape)
+                        for arch in (spec.student, spec.teacher))
+    assert 2 * student < flops["student"] <= 3 * student  # forward, and a backward without the input's gradient
+    assert flops["kd"] == pytest.approx(flops["student"] + teacher, rel=1e-9)  # KD adds the teacher's forward
+    assert flops["crd"] > flops["kd"]  # CRD's embeddings and its scores against the memory banks
 
 
 def test_fixed_batch_repeats_one_batch():
