@@ -240,12 +240,14 @@ def _prepared(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, lo
     return parts
 
 
-def _step_flops(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader, batch) -> float:
-    """FLOPs of one eager step of the setting on ``batch`` (compiled kernels are invisible to the counter)."""
-    eager = dataclasses.replace(spec, compile=None)
-    parts = _prepared(eager, env, data, device, loader)
+def _step_flops(parts, spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader, batch) -> float:
+    """FLOPs of one eager step of the setting on ``batch``: on the profiled ``parts`` (their timing done) when they run
+    eagerly, else on an eager copy of the setting, since compiled kernels are invisible to the counter."""
+    if spec.compile is not None:
+        spec = dataclasses.replace(spec, compile=None)
+        parts = _prepared(spec, env, data, device, loader)
     with FlopCounterMode(display=False) as counter:
-        harness._train_epoch(parts, _FixedBatch(loader, 1, batch), eager, 0, StepTimer(device, 0), False)
+        harness._train_epoch(parts, _FixedBatch(loader, 1, batch), spec, 0, StepTimer(device, 0), False)
     return float(counter.get_total_flops())
 
 
@@ -267,7 +269,8 @@ def profile_setting(spec: RunSpec, env: harness.RunEnv, steps: int, peaks: dict)
     key = (spec.device, spec.precision)
     if key not in peaks:
         peaks[key] = peak_flops(device, spec.precision)
-    return Profile(spec, seconds, clock.medians(), _step_flops(spec, env, data, device, loader, batch), peaks[key])
+    flops = _step_flops(parts, spec, env, data, device, loader, batch)
+    return Profile(spec, seconds, clock.medians(), flops, peaks[key])
 
 
 def profile(specs: list[RunSpec], env: harness.RunEnv, steps: int = 10) -> pd.DataFrame:

@@ -46,10 +46,9 @@ def test_the_clock_leaves_no_hook_or_wrapper_behind(tmp_path):
     built = {}
     real = harness._assemble
 
-    def keep(*args, **kwargs):  # the profiled parts: the first assembled (the FLOP count builds its own)
-        parts = real(*args, **kwargs)
-        built.setdefault("parts", parts)
-        return parts
+    def keep(*args, **kwargs):
+        built["parts"] = real(*args, **kwargs)
+        return built["parts"]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(harness, "_assemble", keep)
@@ -69,7 +68,8 @@ def test_a_steps_flops_count_the_student_the_teacher_and_the_methods_own_modules
         data = harness._dataset(spec.dataset, None, True)
         loader = _loader(spec, data, cpu)
         batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True)))
-        flops[method] = profile._step_flops(spec, env, data, cpu, loader, batch)
+        parts = profile._prepared(spec, env, data, cpu, loader)
+        flops[method] = profile._step_flops(parts, spec, env, data, cpu, loader, batch)
     images = len(batch[1])
     student, teacher = (2 * images * macs_per_image(create_model(arch, 10, 3), data.image_shape)
                         for arch in (spec.student, spec.teacher))
