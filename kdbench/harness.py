@@ -185,7 +185,9 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     optimizer = parts.optimizer_of(stage)
     device = loader.device
     precision = autocast(spec, device)
-    parts.student.train()
+    parts.student.train(stage == "main")  # an init stage trains only its own student modules (InitStage)
+    for module in parts.init_stage.student_train_modules if stage == "init" else ():
+        module.train()
     parts.method.train()
     for trainer in parts.trainers:
         assert not trainer.training and not any(p.requires_grad for p in trainer.parameters())

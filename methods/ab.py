@@ -15,10 +15,12 @@ AAAI 2019 (arXiv 1811.03233). As in HobbitLong/RepDistiller (``distiller_zoo/AB.
 - Main stage: ``logit_terms`` only, i.e. plain CE under official/crd (RepDistiller ``-a 0 -b 1``, ``loss_kd = 0``:
   β has no effect, so there is no β option) and ``CE + KD_4`` under semckd (kdbench's choice; SemCKD has no AB).
 
-Deviations: the feature modules are every student parameter but the classifier head, all in train mode; RepDistiller
-keeps WRN's final ``bn1``, MobileNetV2's ``conv2`` and ShuffleV2's ``conv2``/``bn2`` out of the init optimiser and in
-eval mode (only WRN's ``bn1`` matters: its ``stage3_preact`` tap is that BN, so kdbench trains it and normalises
-with batch statistics there). Models with different stage counts pair the first min(K_s, K_t) stages (RepDistiller
+The init stage trains what RepDistiller's ``get_feat_modules`` returns (``kdbench.models.feature_modules``): every
+module but the head, and without WRN's final ``bn1``, MobileNetV2's ``conv2`` and ShuffleV2's ``conv2``/``bn2``; those
+stay out of the init optimiser and in eval mode with the rest of the student (``InitStage.student_train_modules``),
+so WRN's ``stage3_preact`` (that ``bn1``) is normalised with its running statistics, as in RepDistiller.
+
+Deviations: models with different stage counts pair the first min(K_s, K_t) stages (RepDistiller
 asserts equal counts), and a student map smaller than the teacher's by other than 2× uses ``ConvReg``'s fourth
 branch (the teacher map pooled to the student's size; RepDistiller raises). In the main stage the teacher is
 forwarded only for a KD term: RepDistiller's ``helper/loops.py::train_distill`` forwards it there for nothing, a
@@ -43,14 +45,14 @@ from kdbench.methods.base import (
     StepOutputs,
 )
 from kdbench.methods.fitnet import ConvReg
+from kdbench.models import feature_modules
 
 
-def feature_parameters(student: nn.Module) -> tuple[nn.Parameter, ...]:
-    """The student's parameters except its classifier head's (the last ``nn.Linear``: every zoo model's head), as
-    RepDistiller's ``get_feat_modules``; AB and FSP train them in their init stage."""
-    head = [m for m in student.modules() if isinstance(m, nn.Linear)][-1]
-    skip = {id(p) for p in head.parameters()}
-    return tuple(p for p in student.parameters() if id(p) not in skip)
+def feature_stage(student: nn.Module) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Module, ...]]:
+    """The parameters and modules of the student's feature modules (RepDistiller's ``get_feat_modules``,
+    ``kdbench.models.feature_modules``): what AB's and FSP's init stage trains, in train mode."""
+    modules = feature_modules(student)
+    return tuple(p for module in modules for p in module.parameters()), modules
 
 
 def teacher_in_init_stage(ctx: MethodContext, epoch: int) -> tuple[int, ...]:
@@ -98,8 +100,9 @@ class AB(Method):
                          for a, b in zip(self.student_taps, self.teacher_taps)))
 
     def init_stage(self, student: nn.Module, base_lr: float) -> InitStage:
-        return InitStage(self.ctx.options["init_epochs"], (*self.connectors.parameters(), *feature_parameters(student)),
-                         base_lr, frozen_after=(self.connectors,))
+        parameters, modules = feature_stage(student)
+        return InitStage(self.ctx.options["init_epochs"], (*self.connectors.parameters(), *parameters), base_lr,
+                         frozen_after=(self.connectors,), student_train_modules=modules)
 
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         return teacher_in_init_stage(self.ctx, epoch)

@@ -130,12 +130,16 @@ class InitStage:
     """A stage that trains before the recipe's epochs, as RepDistiller's ``helper/pretrain.py::init`` (AB and FSP
     initialise the student's features, FT its paraphraser): ``epochs`` of SGD at the constant ``lr`` over
     ``parameters`` (momentum and weight decay from the recipe), the method's ``losses`` called with ``out.stage`` =
-    "init". ``frozen_after``: modules that stay fixed from the first main epoch on (FT's paraphraser)."""
+    "init". As ``init`` does (``model_s.eval()``, then ``train()`` on the trained modules), the student runs in eval
+    mode except its ``student_train_modules``, so no other BatchNorm of the student moves its running statistics
+    before the main stage; the method's own modules are in train mode. ``frozen_after``: modules that stay fixed from
+    the first main epoch on (FT's paraphraser)."""
 
     epochs: int
     parameters: tuple[nn.Parameter, ...]
     lr: float
     frozen_after: tuple[nn.Module, ...] = ()
+    student_train_modules: tuple[nn.Module, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ Learning", CVPR 2017 (no arXiv version). As in HobbitLong/RepDistiller (``distil
 - Main stage: ``logit_terms`` only, i.e. plain CE under official/crd (RepDistiller ``-a 0 -b 50``: β has no effect,
   so there is no β option) and ``CE + KD_4`` under semckd (kdbench's choice; SemCKD has no FSP).
 
-Deviations: as ``ab``'s (every student parameter but the head is trained, all in train mode; here no tap reads the
-modules RepDistiller leaves out); the teacher is forwarded in the main stage only for a KD term, and
+The init stage trains RepDistiller's ``get_feat_modules`` in train mode, the rest of the student in eval mode, as
+``ab``'s. Deviations: the teacher is forwarded in the main stage only for a KD term, and
 ``init_epochs`` scales with the recipe (30 at 240 epochs).
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.ab import feature_parameters, teacher_in_init_stage
+from kdbench.methods.ab import feature_stage, teacher_in_init_stage
 from kdbench.methods.at import pool_to_smaller
 from kdbench.methods.base import (
     LOGIT_OPTIONS,
@@ -75,7 +75,8 @@ class FSP(Method):
                                f"has {channels_s}, the teacher {channels_t}")
 
     def init_stage(self, student: nn.Module, base_lr: float) -> InitStage:
-        return InitStage(self.ctx.options["init_epochs"], feature_parameters(student), base_lr)
+        parameters, modules = feature_stage(student)
+        return InitStage(self.ctx.options["init_epochs"], parameters, base_lr, student_train_modules=modules)
 
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         return teacher_in_init_stage(self.ctx, epoch)

@@ -19,8 +19,8 @@ Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor 
   flattened factor). Presets: official and crd ``CE + 200·L_FT`` (RepDistiller ``scripts/run_cifar_distill.sh``
   ``-a 0 -b 200``), semckd ``CE + KD_4 + 200·L_FT`` (kdbench's choice: the crd weight).
 
-Deviation: the harness forwards the student in train mode during the init stage, so its BN running statistics
-change there (RepDistiller runs it in eval mode); its parameters do not.
+During the init stage the student runs in eval mode, as RepDistiller's ``init`` leaves it: neither its parameters
+nor its BN running statistics change before the main stage (``InitStage.student_train_modules`` is empty).
 """
 
 from __future__ import annotations

@@ -343,12 +343,32 @@ def test_ab_and_fsp_init_stages_train_the_student_features_at_its_base_lr(method
     m = build(method, student, teacher, options={"init_epochs": 7})
     model = create_model(student, num_classes=100)
     stage = m.init_stage(model, 0.123)
-    head = model.linear if student == "ShuffleV2" else model.fc
-    features = ids(model.parameters()) - ids(head.parameters())
+    features = ids(model.parameters()) - ids(p for name in LEFT_OUT[student] for p in getattr(model, name).parameters())
     assert (stage.epochs, stage.lr) == (7, 0.123)
     assert ids(stage.parameters) == features | ids(m.parameters()) and len(stage.parameters) == len(set(
         ids(stage.parameters)))
     assert stage.frozen_after == ((m.connectors,) if method == "ab" else ())
+    assert ids(stage.student_train_modules) == ids(module for name, module in model.named_children()
+                                                   if name not in LEFT_OUT[student] and not name.startswith("tap_")
+                                                   and name != "avgpool")
+
+
+# What RepDistiller's get_feat_modules() leaves out of each architecture (models/*.py): the head, and the last block.
+LEFT_OUT = {"ShuffleV2": ("linear", "conv2", "bn2"), "resnet8x4": ("fc",), "wrn_16_2": ("fc", "bn1"),
+            "MobileNetV2": ("classifier", "conv2"), "vgg8": ("classifier",), "ResNet50": ("linear",),
+            "ShuffleV1": ("linear",)}
+
+
+@pytest.mark.parametrize("student", sorted(LEFT_OUT))
+def test_init_stage_modules_are_repdistillers_get_feat_modules(student):
+    """AB's init stage on every architecture family trains what get_feat_modules returns, and nothing it omits."""
+    model = create_model(student, num_classes=100)
+    stage = build("ab", student, "resnet32x4" if student != "ResNet50" else "ResNet50",
+                  options={"init_epochs": 1}).init_stage(model, 0.05)
+    trained = ids(stage.parameters)
+    for name in LEFT_OUT[student]:
+        assert not ids(getattr(model, name).parameters()) & trained, name
+    assert all(id(p) in trained for m in stage.student_train_modules for p in m.parameters())
 
 
 @pytest.mark.parametrize("student, lr", [("resnet8x4", 0.01), ("resnet20", 0.01), ("wrn_16_2", 0.01),
@@ -367,8 +387,10 @@ MICRO = Recipe("micro", epochs=1, batch_size=16, train_subset=48, test_subset=32
 INIT2 = tuple((m, "init_epochs", "2") for m in METHODS)
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
+def snapshot(module: nn.Module, buffers: bool = False) -> dict[str, torch.Tensor]:
+    """The module's parameters, and with ``buffers`` its BN running statistics and counters too."""
+    items = module.state_dict().items() if buffers else module.named_parameters()
+    return {n: p.detach().clone() for n, p in items}
 
 
 def run_recording(specs, env, monkeypatch):
@@ -380,13 +402,13 @@ def run_recording(specs, env, monkeypatch):
     def recording_assemble(spec, *args, **kwargs):
         parts = assemble(spec, *args, **kwargs)
         current.update(parts=parts, run=spec.run_id)
-        snapshots[spec.run_id] = [(snapshot(parts.student), snapshot(parts.method))]
+        snapshots[spec.run_id] = [(snapshot(parts.student, buffers=True), snapshot(parts.method))]
         return parts
 
     def recording_evaluate(model, *args, **kwargs):
         parts = current["parts"]
         if model is parts.student:
-            snapshots[current["run"]].append((snapshot(parts.student), snapshot(parts.method)))
+            snapshots[current["run"]].append((snapshot(parts.student, buffers=True), snapshot(parts.method)))
         return evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(harness, "_assemble", recording_assemble)
@@ -444,7 +466,8 @@ def test_ab_and_fsp_init_trains_the_student_features_not_its_head(harness_runs, 
 def test_ft_init_trains_the_paraphraser_alone_and_main_leaves_it_frozen(harness_runs):
     records, snapshots, _ = harness_runs
     (s0, m0), (s1, m1), (s2, m2), (s3, m3) = snapshots[records["ft"].run_id]
-    assert not changed(s0, s2) and not changed(m0, m2, "translator")  # the student is not trained in init
+    # the student is not trained in init, and runs in eval mode there: its BN statistics stay put too (RepDistiller)
+    assert not changed(s0, s2) and not changed(m0, m2, "translator")
     assert changed(m0, m1, "paraphraser") == changed(m1, m2, "paraphraser") == {n for n in m0 if "paraphraser" in n}
     assert not changed(m2, m3, "paraphraser")
     assert changed(s2, s3) == set(s0) and changed(m2, m3, "translator") == {n for n in m0 if "translator" in n}

@@ -51,5 +51,13 @@ def model_entry(name: str) -> ModelEntry:
     return _MODELS.get(name)
 
 
+def feature_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules RepDistiller's ``get_feat_modules()`` returns for ``model``'s architecture (its class's
+    ``FEATURE_MODULES``): what AB's and FSP's init stage trains, in train mode, while the rest of the student (the
+    classifier, and WRN's final ``bn1``, MobileNetV2's ``conv2``, ShuffleV2's ``conv2``/``bn2``) stays in eval mode
+    (``helper/pretrain.py::init``)."""
+    return tuple(getattr(model, name) for name in type(model).FEATURE_MODULES)
+
+
 # Registration happens on import; keep these imports at the bottom.
 from kdbench.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401

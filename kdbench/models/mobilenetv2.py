@@ -53,6 +53,9 @@ class MobileNetV2(nn.Module):
     Stage features are linear bottlenecks (no ReLU), so the preact taps receive the same tensors.
     """
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "blocks")  # not conv2
+
     def __init__(self, num_classes: int = 100, in_channels: int = 3, expansion: int = 6, width_mult: float = 0.5):
         super().__init__()
         input_channel = int(32 * width_mult)

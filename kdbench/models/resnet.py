@@ -47,6 +47,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """RepDistiller's CIFAR ResNet: stem at 32x32, three stages (strides 1/2/2), AvgPool2d(8), ``fc``."""
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "bn1", "relu", "layer1", "layer2", "layer3")
+
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         assert (depth - 2) % 6 == 0, "depth must be 6n+2"

@@ -45,6 +45,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Four Bottleneck stages (planes 64/128/256/512, strides 1/2/2/2), adaptive avg-pool, ``linear``."""
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
     def __init__(self, num_blocks: list[int], num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         self.in_planes = 64

@@ -60,6 +60,9 @@ class Bottleneck(nn.Module):
 class ShuffleNet(nn.Module):
     """1x1 stem (no down-sampling), three stages each opening with a stride-2 block, avg-pool(4), ``linear``."""
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3")
+
     def __init__(self, out_planes: list[int], num_blocks: list[int], groups: int, num_classes: int = 100,
                  in_channels: int = 3):
         super().__init__()

@@ -85,6 +85,9 @@ class DownBlock(nn.Module):
 class ShuffleNetV2(nn.Module):
     """1x1 stem, stages ``[DownBlock, BasicBlock x n]``, head ``conv2``-``bn2``-ReLU, avg-pool(4), ``linear``."""
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3")  # not conv2/bn2
+
     def __init__(self, out_channels: list[int], num_blocks: list[int], num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)

@@ -37,6 +37,9 @@ def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
 class VGG(nn.Module):
     """Five blocks; max-pool after blocks 0-2 (pool3 only for 64x64 inputs), global avg-pool, ``classifier``."""
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("block0", "pool0", "block1", "pool1", "block2", "pool2", "block3", "pool3", "block4", "pool4")
+
     def __init__(self, cfg: list[list[int]], num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         self.block0 = _make_block(cfg[0], in_channels)

@@ -68,6 +68,9 @@ class WideResNet(nn.Module):
     Stage taps see raw residual sums (no ReLU); preact taps see the next BN applied without ReLU.
     """
 
+    # RepDistiller's get_feat_modules(): the top-level modules an init stage trains (kdbench.models.feature_modules)
+    FEATURE_MODULES = ("conv1", "block1", "block2", "block3")  # not the final bn1
+
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         assert (depth - 4) % 6 == 0, "depth must be 6n+4"
