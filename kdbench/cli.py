@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
                           "max-autotune, max-autotune-no-cudagraphs; default: default)")
-    run.add_argument("--teacher-seed", type=int, default=0, help="seed of trained teachers (default 0)")
+    run.add_argument("--teacher-seeds", "--teacher-seed", default="0", dest="teacher_seeds",
+                     help="comma-separated seeds of trained teachers (default 0); each teaches every student seed, "
+                          "and the report keeps a row per teacher")
+    run.add_argument("--val-split", type=int, metavar="N",
+                     help="hold out N training images as the validation split that selects the reported epoch "
+                          "(students, assistants and teachers alike; 0: none; default: the recipe's)")
     run.add_argument("--teacher-ckpt", type=Path, help="use this checkpoint (RepDistiller format) as the teacher")
     run.add_argument("--data-dir", type=Path, help="where datasets are found or downloaded to")
     run.add_argument("--no-download", action="store_true", help="never download datasets")
@@ -151,17 +156,20 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         raise KdbenchError(f"teacher checkpoint {args.teacher_ckpt} does not exist or is not a file")
     recipe = RECIPES.get(args.recipe).overridden(epochs=args.epochs, batch_size=args.batch_size,
                                                  train_subset=args.train_subset,
-                                                 test_subset=args.test_subset, lr=args.lr)
+                                                 test_subset=args.test_subset, lr=args.lr, val_split=args.val_split)
     teacher_recipe = (RECIPES.get(args.teacher_recipe) if args.teacher_recipe else teacher_recipe_of(recipe))
+    # A validation split is a partition of the data, so the teachers hold out the same images: none of its labels
+    # reaches a student through its teacher.
     teacher_recipe = teacher_recipe.overridden(epochs=args.teacher_epochs, train_subset=args.teacher_train_subset,
-                                               lr=args.teacher_lr, what="--teacher-")
+                                               lr=args.teacher_lr, what="--teacher-").overridden(
+        val_split=args.val_split)
     return SweepSpec(
         methods=_names(args.methods), pairs=tuple(Pair.parse(p) for p in _names(args.pairs)),
         seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, teacher_recipe=teacher_recipe,
         protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile,
-        teacher_seed=args.teacher_seed, method_options=tuple(_option(o) for o in args.options),
+        teacher_seeds=_int_list(args.teacher_seeds, "--teacher-seeds"), method_options=tuple(_option(o) for o in args.options),
         ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt, "teacher checkpoint") if args.teacher_ckpt else None)
 

@@ -52,13 +52,15 @@ def autocast(spec: RunSpec, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 (%) on the test set in eval mode, and evaluation throughput."""
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device,
+             split: str = "test") -> dict[str, float]:
+    """Top-1/top-5 (%) on the test set (or ``split="val"``: the validation split) in eval mode, and evaluation
+    throughput."""
     model.eval()
     correct = torch.zeros(2, device=device)
     seen = 0
     started = time.perf_counter()
-    for x, y in loader.test_batches():
+    for x, y in loader.test_batches(split):
         with autocast(spec, device):
             logits = model(x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

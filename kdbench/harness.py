@@ -80,8 +80,10 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     load_weights(model, Path(path), "teacher checkpoint")
     env.store.write_spec(spec)
     env.store.save_torch(env.store.weights_path(spec.run_id), model.state_dict())
-    scores = evaluate(model.to(device), loader, spec, device)
+    scores = _scores(model.to(device), loader, spec, device)
     metrics = {"top1_last": scores["top1"], "top5_last": scores["top5"], "top1_best": scores["top1"],
+               **({"top1_at_best_val": scores["top1"], "val_top1_best": scores["val_top1"]} if "val_top1" in scores
+                  else {}),
                "student_params": float(sum(p.numel() for p in model.parameters())), "wall_s": 0.0,
                "eval_images_per_s": scores["eval_images_per_s"]}
     prov = {**provenance(device), **fingerprint(spec), "checkpoint_sha256": spec.pretrained,
@@ -89,6 +91,18 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     record = RunRecord(spec, "finished", metrics, [], prov)
     env.store.write_record(record)
     return record
+
+
+def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
+    """An epoch's evaluation: test top-1/top-5, the validation split's top-1/top-5 where the recipe holds one out,
+    the time both took (``eval_s``) and the test set's evaluation throughput."""
+    test = evaluate(model, loader, spec, device)
+    scores = {"top1": test["top1"], "top5": test["top5"], "eval_s": test["eval_s"],
+              "eval_images_per_s": test["eval_images_per_s"]}
+    if loader.has_validation:
+        val = evaluate(model, loader, spec, device, "val")
+        scores.update(val_top1=val["top1"], val_top5=val["top5"], eval_s=test["eval_s"] + val["eval_s"])
+    return scores
 
 
 @dataclass
@@ -247,7 +261,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
                           train_subset=recipe.train_images(len(data.train_y)),
                           test_subset=recipe.test_images(len(data.test_y)),
                           drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
-                          channels_last=spec.channels_last, pad_mode=recipe.pad_mode)
+                          channels_last=spec.channels_last, pad_mode=recipe.pad_mode, val_split=recipe.val_split)
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
@@ -286,6 +300,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
         prov["teacher_recipe"] = parts.trainer_records[0].spec.recipe.name
+        prov["teacher_seed"] = parts.trainer_records[0].spec.seed  # a row's teacher is part of its identity
     reset_peak_memory(device)
     timer = StepTimer(device, recipe.warmup_steps)
     show = env.progress
@@ -315,9 +330,8 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
             raise RunFailed(f"non-finite training loss ({train['loss']}) in {stage} epoch {epoch + 1}")
         steps = timer.flush()
         step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
-        scores = evaluate(parts.student, loader, spec, device)
-        history.append({"epoch": epoch + 1, "top1": scores["top1"], "top5": scores["top5"], **train, "lr": lr,
-                        "eval_s": scores["eval_s"], "eval_images_per_s": scores["eval_images_per_s"]})
+        scores = _scores(parts.student, loader, spec, device)
+        history.append({"epoch": epoch + 1, **scores, **train, "lr": lr})
         runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {
             **parts.state(), "history": history, "step_times": step_times, "prepare_s": prepare_s,
@@ -373,7 +387,14 @@ def _run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, 
     main = [h for h in history if h["epoch"] >= 1]
     best = max(main, key=lambda h: h["top1"])
     last = main[-1]
-    metrics = {"top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]), "top1_last": last["top1"],
+    if "val_top1" in last:  # selection on the validation split: the first epoch of its best top-1
+        chosen = max(main, key=lambda h: h["val_top1"])
+        selected = {"top1_at_best_val": chosen["top1"], "top1_at_best_val_epoch": float(chosen["epoch"]),
+                    "val_top1_best": chosen["val_top1"], "val_top1_last": last["val_top1"]}
+    else:
+        selected = {}
+    metrics = {**selected, "top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]),
+               "top1_last": last["top1"],
                "top5_best": max(h["top5"] for h in main), "top5_last": last["top5"],
                "epochs_completed": float(len(main)), **({"init_epochs": float(len(history) - len(main))}
                                                          if len(main) < len(history) else {}),

@@ -21,6 +21,8 @@ from kdbench.errors import KdbenchError
 
 #: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
 SUBSET_SEED = 20240601
+#: Seed of the fixed validation split, held out of the training set before the training subset is drawn.
+VALIDATION_SEED = 20261206
 
 
 def stream_seed(seed: int, epoch: int, stream: str) -> int:
@@ -33,14 +35,27 @@ def _generator(seed: int, epoch: int, stream: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(stream_seed(seed, epoch, stream))
 
 
-def _fixed_subset(n: int, size: int | None, what: str) -> torch.Tensor:
+def _fixed_subset(n: int, size: int | None, what: str, seed: int = SUBSET_SEED) -> torch.Tensor:
     """Sorted indices of a fixed subset (the same for every run and seed), or all ``n`` when ``size`` is None."""
     if size is None:
         return torch.arange(n)
     if not 1 <= size <= n:
         raise KdbenchError(f"a subset of {what} must hold between 1 and {n} images, got {size}")
-    fixed = torch.Generator().manual_seed(SUBSET_SEED)
+    fixed = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=fixed)[:size].sort().values
+
+
+def split_training_set(n: int, train_subset: int | None, val_split: int | None,
+                       what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of a training set of ``n`` images: ``val_split`` images held out as a
+    fixed validation split (the same for every run, seed and recipe), then the fixed training subset drawn from the
+    rest. Without a split, the training subset is the one kdbench has always drawn."""
+    held_out = (_fixed_subset(n, val_split, what, VALIDATION_SEED) if val_split
+                else torch.zeros(0, dtype=torch.long))
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[held_out] = False
+    pool = rest.nonzero().squeeze(1)
+    return pool[_fixed_subset(len(pool), train_subset, f"{what} without its validation split")], held_out
 
 
 class DeviceLoader:
@@ -52,7 +67,8 @@ class DeviceLoader:
 
     def __init__(self, data: ArrayData, device: torch.device | str, *, batch_size: int,
                  train_subset: int | None = None, test_subset: int | None = None, drop_last: bool = False,
-                 channels_last: bool = False, eval_batch_size: int = 1000, pad_mode: str = "zeros"):
+                 channels_last: bool = False, eval_batch_size: int = 1000, pad_mode: str = "zeros",
+                 val_split: int | None = None):
         if batch_size < 1 or eval_batch_size < 1:
             raise KdbenchError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
                                f"eval_batch_size={eval_batch_size}")
@@ -65,7 +81,8 @@ class DeviceLoader:
         n_full = data.train_x.shape[0]
         self.num_full_train = n_full
 
-        self.subset = _fixed_subset(n_full, train_subset, f"the {self.info.name} training set").to(self.device)
+        subset, held_out = split_training_set(n_full, train_subset, val_split, f"the {self.info.name} training set")
+        self.subset = subset.to(self.device)
 
         self._mean = torch.tensor(self.info.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.info.std, dtype=torch.float32, device=self.device)
@@ -82,10 +99,18 @@ class DeviceLoader:
         self.train_pad = padded.permute(0, 2, 3, 1).contiguous()
         self.train_y = data.train_y.to(self.device)
         test_idx = _fixed_subset(data.test_x.shape[0], test_subset, f"the {self.info.name} test set")
-        test = data.test_x[test_idx].to(self.device).float().div_(255)
-        test = test.sub_(self._mean[:, None, None]).div_(self._std[:, None, None])
-        self.test_x = self._layout(test)
-        self.test_y = data.test_y[test_idx].to(self.device)
+        self.test_x, self.test_y = self._plain(data.test_x[test_idx]), data.test_y[test_idx].to(self.device)
+        # The validation split: training images, never trained on, evaluated as the test set is (no augmentation).
+        self.val_x, self.val_y = self._plain(data.train_x[held_out]), data.train_y[held_out].to(self.device)
+
+    def _plain(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images on the device, normalised, in the run's layout: what evaluation reads."""
+        x = images.to(self.device).float().div_(255)
+        return self._layout(x.sub_(self._mean[:, None, None]).div_(self._std[:, None, None]))
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_y.shape[0] > 0
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
@@ -143,7 +168,9 @@ class DeviceLoader:
             centre = torch.full_like(idx, PAD)
             yield self.augment(idx, centre, centre, torch.zeros_like(idx, dtype=torch.bool)), self.train_y[idx]
 
-    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The normalised test set (no augmentation) in chunks of ``eval_batch_size``."""
-        for k in range(0, self.test_x.shape[0], self.eval_batch_size):
-            yield self.test_x[k:k + self.eval_batch_size], self.test_y[k:k + self.eval_batch_size]
+    def test_batches(self, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The normalised test set, or with ``split="val"`` the validation split (no augmentation), in chunks of
+        ``eval_batch_size``."""
+        x, y = (self.val_x, self.val_y) if split == "val" else (self.test_x, self.test_y)
+        for k in range(0, x.shape[0], self.eval_batch_size):
+            yield x[k:k + self.eval_batch_size], y[k:k + self.eval_batch_size]

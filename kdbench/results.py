@@ -41,7 +41,8 @@ LOCKS = ".locks"  # under the results root: one lock file per run, and one for t
 DISK_FULL_MARGIN = 64 << 20  # a write that fails with less free space than this is reported as a full disk
 # Per-epoch metrics evaluated on the test split; everything else per epoch is about training.
 _TEST_METRICS = {"top1", "top5", "top1_best", "top1_last", "top5_best", "top5_last", "teacher_top1",
-                 "teacher_top5", "eval_images_per_s", "eval_s"}
+                 "teacher_top5", "eval_images_per_s", "eval_s", "top1_at_best_val"}
+_VAL_METRICS = {"val_top1", "val_top5", "val_top1_best", "val_top1_last"}
 _UNITS = {
     "%": ("top1", "top5", "train_top1"),
     "img/s": ("images_per_s",),
@@ -108,21 +109,22 @@ class RunRecord:
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
             "epochs": spec.recipe.epochs, "batch_size": spec.recipe.batch_size,
             "train_subset": spec.recipe.train_subset, "test_subset": spec.recipe.test_subset,
+            "val_split": spec.recipe.val_split,
             "lr": spec.recipe.lr,  # None: the model's default
             "precision": spec.precision,
             "channels_last": spec.channels_last, "compile": spec.compile, "device": spec.device,
-            "teacher_run": spec.teacher_run,
+            "teacher_run": spec.teacher_run, "assistant_runs": ":".join(spec.assistant_runs) or None,
+            "teacher_seed": spec.seed if spec.role == "teacher" else None,  # a taught run's: its provenance's
             # scalars only: the per-module code hashes (code_files) stay in record.json
             **{k: v for k, v in self.provenance.items() if not isinstance(v, dict)},
         }
-        rows = [{"metric": name, "value": value, "epoch": None,
-                 "split": "test" if name in _TEST_METRICS else "na"}
+        rows = [{"metric": name, "value": value, "epoch": None, "split": _split_of(name, "na")}
                 for name, value in self.metrics.items()]
         for epoch in self.epochs:
             for name, value in epoch.items():
                 if name != "epoch":
                     rows.append({"metric": name, "value": value, "epoch": epoch["epoch"],
-                                 "split": "test" if name in _TEST_METRICS else "train"})
+                                 "split": _split_of(name, "train")})
         frame = pd.DataFrame(rows, columns=["metric", "value", "epoch", "split"])
         frame["unit"] = frame["metric"].map(unit_of)
         frame["epoch"] = frame["epoch"].astype("Int64")
@@ -130,6 +132,11 @@ class RunRecord:
         for key, value in reversed(identity.items()):
             frame.insert(0, key, [value] * len(frame))
         return frame
+
+
+def _split_of(metric: str, otherwise: str) -> str:
+    """The data split a metric is measured on: test, val (the held-out validation split), or ``otherwise``."""
+    return "test" if metric in _TEST_METRICS else "val" if metric in _VAL_METRICS else otherwise
 
 
 def _options_text(options: Iterable[tuple[str, Any]]) -> str:

@@ -48,6 +48,9 @@ class Recipe:
     lr_decay: float = 0.1
     train_subset: int | None = None  # at most this many training images: a fixed subset, the same for every run
     test_subset: int | None = None  # at most this many test images (fixed subset); None: the whole test set
+    # Training images held out as a validation split (a fixed subset, the same for every run of the dataset), never
+    # trained on; the epoch with the best validation top-1 selects the reported test top-1 (top1_at_best_val).
+    val_split: int | None = None
     drop_last: bool = False
     warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput
     pad_mode: str = "zeros"  # padding of the random crop: torchvision's default, or letKD's "reflect"
@@ -65,17 +68,21 @@ class Recipe:
     def overridden(self, what: str = "--", **changes: Any) -> "Recipe":
         """A copy with the non-None ``changes`` applied, validated; ``what`` prefixes the option names in errors."""
         recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
-        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points"):
+        if recipe.val_split == 0:  # --val-split 0: no validation split
+            recipe = replace(recipe, val_split=None)
+        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points", "val_split"):
             value = getattr(recipe, key)
             if value is not None and value < 1:
-                raise KdbenchError(f"{what}{key.replace('_', '-')} must be a positive integer, got {value}")
+                what_range = "an integer >= 0" if key == "val_split" else "a positive integer"
+                raise KdbenchError(f"{what}{key.replace('_', '-')} must be {what_range}, got {value}")
         if recipe.lr is not None and not (math.isfinite(recipe.lr) and recipe.lr > 0):
             raise KdbenchError(f"{what}lr must be a finite number > 0, got {recipe.lr}")
         return recipe
 
     def train_images(self, split_size: int | None) -> int | None:
-        """Training images a run takes: the subset is an upper bound, so a smaller split is used whole."""
-        return _taken(self.train_subset, split_size)
+        """Training images a run takes: the subset is an upper bound, so a smaller split (less its validation
+        images) is used whole."""
+        return _taken(self.train_subset, None if split_size is None else split_size - (self.val_split or 0))
 
     def test_images(self, split_size: int | None) -> int | None:
         """Test images a run evaluates on, as `train_images`."""
@@ -87,7 +94,8 @@ class Recipe:
         def within(subset: int | None, size: int | None) -> int | None:
             return None if subset is not None and size is not None and subset >= size else subset
 
-        return replace(self, train_subset=within(self.train_subset, info.train_size),
+        pool = None if info.train_size is None else info.train_size - (self.val_split or 0)
+        return replace(self, train_subset=within(self.train_subset, pool),
                        test_subset=within(self.test_subset, info.test_size))
 
 
@@ -203,7 +211,9 @@ class SweepSpec:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None
-    teacher_seed: int = 0
+    # Seeds of the teachers kdbench trains: every student seed of every method learns from each (a cross product).
+    # A row of the report is taught by one teacher; several teacher seeds give rows of their own.
+    teacher_seeds: tuple[int, ...] = (0,)
     teacher_ckpt_sha256: str | None = None  # import this checkpoint as the teacher instead of training one
     method_options: tuple[tuple[str, str, str], ...] = ()  # (method, key, value) from `--set METHOD.KEY=VALUE`
     ta_chains: tuple[tuple[str, ...], ...] = ()  # explicit teacher-assistant chains, TEACHER, TAs..., STUDENT
@@ -217,13 +227,22 @@ class SweepSpec:
 
         return recipe.on(dataset_info(self.dataset))
 
-    def teacher_spec(self, arch: str) -> RunSpec:
-        """The run that produces ``arch``'s teacher weights, with the teacher recipe; shared by every method, seed
-        and protocol. An imported checkpoint is evaluated only, so its spec carries no recipe of its own."""
-        seed = 0 if self.teacher_ckpt_sha256 else self.teacher_seed
-        recipe = self.recipe if self.teacher_ckpt_sha256 else (self.teacher_recipe or teacher_recipe_of(self.recipe))
+    def _teachers_recipe(self) -> Recipe:
+        return self._on_dataset(self.teacher_recipe or teacher_recipe_of(self.recipe))
+
+    def teacher_spec(self, arch: str, seed: int = 0) -> RunSpec:
+        """The run that produces ``arch``'s teacher weights with teacher seed ``seed``, with the teacher recipe;
+        shared by every method, student seed and protocol. An imported checkpoint is evaluated only, so its spec
+        carries no recipe of its own."""
+        if self.teacher_ckpt_sha256:
+            return RunSpec(student=arch, method="student", seed=0, role="teacher", protocol="none",
+                           recipe=self._on_dataset(self.recipe), pretrained=self.teacher_ckpt_sha256,
+                           **self._common())
         return RunSpec(student=arch, method="student", seed=seed, role="teacher", protocol="none",
-                       recipe=self._on_dataset(recipe), pretrained=self.teacher_ckpt_sha256, **self._common())
+                       recipe=self._teachers_recipe(), **self._common())
+
+    def teacher_seeds_planned(self) -> tuple[int, ...]:
+        return (0,) if self.teacher_ckpt_sha256 else self.teacher_seeds
 
     def chain(self, pair: Pair) -> tuple[str, ...]:
         """The teacher-assistant chain ``(teacher, TAs..., student)`` for ``pair``: --ta-chain, else the default."""
@@ -239,9 +258,14 @@ class SweepSpec:
 
     def _taught(self, pair: Pair, arch: str, method: str, options: tuple, seed: int, role: str,
                 assistants: tuple[RunSpec, ...], teacher_run: str) -> RunSpec:
+        """A run taught by the teacher (and ``assistants``). A teacher assistant is the teacher of the next step of
+        its chain, so it is trained as teachers are: with the teacher recipe (its data, epochs and schedule) and the
+        teacher's seed, once per teacher, shared by every student seed (the rule for TAKD/DGKD; README, "Teacher
+        assistants"). Students get the students' recipe and their own seed."""
+        recipe = self._teachers_recipe() if role == "assistant" else self._on_dataset(self.recipe)
         return RunSpec(student=arch, method=method, seed=seed, role=role, teacher=pair.teacher,
                        teacher_run=teacher_run, protocol=self.protocol, method_options=options,
-                       recipe=self._on_dataset(self.recipe), assistants=tuple(a.student for a in assistants),
+                       recipe=recipe, assistants=tuple(a.student for a in assistants),
                        assistant_runs=tuple(a.run_id for a in assistants), **self._common())
 
     def _validate(self) -> dict[str, dict[str, str]]:
@@ -257,7 +281,9 @@ class SweepSpec:
             raise KdbenchError("--pairs names no pair; write TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
         if not self.seeds:
             raise KdbenchError("--seeds names no seed; write comma-separated integers, e.g. 0,1,2")
-        for what, seeds in (("--seeds", self.seeds), ("--teacher-seed", (self.teacher_seed,))):
+        if not self.teacher_seeds:
+            raise KdbenchError("--teacher-seeds names no seed; write comma-separated integers, e.g. 0,1,2")
+        for what, seeds in (("--seeds", self.seeds), ("--teacher-seeds", self.teacher_seeds)):
             for seed in seeds:
                 if not 0 <= seed < SEED_LIMIT:
                     raise KdbenchError(f"{what}: seed {seed} is out of range; seeds are integers from 0 to "
@@ -297,13 +323,14 @@ class SweepSpec:
 
         overrides = self._validate()
         classes = {name: method_class(name) for name in self.methods}
-        teachers = [self.teacher_spec(pair.teacher) for pair in self.pairs]
+        teacher_seeds = self.teacher_seeds_planned()
+        teachers = [self.teacher_spec(pair.teacher, t) for pair in self.pairs for t in teacher_seeds]
         taught: list[tuple[Pair, RunSpec]] = []  # every run after the teachers, with the pair it is planned for
-        for pair in self.pairs:
-            teacher_run = self.teacher_spec(pair.teacher).run_id
+        for pair, teacher_seed in ((pair, t) for pair in self.pairs for t in teacher_seeds):
+            teacher_run = self.teacher_spec(pair.teacher, teacher_seed).run_id
             chain = self.chain(pair) if any(cls.uses_assistants for cls in classes.values()) else ()
             for name, cls in classes.items():
-                if not cls.needs_teacher:
+                if not cls.needs_teacher:  # the same runs under every teacher seed: the plan keeps them once
                     options = cls.resolve_options(overrides[name], "none", None, pair.student, self.recipe.epochs)
                     taught.extend((pair, RunSpec(student=pair.student, method=name, seed=seed, role="student",
                                                  protocol="none", method_options=options,
@@ -316,16 +343,14 @@ class SweepSpec:
                 # TAKD and DGKD whenever their logit options agree.
                 first_ta = method_class("kd").resolve_options(
                     {k: v for k, v in options if k in LOGIT_OPTIONS}, self.protocol, pair.teacher, pair.student)
-                for seed in self.seeds:
-                    assistants: tuple[RunSpec, ...] = ()
-                    if cls.uses_assistants:
-                        for k, arch in enumerate(chain[1:-1]):
-                            method, opts = (name, options) if k else ("kd", first_ta)
-                            assistants += (self._taught(pair, arch, method, opts, seed, "assistant", assistants,
-                                                        teacher_run),)
-                        taught.extend((pair, a) for a in assistants)
-                    taught.append((pair, self._taught(pair, pair.student, name, options, seed, "student", assistants,
-                                                      teacher_run)))
+                assistants: tuple[RunSpec, ...] = ()  # trained as teachers are: once per teacher (see _taught)
+                for k, arch in enumerate(chain[1:-1] if cls.uses_assistants else ()):
+                    method, opts = (name, options) if k else ("kd", first_ta)
+                    assistants += (self._taught(pair, arch, method, opts, teacher_seed, "assistant", assistants,
+                                                teacher_run),)
+                taught.extend((pair, a) for a in assistants)
+                taught.extend((pair, self._taught(pair, pair.student, name, options, seed, "student", assistants,
+                                                  teacher_run)) for seed in self.seeds)
         runs = list(dict.fromkeys([*teachers, *(run for _, run in taught)]))
         self._check(runs, taught)
         return runs
@@ -345,6 +370,11 @@ class SweepSpec:
 
         info = dataset_info(self.dataset)
         for run in runs:
+            held_out = run.recipe.val_split or 0
+            if info.train_size is not None and held_out >= info.train_size:
+                raise KdbenchError(f"a validation split of {held_out} images leaves no training images: the "
+                                   f"{self.dataset} training set holds {info.train_size}; use --val-split "
+                                   f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
 

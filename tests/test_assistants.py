@@ -72,7 +72,7 @@ def test_plan_trains_each_assistant_once_and_shares_a1():
     assert takd_s.assistant_runs == (a1.run_id, takd_a2.run_id) and dgkd_s.assistant_runs == (a1.run_id,
                                                                                               dgkd_a2.run_id)
     # lineage is part of the id: another teacher seed means other assistants
-    other = chain_sweep(teacher_seed=1).plan()
+    other = chain_sweep(teacher_seeds=(1,)).plan()
     assert other[1].run_id != a1.run_id and other[1].teacher_run != a1.teacher_run
 
 

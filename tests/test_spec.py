@@ -102,10 +102,15 @@ def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
     # its subsets, too, are dropped where they hold a whole split of the tiny set
     assert teacher.role == "teacher" and teacher.recipe == replace(cpu_teacher, train_subset=None, test_subset=None)
     assert cpu_teacher.train_subset >= 10 * cpu.train_subset  # a large subset vs a low-data one
-    # students and teacher assistants train with the students' recipe (TAs are distilled, as students are), its
-    # subsets dropped where they hold a whole split of the tiny synthetic set (640 training, 320 test images)
-    assert {r.recipe for r in rest} == {replace(cpu, train_subset=None, test_subset=None)}
-    assert {r.role for r in rest} == {"student", "assistant"}
+    # students train with the students' recipe, its subsets dropped where they hold a whole split of the tiny
+    # synthetic set (640 training, 320 test images); teacher assistants are teachers of the next step of their chain:
+    # they train with the teacher recipe and the teacher's seed, once for every student seed
+    assert {r.recipe for r in rest if r.role == "student"} == {replace(cpu, train_subset=None, test_subset=None)}
+    assistants = [r for r in rest if r.role == "assistant"]
+    assert len(assistants) == 2 and {r.recipe for r in assistants} == {teacher.recipe}
+    assert {r.seed for r in assistants} == {teacher.seed}
+    several = tiny_sweep(methods=("takd",), pair=("resnet56", "resnet20"), recipe=cpu, seeds=(0, 1, 2)).plan()
+    assert [r.role for r in several] == ["teacher", "assistant", "assistant", "student", "student", "student"]
 
     # a student override (--epochs) does not reach the teacher
     longer = tiny_sweep(methods=("kd",), pair=("resnet56", "resnet20"), recipe=cpu.overridden(epochs=30)).plan()
