@@ -27,7 +27,7 @@ def test_list_names_everything(capsys):
     assert lines["methods"].split(", ")[0] == "student"
     assert {"vgg13", "vgg8", "resnet32x4", "ShuffleV2", "ResNet50", "wrn_40_2"} <= set(lines["models"].split(", "))
     assert {"cifar100", "cifar10", "fashion-mnist", "synthetic"} <= set(lines["datasets"].split(", "))
-    assert lines["recipes"] == "paper, letkd-native, short, cpu-teacher, cpu"
+    assert lines["recipes"] == "paper, letkd-native, short-teacher, short, cpu-teacher, cpu"
 
 
 def test_run_writes_results_and_prints_the_table(capsys, tmp_path):

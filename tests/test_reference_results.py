@@ -1,5 +1,7 @@
-"""The committed reference result set (`make reference`) is complete, shows distillation, and the README shows its
-report verbatim. The methods and pairs come from the Makefile's `reference` target, so the two cannot drift."""
+"""The committed reference result sets are complete and the README shows the report of the one it shows verbatim.
+
+``reference-fashion-mnist-cpu-v1`` is the first CPU set, superseded and kept as a record: its plan is fixed here, as
+it was made (the Makefile now plans the set of the current `cpu` recipe)."""
 
 import re
 from pathlib import Path
@@ -9,17 +11,16 @@ import pytest
 from kdbench import report
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "results" / "reference-fashion-mnist-cpu"
+REFERENCE = ROOT / "results" / "reference-fashion-mnist-cpu-v1"
 SEEDS = {0, 1, 2}
+V1_METHODS = "student,kd,fitnet,semckd,takd,dgkd,sakd,letkd1,letkd2".split(",")
+V1_ZOO = "at,sp,cc,vid,rkd,pkt,ab,ft,fsp,nst,crd,kdsvd,ofd,reviewkd,dkd".split(",")
+PLAN = {("resnet56->resnet20", m) for m in V1_METHODS + V1_ZOO} | {("vgg13->vgg8", m) for m in V1_METHODS}
 
 
-def makefile_list(name: str) -> list[str]:
-    text = (ROOT / "Makefile").read_text()
-    return re.search(rf"^{name} := (.*)$", text, re.M).group(1).split(",")
-
-
-PLAN = {("resnet56->resnet20", m) for m in makefile_list("REFERENCE_METHODS") + makefile_list("ZOO_METHODS")} | {
-    ("vgg13->vgg8", m) for m in makefile_list("REFERENCE_METHODS")}
+def test_every_results_folder_that_results_readme_describes_exists():
+    described = re.findall(r"^## `([^`]+)/`", (ROOT / "results" / "README.md").read_text(), re.M)
+    assert described and all((ROOT / "results" / name).is_dir() for name in described), described
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,8 @@ def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
     cpu_teacher = RECIPES.get("cpu-teacher")
     # its subsets, too, are dropped where they hold a whole split of the tiny set
     assert teacher.role == "teacher" and teacher.recipe == replace(cpu_teacher, train_subset=None, test_subset=None)
-    assert cpu_teacher.train_subset >= 10 * cpu.train_subset  # a large subset vs a low-data one
+    assert cpu_teacher.train_subset is None and cpu.train_subset == 1000  # every image vs a low-data subset
+    assert cpu_teacher.val_split == cpu.val_split == 5000 and cpu.test_subset is None
     # students train with the students' recipe, its subsets dropped where they hold a whole split of the tiny
     # synthetic set (640 training, 320 test images); teacher assistants are teachers of the next step of their chain:
     # they train with the teacher recipe and the teacher's seed, once for every student seed
@@ -124,7 +125,7 @@ def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
         assert (before.run_id == after.run_id) == (before.method == "student"), before.run_id
     # the smoke and paper recipes name themselves; letKD's native recipe names RepDistiller's teachers
     assert [teacher_recipe_of(RECIPES.get(n)).name for n in ("short", "paper", "letkd-native", "cpu")] == [
-        "short", "paper", "paper", "cpu-teacher"]
+        "short-teacher", "paper", "paper", "cpu-teacher"]
     native = RECIPES.get("letkd-native")
     assert (native.nesterov, native.pad_mode, native.epochs) == (True, "reflect", 240)
 

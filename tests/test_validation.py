@@ -48,7 +48,7 @@ def fails_cleanly(capsys, argv: list[str], message: str, *unwritten) -> None:
     (["--methods", "student", *PAIR, "--seeds", "1180591620717411303424"],
      "--seeds: seed 1180591620717411303424 is out of range; seeds are integers from 0 to 2147483647"),
     (["--methods", "student", *PAIR, "--seeds=0,-1"], "--seeds: seed -1 is out of range"),
-    (["--methods", "student", *PAIR, "--teacher-seed", str(2**31)], "--teacher-seed: seed 2147483648 is out of range"),
+    (["--methods", "student", *PAIR, "--teacher-seed", str(2**31)], "--teacher-seeds: seed 2147483648 is out of range"),
     # learning rates
     (["--methods", "student", *PAIR, "--lr=-1"], "--lr must be a finite number > 0, got -1.0"),
     (["--methods", "student", *PAIR, "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
@@ -70,8 +70,8 @@ def fails_cleanly(capsys, argv: list[str], message: str, *unwritten) -> None:
     (["--methods", "semckd", *PAIR, "--batch-size", "128", "--train-subset", "64"],
      "the student resnet8 (semckd) would train on 64 images in batches of 128, and semckd needs full batches"),
     (["--methods", "student", *PAIR, "--recipe", "short", "--teacher-train-subset", "10"],
-     "the teacher resnet14 (student) would train on 10 images in batches of 64, and recipe short drops the last "
-     "batch"),
+     "the teacher resnet14 (student) would train on 10 images in batches of 64, and recipe short-teacher drops the "
+     "last batch"),
     (["--methods", "reviewkd", *PAIR, "--batch-size", "4", "--train-subset", "9"],
      "the student resnet8 (reviewkd) would train on 9 images in batches of 4, leaving a last batch of 1, and "
      "reviewkd needs at least 2 images a batch"),
