@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from kdbench.report.aggregate import CI_NAME, differences, groups, interval
+from kdbench.report.flags import caption, for_plots, row_flags
 from kdbench.report.load import MEMORY_NAMES
 from kdbench.report.style import FAMILY_COLOURS, colours, figure, legend, styles, suptitle
 
@@ -263,8 +264,9 @@ def plot_groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
 
 def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best") -> list[Path]:
     """Every plot, as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the files written."""
-    out_dir, written = Path(out_dir), []
+    out_dir, written, flagged = Path(out_dir), [], row_flags(frame, table, metric)
     for title, group in plot_groups(frame):
+        group, notes = for_plots(group, flagged)  # flagged labels carry their markers, the footnotes a caption
         folder = out_dir / _slug(title)
         folder.mkdir(parents=True, exist_ok=True)
         figures = {"accuracy_vs_throughput": plot_accuracy_vs_throughput(group, metric, title),
@@ -272,6 +274,8 @@ def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, me
                    "memory": plot_memory(group, title), "learning_curves": plot_learning_curves(group, table, title),
                    "heatmap": plot_heatmap(group, metric, title)}
         for name, fig in figures.items():
+            if fig is not None:
+                caption(fig, notes)
             for suffix in (".png", ".svg"):
                 if fig is not None:
                     fig.savefig(folder / f"{name}{suffix}", dpi=150)
