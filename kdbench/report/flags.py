@@ -36,6 +36,8 @@ from kdbench.report.load import runs
 
 @dataclass(frozen=True)
 class Flag:
+    """How a flag shows: a marker short enough for a table cell or a tick label, and its footnote's opening."""
+
     marker: str  # shown after the row's name (leaderboard, plots) or in its cell (paper layout)
     meaning: str  # how its footnote starts
 
@@ -47,7 +49,7 @@ FLAGS = {
     "still_improving": Flag("[e]", "best epoch = last epoch, still improving when training stopped"),
 }
 KEYS = ["setting", "protocol", "pair", "kind", "arch", "label"]  # what makes a leaderboard row
-# The epoch a metric picks, where it is not top1_best_epoch (the lead's validation-selected metric).
+# The epoch a metric picks, where it is not top1_best_epoch: a validation-selected metric's own epoch.
 _SELECTED_EPOCH = {"top1_at_best_val": "top1_at_best_val_epoch"}
 # What runs must share to be compared: the identity columns of a setting (kdbench.report.load), the table's protocol
 # and pair, and the method.
