@@ -301,8 +301,6 @@ def save(table: pd.DataFrame, results_dir: Path) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: table.to_parquet(f, index=False))
     atomic_write(results_dir / "profile.csv", lambda f: table.to_csv(f, index=False))
-    from kdbench.report.plots import plot_profile
-
     plot_profile(table, results_dir / "profile")
     return path
 
@@ -314,6 +312,45 @@ SETTING = ["host", "dataset", "method", "teacher", "student", "device", "precisi
 def wide(table: pd.DataFrame) -> pd.DataFrame:
     """A row per setting and host, a column per metric."""
     return table.pivot_table(index=SETTING, columns="metric", values="value", sort=False).reset_index()
+
+
+def plot_profile(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """``kdbench run --profile``'s table as one bar per setting: the instrumented step split by phase (stacked), with
+    the harness's, the fixed-batch and the bare loop's step times as marks; saved as ``stem``.png and .svg."""
+    import matplotlib.pyplot as plt
+
+    settings = wide(table)
+    labels = [f"{r.method} {f'{r.teacher}->' if r.teacher else ''}{r.student} · {r.dataset} · {r.precision}"
+              f"{' · channels_last' if r.channels_last else ''}"
+              f"{f' · compiled ({r.compile})' if r.compile not in ('eager', None) else ''}"
+              for r in settings.itertuples()]
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(settings) + 1.8), layout="constrained")
+    left = pd.Series(0.0, index=settings.index)
+    palette = plt.get_cmap("tab10")
+    for k, phase in enumerate(PHASES):
+        width = settings[f"phase_ms_{phase}"]
+        ax.barh(labels, width, left=left, color=palette(k), label=phase.replace("_", " "))
+        left += width
+    for variant, marker in zip(VARIANTS, ("|", "x", "o")):
+        ax.scatter(settings[f"step_ms_{variant}"], labels, marker=marker, color="black", s=80, zorder=3,
+                   facecolors="none" if marker == "o" else None, label=f"step: {variant.replace('_', ' ')}")
+    for y, r in enumerate(settings.itertuples()):
+        end = max(left.iloc[y], *(getattr(r, f"step_ms_{v}") for v in VARIANTS))
+        ax.annotate(f"{100 * r.fraction_of_peak:.1f}% of peak", (end, y), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.12)
+    ax.set_xlabel("ms per training step (bars: instrumented step by phase)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    hosts = " | ".join(dict.fromkeys(settings["host"]))
+    ax.set_title(f"Where a training step's time goes (batch {int(settings['batch_size'].iloc[0])})\n{hosts}",
+                 fontsize=10)
+    written = []
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=150)
+        written.append(stem.with_suffix(suffix))
+    plt.close(fig)
+    return written
 
 
 def format_profile(table: pd.DataFrame) -> str:

@@ -172,6 +172,10 @@ class Method(nn.Module):
     uses_assistants: ClassVar[bool] = False
     # A caveat every results row of the method carries (column `method_note`), e.g. "reconstruction".
     note: ClassVar[str] = ""
+    # A documented deviation from the method's official code, in one line (OFD's eval-mode teacher, SAKD's
+    # reconstruction): the report flags the method's rows with it (kdbench.report.flags). Where it is the method's
+    # caveat, `note` is the same text.
+    deviation: ClassVar[str] = ""
     # The frozen trainers' BatchNorms normalise each training step's batch with its own statistics (their running
     # statistics untouched) instead of the running ones; an instance may set it from an option (OFD).
     teacher_batch_stats: bool = False
@@ -198,6 +202,12 @@ class Method(nn.Module):
         """Options that the method's official configs set for this pair (e.g. letKD's α for ResNet50 -> MobileNetV2);
         they apply under every protocol, and the user's ``--set`` still wins."""
         return {}
+
+    @classmethod
+    def deviation_of(cls, options: dict[str, str]) -> str:
+        """The documented deviation of a run with ``options`` (as its results rows write them: ``method_options``,
+        values as text), "" where it runs as the official code does: ``deviation``, unless an option decides it."""
+        return cls.deviation
 
     @classmethod
     def resolve_options(cls, overrides: dict[str, Any], protocol: str = "none", teacher: str | None = None,

@@ -41,7 +41,7 @@ class CC(Method):
 
     name = "cc"
     family = "relation"
-    note = "RepDistiller code version (distiller_zoo/CC.py), not the paper's formula"
+    note = deviation = "RepDistiller code version (distiller_zoo/CC.py), not the paper's formula"
     student_taps = teacher_taps = (TAP,)
     defaults = {**LOGIT_OPTIONS, "beta": 0.02, "embed_dim": 128}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE, "embed_dim": AT_LEAST_ONE}

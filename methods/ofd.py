@@ -19,9 +19,10 @@ Margins: from the affine parameters (γ_c, β_c) of the teacher's BatchNorm befo
 state and skips ``prepare``) has them. ShuffleNets have no such BatchNorm (the official ``get_bn_before_relu`` raises
 NotImplementedError for them): OFD refuses a ShuffleNet teacher when the sweep is planned.
 
-Labelled deviation (``note``): both official codes run the teacher with batch statistics (clovaai
-``d_net.t_net.train()``; mdistiller's ``OFD.train`` puts every child, the teacher too, in train mode), which also
-moves the teacher's running statistics; the author calls this deliberate (clovaai/overhaul-distillation issue #37).
+Labelled deviation (``note`` and ``deviation``, which the report flags): both official codes run the teacher with
+batch statistics (clovaai ``d_net.t_net.train()``; mdistiller's ``OFD.train`` puts every child, the teacher too, in
+train mode), which also moves the teacher's running statistics; the author calls this deliberate
+(clovaai/overhaul-distillation issue #37).
 kdbench keeps the teacher frozen in eval mode by default, so its maps use the running statistics.
 ``teacher_batch_stats=true`` normalises the teacher's maps in training steps with each batch's statistics, as the
 official codes do, without their drift: the teacher's running statistics stay as trained (kdbench.harness
@@ -89,7 +90,7 @@ class OFD(Method):
 
     name = "ofd"
     family = "feature"
-    note = "eval-mode teacher (the official code normalises the teacher with batch statistics)"
+    note = deviation = "eval-mode teacher (the official code normalises the teacher with batch statistics)"
     defaults = {**LOGIT_OPTIONS, "beta": 0.001, "teacher_batch_stats": False}
     ranges = {**Method.ranges, "beta": NON_NEGATIVE}
     presets = REPDISTILLER_PRESETS
@@ -100,6 +101,11 @@ class OFD(Method):
         if teacher is not None and not declares_preact_bn(teacher):
             raise unsupported_teacher(teacher)
         return {}
+
+    @classmethod
+    def deviation_of(cls, options):
+        """None with ``teacher_batch_stats``: the teacher's maps are then normalised as the official codes do."""
+        return "" if options.get("teacher_batch_stats") == "True" else cls.deviation
 
     def __init__(self, ctx):
         super().__init__(ctx)

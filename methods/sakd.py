@@ -221,7 +221,7 @@ class SAKD(Method):
     name = "sakd"
     family = "relation"
     # Marker for reports: designed from the abstract, not checked against the paper (no public code is known).
-    note = "reconstruction from the abstract (DOI 10.1007/s44267-023-00003-0)"
+    note = deviation = "reconstruction from the abstract (DOI 10.1007/s44267-023-00003-0)"
     defaults = {
         **LOGIT_OPTIONS,
         "components": "both",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from kdbench.report.aggregate import CE_ONLY, CI_LEVEL, METRICS, entries, groups, leaderboard, paired_comparison
+from kdbench.report.flags import add_flags
 from kdbench.report.formats import FORMATS
 from kdbench.report.load import describe, duplicate_runs, load_results, runs, unfinished
 from kdbench.report.plots import (
@@ -45,7 +46,7 @@ def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github",
     table = load_results(results_dirs)
     frame = entries(table, **filters)
     path = published_path(table["results_dir"].iloc[0], published)
-    board = leaderboard(frame, metric, load_published(path) if path else None)
+    board = add_flags(leaderboard(frame, metric, load_published(path) if path else None), frame, table)
     text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
                          table.attrs.get("unreadable"))
     return text, save_plots(frame, table, plots, metric) if plots else []

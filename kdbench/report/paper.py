@@ -8,6 +8,8 @@ from __future__ import annotations
 import pandas as pd
 
 from kdbench.report.aggregate import groups
+from kdbench.report.flags import footnotes as flag_footnotes
+from kdbench.report.flags import markers
 from kdbench.report.formats import (
     bold,
     count,
@@ -54,6 +56,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
         if "published" in group.columns else []
     best = {p: round(group[(group["pair"] == p) & (group["kind"] == "method")]["mean"].max(), 2) for p in pairs}
     notes, footnotes = method_notes(group)
+    footnotes += flag_footnotes(group)
     headers, align = ["method"], ["l"]
     for pair in pairs:
         headers += [pair] + (["published"] if pair in with_published else [])
@@ -67,7 +70,7 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
             r = _cell(group, pair, label)
             missing |= r is None
             text = MISSING if r is None else mean_std(r["mean"], r["std"]) + (
-                f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "")
+                f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "") + markers(r.get("flags"))
             text = escape(text, fmt)
             is_best = r is not None and kind == "method" and round(r["mean"], 2) == best[pair]
             row.append(bold(text, fmt) if is_best else text)
@@ -122,7 +125,7 @@ def paper_tables(board: pd.DataFrame, fmt: str) -> list[str]:
 
 def paper_csv(board: pd.DataFrame) -> str:
     """The paper tables' numbers, one row per (setting, protocol, row) and a column per (pair, measure)."""
-    measures = ["n", "mean", "std", *(column for _, column in _COSTS)]
+    measures = ["n", "mean", "std", *(column for _, column in _COSTS), *(["flags"] if "flags" in board else [])]
     wide = rounded(board).pivot_table(index=["setting", "protocol", "label"], columns="pair", values=measures,
                                       aggfunc="first", sort=False)
     wide.columns = [f"{pair} {measure}" for measure, pair in wide.columns]

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from kdbench.report.aggregate import CI_NAME, differences, groups, interval
+from kdbench.report.flags import caption, for_plots, row_flags
 from kdbench.report.load import MEMORY_NAMES
 from kdbench.report.style import FAMILY_COLOURS, colours, figure, legend, styles, suptitle
 
@@ -263,8 +264,9 @@ def plot_groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
 
 def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best") -> list[Path]:
     """Every plot, as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the files written."""
-    out_dir, written = Path(out_dir), []
+    out_dir, written, flagged = Path(out_dir), [], row_flags(frame, table, metric)
     for title, group in plot_groups(frame):
+        group, notes = for_plots(group, flagged)  # flagged labels carry their markers, the footnotes a caption
         folder = out_dir / _slug(title)
         folder.mkdir(parents=True, exist_ok=True)
         figures = {"accuracy_vs_throughput": plot_accuracy_vs_throughput(group, metric, title),
@@ -272,49 +274,11 @@ def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, me
                    "memory": plot_memory(group, title), "learning_curves": plot_learning_curves(group, table, title),
                    "heatmap": plot_heatmap(group, metric, title)}
         for name, fig in figures.items():
+            if fig is not None:
+                caption(fig, notes)
             for suffix in (".png", ".svg"):
                 if fig is not None:
                     fig.savefig(folder / f"{name}{suffix}", dpi=150)
                     written.append(folder / f"{name}{suffix}")
     return written
 
-
-def plot_profile(table: pd.DataFrame, stem: Path) -> list[Path]:
-    """``kdbench run --profile``'s table as one bar per setting: the instrumented step split by phase (stacked), with
-    the harness's, the fixed-batch and the bare loop's step times as marks; saved as ``stem``.png and .svg."""
-    import matplotlib.pyplot as plt
-
-    from kdbench.profile import PHASES, VARIANTS
-    from kdbench.profile import wide as settings
-
-    wide = settings(table)
-    labels = [f"{r.method} {f'{r.teacher}->' if r.teacher else ''}{r.student} · {r.dataset} · {r.precision}"
-              f"{' · channels_last' if r.channels_last else ''}"
-              f"{f' · compiled ({r.compile})' if r.compile not in ('eager', None) else ''}" for r in wide.itertuples()]
-    fig, ax = plt.subplots(figsize=(11, 0.55 * len(wide) + 1.8), layout="constrained")
-    left = pd.Series(0.0, index=wide.index)
-    palette = plt.get_cmap("tab10")
-    for k, phase in enumerate(PHASES):
-        width = wide[f"phase_ms_{phase}"]
-        ax.barh(labels, width, left=left, color=palette(k), label=phase.replace("_", " "))
-        left += width
-    for variant, marker in zip(VARIANTS, ("|", "x", "o")):
-        ax.scatter(wide[f"step_ms_{variant}"], labels, marker=marker, color="black", s=80, zorder=3,
-                   facecolors="none" if marker == "o" else None, label=f"step: {variant.replace('_', ' ')}")
-    for y, r in enumerate(wide.itertuples()):
-        end = max(left.iloc[y], *(getattr(r, f"step_ms_{v}") for v in VARIANTS))
-        ax.annotate(f"{100 * r.fraction_of_peak:.1f}% of peak", (end, y), xytext=(8, 0),
-                    textcoords="offset points", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.margins(x=0.12)
-    ax.set_xlabel("ms per training step (bars: instrumented step by phase)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    hosts = " | ".join(dict.fromkeys(wide["host"]))
-    ax.set_title(f"Where a training step's time goes (batch {int(wide['batch_size'].iloc[0])})\n{hosts}",
-                 fontsize=10)
-    written = []
-    for suffix in (".png", ".svg"):
-        fig.savefig(stem.with_suffix(suffix), dpi=150)
-        written.append(stem.with_suffix(suffix))
-    plt.close(fig)
-    return written

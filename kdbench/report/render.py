@@ -15,6 +15,8 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 from kdbench.report.aggregate import CE_ONLY, CI_NAME, groups
+from kdbench.report.flags import footnotes as flag_footnotes
+from kdbench.report.flags import markers, teacher_warnings
 from kdbench.report.formats import (
     FORMATS,
     count,
@@ -74,6 +76,7 @@ def row_name(r: Any) -> str:
 def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption: str) -> str:
     """One leaderboard table with its footnotes."""
     notes, footnotes = method_notes(board)
+    footnotes += flag_footnotes(board)
     memory = memory_name(board)
     memory_header = "peak alloc MiB" if memory == MEMORY_NAMES["peak_alloc_bytes"] else "peak RSS MiB"
     why_not_published = published_note(board)
@@ -85,6 +88,7 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
             name += f" {OTHER_CODE}"
         if isinstance(r.method_note, str) and r.method_note:
             name += f" [{notes.index(r.method_note) + 1}]"
+        name += markers(getattr(r, "flags", ""))
         delta = mean_std(r.delta, r.delta_std, signed=True)
         ci = "" if not delta else "n/a" if pd.isna(r.delta_ci_low) else \
             f"[{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}]" + (f" {EXCLUDES_ZERO}" if r.delta_excludes_zero else "")
@@ -149,6 +153,8 @@ def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair", la
     if fmt == "csv":
         return paper_csv(board) if layout == "paper" else rounded(board).to_csv(index=False)
     blocks = _leaderboard(board, fmt, by) if layout == "leaderboard" else paper_tables(board, fmt)
+    at = 1 if layout == "leaderboard" else 0  # the leaderboard's first line states its rule
+    blocks[at:at] = [paragraph(line, fmt) for line in teacher_warnings(board)]
     if not_finished is not None and len(not_finished):
         runs_ = f"{len(not_finished)} run{'s' if len(not_finished) > 1 else ''}"
         blocks.append(paragraph(f"Not counted ({runs_} did not finish): {describe(not_finished)}", fmt))
