@@ -16,7 +16,7 @@ from kdbench.methods import method_class
 from kdbench.report.flags import FLAGS, add_flags, footnotes, for_plots, row_flags
 from kdbench.report.load import conform
 
-REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference-fashion-mnist-cpu"
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference-fashion-mnist-cpu-v1"
 PAIR = ("resnet56", "resnet20")
 OFD_NOTE = method_class("ofd").note
 DIVERGED = "RunFailed: non-finite training loss (nan) in main epoch 1"
