@@ -94,8 +94,8 @@ class _Sample:
     def train_plain(self):
         return self._take(lambda k: self.loader.train_plain(), -(-self.num_train // self.loader.eval_batch_size))
 
-    def test_batches(self):
-        return self._take(lambda k: self.loader.test_batches(), self.steps_per_epoch)
+    def test_batches(self, split: str = "test"):
+        return self._take(lambda k: self.loader.test_batches(split), self.steps_per_epoch)
 
 
 def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
@@ -110,7 +110,8 @@ def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
 def _loader(spec: RunSpec, data, device: torch.device) -> DeviceLoader:
     n, _, n_test, drop = _sizes(spec, data)
     return DeviceLoader(data, device, batch_size=spec.recipe.batch_size, train_subset=n, test_subset=n_test,
-                        drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode)
+                        drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode,
+                        val_split=spec.recipe.val_split)
 
 
 def _untrained(arch: str, run_id: str, env: harness.RunEnv, data, device: torch.device):
@@ -247,8 +248,9 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
             n_train, n_steps, n_test, _ = _sizes(spec, data)
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
-            seconds += n_test * cost.eval_image if status == "import" else \
-                epochs * (n_test * cost.eval_image + cost.epoch) + n_steps * (
+            n_eval = n_test + (spec.recipe.val_split or 0)  # every epoch evaluates the test set and the split
+            seconds += n_eval * cost.eval_image if status == "import" else \
+                epochs * (n_eval * cost.eval_image + cost.epoch) + n_steps * (
                     init_left * cost.init_step + (epochs - init_left) * cost.step)
             if status in ("train", "stale") and spec.teacher:
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)

@@ -38,7 +38,7 @@ def test_run_writes_results_and_prints_the_table(capsys, tmp_path):
     assert out.count("finished") == 3 and "resnet14" in out and "top1 best" in out
     table = pd.read_parquet(results / "metrics.parquet")
     assert sorted(table[table.role == "student"].seed.unique()) == [0, 1]
-    assert set(table.recipe) == {"short"} and set(table.dataset) == {"synthetic"}
+    assert set(table.recipe) == {"short", "short-teacher"} and set(table.dataset) == {"synthetic"}
 
 
 def _bad_checkpoints(tmp_path):
@@ -58,7 +58,7 @@ def _bad_checkpoints(tmp_path):
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--dataset", "mnist"],
      "unknown dataset 'mnist'; valid datasets: cifar100, cifar10, fashion-mnist, synthetic"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--recipe", "long"],
-     "unknown recipe 'long'; valid recipes: paper, letkd-native, short, cpu-teacher, cpu"),
+     "unknown recipe 'long'; valid recipes: paper, letkd-native, short-teacher, short, cpu-teacher, cpu"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-recipe", "long"],
      "unknown recipe 'long'; valid recipes: paper"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-epochs", "0"],

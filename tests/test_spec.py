@@ -95,14 +95,15 @@ def test_protocol_and_method_options_are_part_of_distillation_runs():
 
 
 def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
-    cpu = RECIPES.get("cpu")
-    plan = tiny_sweep(methods=("student", "kd", "takd"), pair=("resnet56", "resnet20"), recipe=cpu).plan()
+    # the tiny synthetic set (640 training, 320 test images) holds no 5,000-image validation split: a smaller one
+    cpu, cpu_teacher = (replace(RECIPES.get(name), val_split=64) for name in ("cpu", "cpu-teacher"))
+    plan = tiny_sweep(methods=("student", "kd", "takd"), pair=("resnet56", "resnet20"), recipe=cpu,
+                      teacher_recipe=cpu_teacher).plan()
     teacher, *rest = plan
-    cpu_teacher = RECIPES.get("cpu-teacher")
     # its subsets, too, are dropped where they hold a whole split of the tiny set
     assert teacher.role == "teacher" and teacher.recipe == replace(cpu_teacher, train_subset=None, test_subset=None)
     assert cpu_teacher.train_subset is None and cpu.train_subset == 1000  # every image vs a low-data subset
-    assert cpu_teacher.val_split == cpu.val_split == 5000 and cpu.test_subset is None
+    assert RECIPES.get("cpu-teacher").val_split == RECIPES.get("cpu").val_split == 5000 and cpu.test_subset is None
     # students train with the students' recipe, its subsets dropped where they hold a whole split of the tiny
     # synthetic set (640 training, 320 test images); teacher assistants are teachers of the next step of their chain:
     # they train with the teacher recipe and the teacher's seed, once for every student seed
@@ -110,14 +111,16 @@ def test_teachers_have_a_recipe_of_their_own_in_every_students_run_id():
     assistants = [r for r in rest if r.role == "assistant"]
     assert len(assistants) == 2 and {r.recipe for r in assistants} == {teacher.recipe}
     assert {r.seed for r in assistants} == {teacher.seed}
-    several = tiny_sweep(methods=("takd",), pair=("resnet56", "resnet20"), recipe=cpu, seeds=(0, 1, 2)).plan()
+    several = tiny_sweep(methods=("takd",), pair=("resnet56", "resnet20"), recipe=cpu, teacher_recipe=cpu_teacher,
+                         seeds=(0, 1, 2)).plan()
     assert [r.role for r in several] == ["teacher", "assistant", "assistant", "student", "student", "student"]
 
     # a student override (--epochs) does not reach the teacher
-    longer = tiny_sweep(methods=("kd",), pair=("resnet56", "resnet20"), recipe=cpu.overridden(epochs=30)).plan()
+    longer = tiny_sweep(methods=("kd",), pair=("resnet56", "resnet20"), recipe=cpu.overridden(epochs=30),
+                        teacher_recipe=cpu_teacher).plan()
     assert longer[0].run_id == teacher.run_id
     # another teacher recipe is another teacher run, and so every taught run's id changes; the CE student's does not
-    other = RECIPES.get("cpu-teacher").overridden(epochs=9)
+    other = cpu_teacher.overridden(epochs=9)
     moved = tiny_sweep(methods=("student", "kd", "takd"), pair=("resnet56", "resnet20"), recipe=cpu,
                        teacher_recipe=other).plan()
     assert moved[0].recipe.epochs == 9 and moved[0].run_id != teacher.run_id
