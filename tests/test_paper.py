@@ -171,6 +171,13 @@ def test_plots_of_25_methods(tmp_path):
         "resnet56->resnet20", "vgg13->vgg8"]
     mesh = heat.axes[0].collections[0]  # a diverging scale centred at 0, symmetric per pair
     assert mesh.norm.vmin == -mesh.norm.vmax
+    stars = {}
+    for correction in ("holm", "none"):  # * marks what the leaderboard marks: what survives the correction
+        board = report.leaderboard(group, correction=correction)
+        texts = report.plot_heatmap(group, correction=correction).axes[0].texts
+        stars[correction] = sum(t.get_text().endswith("*") for t in texts)
+        assert stars[correction] == board[(board.pair == "resnet56->resnet20")].delta_significant.sum()
+    assert stars["holm"] < stars["none"]
     curves = report.plot_learning_curves(group, zoo)
     titles = [ax.get_title() for ax in curves.axes if ax.get_visible() and ax.get_title()]
     assert len(titles) == 2 * 5 and "resnet56->resnet20 · logit" in titles

@@ -63,4 +63,4 @@ def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github",
     board = leaderboard(frame, metric, load_published(path) if path else None, correction)
     text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
                          table.attrs.get("unreadable"))
-    return text, save_plots(frame, table, plots, board["metric"].iloc[0]) if plots else []
+    return text, save_plots(frame, table, plots, board["metric"].iloc[0], correction) if plots else []
