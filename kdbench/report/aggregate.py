@@ -211,8 +211,8 @@ def interval(values: pd.Series) -> tuple[float, float]:
 
 def _delta(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict[str, Any]:
     """Δ over the baseline with its interval and the two-sided paired t-test p of the per-seed differences (the same
-    as ``scipy.stats.ttest_rel``): paired by seed over the common seeds, else a difference of means (no interval, no
-    p)."""
+    as ``scipy.stats.ttest_rel``; none below two pairs, or for differences that do not vary, where t is undefined):
+    paired by seed over the common seeds, else a difference of means (no interval, no p)."""
     from scipy import stats
 
     diff, paired = differences(rows, baseline, metric)
