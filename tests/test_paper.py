@@ -125,6 +125,8 @@ def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
     assert list(paper.columns[:4]) == ["setting", "protocol", "label", "resnet14->resnet8 n"]
     counts = pd.read_csv(tmp_path / "paper.csv", dtype=str)["resnet14->resnet8 n"].dropna()
     assert set(counts) == {"1", "2"}  # printed as integers, not 1.0 / 2.0
+    ranks = paper.set_index("label")[["mean_rank", "ranked_pairs", "pairs"]]
+    assert list(ranks.loc["kd"]) == [1.0, 1, 1] and ranks.loc[["teacher", "student (CE)"], "mean_rank"].isna().all()
     # the tidy Parquet keeps full precision
     assert table["value"].map(lambda v: v != round(v, 2)).any()
 

@@ -496,6 +496,10 @@ def test_runs_taught_by_different_teachers_are_separate_rows_and_teachers_never_
     text = report.render_report(board.reset_index())
     assert "### resnet14->resnet8 · teacher seeds 0, 1 ·" in text
     assert {"teacher resnet14 (seed 0)", "teacher resnet14 (seed 1)", "kd (teacher seed 1)"} <= set(_rows(text))
+    (_, group), = report.groups(report.entries(scenario))  # the top-1 plot draws each teacher, not their mean
+    teacher_top1 = board.loc["teacher (seed 0)", "mean"]
+    assert {t.get_text() for t in report.plot_top1(group, "top1_best").axes[0].texts} == {
+        f"teacher (seed {seed}) {teacher_top1:.1f}" for seed in (0, 1)}
 
     # the lead's teacher_seed column, where written, is used as it is
     explicit = scenario.assign(teacher_seed=scenario.teacher_run.map({"teacher-seed1": 7}).fillna(0))

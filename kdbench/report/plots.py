@@ -108,7 +108,8 @@ def _horizontal(plot, group: pd.DataFrame, x: str, xlabel: str, headline: str, s
 
 def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
     """Top-1 per method and pair: mean with error bars = sd over seeds (their spread; the uncertainty of a
-    comparison is the Δ plot's interval); the teacher as a dashed line. Rows in legend order (by family)."""
+    comparison is the Δ plot's interval); each teacher run as a dashed line (never their mean). Rows in legend order
+    (by family)."""
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
@@ -119,10 +120,11 @@ def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = "")
                             palette=colours(group), errorbar="sd", linestyle="none", capsize=0.3,
                             markers=[style[lbl].marker for lbl in shown])
     for ax, pair in zip(axes, _pairs(students)):
-        teacher = group[(group["pair"] == pair) & (group["kind"] == "teacher")][metric].mean()
-        if pd.notna(teacher):
-            ax.axvline(teacher, color="0.3", linestyle="--", linewidth=1)
-            ax.annotate(f"teacher {teacher:.1f}", (teacher, 1.0), xycoords=("data", "axes fraction"),
+        teachers = group[(group["pair"] == pair) & (group["kind"] == "teacher")].dropna(subset=[metric])
+        for teacher in teachers.itertuples():
+            value, seed = getattr(teacher, metric), f" (seed {teacher.seed})" if len(teachers) > 1 else ""
+            ax.axvline(value, color="0.3", linestyle="--", linewidth=1)
+            ax.annotate(f"teacher{seed} {value:.1f}", (value, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(-3, -3), textcoords="offset points", ha="right", va="top", fontsize=8)
     return fig
 
