@@ -3,7 +3,8 @@
 Everything here except :func:`run_summary` reads only the tidy results table (``<results>/metrics.parquet``, see
 ``kdbench.results``) and the published CIFAR-100 table (``results/published_cifar100.csv``). One module per job:
 :mod:`~kdbench.report.load` reads, :mod:`~kdbench.report.aggregate` turns runs into leaderboard rows and statistics,
-:mod:`~kdbench.report.render` writes them as text, :mod:`~kdbench.report.plots` draws them.
+:mod:`~kdbench.report.render` writes them as text (with :mod:`~kdbench.report.notes`, the footnotes both
+layouts share), :mod:`~kdbench.report.plots` draws them.
 
 Pipeline: :func:`load_results` → :func:`entries` (one row per run and table it appears in) → :func:`leaderboard`
 (one row per table row) → :func:`render_report`; :func:`plot_groups` + ``plot_*`` for figures.
