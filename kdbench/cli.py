@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import KdbenchError
-from kdbench.report import FORMATS, LAYOUTS, METRICS
+from kdbench.report import CORRECTIONS, FORMATS, LAYOUTS, METRICS
 from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec, teacher_recipe_of
 
 
@@ -128,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results-dir", type=Path, action="append", dest="results_dirs", metavar="DIR",
                         help="a results directory (default results/); repeat to combine several sets on purpose")
     report.add_argument("--format", default="github", choices=FORMATS, help="table format (default github)")
-    report.add_argument("--metric", default="top1_best", choices=METRICS,
-                        help="best or last epoch of each run (default top1_best)")
+    report.add_argument("--metric", choices=METRICS,
+                        help="top1_at_best_val: test top-1 at the epoch of best validation top-1 (default where every "
+                             "run recorded it, else top1_best); top1_best: the best test epoch (selected on test, "
+                             "as CRD and DKD report); top1_last: the last epoch")
+    report.add_argument("--correction", default="holm", choices=tuple(CORRECTIONS),
+                        help="multiple-comparison adjustment of the Δ p values over the methods of each table: holm "
+                             "(default), bh (Benjamini-Hochberg) or none; * marks an adjusted p < 0.05")
     report.add_argument("--by", default="pair", choices=("pair", "setting"),
                         help="leaderboard layout: one table per pair (default) or per setting and protocol")
     report.add_argument("--layout", default="leaderboard", choices=LAYOUTS,
@@ -264,8 +269,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.plots:
         _writable_dir(args.plots, "--plots")
     text, plots = report(args.results_dirs or [Path("results")], args.format, args.metric, args.by, args.published,
-                         args.plots, layout=args.layout, dataset=args.dataset, recipe=args.recipe,
-                         protocol=args.protocol, pairs=args.pairs, methods=args.methods)
+                         args.plots, layout=args.layout, correction=args.correction, dataset=args.dataset,
+                         recipe=args.recipe, protocol=args.protocol, pairs=args.pairs, methods=args.methods)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -21,8 +21,10 @@ def test_analysis_notebook_runs_top_to_bottom(tiny_results, monkeypatch):  # noq
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
-    assert "| student resnet8 (CE) |" in text and "Not counted (2 runs did not finish)" in text
-    assert "kd − student (top1_best):" in text and "over n = 2 seeds" in text
+    assert "| student resnet8 (CE) " in text and "Not counted (2 runs did not finish)" in text
+    # kd against the CE student by default, in every table that holds both, with the leaderboard's adjusted p
+    assert "1 comparison(s) of kd with student" in text
+    assert "kd − student (top1_best):" in text and "over n = 2 seeds" in text and "Holm-adjusted p = " in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 7  # six report plots + the paired one
 
 

@@ -33,20 +33,29 @@ def test_paper_table_puts_methods_in_rows_pairs_in_columns_best_in_bold(zoo_boar
     text = report.render_report(zoo_board, "github", layout="paper")
     accuracy = _github_rows(text.split("Cost per method")[0])
     header, rows = accuracy[0], {r[0]: r[1:] for r in accuracy[1:]}
-    assert header == ["method", "resnet56->resnet20", "vgg13->vgg8", "resnet32x4->resnet8x4"]
+    assert header == ["method", "resnet56->resnet20", "vgg13->vgg8", "resnet32x4->resnet8x4", "mean rank"]
     assert [r[0] for r in accuracy[1:3]] == ["Teacher", "Student (CE)"] and set(rows) == {
         "Teacher", "Student (CE)", *ZOO}
-    for column, pair in enumerate(header[1:]):
+    ranks = []
+    for column, pair in enumerate(header[1:-1]):
         means = zoo_board[(zoo_board.pair == pair) & (zoo_board.kind == "method")].set_index("label")["mean"]
         bold = [name for name, cells in rows.items() if cells[column].startswith("**")]
         assert bold == [means.idxmax()]
-        assert rows[means.idxmax()][column] == f"**{means.max():.2f} ± " \
+        assert rows[means.idxmax()][column].removesuffix(" *") == f"**{means.max():.2f} ± " \
             f"{zoo_board.set_index(['pair', 'label']).loc[(pair, means.idxmax()), 'std']:.2f}**"
+        ranks.append(means.rank(ascending=False))
+        significant = zoo_board[(zoo_board.pair == pair) & zoo_board.delta_significant].label
+        assert {name for name, cells in rows.items() if cells[column].endswith(" *")} == set(significant)
+    mean_rank = pd.concat(ranks, axis=1)  # DKD's summary: the mean over pairs of each method's rank, ± std
+    assert {name: cells[-1] for name, cells in rows.items() if name in ZOO} == {
+        name: f"{r.mean():.2f} ± {r.std():.2f}" for name, r in mean_rank.iterrows()}
+    assert rows["Teacher"][-1] == rows["Student (CE)"][-1] == ""
     assert "mean ± std over n = 3 seeds" in text and "best method per pair in bold" in text
+    assert "Holm-adjusted p < 0.05 over the methods of each pair" in text
     costs = _github_rows(text.split("Cost per method")[1])  # pairs stacked: a title row, then the pair's rows
     assert costs[0] == ["method", "img/s", "peak MiB", "extra params", "end-to-end min"]
-    titles = [i for i, r in enumerate(costs) if r[0] in header[1:]]
-    assert [costs[i][0] for i in titles] == header[1:] and all(c == "" for i in titles for c in costs[i][1:])
+    titles = [i for i, r in enumerate(costs) if r[0] in header[1:-1]]
+    assert [costs[i][0] for i in titles] == header[1:-1] and all(c == "" for i in titles for c in costs[i][1:])
     assert len(costs) == 1 + 3 * len(accuracy[1:]) + 3
 
 
@@ -73,6 +82,12 @@ def test_a_pair_without_a_finished_run_of_a_method_says_so_in_its_cell(zoo_board
     rows = {r[0]: r[1:] for r in _github_rows(text.split("Cost per method")[0])}
     assert rows["dkd"][1] == "–" and rows["dkd"][0] != "–"
     assert "–: no finished run of this method on this pair" in text
+    # ranked on the two pairs where it ran, and the table says so
+    others = board[(board.kind == "method") & (board.label == "dkd")]
+    ranked = [board[(board.pair == pair) & (board.kind == "method")].set_index("label")["mean"].rank(
+        ascending=False)["dkd"] for pair in others.pair]
+    assert rows["dkd"][-1] == f"{pd.Series(ranked).mean():.2f} ± {pd.Series(ranked).std():.2f} (2 pairs)"
+    assert "mean rank: a method missing on some pairs is ranked on the pairs where it ran: dkd on 2 of 3." in text
     assert "no finished run" not in report.render_report(zoo_board, "github", layout="paper")
     latex = report.render_report(board, "latex", layout="paper")
     assert re.search(r"\ndkd & [^\n]* & -- & ", latex) and "--: no finished run" in latex
@@ -96,6 +111,10 @@ def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
         assert main(["report", "--results-dir", str(tiny_results), "--format", "csv", "--layout", layout,
                      "--out", str(out)]) == 0
         text = out.read_text()
+        if layout == "leaderboard":  # p values keep four decimals: 0.0172
+            p_values = pd.read_csv(out)[["p", "p_adjusted"]].stack().dropna()
+            assert len(p_values) and (p_values == p_values.round(4)).all()
+            text = pd.read_csv(out).drop(columns=["p", "p_adjusted"]).to_csv(index=False)
         assert not re.search(r"\d\.\d{3,}", text), f"float noise in the {layout} CSV"
     board = pd.read_csv(tmp_path / "leaderboard.csv").set_index("label")
     table = report.load_results(tiny_results)
@@ -106,6 +125,8 @@ def test_csv_holds_clean_numbers(capsys, tiny_results, tmp_path):  # noqa: F811
     assert list(paper.columns[:4]) == ["setting", "protocol", "label", "resnet14->resnet8 n"]
     counts = pd.read_csv(tmp_path / "paper.csv", dtype=str)["resnet14->resnet8 n"].dropna()
     assert set(counts) == {"1", "2"}  # printed as integers, not 1.0 / 2.0
+    ranks = paper.set_index("label")[["mean_rank", "ranked_pairs", "pairs"]]
+    assert list(ranks.loc["kd"]) == [1.0, 1, 1] and ranks.loc[["teacher", "student (CE)"], "mean_rank"].isna().all()
     # the tidy Parquet keeps full precision
     assert table["value"].map(lambda v: v != round(v, 2)).any()
 
@@ -152,6 +173,13 @@ def test_plots_of_25_methods(tmp_path):
         "resnet56->resnet20", "vgg13->vgg8"]
     mesh = heat.axes[0].collections[0]  # a diverging scale centred at 0, symmetric per pair
     assert mesh.norm.vmin == -mesh.norm.vmax
+    stars = {}
+    for correction in ("holm", "none"):  # * marks what the leaderboard marks: what survives the correction
+        board = report.leaderboard(group, correction=correction)
+        texts = report.plot_heatmap(group, correction=correction).axes[0].texts
+        stars[correction] = sum(t.get_text().endswith("*") for t in texts)
+        assert stars[correction] == board[(board.pair == "resnet56->resnet20")].delta_significant.sum()
+    assert stars["holm"] < stars["none"]
     curves = report.plot_learning_curves(group, zoo)
     titles = [ax.get_title() for ax in curves.axes if ax.get_visible() and ax.get_title()]
     assert len(titles) == 2 * 5 and "resnet56->resnet20 · logit" in titles

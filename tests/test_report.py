@@ -80,9 +80,13 @@ def test_leaderboard_aggregates_seeds_and_pairs_delta_by_seed(table):
     assert rows.loc["kd", "delta"] == pytest.approx((kd - base).mean())
     assert rows.loc["kd", "delta_std"] == pytest.approx((kd - base).std(ddof=1))
     assert rows.loc["kd", "delta_paired"] and rows.loc["kd", "delta_n"] == 2
-    # costs: the distillation run's end-to-end time includes its teacher; a CE run's is its own wall time
-    assert rows.loc["kd", "end_to_end_s"] == pytest.approx(_level(table, "kd", "end_to_end_wall_s").mean())
+    # costs: a distillation run's end-to-end time adds its share of the teacher (two finished kd runs learned from
+    # it: half each); a CE run's is its own wall time; the teacher's row shows its full training
+    own = sum(_level(table, "kd", m) for m in ("wall_s", "prepare_s", "reused_fit_s"))
+    assert rows.loc["kd", "end_to_end_s"] == pytest.approx((own + _level(table, "kd", "teacher_wall_s") / 2).mean())
+    assert rows.loc["kd", "end_to_end_s"] < _level(table, "kd", "end_to_end_wall_s").mean()
     assert rows.loc["student (CE)", "end_to_end_s"] == pytest.approx(_level(table, "student", "wall_s").mean())
+    assert rows.loc["teacher", "end_to_end_s"] == pytest.approx(_level(table, "kd", "teacher_wall_s").iloc[0])
     assert rows.loc["kd", "peak_bytes"] == pytest.approx(_level(table, "kd", "cpu_peak_rss_bytes").mean())
     assert rows.loc["kd", "inference_params"] == rows.loc["student (CE)", "inference_params"] > 0
     assert "probe-nan" not in set(board.method)  # failed runs are not counted
@@ -91,19 +95,25 @@ def test_leaderboard_aggregates_seeds_and_pairs_delta_by_seed(table):
 def test_cli_report_states_its_rule_and_footnotes_failed_runs(capsys, tiny_results):
     code, out, err = _report(capsys, "--results-dir", str(tiny_results))
     assert code == 0 and err == ""
-    assert "Top-1 = top1_best (the best epoch of each run), mean ± sample std (ddof = 1)" in out
-    assert "### resnet14->resnet8 · synthetic · recipe tiny (3 epochs, batch 32) · cpu" in out
+    first = out.splitlines()[0]
+    assert first.startswith("Top-1 = top1_best of each run: selected on test (best test epoch, as CRD and DKD "
+                            "report); mean ± sample std (ddof = 1)")
+    assert "none of the 4 runs recorded it" in first  # the default, top1_at_best_val, needs a validation split
+    assert "* = Holm-adjusted p < 0.05 over the methods of each table" in first
+    assert "### resnet14->resnet8 · teacher seed 0 · synthetic · recipe tiny (3 epochs, batch 32) · cpu" in out
     assert "protocol official" in out
     rows = _rows(out)
-    assert set(rows) == {"teacher resnet14", "student resnet8 (CE)", "kd"}
-    assert list(rows["kd"]) == ["model", "n", "top1_best %", "Δ vs student", "Δ 95 % CI", "train img/s",
+    assert set(rows) == {"teacher resnet14 (seed 0)", "student resnet8 (CE)", "kd"}
+    assert list(rows["kd"]) == ["model", "n", "top1_best %", "Δ vs student", "Δ 95 % CI", "p (Holm)", "train img/s",
                                 "peak RSS MiB", "extra train params", "inference params", "end-to-end"]
     assert " ± " in rows["kd"]["Δ vs student"] and rows["kd"]["Δ 95 % CI"].startswith("[")
     assert "No published column: the published numbers are CIFAR-100 results (this table: synthetic)" in out
     assert "Not counted (2 runs did not finish)" in out and "non-finite training loss" in out
 
     code, last, _ = _report(capsys, "--results-dir", str(tiny_results), "--metric", "top1_last", "--by", "setting")
-    assert code == 0 and "Top-1 = top1_last (the last epoch" in last and "| pair " in last
+    assert code == 0 and "Top-1 = top1_last of each run: the last epoch" in last and "| pair " in last
+    code, bh, _ = _report(capsys, "--results-dir", str(tiny_results), "--correction", "bh")
+    assert code == 0 and "Benjamini–Hochberg-adjusted p < 0.05" in bh.splitlines()[0] and "p (BH)" in _rows(bh)["kd"]
 
 
 @pytest.mark.parametrize("fmt, marker", [("markdown", "|:---"), ("latex", "\\begin{tabular}"),
@@ -117,7 +127,8 @@ def test_formats(capsys, tiny_results, tmp_path, fmt, marker):
         assert set(board.label) == {"teacher", "student (CE)", "kd"} and (board.metric == "top1_best").all()
         kd = board.set_index("label").loc["kd"]
         assert kd.delta_ci_low < kd.delta < kd.delta_ci_high and board.delta_ci_low.dtype == float
-        assert board.delta_excludes_zero.dtype == bool
+        assert board.delta_excludes_zero.dtype == bool and board.delta_significant.dtype == bool
+        assert kd.p_adjusted == pytest.approx(kd.p) and kd.correction == "holm"  # one method: nothing to adjust
     elif fmt == "latex":
         assert "% Top-1 = top1_best" in out_file.read_text() and "95 \\% CI" in out_file.read_text()
 
@@ -154,8 +165,34 @@ def test_runs_of_different_settings_are_never_pooled(tmp_path, table):
     both = pd.concat([table, other], ignore_index=True)
     board = report.leaderboard(report.entries(both), "top1_best")
     assert board.setting.nunique() == 2 and set(board.n) == {1, 2}  # n stays per setting
-    assert report.render_report(board).count("### resnet14->resnet8") == 2
-    assert board.setting.str.contains("NVIDIA H100").any()
+    text = report.render_report(board)
+    assert text.count("### resnet14->resnet8") == 2 and " · cuda (NVIDIA H100) · fp32" in text
+
+
+def _on_gpus(table: pd.DataFrame, names: dict[int, str]) -> pd.DataFrame:
+    """``table`` as CUDA runs, each seed on the GPU model ``names`` gives it (the teacher on seed 0's)."""
+    return table.assign(device="cuda", device_name=table.seed.map(names))
+
+
+def test_runs_that_differ_only_in_gpu_model_pool_and_show_per_device_costs(table):
+    mixed = _on_gpus(table, {0: "NVIDIA H100", 1: "NVIDIA A100"})
+    board = report.leaderboard(report.entries(mixed), "top1_best")
+    assert board.setting.nunique() == 1 and board.set_index("label").loc["kd", "n"] == 2
+    kd = board.set_index("label").loc["kd"]
+    speed = _level(mixed, "kd", "train_images_per_s")
+    assert kd.train_images_per_s_per_device == f"H100 {speed[0]:,.1f} / A100 {speed[1]:,.1f}"
+    text = report.render_report(board)
+    assert "· cuda (NVIDIA H100, NVIDIA A100) · fp32" in text
+    assert _rows(text)["kd"]["train img/s"] == kd.train_images_per_s_per_device
+    assert "per device model: this table pools runs that differ only in device model" in text
+    costs = _rows(report.render_report(board, layout="paper").split("Cost per method")[1])
+    assert costs["kd"]["img/s"] == kd.train_images_per_s_per_device
+
+    one = report.leaderboard(report.entries(_on_gpus(table, {0: "NVIDIA H100", 1: "NVIDIA H100"})), "top1_best")
+    assert (one.train_images_per_s_per_device == "").all() and "per device model" not in report.render_report(one)
+    # device type, precision and the rest of the setting still split
+    cpu = table.assign(run_id=table.run_id + "-cpu")
+    assert report.leaderboard(report.entries(pd.concat([mixed, cpu])), "top1_best").setting.nunique() == 2
 
 
 def test_option_sets_and_chains_are_labelled_by_what_differs(table):
@@ -188,9 +225,12 @@ def test_delta_has_a_paired_t_interval_marked_when_it_excludes_zero(table):
     half = stats.t.ppf(0.975, 1) * np.std([1.0, 1.1], ddof=1) / np.sqrt(2)
     assert (kd.delta_ci_low, kd.delta_ci_high) == pytest.approx((1.05 - half, 1.05 + half))
     assert kd.delta_excludes_zero and not board.set_index("label").loc["student (CE)", "delta_excludes_zero"]
+    assert kd.p == pytest.approx(stats.ttest_rel(base + [1.0, 1.1], base).pvalue)
+    assert kd.delta_significant and kd.p_adjusted == pytest.approx(kd.p)  # one method: Holm changes nothing
     text = report.render_report(board)
     assert "95 % confidence interval (t distribution, n − 1 degrees of freedom" in text.splitlines()[0]
     assert _rows(text)["kd"]["Δ 95 % CI"] == f"[{1.05 - half:+.2f}, {1.05 + half:+.2f}] *"
+    assert _rows(text)["kd"]["p (Holm)"] == f"{kd.p:.3f}"
 
     mixed = _with_top1(table, "kd", {0: base[0] + 1.0, 1: base[1] - 1.0})
     kd = report.leaderboard(report.entries(mixed), "top1_best").set_index("label").loc["kd"]
@@ -261,7 +301,7 @@ def test_rows_made_by_other_code_are_marked_with_their_commits(table):
     # the teacher's shared code differs from the table's most common
     board = report.leaderboard(report.entries(_coded(table, teacher=("core-b", "fp-student", "c" * 40, False))))
     assert board.set_index("label").other_code.to_dict() == {"teacher": True, "student (CE)": False, "kd": False}
-    assert "teacher resnet14 †" in _rows(report.render_report(board))
+    assert "teacher resnet14 (seed 0) †" in _rows(report.render_report(board))
 
     older = table.assign(code_core=None, code_fingerprint=None)  # a table from before fingerprints
     board = report.leaderboard(report.entries(older), "top1_best")
@@ -346,6 +386,8 @@ def test_clear_errors(capsys, tmp_path, tiny_results):
         capsys, "--results-dir", results, "--pairs", "vgg13:vgg8")
     assert "argument --metric: invalid choice: 'top5'" in _one_line_error(
         capsys, "--results-dir", results, "--metric", "top5")
+    assert "argument --correction: invalid choice: 'bonferroni' (choose from 'holm', 'bh', 'none')" in _one_line_error(
+        capsys, "--results-dir", results, "--correction", "bonferroni")
 
 
 def test_a_teacher_with_its_own_recipe_heads_its_students_table_and_plots_skip_teachers_alone(tmp_path, table):
@@ -386,3 +428,149 @@ def test_published_numbers_of_zoo_methods_sit_beside_the_protocol_that_reproduce
     row = board.set_index("label").loc[method]
     assert shown in row.published.split(" / ") and source in row.published_source
     assert f"(protocol {'dkd' if method == 'dkd' else 'crd'})" in row.published_source
+
+
+def test_p_values_are_adjusted_over_the_methods_of_a_table():
+    p = pd.Series([0.01, 0.04, 0.03, np.nan])
+    assert list(report.adjust(p, "holm")[:3]) == pytest.approx([0.03, 0.06, 0.06])  # Holm 1979, step-down
+    assert list(report.adjust(p, "bh")[:3]) == pytest.approx([0.03, 0.04, 0.04])  # Benjamini-Hochberg 1995
+    assert list(report.adjust(p, "none")[:3]) == [0.01, 0.04, 0.03]
+    assert all(np.isnan(report.adjust(p, c)[3]) for c in report.CORRECTIONS)  # no test: not counted
+
+
+def test_the_star_marks_only_what_survives_the_correction(table):
+    kd = table[table.method == "kd"]
+    variants = [kd.assign(run_id=kd.run_id + f"-t{t}", method_options=f"temperature={t}") for t in (1.0, 2.0)]
+    three = pd.concat([table.assign(method_options=table.method_options.mask(table.method == "kd", "temperature=4.0")),
+                       *variants], ignore_index=True)
+    base = _level(table, "student", "top1_best")
+    shifted = report.entries(_with_top1(three, "kd", {0: base[0] + 1.0, 1: base[1] + 1.1}))
+    board = report.leaderboard(shifted, "top1_best")
+    methods = board[board.kind == "method"]
+    assert len(methods) == 3 and methods.delta_excludes_zero.all()  # each interval excludes zero alone ...
+    assert methods.p_adjusted.to_numpy() == pytest.approx(3 * methods.p.to_numpy())  # ... not after Holm
+    assert not methods.delta_significant.any()
+    text = report.render_report(board)
+    assert "*" not in "".join(row["Δ 95 % CI"] for row in _rows(text).values())
+    assert "* Δ over the CE student with Holm-adjusted p < 0.05 over the 3 methods of this table" in text
+    paper = _rows(report.render_report(board, layout="paper").split("Cost per method")[0])
+    assert not any(row["resnet14->resnet8"].endswith(" *") for row in paper.values())
+
+    unadjusted = report.leaderboard(shifted, "top1_best", correction="none")
+    assert unadjusted[unadjusted.kind == "method"].delta_significant.all()
+    assert all(row["Δ 95 % CI"].endswith(" *") for label, row in _rows(report.render_report(unadjusted)).items()
+               if label.startswith("kd"))
+    paper = _rows(report.render_report(unadjusted, layout="paper").split("Cost per method")[0])
+    assert all(row["resnet14->resnet8"].endswith(" *") for label, row in paper.items() if label.startswith("kd"))
+    with pytest.raises(KdbenchError, match="unknown correction 'bonferroni'; valid corrections: holm, bh, none"):
+        report.leaderboard(shifted, "top1_best", correction="bonferroni")
+
+
+def _teachers_scenario(table: pd.DataFrame) -> pd.DataFrame:
+    """Issue 25's sweep: kd and CE over seeds 0, 1, 2 with the teacher of seed 0, then kd seed 0 again with a teacher
+    of seed 1 (`--teacher-seed 1`)."""
+    table = table[table.method != "probe-nan"]
+    kd, ce = table.method == "kd", (table.method == "student") & (table.role == "student")
+    seed2 = table[(kd | ce) & (table.seed == 1)].assign(run_id=lambda t: t.run_id + "-s2", seed=2)
+    teacher1 = table[table.role == "teacher"].assign(run_id="teacher-seed1", seed=1)
+    kd_t1 = table[kd & (table.seed == 0)].assign(run_id=lambda t: t.run_id + "-t1", teacher_run="teacher-seed1")
+    return pd.concat([table, seed2, teacher1, kd_t1], ignore_index=True)
+
+
+def test_runs_taught_by_different_teachers_are_separate_rows_and_teachers_never_pooled(table):
+    scenario = _teachers_scenario(table)
+    board = report.leaderboard(report.entries(scenario), "top1_best").set_index("label")
+    assert board.n.to_dict() == {"teacher (seed 0)": 1, "teacher (seed 1)": 1, "student (CE)": 3,
+                                 "kd (teacher seed 0)": 3, "kd (teacher seed 1)": 1}
+    assert board.loc["kd (teacher seed 0)", "seeds"] == "0,1,2" and board.loc["kd (teacher seed 1)", "seeds"] == "0"
+    base, kd = _level(scenario, "student", "top1_best"), _level(scenario[scenario.teacher_run != "teacher-seed1"],
+                                                                 "kd", "top1_best")
+    assert board.loc["kd (teacher seed 0)", "mean"] == pytest.approx(kd.mean())  # no seed counted twice
+    assert board.loc["kd (teacher seed 0)", "delta"] == pytest.approx((kd - base).mean())
+    taught_by_1 = _level(scenario[scenario.teacher_run == "teacher-seed1"], "kd", "top1_best")
+    assert board.loc["kd (teacher seed 1)", "delta"] == pytest.approx(taught_by_1[0] - base[0])
+    assert board.loc["kd (teacher seed 1)", "delta_n"] == 1  # paired with the CE run of its student seed
+    # each teacher's cost is shared by the runs that learned from it: three for seed 0's, one for seed 1's
+    own = sum(_level(table, "kd", m) for m in ("wall_s", "prepare_s", "reused_fit_s"))  # seeds 0, 1; 2 copies 1
+    teacher_wall = _level(table, "kd", "teacher_wall_s")[0]
+    assert board.loc["kd (teacher seed 0)", "end_to_end_s"] == pytest.approx((own[0] + 2 * own[1]) / 3
+                                                                             + teacher_wall / 3)
+    assert board.loc["kd (teacher seed 1)", "end_to_end_s"] == pytest.approx(own[0] + teacher_wall)
+    text = report.render_report(board.reset_index())
+    assert "### resnet14->resnet8 · teacher seeds 0, 1 ·" in text
+    assert {"teacher resnet14 (seed 0)", "teacher resnet14 (seed 1)", "kd (teacher seed 1)"} <= set(_rows(text))
+    (_, group), = report.groups(report.entries(scenario))  # the top-1 plot draws each teacher, not their mean
+    teacher_top1 = board.loc["teacher (seed 0)", "mean"]
+    assert {t.get_text() for t in report.plot_top1(group, "top1_best").axes[0].texts} == {
+        f"teacher (seed {seed}) {teacher_top1:.1f}" for seed in (0, 1)}
+
+    # the lead's teacher_seed column, where written, is used as it is
+    explicit = scenario.assign(teacher_seed=scenario.teacher_run.map({"teacher-seed1": 7}).fillna(0))
+    assert "kd (teacher seed 7)" in set(report.leaderboard(report.entries(explicit), "top1_best").label)
+
+    # a sweep over several teacher seeds on purpose (--teacher-seeds 0,1) is one row, reported as such
+    pooled = scenario.assign(teacher_pool=scenario.method.eq("kd").map({True: "0,1", False: None}))
+    board = report.leaderboard(report.entries(pooled), "top1_best").set_index("label")
+    assert board.loc["kd", "n"] == 4 and board.loc["kd", "teacher_seeds"] == "teacher seeds 0,1 (pooled)"
+    assert "· teacher seeds 0,1 (pooled) ·" in report.render_report(board.reset_index())
+
+
+def test_assistants_are_amortised_over_the_runs_that_used_them():
+    wide = pd.DataFrame({
+        "run_id": ["T", "A", "s0", "s1", "s2"], "role": ["teacher", "assistant", "student", "student", "student"],
+        "teacher_run": [None, "T", "T", "T", "T"], "assistant_runs": [None, None, "A", "A", None],
+        "wall_s": [100.0, 40.0, 10.0, 10.0, 10.0], "prepare_s": [None, None, 1.0, 1.0, 1.0],
+        "reused_fit_s": [None, None, 0.0, 0.0, 2.0], "teacher_wall_s": [None, 100.0, 100.0, 100.0, 100.0],
+        "assistant_wall_s": [None, None, 40.0, 40.0, 0.0]})
+    cost, in_full = report.load.amortised_costs(wide)
+    assert list(cost) == pytest.approx([100.0, 40.0 + 100 / 3, 11 + 100 / 3 + 20, 11 + 100 / 3 + 20,
+                                        13 + 100 / 3])
+    assert not in_full.any()
+    older = wide.assign(assistant_runs=None)  # a table before assistant_runs: assistants charged in full, said so
+    cost, in_full = report.load.amortised_costs(older)
+    assert cost[2] == pytest.approx(11 + 100 / 3 + 40) and list(in_full) == [False, False, True, True, False]
+
+
+def _with_validation(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` as if its student runs held out a validation split: top1_at_best_val = top1_last - 1 (the teacher is
+    an imported checkpoint: none)."""
+    last = table[(table.metric == "top1_last") & table.epoch.isna() & (table.role == "student")]
+    return pd.concat([table.assign(val_split=table.role.map({"student": 500})),
+                      last.assign(metric="top1_at_best_val", value=last.value - 1, val_split=500)],
+                     ignore_index=True)
+
+
+def test_the_validation_metric_is_the_default_where_every_run_recorded_it(table):
+    frame = report.entries(_with_validation(table))
+    board = report.leaderboard(frame)
+    rows = board.set_index("label")
+    assert (board.metric == "top1_at_best_val").all() and (board.metric_note == "").all()
+    assert rows.loc["kd", "mean"] == pytest.approx((_level(table, "kd", "top1_last") - 1).mean())
+    # the teacher (no validation history) falls back to its last epoch, with a note, never a blank
+    assert rows.loc["teacher", "metric_shown"] == "top1_last" and rows.loc["teacher", "n"] == 1
+    text = report.render_report(board)
+    assert text.startswith("Top-1 = top1_at_best_val of each run: test top-1 at the epoch of best validation top-1")
+    assert "teacher resnet14 (seed 0): top1_last, as it recorded no top1_at_best_val" in text
+    assert "top1_at_best_val %" in _rows(text)["kd"]
+    assert "### resnet14->resnet8 · teacher seed 0 · synthetic · recipe tiny (3 epochs, batch 32, 500 validation " \
+        "images)" in text  # a validation split is part of the setting
+
+    published = report.load_published(PUBLISHED)  # published numbers keep their own rule: never validation-selected
+    cifar = report.leaderboard(report.entries(_as_cifar100(_with_validation(table))), None, published)
+    assert cifar.set_index("label").loc["kd", "published"] == "70.66 [last]"
+    assert "never selected on a validation split" in report.render_report(cifar).splitlines()[0]
+
+
+def test_readme_pandas_snippet_keeps_the_ce_baseline_and_the_teachers(tiny_results, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    assert 'pd.read_parquet("results/metrics.parquet")' in snippet
+    monkeypatch.chdir(tiny_results.parent)  # the fixture's results directory is named results/
+    scope: dict = {}
+    exec(snippet, scope)
+    runs = scope["runs"].reset_index()
+    teacher = runs[runs.role == "teacher"]
+    ce = runs[(runs.role == "student") & (runs.method == "student")]
+    assert len(teacher) == 1 and sorted(ce.seed) == [0, 1] and sorted(runs[runs.method == "kd"].seed) == [0, 1]
+    assert list(ce.sort_values("seed").top1_best) == list(_level(report.load_results(tiny_results), "student",
+                                                                 "top1_best"))

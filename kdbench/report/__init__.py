@@ -3,7 +3,8 @@
 Everything here except :func:`run_summary` reads only the tidy results table (``<results>/metrics.parquet``, see
 ``kdbench.results``) and the published CIFAR-100 table (``results/published_cifar100.csv``). One module per job:
 :mod:`~kdbench.report.load` reads, :mod:`~kdbench.report.aggregate` turns runs into leaderboard rows and statistics,
-:mod:`~kdbench.report.render` writes them as text, :mod:`~kdbench.report.plots` draws them.
+:mod:`~kdbench.report.render` writes them as text (with :mod:`~kdbench.report.notes`, the footnotes both
+layouts share), :mod:`~kdbench.report.plots` draws them.
 
 Pipeline: :func:`load_results` → :func:`entries` (one row per run and table it appears in) → :func:`leaderboard`
 (one row per table row) → :func:`render_report`; :func:`plot_groups` + ``plot_*`` for figures.
@@ -14,7 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from kdbench.report.aggregate import CE_ONLY, CI_LEVEL, METRICS, entries, groups, leaderboard, paired_comparison
+from kdbench.report.aggregate import (
+    CE_ONLY,
+    CI_LEVEL,
+    CORRECTIONS,
+    METRIC_RULES,
+    METRICS,
+    SIGNIFICANCE,
+    adjust,
+    default_metric,
+    entries,
+    groups,
+    leaderboard,
+    mean_ranks,
+    paired_comparison,
+)
 from kdbench.report.flags import add_flags
 from kdbench.report.formats import FORMATS
 from kdbench.report.load import describe, duplicate_runs, load_results, runs, unfinished
@@ -29,24 +44,26 @@ from kdbench.report.plots import (
     save_plots,
 )
 from kdbench.report.published import load_published, published_path
-from kdbench.report.render import EXCLUDES_ZERO, LAYOUTS, OTHER_CODE, render_report, run_summary
+from kdbench.report.render import LAYOUTS, OTHER_CODE, SIGNIFICANT, render_report, run_summary
 
-__all__ = ["CE_ONLY", "CI_LEVEL", "EXCLUDES_ZERO", "FORMATS", "LAYOUTS", "METRICS", "OTHER_CODE",
-           "describe", "duplicate_runs", "entries", "groups", "leaderboard", "load_published",
-           "load_results", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",
+__all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES", "OTHER_CODE",
+           "SIGNIFICANCE", "SIGNIFICANT", "adjust", "default_metric", "describe", "duplicate_runs", "entries",
+           "groups", "leaderboard", "load_published", "load_results", "mean_ranks", "paired_comparison",
+           "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",
            "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "render_report",
            "report", "run_summary", "runs", "save_plots", "unfinished"]
 
 
-def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str = "top1_best",
+def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str | None = None,
            by: str = "pair", published: str | Path | None = None, plots: str | Path | None = None,
-           layout: str = "leaderboard", **filters: str | None) -> tuple[str, list[Path]]:
+           layout: str = "leaderboard", correction: str = "holm", **filters: str | None) -> tuple[str, list[Path]]:
     """``kdbench report``: the leaderboard text and the plot files written (when ``plots`` names a folder). The
-    published table is looked for in the first results directory."""
+    published table is looked for in the first results directory. ``metric`` None: :func:`default_metric`."""
     table = load_results(results_dirs)
     frame = entries(table, **filters)
     path = published_path(table["results_dir"].iloc[0], published)
-    board = add_flags(leaderboard(frame, metric, load_published(path) if path else None), frame, table)
+    board = add_flags(leaderboard(frame, metric, load_published(path) if path else None, correction), frame,
+                      table)
     text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
                          table.attrs.get("unreadable"))
-    return text, save_plots(frame, table, plots, metric) if plots else []
+    return text, save_plots(frame, table, plots, board["metric"].iloc[0], correction) if plots else []

@@ -4,7 +4,10 @@ Rules (kdbench's, kept here because they decide every number shown): finished ru
 (ddof = 1) with n over seeds, as DKD reports CIFAR-100 (Zhao et al., CVPR 2022: mean of 5 runs,
 megvii-research/mdistiller issue #30); Δ against the CE-trained student of the same setting, paired by seed, with a
 95 % t interval, because absolute numbers drift with hardware and software (megvii-research/mdistiller issues #7,
-#66); runs of different datasets, recipes, protocols, devices or precisions are never pooled.
+#66), with a paired t-test p per row adjusted over the methods of its table (Holm 1979 by default, or
+Benjamini–Hochberg 1995), because a table of many methods against one baseline otherwise marks some by chance; runs of
+different datasets, recipes, protocols, device types or precisions are never pooled, nor runs taught by different
+teachers (unless a sweep pooled teacher seeds on purpose, ``--teacher-seeds``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,21 @@ import math
 import re
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 
 from kdbench.errors import KdbenchError
-from kdbench.report.load import runs
+from kdbench.report.formats import number
+from kdbench.report.load import device_names, runs
 from kdbench.report.published import published_cells
 
-METRICS = ("top1_best", "top1_last")
+METRICS = ("top1_at_best_val", "top1_best", "top1_last")
+# What each metric selects, as the report states it: only top1_at_best_val picks its epoch without the test set.
+METRIC_RULES = {"top1_at_best_val": "test top-1 at the epoch of best validation top-1",
+                "top1_best": "selected on test (best test epoch, as CRD and DKD report)",
+                "top1_last": "the last epoch"}
+CORRECTIONS = {"holm": "Holm", "bh": "Benjamini–Hochberg", "none": "unadjusted"}  # --correction: its name in text
+SIGNIFICANCE = 0.05  # an adjusted p below it earns the *
 CE_ONLY = "CE only"  # the pair of a table of CE-trained runs that no distillation run of their setting uses
 CI_LEVEL = 0.95  # of the interval around every Δ
 CI_NAME = f"{CI_LEVEL * 100:g} %"
@@ -90,6 +101,7 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
                   _tag(setting[~ce], "method", "none", CE_ONLY, name)]
     out = pd.concat([p for p in parts if len(p)], ignore_index=True)
     _label_variants(out)
+    _label_teachers(out)
 
     for column, wanted, option in (("dataset", dataset, "--dataset"), ("recipe", recipe, "--recipe"),
                                    ("protocol", protocol, "--protocol")):
@@ -125,14 +137,47 @@ def _label_variants(out: pd.DataFrame) -> None:
             out.at[index, "label"] = label + (f" via {chains[index]}" if chains.nunique() > 1 and chains[index] else "")
 
 
+def teacher_text(rows: pd.DataFrame) -> str:
+    """The teacher seeds of taught runs: the pool a sweep chose (``--teacher-seeds``), else each seed (a run id where
+    the teacher run is not in the results)."""
+    pools = rows["teacher_pool"].dropna()
+    seeds = sorted(rows.loc[rows["teacher_pool"].isna(), "teacher_seed"].dropna().astype(int).unique())
+    parts = [f"teacher seeds {pool} (pooled)" for pool in dict.fromkeys(pools)]
+    parts += [f"teacher seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"] if seeds else []
+    unknown = rows.loc[rows["teacher_pool"].isna() & rows["teacher_seed"].isna(), "teacher_run"].dropna()
+    return "; ".join(parts + [f"teacher run {run}" for run in dict.fromkeys(unknown)])
+
+
+def _label_teachers(out: pd.DataFrame) -> None:
+    """A row's identity includes its teacher: teacher rows are one teacher run each, and runs taught by different
+    teacher runs form rows of their own (``kd (teacher seed 1)``) unless their sweep pooled teacher seeds on purpose
+    (the same ``teacher_pool``). Labels change only where a table holds several teachers."""
+    for _, rows in out[out["kind"] == "teacher"].groupby(["setting", "protocol", "pair", "arch"], sort=False):
+        if rows["run_id"].nunique() > 1:
+            seeds = rows["seed"].astype(int).astype(str)
+            ambiguous = seeds.groupby(seeds).transform("size").gt(1)
+            out.loc[rows.index, "label"] = rows["label"] + " (seed " + seeds + ambiguous.map(
+                {True: ", run ", False: ""}) + rows["run_id"].where(ambiguous, "") + ")"
+    taught = out[(out["kind"] == "method") & out["teacher_run"].notna()]
+    for _, rows in taught.groupby(["setting", "protocol", "pair"], sort=False):
+        key = rows["teacher_pool"].fillna(rows["teacher_run"])
+        if key.nunique() > 1:
+            for _, same in rows.groupby(key, sort=False):
+                out.loc[same.index, "label"] = same["label"] + f" ({teacher_text(same)})"
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(title, rows) per setting and protocol: the unit that plots and the ``--by setting`` tables cover."""
+    """(title, rows) per setting and protocol: the unit that plots and the ``--by setting`` tables cover. The title
+    names the device models of its runs after their device type (``cuda (NVIDIA H100, NVIDIA A100)``)."""
     for (setting, protocol), group in frame.groupby(["setting", "protocol"], sort=False):
-        yield (f"{setting} · protocol {protocol}" if protocol != "none" else f"{setting} · CE only"), group
+        parts, names = setting.split(" · "), device_names(group)
+        title = " · ".join(f"{part} ({', '.join(names)})" if part == group["device"].iloc[0] and names else part
+                           for part in parts)
+        yield (f"{title} · protocol {protocol}" if protocol != "none" else f"{title} · CE only"), group
 
 
 # ---------------------------------------------------------------------------------------------- leaderboard
@@ -165,15 +210,61 @@ def interval(values: pd.Series) -> tuple[float, float]:
 
 
 def _delta(rows: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict[str, Any]:
-    """Δ over the baseline with its interval: paired by seed over the common seeds, else a difference of means
-    (no interval)."""
+    """Δ over the baseline with its interval and the two-sided paired t-test p of the per-seed differences (the same
+    as ``scipy.stats.ttest_rel``; none below two pairs, or for differences that do not vary, where t is undefined):
+    paired by seed over the common seeds, else a difference of means (no interval, no p)."""
+    from scipy import stats
+
     diff, paired = differences(rows, baseline, metric)
     if diff.empty:
         return {}
     low, high = interval(diff) if paired else (math.nan, math.nan)
+    p = float(stats.ttest_1samp(diff, 0.0).pvalue) if paired and len(diff) >= 2 and diff.std() > 0 else math.nan
     return {"delta": diff.mean(), "delta_std": diff.std(ddof=1), "delta_n": len(diff) if paired else 0,
             "delta_paired": paired, "delta_ci_low": low, "delta_ci_high": high,
-            "delta_excludes_zero": bool(low > 0 or high < 0)}
+            "delta_excludes_zero": bool(low > 0 or high < 0), "p": p}
+
+
+def adjust(p: pd.Series, correction: str) -> pd.Series:
+    """``p`` adjusted for testing every method of one table against the same baseline: ``holm`` (Holm 1979,
+    step-down; controls the family-wise error rate), ``bh`` (Benjamini & Hochberg 1995; the false discovery rate) or
+    ``none``. NaN (no test) stays NaN and is not counted."""
+    from scipy import stats
+
+    tested = p.dropna()
+    if correction == "none" or tested.empty:
+        return p
+    if correction == "bh":
+        done = pd.Series(stats.false_discovery_control(tested.to_numpy(), method="bh"), index=tested.index)
+    else:  # the i-th smallest of m p values times (m - i + 1), made monotone
+        ordered = tested.sort_values()
+        done = (ordered * (len(ordered) - np.arange(len(ordered)))).cummax().clip(upper=1.0)
+    return done.reindex(p.index)
+
+
+def default_metric(frame: pd.DataFrame) -> tuple[str, str]:
+    """``top1_at_best_val`` when every run of the tables recorded it, else ``top1_best`` and a sentence saying why.
+    Teachers do not count: one imported from a checkpoint has no validation history (its row falls back, with a
+    note)."""
+    missing = frame.loc[frame["kind"] != "teacher"].drop_duplicates("run_id")["top1_at_best_val"].isna()
+    if not missing.any():
+        return "top1_at_best_val", ""
+    which = "none of the" if missing.all() else f"{missing.sum()} of the"
+    return "top1_best", (f"top1_at_best_val is the default, but {which} {len(missing)} runs recorded it (trained "
+                         f"without a validation split), so the tables use top1_best.")
+
+
+def _short_device(name: str) -> str:
+    return name.removeprefix("NVIDIA ")
+
+
+def _per_device(g: pd.DataFrame) -> dict[str, str]:
+    """Throughput and peak memory of a row per device model: a table that pools GPU models shows them apart."""
+    by = g.groupby(g["device_name"].fillna("unknown device"), sort=False)[["train_images_per_s", "peak_bytes"]].mean()
+    return {"train_images_per_s_per_device": " / ".join(f"{_short_device(n)} {number(v, 1)}"
+                                                        for n, v in by["train_images_per_s"].dropna().items()),
+            "peak_mib_per_device": " / ".join(f"{_short_device(n)} {number(v / 2**20, 0)}"
+                                              for n, v in by["peak_bytes"].dropna().items())}
 
 
 def _core(table: pd.DataFrame) -> str | None:
@@ -189,48 +280,82 @@ def _commits(rows: pd.DataFrame) -> str:
     return ", ".join(dict.fromkeys(shas))
 
 
-def leaderboard(frame: pd.DataFrame, metric: str = "top1_best", published: pd.DataFrame | None = None) -> pd.DataFrame:
+def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.DataFrame | None = None,
+                correction: str = "holm") -> pd.DataFrame:
     """One row per (table, row) of :func:`entries`: ``n``, mean and sample std of ``metric`` over seeds, Δ over
-    the baseline with its interval, mean costs, whether the row was made by other code than the rest of its
-    table (``other_code``) and by which ``commits``, and (``published`` given) the published numbers of the same
-    setting side by side, or why the setting has none (``published_mismatch``)."""
+    the baseline with its interval and paired t-test ``p``, ``p_adjusted`` over the method rows of the table by
+    ``correction`` and ``delta_significant`` (adjusted p < SIGNIFICANCE), mean costs (per device model in
+    ``*_per_device`` where a table pools several), the teacher seeds, whether the row was made by other code than the
+    rest of its table (``other_code``) and by which ``commits``, and (``published`` given) the published numbers of the
+    same setting side by side, or why the setting has none (``published_mismatch``). ``metric`` None: see
+    :func:`default_metric` (``metric_note`` says why when it falls back)."""
+    metric, metric_note = default_metric(frame) if metric is None else (metric, "")
     if metric not in METRICS:
         raise KdbenchError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    if correction not in CORRECTIONS:
+        raise KdbenchError(f"unknown correction {correction!r}; valid corrections: {', '.join(CORRECTIONS)}")
     if frame[metric].isna().all():
         raise KdbenchError(f"no finished run recorded {metric}")
     rows = []
     for (setting, protocol, pair), table in frame.groupby(["setting", "protocol", "pair"], sort=False):
         baseline, core = table[table["kind"] == "student"], _core(table)
+        mixed_devices = len(device_names(table)) > 1
+        teachers = teacher_text(table[table["kind"] == "method"])
         for (kind, arch, label), g in table.groupby(["kind", "arch", "label"], sort=False):
-            first, values = g.iloc[0], g[metric].dropna()
+            first, shown = g.iloc[0], metric
+            if kind == "teacher" and g[metric].isna().all():  # an imported checkpoint: no validation history
+                shown = next((m for m in ("top1_last", "top1_best") if g[m].notna().any()), metric)
+            values = g[shown].dropna()
             row = {"setting": setting, "protocol": protocol, "pair": pair, "kind": kind, "label": label, "arch": arch,
                    "method": first["method"], "method_options": first["method_options"],
                    "method_note": first["method_note"], "dataset": first["dataset"], "recipe": first["recipe"],
-                   "device": first["device"], "precision": first["precision"], "metric": metric,
-                   "n": len(values), "mean": values.mean(), "std": values.std(ddof=1),
+                   "device": first["device"], "device_name": ", ".join(device_names(g)),
+                   "precision": first["precision"], "metric": metric, "metric_shown": shown,
+                   "metric_note": metric_note, "n": len(values), "mean": values.mean(), "std": values.std(ddof=1),
                    "seeds": ",".join(str(s) for s in sorted(g["seed"].unique())),
+                   "teacher_seeds": teacher_text(g) if kind == "method" else "", "table_teachers": teachers,
                    "delta": math.nan, "delta_std": math.nan, "delta_n": 0, "delta_paired": False,
-                   "delta_ci_low": math.nan, "delta_ci_high": math.nan, "delta_excludes_zero": False,
+                   "delta_ci_low": math.nan, "delta_ci_high": math.nan, "delta_excludes_zero": False, "p": math.nan,
                    "train_images_per_s": g["train_images_per_s"].mean(), "peak_bytes": g["peak_bytes"].mean(),
                    "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
                    "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
+                   "assistants_in_full": bool(g["assistants_in_full"].any()),
                    "trained_in": first["trained_in"] if isinstance(first["trained_in"], str) else None,
                    # made by other code: shared code unlike most of the table's runs, or seeds run by different code
                    "other_code": core is not None and bool(g["code_core"].ne(core).any()
                                                            or g["code_fingerprint"].nunique(dropna=False) > 1),
-                   "commits": _commits(g)}
+                   "commits": _commits(g),
+                   **(_per_device(g) if mixed_devices else {"train_images_per_s_per_device": "",
+                                                            "peak_mib_per_device": ""})}
             if kind == "method":
                 row.update(_delta(g, baseline[baseline["arch"] == arch], metric))
             if published is not None:
                 row.update(published_cells(published, pair, kind, arch, first, protocol, metric, CE_ONLY))
             rows.append(row)
     board = pd.DataFrame(rows)
+    order = ["setting", "protocol", "pair"]
+    board["p_adjusted"] = board.groupby(order, sort=False)["p"].transform(lambda p: adjust(p, correction))
+    board["correction"] = correction
+    board["delta_significant"] = board["p_adjusted"].lt(SIGNIFICANCE)
     board["_order"] = board["kind"].map(KIND_ORDER)
     board["_rank"] = -board["mean"].where(board["kind"] == "method", math.inf)
-    order = ["setting", "protocol", "pair"]
     board["_table"] = board.groupby(order, sort=False).ngroup()
     return board.sort_values(["_table", "_order", "_rank", "label"]).drop(columns=["_order", "_rank", "_table"]) \
         .reset_index(drop=True)
+
+
+def mean_ranks(board: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, protocol, method label): the mean over pairs of the method's rank by ``mean`` among the methods
+    of each pair (1 = best; ties share the mean rank), its sample std over pairs, the pairs it was ranked on and the
+    pairs of its group (DKD-style summary, Zhao et al., CVPR 2022). A method missing on a pair is ranked on the pairs
+    where it ran."""
+    methods = board[board["kind"] == "method"].copy()
+    keys = ["setting", "protocol"]
+    methods["rank"] = methods.groupby([*keys, "pair"], sort=False)["mean"].rank(ascending=False, method="average")
+    ranks = methods.groupby([*keys, "label"], sort=False)["rank"].agg(mean_rank="mean", mean_rank_std="std",
+                                                                      ranked_pairs="count").reset_index()
+    pairs = board.groupby(keys, sort=False)["pair"].nunique().rename("pairs").reset_index()
+    return ranks.merge(pairs, on=keys)
 
 
 # ------------------------------------------------------------------------------------------ paired comparison

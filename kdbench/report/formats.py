@@ -12,8 +12,9 @@ from tabulate import tabulate
 
 FORMATS = ("github", "markdown", "latex", "csv", "html")
 # Decimals each leaderboard column keeps in CSV: accuracy to 0.01 points, throughput to 0.1 img/s, seconds to
-# 0.1 s; bytes and parameter counts are whole numbers (the tidy Parquet keeps full precision).
+# 0.1 s; p values to 0.0001; bytes and parameter counts are whole numbers (the tidy Parquet keeps full precision).
 _CSV_DECIMALS = {**dict.fromkeys(("mean", "std", "delta", "delta_std", "delta_ci_low", "delta_ci_high"), 2),
+                 "p": 4, "p_adjusted": 4,
                  "train_images_per_s": 1, "end_to_end_s": 1, "peak_bytes": 0, "extra_params_train": 0,
                  "inference_params": 0}
 

@@ -14,10 +14,11 @@ _REQUIRED = ("run_id", "status", "role", "method", "dataset", "teacher", "studen
 _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assistants": "", "method_note": "",
              "method_label": None, "method_family": None, "teacher_run": None, "device_name": None, "epochs": None,
              "batch_size": None, "train_subset": None, "test_subset": None, "lr": None, "channels_last": False,
-             "compile": None,
+             "compile": None, "teacher_seed": None, "teacher_pool": None, "assistant_runs": None, "val_split": None,
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None}
-_RUN_METRICS = ("top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes", "peak_reserved_bytes",
-                "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "end_to_end_wall_s", "wall_s")
+_RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
+                "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
+                "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
 MEMORY_NAMES = {"peak_alloc_bytes": "CUDA max allocated", "peak_reserved_bytes": "CUDA max reserved",
                 "cpu_peak_rss_bytes": "CPU peak RSS"}
 
@@ -83,13 +84,15 @@ def duplicate_runs(table: pd.DataFrame) -> pd.DataFrame:
 
 
 _RECIPE_PARTS = (("epochs", "{:.0f} epochs"), ("batch_size", "batch {:.0f}"), ("train_subset", "{:.0f} train images"),
-                 ("test_subset", "{:.0f} test images"), ("lr", "lr {:g}"))
+                 ("test_subset", "{:.0f} test images"), ("lr", "lr {:g}"), ("val_split", "{:.0f} validation images"))
 
 
 def _setting_label(run: pd.Series) -> str:
-    """What runs must share to be pooled: dataset, recipe (with its overrides), device and precision."""
+    """What runs must share to be pooled: dataset, recipe (with its overrides and validation split), device type and
+    precision. Not the device's model: runs that differ only in GPU model pool, and their tables list the models
+    (:func:`device_names`)."""
     recipe = ", ".join(text.format(run[key]) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
-    device = run["device"] + (f" ({run['device_name']})" if pd.notna(run["device_name"]) else "")
+    device = run["device"]
     precision = (run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
                  + (f", compiled ({run['compile']})" if pd.notna(run["compile"]) else ""))
     return " · ".join([run["dataset"], f"recipe {run['recipe']}" + (f" ({recipe})" if recipe else ""),
@@ -110,10 +113,39 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     wide["memory_metric"] = wide["peak_alloc_bytes"].notna().map({True: "peak_alloc_bytes",
                                                                   False: "cpu_peak_rss_bytes"})
     wide["peak_bytes"] = wide["peak_alloc_bytes"].fillna(wide["cpu_peak_rss_bytes"])
-    wide["end_to_end_s"] = wide["end_to_end_wall_s"].fillna(wide["wall_s"])  # CE runs: no teacher to add
+    seeds = table.drop_duplicates("run_id").set_index("run_id")["seed"]
+    own_seed = wide["seed"].where(wide["role"] == "teacher")
+    wide["teacher_seed"] = pd.to_numeric(wide["teacher_seed"], errors="coerce").fillna(own_seed).fillna(
+        wide["teacher_run"].map(seeds))
     wide["setting"] = [_setting_label(run) for _, run in wide.iterrows()]
     wide["family"] = wide["method_family"].fillna(wide["method"].map(family_of))
-    return wide.reset_index()
+    wide = wide.reset_index()
+    wide["end_to_end_s"], wide["assistants_in_full"] = amortised_costs(wide)
+    return wide
+
+
+def amortised_costs(wide: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each run's end-to-end cost: its own training, preparation and reused fitting, plus its *share* of the teacher
+    and assistants it learned from (their wall time over the number of finished students of the results that learned
+    from them), so that runs sharing one teacher compare with the CE run that needs none; the teacher's full cost sits
+    on the teacher's row (its wall time). Without ``assistant_runs`` (older tables), or with an assistant run missing
+    from the results, a run's assistants are charged in full (True in the second series)."""
+    students = wide[wide["role"] == "student"]
+    own = wide["wall_s"] + wide["prepare_s"].fillna(0) + wide["reused_fit_s"].fillna(0)
+    teacher_share = wide["teacher_wall_s"] / wide["teacher_run"].map(students["teacher_run"].value_counts())
+    chains = wide["assistant_runs"].where(wide["assistant_runs"].fillna("") != "").str.split(":")
+    users = chains[wide["role"] == "student"].explode().value_counts()
+    wall = wide.set_index("run_id")["wall_s"].dropna()
+    known = chains.map(lambda runs: isinstance(runs, list) and all(r in wall.index for r in runs))
+    shared = chains[known].map(lambda runs: sum(wall[r] / users.get(r, 1) for r in runs))
+    assistant_share = shared.reindex(wide.index).fillna(wide["assistant_wall_s"])
+    in_full = ~known & wide["assistant_wall_s"].fillna(0).gt(0)
+    return own + teacher_share.fillna(0) + assistant_share.fillna(0), in_full
+
+
+def device_names(frame: pd.DataFrame) -> list[str]:
+    """The device models of ``frame``'s runs (leaderboard rows hold them ", "-joined), in order of appearance."""
+    return list(dict.fromkeys(name for text in frame["device_name"].dropna() for name in str(text).split(", ")))
 
 
 def family_of(method: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kdbench.report.aggregate import groups
+from kdbench.report.aggregate import METRIC_RULES, groups, mean_ranks
 from kdbench.report.flags import footnotes as flag_footnotes
 from kdbench.report.flags import markers
 from kdbench.report.formats import (
@@ -23,6 +23,7 @@ from kdbench.report.formats import (
     teacher_notes,
 )
 from kdbench.report.load import memory_name
+from kdbench.report.notes import SIGNIFICANT, cost_note, device_note, metric_notes, significance_note
 from kdbench.report.published import published_note, unpublished_pairs_note
 
 MISSING = "–"  # a cell without a finished run: said, never left blank
@@ -44,8 +45,16 @@ def _cell(group: pd.DataFrame, pair: str, label: str) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
-def _name(label: str) -> str:
-    return {"teacher": "Teacher", "student (CE)": "Student (CE)"}.get(label, label)
+def _name(kind: str, label: str) -> str:
+    return label if kind == "method" else label[0].upper() + label[1:]
+
+
+def _rank_cell(ranks: pd.DataFrame, label: str) -> str:
+    if label not in ranks.index:
+        return ""
+    r = ranks.loc[label]
+    return mean_std(r["mean_rank"], r["mean_rank_std"]) + (f" ({r['ranked_pairs']} pairs)"
+                                                            if r["ranked_pairs"] < r["pairs"] else "")
 
 
 def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
@@ -55,17 +64,19 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
     with_published = [p for p in pairs if group.loc[group["pair"] == p, "published"].fillna("").ne("").any()] \
         if "published" in group.columns else []
     best = {p: round(group[(group["pair"] == p) & (group["kind"] == "method")]["mean"].max(), 2) for p in pairs}
+    ranks = mean_ranks(group).set_index("label")
     notes, footnotes = method_notes(group)
     footnotes += flag_footnotes(group)
     headers, align = ["method"], ["l"]
     for pair in pairs:
         headers += [pair] + (["published"] if pair in with_published else [])
         align += ["r"] + (["r"] if pair in with_published else [])
+    headers, align = [*headers, "mean rank"], [*align, "r"]
     rows, rules_after, missing = [], [], False
     for index, (kind, label) in enumerate(_rows(group)):
         first = group[group["label"] == label].iloc[0]
         note = first["method_note"] if isinstance(first["method_note"], str) else ""
-        row = [escape(_name(label) + (f" [{notes.index(note) + 1}]" if note else ""), fmt)]
+        row = [escape(_name(kind, label) + (f" [{notes.index(note) + 1}]" if note else ""), fmt)]
         for pair in pairs:
             r = _cell(group, pair, label)
             missing |= r is None
@@ -73,20 +84,30 @@ def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
                 f" (n = {r['n']})" if kind != "teacher" and r["n"] != n else "") + markers(r.get("flags"))
             text = escape(text, fmt)
             is_best = r is not None and kind == "method" and round(r["mean"], 2) == best[pair]
-            row.append(bold(text, fmt) if is_best else text)
+            row.append((bold(text, fmt) if is_best else text)
+                       + (f" {SIGNIFICANT}" if r is not None and r["delta_significant"] else ""))
             if pair in with_published:
                 row.append(escape("" if r is None else r["published"], fmt))
-        rows.append(row)
+        rows.append([*row, escape(_rank_cell(ranks, label) if kind == "method" else "", fmt)])
         if kind != "method":
             rules_after = [index]
-    epoch = "best" if metric == "top1_best" else "last"
-    caption = (f"Top-1 accuracy (%, {epoch} epoch of each run): mean ± std over n = {n} seed{'s' * (n != 1)} "
-               f"(other n marked), teacher: one run; best method per pair in bold. {title}.")
+    teachers = group[group["kind"] == "teacher"]
+    seeds = sorted(teachers["seeds"].unique(), key=str)
+    caption = (f"Top-1 accuracy (%, {metric}: {METRIC_RULES[metric]}): mean ± std over n = {n} seed"
+               f"{'s' * (n != 1)} (other n marked), teacher: one run (seed{'s' * (len(seeds) > 1)} "
+               f"{', '.join(seeds)}); best method per pair in bold; mean rank over pairs ± std (1 = best). {title}.")
     why = published_note(group)
     if missing:
         footnotes.append(f"{MISSING}: no finished run of this method on this pair (not run, or every seed failed; the "
                          "report lists the failed runs and their reasons).")
-    footnotes += teacher_notes(group)
+    fewer = ranks[ranks["ranked_pairs"] < ranks["pairs"]]
+    if len(fewer):
+        footnotes.append("mean rank: a method missing on some pairs is ranked on the pairs where it ran: "
+                         + ", ".join(f"{label} on {r.ranked_pairs} of {r.pairs}" for label, r in fewer.iterrows())
+                         + ".")
+    if group["p"].notna().any():
+        footnotes.append(significance_note(group))
+    footnotes += teacher_notes(group) + metric_notes(group)
     if with_published:
         footnotes.append("published: the source's number for the same pair, recipe and protocol (see "
                          "`--layout leaderboard` for the sources).")
@@ -102,17 +123,19 @@ def _costs(group: pd.DataFrame, title: str, fmt: str) -> str:
     rows, rules_after, sections = [], [], {}
     for pair in pairs:
         sections[len(rows)] = pair
-        for _, label in _rows(group):
+        for kind, label in _rows(group):
             r = _cell(group, pair, label)
             if r is not None:
-                values = [number(r["train_images_per_s"], 1), number(r["peak_bytes"] / 2**20, 0),
+                values = [r["train_images_per_s_per_device"] or number(r["train_images_per_s"], 1),
+                          r["peak_mib_per_device"] or number(r["peak_bytes"] / 2**20, 0),
                           count(r["extra_params_train"]), number(r["end_to_end_s"] / 60, 1)]
-                rows.append([escape(_name(label), fmt), *(escape(v, fmt) for v in values)])
+                rows.append([escape(_name(kind, label), fmt), *(escape(v, fmt) for v in values)])
         rules_after.append(len(rows) - 1)
     caption = (f"Cost per method: training throughput (img/s, mean over seeds), peak memory "
-               f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time in minutes "
-               f"(the run plus its teacher's and teacher assistants' training and fitting). {title}.")
-    return table(headers, rows, fmt, align, caption=caption, rules_after=rules_after, sections=sections)
+               f"({memory_name(group)}, MiB), parameters added for training, and end-to-end wall time in minutes. "
+               f"{cost_note(group)[0].upper()}{cost_note(group)[1:]} {title}.")
+    return table(headers, rows, fmt, align, caption=caption, rules_after=rules_after, sections=sections,
+                 notes=[note for note in (device_note(group),) if note])
 
 
 def paper_tables(board: pd.DataFrame, fmt: str) -> list[str]:
@@ -132,5 +155,6 @@ def paper_csv(board: pd.DataFrame) -> str:
     counts = [c for c in wide.columns if c.endswith(" n")]
     wide[counts] = wide[counts].astype("Int64")  # the pivot made floats of them
     pairs = list(dict.fromkeys(board["pair"]))
-    return wide[[f"{p} {m}" for p in pairs for m in measures if f"{p} {m}" in wide.columns]].reset_index().to_csv(
-        index=False)
+    wide = wide[[f"{p} {m}" for p in pairs for m in measures if f"{p} {m}" in wide.columns]].reset_index()
+    ranks = mean_ranks(board).round({"mean_rank": 2, "mean_rank_std": 2})
+    return wide.merge(ranks, on=["setting", "protocol", "label"], how="left", sort=False).to_csv(index=False)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from kdbench.report.aggregate import CI_NAME, differences, groups, interval
+from kdbench.report.aggregate import CI_NAME, CORRECTIONS, SIGNIFICANCE, differences, groups, interval, leaderboard
 from kdbench.report.flags import caption, for_plots, row_flags
 from kdbench.report.load import MEMORY_NAMES
 from kdbench.report.style import FAMILY_COLOURS, colours, figure, legend, styles, suptitle
@@ -109,7 +109,8 @@ def _horizontal(plot, group: pd.DataFrame, x: str, xlabel: str, headline: str, s
 
 def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
     """Top-1 per method and pair: mean with error bars = sd over seeds (their spread; the uncertainty of a
-    comparison is the Δ plot's interval); the teacher as a dashed line. Rows in legend order (by family)."""
+    comparison is the Δ plot's interval); each teacher run as a dashed line (never their mean). Rows in legend order
+    (by family)."""
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
@@ -120,10 +121,11 @@ def plot_top1(group: pd.DataFrame, metric: str = "top1_best", setting: str = "")
                             palette=colours(group), errorbar="sd", linestyle="none", capsize=0.3,
                             markers=[style[lbl].marker for lbl in shown])
     for ax, pair in zip(axes, _pairs(students)):
-        teacher = group[(group["pair"] == pair) & (group["kind"] == "teacher")][metric].mean()
-        if pd.notna(teacher):
-            ax.axvline(teacher, color="0.3", linestyle="--", linewidth=1)
-            ax.annotate(f"teacher {teacher:.1f}", (teacher, 1.0), xycoords=("data", "axes fraction"),
+        teachers = group[(group["pair"] == pair) & (group["kind"] == "teacher")].dropna(subset=[metric])
+        for teacher in teachers.itertuples():
+            value, seed = getattr(teacher, metric), f" (seed {teacher.seed})" if len(teachers) > 1 else ""
+            ax.axvline(value, color="0.3", linestyle="--", linewidth=1)
+            ax.annotate(f"teacher{seed} {value:.1f}", (value, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(-3, -3), textcoords="offset points", ha="right", va="top", fontsize=8)
     return fig
 
@@ -213,10 +215,11 @@ def plot_learning_curves(group: pd.DataFrame, table: pd.DataFrame, setting: str 
     return fig
 
 
-def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
+def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = "", correction: str = "holm"):
     """Mean Δ top-1 over the CE student per method (rows) and pair (panels), annotated, on a diverging scale
     centred at 0 and symmetric per pair, so colour shows the gain within each pair, not the pair; * marks a Δ
-    whose interval excludes zero; rules separate method families. None when no pair has a baseline."""
+    that the leaderboard marks (adjusted p < SIGNIFICANCE under ``correction``); rules separate method families.
+    None when no pair has a baseline."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -225,6 +228,7 @@ def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = 
         return None
     style = styles(group)
     order = [lbl for lbl in style if lbl in set(deltas["label"])]
+    significant = leaderboard(group, metric, correction=correction).set_index(["pair", "label"])["delta_significant"]
     # a rule between method families
     rules = [i for i in range(1, len(order)) if style[order[i]].family != style[order[i - 1]].family]
     pairs = _pairs(deltas)
@@ -233,8 +237,7 @@ def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = 
     for ax, pair in zip(axes.flat, pairs):
         by_label = deltas[deltas["pair"] == pair].groupby("label")["delta"]
         mean = by_label.mean().reindex(order)
-        low_high = by_label.apply(lambda d: interval(d)).reindex(order)
-        marks = [("" if not isinstance(b, tuple) or math.isnan(b[0]) or b[0] <= 0 <= b[1] else "*") for b in low_high]
+        marks = ["*" if significant.get((pair, lbl), False) else "" for lbl in order]
         text = [[f"{m:+.1f}{s}" if pd.notna(m) else ""] for m, s in zip(mean, marks)]
         scale = max(mean.abs().max(), 0.1)
         sns.heatmap(mean.to_frame(pair), annot=text, fmt="", cmap="RdYlGn", center=0, vmin=-scale, vmax=scale,
@@ -243,8 +246,8 @@ def plot_heatmap(group: pd.DataFrame, metric: str = "top1_best", setting: str = 
         ax.hlines(rules, *ax.get_xlim(), color="0.15", linewidth=1.5)
         ax.set(xlabel="", ylabel="")
         ax.tick_params(axis="y", labelrotation=0, labelsize=8)
-    suptitle(fig, f"mean Δ {metric} over the CE student (points; scale per pair; * {CI_NAME} CI excludes 0)",
-             setting)
+    suptitle(fig, f"mean Δ {metric} over the CE student (points; scale per pair; * {CORRECTIONS[correction]}-adjusted "
+                  f"p < {SIGNIFICANCE:g} over the methods of the pair)", setting)
     plt.close(fig)
     return fig
 
@@ -262,7 +265,8 @@ def plot_groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
             yield title, group
 
 
-def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best") -> list[Path]:
+def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best",
+               correction: str = "holm") -> list[Path]:
     """Every plot, as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the files written."""
     out_dir, written, flagged = Path(out_dir), [], row_flags(frame, table, metric)
     for title, group in plot_groups(frame):
@@ -272,7 +276,7 @@ def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, me
         figures = {"accuracy_vs_throughput": plot_accuracy_vs_throughput(group, metric, title),
                    "top1": plot_top1(group, metric, title), "delta": plot_delta(group, metric, title),
                    "memory": plot_memory(group, title), "learning_curves": plot_learning_curves(group, table, title),
-                   "heatmap": plot_heatmap(group, metric, title)}
+                   "heatmap": plot_heatmap(group, metric, title, correction)}
         for name, fig in figures.items():
             if fig is not None:
                 caption(fig, notes)

@@ -8,13 +8,13 @@ tell (the tidy Parquet keeps full precision).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
-from kdbench.report.aggregate import CE_ONLY, CI_NAME, groups
+from kdbench.report.aggregate import CE_ONLY, CI_NAME, CORRECTIONS, METRIC_RULES, SIGNIFICANCE, groups
 from kdbench.report.flags import footnotes as flag_footnotes
 from kdbench.report.flags import markers, teacher_warnings
 from kdbench.report.formats import (
@@ -31,6 +31,16 @@ from kdbench.report.formats import (
     teacher_notes,
 )
 from kdbench.report.load import MEMORY_NAMES, describe, memory_name
+from kdbench.report.notes import (
+    SIGNIFICANT,
+    cost_note,
+    device_note,
+    metric_notes,
+    p_header,
+    p_value,
+    row_name,
+    significance_note,
+)
 from kdbench.report.paper import paper_csv, paper_tables
 from kdbench.report.published import RULE_OF_METRIC, published_note, unpublished_pairs_note
 
@@ -38,7 +48,6 @@ if TYPE_CHECKING:  # kdbench.results imports torch: the CLI imports this package
     from kdbench.results import RunRecord
 
 LAYOUTS = ("leaderboard", "paper")
-EXCLUDES_ZERO = "*"  # marks a Δ whose interval excludes zero
 OTHER_CODE = "†"  # marks a row made by other code than the rest of its table
 _MEMORY_KEYS = ("peak_alloc_bytes", "cpu_peak_rss_bytes")
 def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
@@ -57,20 +66,23 @@ def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
     return tabulate(rows, headers="keys", tablefmt=tablefmt)
 
 
-def rule_text(metric: str) -> str:
-    epoch = "the best epoch" if metric == "top1_best" else "the last epoch"
-    return (f"Top-1 = {metric} ({epoch} of each run), mean ± sample std (ddof = 1) over the n seeds of finished "
-            f"runs. Δ vs student = difference to the CE-trained student of the same setting, paired by seed: mean "
-            f"± sample std of the per-seed differences, and their {CI_NAME} confidence interval (t distribution, "
-            f"n − 1 degrees of freedom, over the seeds both ran; n/a below two), marked {EXCLUDES_ZERO} when it "
-            f"excludes zero. "
-            f"Runs of different datasets, recipes, protocols, devices or precisions are never pooled: one table "
-            f"each. Published numbers are marked [rule] when their reporting rule is not {RULE_OF_METRIC[metric]}.")
-
-
-def row_name(r: Any) -> str:
-    """A leaderboard row's name: the method's label, or teacher/student and the architecture."""
-    return r.label if r.kind == "method" else f"{r.kind} {r.arch}" + (" (CE)" if r.kind == "student" else "")
+def rule_text(board: pd.DataFrame) -> str:
+    """The report's first line: the metric and how it selects its epoch, the statistics with the multiple-comparison
+    correction behind every *, and what is pooled."""
+    metric, correction = board["metric"].iloc[0], CORRECTIONS[board["correction"].iloc[0]]
+    published = (f"Published numbers are marked [rule] when their reporting rule is not {RULE_OF_METRIC[metric]}."
+                 if RULE_OF_METRIC[metric] else "Published numbers are never selected on a validation split: each is "
+                 "marked with its own reporting rule, e.g. [last].")
+    return (f"Top-1 = {metric} of each run: {METRIC_RULES[metric]}; mean ± sample std (ddof = 1) over the n seeds of "
+            f"finished runs. {board['metric_note'].iloc[0]} Δ vs student = difference to the CE-trained student of "
+            f"the same setting, paired by seed: mean ± sample std of the per-seed differences, and their {CI_NAME} "
+            f"confidence interval (t distribution, n − 1 degrees of freedom, over the seeds both ran; n/a below two). "
+            f"p = two-sided paired t-test of those differences, {correction}-adjusted over the methods of each table "
+            f"(--correction {board['correction'].iloc[0]}); {SIGNIFICANT} = {correction}-adjusted p < {SIGNIFICANCE:g} "
+            f"over the methods of each table. Runs of different datasets, recipes, protocols, device types or "
+            f"precisions are never pooled: one table each; nor are runs taught by different teacher runs, unless a "
+            f"sweep pooled teacher seeds (--teacher-seeds). Runs that differ only in device model are pooled, and the "
+            f"heading lists the models. {published}").replace("  ", " ")
 
 
 def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption: str) -> str:
@@ -81,6 +93,7 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
     memory_header = "peak alloc MiB" if memory == MEMORY_NAMES["peak_alloc_bytes"] else "peak RSS MiB"
     why_not_published = published_note(board)
     rows, unpaired, distilled, other_code = [], False, (board["kind"] == "method").any(), []
+    p_name = p_header(board["correction"].iloc[0])
     for r in board.itertuples():
         name = row_name(r)
         if r.other_code:
@@ -91,24 +104,27 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
         name += markers(getattr(r, "flags", ""))
         delta = mean_std(r.delta, r.delta_std, signed=True)
         ci = "" if not delta else "n/a" if pd.isna(r.delta_ci_low) else \
-            f"[{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}]" + (f" {EXCLUDES_ZERO}" if r.delta_excludes_zero else "")
+            f"[{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}]" + (f" {SIGNIFICANT}" if r.delta_significant else "")
         if r.kind == "method" and delta and not r.delta_paired:
             delta, unpaired = delta + " (unpaired)", True
         elif r.kind == "method" and delta and r.delta_n < r.n:
             delta += f" ({r.delta_n} paired)"
         row = {"pair": r.pair} if with_pair else {}
         row.update({"model": name, "n": str(r.n), f"{metric} %": mean_std(r.mean, r.std)})
-        row.update({"Δ vs student": delta, f"Δ {CI_NAME} CI": ci} if distilled else {})
-        row.update({"train img/s": number(r.train_images_per_s, 1),
-                    memory_header: number(r.peak_bytes / 2**20 if pd.notna(r.peak_bytes) else None, 0),
+        row.update({"Δ vs student": delta, f"Δ {CI_NAME} CI": ci, p_name: p_value(r.p_adjusted)} if distilled else {})
+        row.update({"train img/s": r.train_images_per_s_per_device or number(r.train_images_per_s, 1),
+                    memory_header: r.peak_mib_per_device or number(
+                        r.peak_bytes / 2**20 if pd.notna(r.peak_bytes) else None, 0),
                     "extra train params": count(r.extra_params_train), "inference params": count(r.inference_params),
                     "end-to-end": duration(r.end_to_end_s)})
         if not why_not_published:
             row.update({"published %": r.published, "published source": r.published_source})
         rows.append(row)
-    footnotes += teacher_notes(board)
-    footnotes.append(f"end-to-end: wall time of the run plus its teacher's and teacher assistants' training and "
-                     f"fitting (end_to_end_wall_s); {memory_header}: {memory}.")
+    footnotes += teacher_notes(board) + metric_notes(board)
+    if distilled:
+        footnotes.append(significance_note(board))
+    footnotes.append(f"{cost_note(board)} {memory_header}: {memory}.")
+    footnotes += [note for note in (device_note(board),) if note]
     if unpaired:
         footnotes.append("(unpaired): no seed in common with the baseline; Δ is a difference of means.")
     if other_code:
@@ -124,12 +140,19 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
     return table(headers, cells, fmt, align, caption=caption if fmt == "latex" else "", notes=footnotes)
 
 
+def _with_teachers(heading: str, board: pd.DataFrame) -> str:
+    """A table's heading with the seeds of the teachers its rows learned from."""
+    seeds = board["table_teachers"].iloc[0]
+    return heading.replace(" · ", f" · {seeds} · ", 1) if seeds else heading
+
+
 def _leaderboard(board: pd.DataFrame, fmt: str, by: str) -> list[str]:
     metric = board["metric"].iloc[0]
-    blocks = [paragraph(rule_text(metric), fmt)]
+    blocks = [paragraph(rule_text(board), fmt)]
     for title, group in groups(board):
         parts = ([(f"{pair} · {title}" if pair != CE_ONLY else title, t)
                   for pair, t in group.groupby("pair", sort=False)] if by == "pair" else [(title, group)])
+        parts = [(_with_teachers(heading, t) if by == "pair" else heading, t) for heading, t in parts]
         for heading, t in parts:
             blocks += [paragraph(heading, fmt, heading=True),
                        _table(t, metric, with_pair=by == "setting", fmt=fmt, caption=heading)]

@@ -1,0 +1,65 @@
+"""Footnotes that the leaderboard and the paper layout share: what * means under the table's correction, the
+end-to-end cost rule, devices pooled in one table, and teachers shown under another metric."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from kdbench.report.aggregate import CORRECTIONS, SIGNIFICANCE
+from kdbench.report.load import device_names
+
+SIGNIFICANT = "*"  # marks a Δ whose adjusted p is below SIGNIFICANCE
+
+
+def row_name(r: Any) -> str:
+    """A leaderboard row's name: the method's label, or teacher/student and the architecture (a teacher with its
+    seed)."""
+    if r.kind == "method":
+        return r.label
+    if r.kind == "student":
+        return f"student {r.arch} (CE)"
+    return f"teacher {r.arch} " + (r.label[r.label.index("("):] if "(" in r.label else f"(seed {r.seeds})")
+
+
+def p_header(correction: str) -> str:
+    return "p" if correction == "none" else f"p ({'BH' if correction == 'bh' else CORRECTIONS[correction]})"
+
+
+def p_value(p: float) -> str:
+    return "" if pd.isna(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def significance_note(board: pd.DataFrame) -> str:
+    """What * means in one table: the correction and the number of methods it adjusts over (per pair where the table
+    holds several)."""
+    tested, correction = board.groupby("pair", sort=False)["p"].count(), board["correction"].iloc[0]
+    over = (f"the {tested.iloc[0]} method{'s' * bool(tested.iloc[0] != 1)} of this table" if len(tested) == 1 else
+            f"the methods of each pair ({tested.min()} to {tested.max()})")
+    return (f"{SIGNIFICANT} Δ over the CE student with {CORRECTIONS[correction]}-adjusted p < {SIGNIFICANCE:g} over "
+            f"{over} with a paired test (two-sided paired t-test of the per-seed Δ, n ≥ 2).")
+
+
+def cost_note(board: pd.DataFrame) -> str:
+    """The end-to-end cost rule, as the caption or footnote of a table states it."""
+    full = board[board["assistants_in_full"]]
+    return ("end-to-end: the run's wall time, preparation and reused fitting, plus its share of the teacher's and "
+            "teacher assistants' training (their wall time over the number of finished runs of the results that "
+            "learned from them); a teacher's row shows its full training"
+            + (f"; {', '.join(map(row_name, full.itertuples()))}: assistants charged in full, as their runs are "
+               f"not in these results or the table predates assistant_runs" if len(full) else "") + ".")
+
+
+def device_note(board: pd.DataFrame) -> str:
+    """Why throughput and memory cells name device models: the table pools runs on several (empty otherwise)."""
+    if not board["train_images_per_s_per_device"].ne("").any():
+        return ""
+    return (f"train img/s and peak MiB per device model: this table pools runs that differ only in device model "
+            f"({', '.join(device_names(board))}), whose speed and memory differ.")
+
+
+def metric_notes(board: pd.DataFrame) -> list[str]:
+    """A line per teacher whose row shows another metric than the table's (imported checkpoints: no validation)."""
+    return [f"{row_name(r)}: {r.metric_shown}, as it recorded no {r.metric} (an imported checkpoint has no "
+            f"validation history)." for r in board[board["metric_shown"] != board["metric"]].itertuples()]
