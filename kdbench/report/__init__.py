@@ -1,7 +1,8 @@
 """Human-readable views of results: the per-run summary, leaderboards, paired comparisons and plots.
 
 Everything here except :func:`run_summary` reads only tidy results rows (each run folder's ``metrics.parquet``, or
-a results directory's all-runs table when it has no run folders; see ``kdbench.results`` and ``load``) and the published CIFAR-100 table (``results/published_cifar100.csv``). One module per job:
+a results directory's all-runs table when it has no run folders; see ``kdbench.results`` and ``load``) and the
+published CIFAR-100 table (``results/published_cifar100.csv``). One module per job:
 :mod:`~kdbench.report.load` reads, :mod:`~kdbench.report.aggregate` turns runs into leaderboard rows and statistics,
 :mod:`~kdbench.report.render` writes them as text (with :mod:`~kdbench.report.notes`, the footnotes both
 layouts share), :mod:`~kdbench.report.plots` draws them.
