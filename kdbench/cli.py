@@ -174,7 +174,8 @@ def _sweep(args: argparse.Namespace) -> SweepSpec:
         protocol=args.protocol,
         device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile,
-        teacher_seeds=_int_list(args.teacher_seeds, "--teacher-seeds"), method_options=tuple(_option(o) for o in args.options),
+        teacher_seeds=_int_list(args.teacher_seeds, "--teacher-seeds"),
+        method_options=tuple(_option(o) for o in args.options),
         ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
         teacher_ckpt_sha256=sha256_file(args.teacher_ckpt, "teacher checkpoint") if args.teacher_ckpt else None)
 
