@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leaderboard layout: one table per pair (default) or per setting and protocol")
     report.add_argument("--layout", default="leaderboard", choices=LAYOUTS,
                         help="leaderboard: a table per pair with Δ, intervals, costs and sources (default); paper: "
-                             "methods as rows and pairs as columns, an accuracy and a cost table per setting")
+                             "methods as rows and pairs as columns, an accuracy and a cost table per setting; regime: "
+                             "whether each table's regime can carry a ranking (teacher above CE, CE seeds that agree, "
+                             "converged students, the whole test set)")
     for name, what in (("dataset", "datasets"), ("recipe", "recipes"), ("protocol", "protocols"),
                        ("pairs", "TEACHER:STUDENT pairs"), ("methods", "methods (teacher and student rows stay)")):
         report.add_argument(f"--{name}", help=f"only these comma-separated {what}")

@@ -45,14 +45,15 @@ from kdbench.report.plots import (
     save_plots,
 )
 from kdbench.report.published import load_published, published_path
+from kdbench.report.regime import CRITERIA, regime, render_regime
 from kdbench.report.render import LAYOUTS, OTHER_CODE, SIGNIFICANT, render_report, run_summary
 
-__all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES", "OTHER_CODE",
+__all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES", "OTHER_CODE",
            "SIGNIFICANCE", "SIGNIFICANT", "adjust", "default_metric", "describe", "duplicate_runs", "entries",
            "groups", "leaderboard", "load_published", "load_results", "mean_ranks", "paired_comparison",
            "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",
-           "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "render_report",
-           "report", "run_summary", "runs", "save_plots", "unfinished"]
+           "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "regime",
+           "render_regime", "render_report", "report", "run_summary", "runs", "save_plots", "unfinished"]
 
 
 def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str | None = None,
@@ -65,6 +66,10 @@ def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github",
     path = published_path(table["results_dir"].iloc[0], published)
     board = add_flags(leaderboard(frame, metric, load_published(path) if path else None, correction), frame,
                       table)
-    text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
-                         table.attrs.get("unreadable"))
+    if layout == "regime":
+        checks = regime(frame, board["metric"].iloc[0])
+        text = checks.to_csv(index=False) if fmt == "csv" else "\n\n".join(render_regime(checks, fmt)) + "\n"
+    else:
+        text = render_report(board, fmt, by, layout, unfinished(table), duplicate_runs(table),
+                             table.attrs.get("unreadable"))
     return text, save_plots(frame, table, plots, board["metric"].iloc[0], correction) if plots else []

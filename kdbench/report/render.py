@@ -47,7 +47,7 @@ from kdbench.report.published import RULE_OF_METRIC, published_note, unpublished
 if TYPE_CHECKING:  # kdbench.results imports torch: the CLI imports this package for its choices
     from kdbench.results import RunRecord
 
-LAYOUTS = ("leaderboard", "paper")
+LAYOUTS = ("leaderboard", "paper", "regime")  # regime: kdbench.report.regime, from the runs (report())
 OTHER_CODE = "†"  # marks a row made by other code than the rest of its table
 _MEMORY_KEYS = ("peak_alloc_bytes", "cpu_peak_rss_bytes")
 def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
@@ -171,8 +171,9 @@ def render_report(board: pd.DataFrame, fmt: str = "github", by: str = "pair", la
         raise KdbenchError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if by not in ("pair", "setting"):
         raise KdbenchError(f"unknown grouping {by!r}; valid groupings: pair, setting")
-    if layout not in LAYOUTS:
-        raise KdbenchError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS[:2]:
+        raise KdbenchError(f"unknown leaderboard layout {layout!r}; valid: {', '.join(LAYOUTS[:2])} (the regime "
+                           f"checks read the runs: kdbench.report.report)")
     if fmt == "csv":
         return paper_csv(board) if layout == "paper" else rounded(board).to_csv(index=False)
     blocks = _leaderboard(board, fmt, by) if layout == "leaderboard" else paper_tables(board, fmt)
