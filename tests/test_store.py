@@ -300,3 +300,10 @@ def test_a_new_student_remakes_its_teacher_once(made_on, taught, without_weights
         assert len(compared) == 1 and "differ" in compared[0] and "not bit-comparable" in compared[0]
     monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert [r.status for r in run_sweep(specs, env)] == ["finished"] * 3  # the teacher was made once
+
+
+def test_a_run_taught_by_a_run_without_weights_fails_alone(without_weights):
+    """Run outside a sweep that would re-make its teacher: a failed record that says why, not a stopped sweep."""
+    spec = _kd_plan(seeds=(0, 1))[2]
+    record = harness.run(spec, without_weights)
+    assert record.status == "failed" and "has no weights (its model.pt is missing)" in record.error
