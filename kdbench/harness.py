@@ -64,7 +64,7 @@ def _frozen(arch: str, run_id: str, env: RunEnv, data: ArrayData,
     record = env.store.finished_record(run_id)
     if record is None:
         raise RunFailed(f"run {run_id} that teaches this one has not finished")
-    if not env.store.weights_path(run_id).is_file():  # weights_to_remake plans it only with the runs it teaches
+    if not env.store.weights_path(run_id).is_file():  # a sweep makes it again first (weights_to_remake)
         raise RunFailed(f"run {run_id} that teaches this one has no weights (its model.pt is missing)")
     model = create_model(arch, data.info.num_classes, data.info.in_channels)
     load_weights(model, env.store.weights_path(run_id), "trainer weights")
