@@ -173,12 +173,12 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_once_space_is_freed(reference, e
     specs = tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     real_save, free = results.torch.save, {"bytes": 10**12}
 
-    def save(obj, path):
-        if str(path).endswith(".tmp") and Path(path).name.startswith(".latest.pt.") and free["bytes"] == 10**12:
-            real_save(obj, path)  # the disk fills up while the first checkpoint (the teacher's) is written
+    def save(obj, file):  # the store saves through the open temporary file
+        if Path(file.name).name.startswith(".latest.pt.") and free["bytes"] == 10**12:
+            real_save(obj, file)  # the disk fills up while the first checkpoint (the teacher's) is written
             free["bytes"] = 0
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
-        real_save(obj, path)
+        real_save(obj, file)
 
     monkeypatch.setattr(results.torch, "save", save)
     monkeypatch.setattr(results.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
