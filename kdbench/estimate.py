@@ -37,10 +37,12 @@ class RunEstimate:
     role: str
     method: str
     pair: str  # "teacher->student", or the architecture of a run without a teacher
-    status: str  # train, resume, cached, stale (finished by other code: trained again), import (a checkpoint)
+    # train, resume, remake (kept but without weights, which runs to train need), cached, stale (finished by other
+    # code: trained again), import (a checkpoint)
+    status: str
     epochs: int  # epochs left to train
     seconds: float
-    note: str = ""  # a stale run's changed modules
+    note: str = ""  # why: a stale run's changed modules, the runs that need a remade run's weights
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,9 @@ def _timed_stage(parts, loader: DeviceLoader, spec: RunSpec, steps: int, stage: 
     return warm, timed, statistics.median(seconds) + (timed["epoch_s"] - sum(seconds)) / steps
 
 
-def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
-    """(status, epochs already done, note) as ``harness.run`` will treat the run; reads, never repairs: damaged
+def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, int, str]:
+    """(status, epochs already done, note) as ``harness.run`` will treat the run; ``needed_by``: the runs to train
+    that need its weights when it is kept without them (``harness.weights_to_remake``). Reads, never repairs: damaged
     files are set aside by the run itself."""
     try:
         record = env.store.load_record(spec.run_id, repair=False)
@@ -214,9 +217,12 @@ def _status(spec: RunSpec, env: harness.RunEnv) -> tuple[str, int, str]:
     code = fingerprint(spec)
     if record is not None and record.status == "finished":
         if env.store.weights_problem(record) is not None:
-            return "train", 0, "its weights are damaged or missing: set aside when the run starts"
+            return "train", 0, "its weights are damaged: set aside when the run starts"
         reason = stale_reason(record, code)
-        return ("cached", 0, "") if reason is None or env.reuse_stale else ("stale", 0, reason)
+        if reason is not None and not env.reuse_stale:
+            return "stale", 0, reason
+        return ("remake", 0, f"weights needed by {needed_by} run{'s' * (needed_by > 1)}") if needed_by else \
+            ("cached", 0, "")
     if spec.pretrained:
         return "import", 0, ""
     if (record is not None and record.epochs and env.store.checkpoint_path(spec.run_id).exists()
@@ -232,7 +238,8 @@ def _setting(spec: RunSpec) -> tuple:
 
 def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1) -> Estimate:
     """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``."""
-    plan = [(spec, *_status(spec, env)) for spec in specs]
+    remake = harness.weights_to_remake(specs, env)
+    plan = [(spec, *_status(spec, env, remake.get(spec.run_id, 0))) for spec in specs]
     costs: dict[tuple, _Cost] = {}
     evals: dict[tuple, tuple[float, float]] = {}
     for spec, status, *_ in plan:
@@ -252,7 +259,7 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             seconds += n_eval * cost.eval_image if status == "import" else \
                 epochs * (n_eval * cost.eval_image + cost.epoch) + n_steps * (
                     init_left * cost.init_step + (epochs - init_left) * cost.step)
-            if status in ("train", "stale") and spec.teacher:
+            if status in ("train", "remake", "stale") and spec.teacher:
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)
                 seconds += n_train * (cost.reuse_image if key in fitted else cost.fit_image)
                 fitted.add(key)
@@ -267,17 +274,22 @@ def format_estimate(est: Estimate, per_run: bool = False) -> str:
     for r in est.runs:
         label = "teacher" if r.role == "teacher" else r.method + (" (assistant)" if r.role == "assistant" else "")
         groups.setdefault(label, []).append(r)
-    statuses = ("train", "resume", "cached", "stale") + (("import",) if any(r.status == "import" for r in est.runs)
-                                                         else ())
+    statuses = ("train", "resume", "remake", "cached", "stale") + (
+        ("import",) if any(r.status == "import" for r in est.runs) else ())
     groups["total"] = list(est.runs)
     table = [[label, *(sum(r.status == s for r in runs) for s in statuses), sum(r.seconds for r in runs) / 3600]
              for label, runs in groups.items()]
     text = tabulate(table, headers=["method", *statuses, "device-h"], floatfmt=".3g")
     if per_run:
         rows = [[r.run_id, r.pair, r.status, r.epochs, f"{r.seconds:.1f}", r.note] for r in est.runs]
-        text += "\n\n" + tabulate(rows, headers=["run", "pair", "status", "epochs", "est. s", "changed"])
+        text += "\n\n" + tabulate(rows, headers=["run", "pair", "status", "epochs", "est. s", "why"])
+    remade = [f"{r.run_id} ({r.note})" for r in est.runs if r.status == "remake"]
+    if remade:
+        text += "\n\nfinished without weights, made again because runs to train need them: " + ", ".join(remade)
     devices = "/".join(est.devices) or "no device"
-    return (f"{text}\n\nestimate: {est.total_s / 3600:.3g} device-hours ({est.total_s / 60:.1f} min); measured "
+    to_train = sum(r.status in ("train", "resume", "remake", "stale") for r in est.runs)
+    return (f"{text}\n\n{to_train} runs to train; estimate: {est.total_s / 3600:.3g} device-hours "
+            f"({est.total_s / 60:.1f} min); measured "
             f"{est.steps} training steps (after {WARMUP_STEPS} warm-up) and test batches of each of {est.settings} "
             f"settings on {devices}, times the recipes; includes teacher forwards and evaluation, and each method's "
             f"offline fit (prepare) measured on {est.steps} batches a pass and scaled with the training subset (an "

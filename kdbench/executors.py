@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from kdbench.errors import KdbenchError
-from kdbench.harness import RunEnv, load_data, run, run_sweep
+from kdbench.harness import RunEnv, load_data, run, run_sweep, weights_to_remake
 from kdbench.progress import log
 from kdbench.results import RunRecord
 from kdbench.spec import RunSpec
@@ -43,8 +43,9 @@ def execute(specs: list[RunSpec], env: RunEnv, executor: str = "local",
     raise KdbenchError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
 
 
-def _run_task(spec_dict: dict, env: RunEnv, threads: int, *trainers: dict) -> dict:
-    """One run in a Ray worker; ``trainers``: the records of the runs that teach it (Ray waited for them)."""
+def _run_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainers: dict) -> dict:
+    """One run in a Ray worker; ``remake``: as harness.run's; ``trainers``: the records of the runs that teach it
+    (Ray waited for them)."""
     import torch
 
     if not log.handlers:  # the worker's lines reach the driver through Ray's log forwarding
@@ -54,7 +55,7 @@ def _run_task(spec_dict: dict, env: RunEnv, threads: int, *trainers: dict) -> di
         log.setLevel(logging.INFO)
     torch.set_num_threads(threads)
     failed = next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
-    return run(RunSpec.from_dict(spec_dict), env, failed).to_dict()
+    return run(RunSpec.from_dict(spec_dict), env, failed, remake=remake).to_dict()
 
 
 def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> list[RunRecord]:
@@ -67,13 +68,14 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=True)
     task = ray.remote(_run_task)
+    remake = weights_to_remake(specs, env)
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")
         trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
         refs[spec.run_id] = task.options(num_cpus=options.cpus, num_gpus=gpus, max_retries=RETRIES,
                                          retry_exceptions=False, name=spec.run_id).remote(
-            spec.to_dict(), env, options.cpus, *trainers)
+            spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)
     by_ref = {ref: spec for spec, ref in zip(specs, refs.values())}
     records: dict[str, RunRecord] = {}
     pending = list(refs.values())

@@ -64,6 +64,8 @@ def _frozen(arch: str, run_id: str, env: RunEnv, data: ArrayData,
     record = env.store.finished_record(run_id)
     if record is None:
         raise RunFailed(f"run {run_id} that teaches this one has not finished")
+    if not env.store.weights_path(run_id).is_file():  # a sweep makes it again first (weights_to_remake)
+        raise RunFailed(f"run {run_id} that teaches this one has no weights (its model.pt is missing)")
     model = create_model(arch, data.info.num_classes, data.info.in_channels)
     load_weights(model, env.store.weights_path(run_id), "trainer weights")
     model.to(device).eval().requires_grad_(False)
@@ -243,13 +245,62 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
             "frozen_forwards_per_step": frozen_forwards / steps}
 
 
-def _train(spec: RunSpec, env: RunEnv, runlog: RunLog) -> RunRecord:
+def _kept(spec: RunSpec, env: RunEnv, repair: bool = True) -> RunRecord | None:
+    """The run's finished record when a sweep keeps it: its weights are not damaged (they may be missing) and the
+    current code made it (or ``env.reuse_stale``). ``repair`` False reads only (``ResultsStore.finished_record``)."""
+    record = env.store.finished_record(spec.run_id, repair)
+    if record is not None and (env.reuse_stale or stale_reason(record, fingerprint(spec)) is None):
+        return record
+    return None
+
+
+def weights_to_remake(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
+    """The kept runs of a plan (``specs``, trainers first) that have no weights and that runs which will train need
+    as teacher or assistant: run id -> how many such runs. A run re-made for its weights trains too, so the runs
+    that teach it are counted in turn. The one rule of every executor and of the dry run; reads only."""
+    kept = {spec.run_id for spec in specs if _kept(spec, env, repair=False)}
+    needed: dict[str, int] = {}
+    for spec in reversed(specs):  # a run before the runs that teach it
+        if spec.run_id in kept and spec.run_id not in needed:
+            continue
+        for trainer in (spec.teacher_run, *spec.assistant_runs):
+            if trainer in kept and not env.store.weights_path(trainer).is_file():
+                needed[trainer] = needed.get(trainer, 0) + 1
+    return {spec.run_id: needed[spec.run_id] for spec in specs if spec.run_id in needed}  # in plan order
+
+
+def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRecord:
+    """Trains a kept run without weights again for the runs that need them, its old record set aside, and says
+    whether the new weights are the old ones bit for bit (training is deterministic per machine and torch build)."""
+    store = env.store
+    store.set_aside(store.run_dir(spec.run_id) / "record.json", "", say=False, why="remade")
+    log.info("%s finished before but has no weights, which runs of this sweep need: made again", spec.run_id)
+    record = _train(spec, env, runlog)
+    before, after = old.provenance.get("weights_sha256"), record.provenance["weights_sha256"]
+    record.provenance["remade_from_weights_sha256"] = before
+    store.write_record(record)
+    # warnings both: the CLI shows only warnings on a terminal
+    if before == after:
+        log.warning("%s: its re-made weights are bit-identical to the recorded ones (sha256 %s…)", spec.run_id,
+                    after[:12])
+    else:
+        log.warning("%s: its re-made weights differ from the recorded ones (sha256 %s…, was %s…): another machine "
+                    "or torch build, or saved before kdbench saved weights reproducibly; runs taught by the old "
+                    "weights and by the new are not bit-comparable",
+                    spec.run_id, after[:12], (before or "not recorded")[:12])
+    return record
+
+
+def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> RunRecord:
     """Trains (or resumes) one run, its claim held. A finished run is returned as stored when the current code made
-    it (or ``env.reuse_stale``); else it is trained again, as is a resume state left by other code."""
+    it (or ``env.reuse_stale``), unless ``remake`` asks for its missing weights; else it is trained again, as is a
+    resume state left by other code."""
     store = env.store
     code = fingerprint(spec)
-    existing = store.finished_record(spec.run_id)
-    if existing is not None and (env.reuse_stale or stale_reason(existing, code) is None):
+    existing = _kept(spec, env)
+    if existing is not None:
+        if remake and not store.weights_path(spec.run_id).is_file():  # another process may have re-made them
+            return _remade(spec, existing, env, runlog)
         runlog.end("skipped", "finished before")
         return existing
     device = torch.device(spec.device)
@@ -423,11 +474,12 @@ def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunReco
 
 
 def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,
-        wait: bool = True) -> RunRecord | None:
+        wait: bool = True, remake: bool = False) -> RunRecord | None:
     """One run of a sweep under its claim; a failure inside it (NaN, out of memory, a bug in one method) becomes a
     failed record, written, and the caller goes on. ``trainer_failed``: the run id of a failed run that teaches this
-    one. Returns None, at once, when another process holds the run and ``wait`` is False. User errors
-    (KdbenchError) propagate: they stop the sweep."""
+    one; ``remake``: a kept run without weights is trained again (``weights_to_remake``). Returns None, at once, when
+    another process holds the run and ``wait`` is False. User errors (KdbenchError) propagate: they stop the
+    sweep."""
     with env.store.claim(spec.run_id, wait) as claimed:
         if not claimed:
             return None
@@ -435,7 +487,7 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
         try:
             if trainer_failed:
                 raise RunFailed(f"run {trainer_failed} that teaches this one failed")
-            return _train(spec, env, runlog)
+            return _train(spec, env, runlog, remake)
         except (KdbenchError, KeyboardInterrupt):
             raise
         except Exception as error:
@@ -458,6 +510,7 @@ def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     teaches, and tried again after the others; only when every run left is held is the first one waited for.
     Processes that share a results dir thus split the work, and each run is trained once."""
     load_data(specs, env)
+    remake = weights_to_remake(specs, env)
     records: dict[str, RunRecord] = {}
     sweep = SweepProgress.of(specs)
     show = env.progress
@@ -466,7 +519,7 @@ def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     def attempt(spec: RunSpec, wait: bool) -> bool:
         trainers = (spec.teacher_run, *spec.assistant_runs)
         failed = next((t for t in trainers if t in records and records[t].status != "finished"), None)
-        record = run(spec, env, failed, sweep, wait)
+        record = run(spec, env, failed, sweep, wait, spec.run_id in remake)
         if record is None:
             log.info("%s is being trained by another process; put off", spec.run_id)
             return False

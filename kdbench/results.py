@@ -8,6 +8,8 @@ progress (full training state for resume) and ``model.pt`` when it finished. ``<
 Many processes may share one results dir (two shells, many Ray workers, teammates): every write is atomic and
 made with the process's umask, a run is trained only under its lock (``claim``), the table is rebuilt under a lock
 of its own, and a file that cannot be read is set aside (renamed, never deleted) so that its run is made again.
+A finished run without weights (a committed set: weights are not in git) is still finished; it is made again only
+when a run of the sweep needs its weights (kdbench.harness.weights_to_remake), its old record set aside.
 Locks are ``flock``s (filelock): the kernel drops them when their process dies, so none outlives a killed run.
 """
 
@@ -244,9 +246,10 @@ class ResultsStore:
         finally:
             lock.release()
 
-    def set_aside(self, path: Path, problem: str, say: bool = True) -> Path:
-        """Renames a file that cannot be used to ``<name>.damaged-<time>`` (never deletes it) and says so."""
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    def set_aside(self, path: Path, problem: str, say: bool = True, why: str = "damaged") -> Path:
+        """Renames a file that cannot be used (``why``: damaged) or is replaced (remade) to ``<name>.<why>-<time>``
+        (never deletes it) and says so."""
+        aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
         if say:
             log.warning("%s: %s; set aside as %s, its run will be made again", path, problem, aside.name)
@@ -279,10 +282,11 @@ class ResultsStore:
 
     def weights_problem(self, record: RunRecord) -> str | None:
         """What is wrong with a finished run's weights (None: intact, their sha256 is the record's; a record made
-        before kdbench stored it: the weights load). Reads only."""
+        before kdbench stored it: the weights load). Weights that are missing are no problem: the record is still a
+        result, and its run is made again only for a run that needs the weights. Reads only."""
         path = self.weights_path(record.run_id)
         if not path.is_file():
-            return "missing"
+            return None
         expected = record.provenance.get("weights_sha256")
         if expected is not None:
             return None if sha256_file(path, "weights") == expected else \
@@ -293,15 +297,21 @@ class ResultsStore:
             return f"unreadable ({_error_text(error)})"
         return None
 
-    def finished_record(self, run_id: str) -> RunRecord | None:
-        """The run's record if it finished and its weights are intact (``weights_problem``); else None. A finished
-        run whose weights are damaged or gone is set aside, record and weights, to be made again."""
-        record = self.load_record(run_id)
+    def finished_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
+        """The run's record if it finished and its weights are intact or missing (``weights_problem``); else None. A
+        finished run whose weights are damaged is set aside, record and weights, to be made again; with ``repair``
+        False nothing is set aside (an unreadable record gives None too)."""
+        try:
+            record = self.load_record(run_id, repair)
+        except DamagedRun:
+            return None
         if record is None or record.status != "finished":
             return None
         problem = self.weights_problem(record)
         if problem is None:
             return record
+        if not repair:
+            return None
         path = self.weights_path(run_id)
         aside = f"; weights set aside as {self.set_aside(path, '', say=False).name}" if path.is_file() else ""
         self.set_aside(self.run_dir(run_id) / "record.json", f"the run's weights are {problem}{aside}")
@@ -321,7 +331,13 @@ class ResultsStore:
         atomic_write(run_dir / "record.json", lambda p: p.write_text(text))
 
     def save_torch(self, path: Path, obj: Any) -> None:
-        atomic_write(path, lambda p: torch.save(obj, p))
+        """``torch.save`` through an open file: the archive inside is then named "archive", not after the temporary
+        file, so equal weights give equal bytes and sha256 (a run re-made for its weights is compared by it)."""
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as file:
+                torch.save(obj, file)
+
+        atomic_write(path, write)
 
     def run_rows(self, run_id: str, repair: bool = True) -> pd.DataFrame | None:
         """The tidy rows of a run with a record (None without one). Damaged rows are set aside and written again
@@ -350,7 +366,7 @@ class ResultsStore:
         rows, not_counted = [], []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (folder / "record.json").is_file():
-                aside = sorted(folder.glob("record.json.damaged-*"))
+                aside = sorted(folder.glob("record.json.*-*"))  # damaged, or a run being made again for its weights
                 if aside:  # set aside, and its run not made again yet (killed, or the disk was full)
                     not_counted.append(f"{folder / aside[-1].name}: its record was set aside and the run has not "
                                        "been made again yet")

@@ -148,7 +148,42 @@ def test_dry_run_prices_damaged_runs_as_runs_to_make_and_repairs_nothing(env, mo
     est = estimate(specs, env)
     assert _tree(env.store.root) == before
     assert [(r.status, r.note.split(":")[0]) for r in est.runs[::3]] == [
-        ("train", "its weights are damaged or missing"), ("train", "unreadable record")]
+        ("train", "its weights are damaged"), ("train", "unreadable record")]
+
+
+def _without_weights(env, specs, code=None):
+    """Finished records whose weights are not there, as a fresh clone holds a committed set."""
+    for spec in specs:
+        _record(env, spec, "finished", 3, code)
+        env.store.weights_path(spec.run_id).unlink()
+
+
+def test_dry_run_plans_nothing_for_a_set_without_weights_and_remakes_what_a_new_run_needs(env, monkeypatch):
+    _fixed_cost(monkeypatch)
+    _without_weights(env, tiny_sweep(methods=("kd",)).plan())
+    done = estimate(tiny_sweep(methods=("kd",)).plan(), env)
+    assert [r.status for r in done.runs] == ["cached", "cached"] and done.total_s == 0
+    assert "\n0 runs to train;" in format_estimate(done)
+    est = estimate(tiny_sweep(methods=("kd",), seeds=(0, 1)).plan(), env)  # a new seed: it loads the teacher
+    teacher, kept, new = est.runs
+    assert (teacher.status, teacher.epochs, teacher.note) == ("remake", 3, "weights needed by 1 run")
+    assert teacher.seconds == pytest.approx(COST.run + 3 * EPOCH_S) and (kept.status, new.status) == ("cached", "train")
+    text = format_estimate(est)
+    assert "\n2 runs to train;" in text and f"need them: {teacher.run_id} (weights needed by 1 run)" in text
+
+
+def test_a_run_remade_for_its_weights_needs_the_weights_of_its_own_teacher(env, monkeypatch):
+    """A teacher-assistant chain without weights: the student, made by other code, trains again and needs the
+    assistant, which is made again and needs the teacher in turn."""
+    _fixed_cost(monkeypatch)
+    teacher, assistant, student = specs = tiny_sweep(methods=("takd",), pair=("resnet20", "resnet8"),
+                                                     ta_chains=(("resnet20", "resnet14", "resnet8"),)).plan()
+    _without_weights(env, specs[:2])
+    _without_weights(env, specs[2:], code="other code")
+    assert harness.weights_to_remake(specs, env) == {teacher.run_id: 2, assistant.run_id: 1}
+    assert [(r.status, r.note) for r in estimate(specs, env).runs[:2]] == [
+        ("remake", "weights needed by 2 runs"), ("remake", "weights needed by 1 run")]
+    assert harness.weights_to_remake(specs, RunEnv(env.store, reuse_stale=True)) == {}  # the student kept
 
 
 @pytest.mark.slow

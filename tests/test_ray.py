@@ -115,3 +115,19 @@ def test_a_teacher_out_of_retries_fails_its_students_by_name(cluster, tmp_path, 
                           for s in taught)
     ce = next(s for s in specs if s.method == "student" and s.role == "student")
     assert records[ce.run_id].status == "finished"  # a run that the teacher does not teach goes on
+
+
+@pytest.mark.slow
+def test_a_new_student_remakes_its_teacher_without_weights_under_ray(cluster, tmp_path, caplog):
+    """The rule of the in-process executor (harness.weights_to_remake): a finished teacher without weights is skipped
+    until a new student needs it, then made again once, bit-identical."""
+    env = RunEnv(ResultsStore(tmp_path / "ray"), progress=False)
+    plan = [tiny_sweep(methods=("kd",), seeds=seeds, recipe=replace(TINY, epochs=1)).plan() for seeds in ((0,), (0, 1))]
+    first = run_sweep_ray(plan[0], env, RayOptions(cpus=1))
+    for weights in env.store.root.glob("*/model.pt"):
+        weights.unlink()
+    assert [r.to_dict() for r in run_sweep_ray(plan[0], env, RayOptions(cpus=1))] == [r.to_dict() for r in first]
+    remade, kept, new = run_sweep_ray(plan[1], env, RayOptions(cpus=1))
+    recorded = first[0].provenance["weights_sha256"]
+    assert remade.provenance["remade_from_weights_sha256"] == remade.provenance["weights_sha256"] == recorded
+    assert kept.to_dict() == first[1].to_dict() and new.status == "finished"

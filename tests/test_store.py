@@ -173,12 +173,12 @@ def test_a_sweep_stopped_by_a_full_disk_resumes_once_space_is_freed(reference, e
     specs = tiny_sweep(seeds=(0, 1), recipe=SHORT).plan()
     real_save, free = results.torch.save, {"bytes": 10**12}
 
-    def save(obj, path):
-        if str(path).endswith(".tmp") and Path(path).name.startswith(".latest.pt.") and free["bytes"] == 10**12:
-            real_save(obj, path)  # the disk fills up while the first checkpoint (the teacher's) is written
+    def save(obj, file):  # the store saves through the open temporary file
+        if Path(file.name).name.startswith(".latest.pt.") and free["bytes"] == 10**12:
+            real_save(obj, file)  # the disk fills up while the first checkpoint (the teacher's) is written
             free["bytes"] = 0
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
-        real_save(obj, path)
+        real_save(obj, file)
 
     monkeypatch.setattr(results.torch, "save", save)
     monkeypatch.setattr(results.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
@@ -229,3 +229,81 @@ def test_a_claim_left_by_a_killed_process_is_taken_at_once(tmp_path):
     assert (tmp_path / LOCKS / "run.lock").exists()  # the lock file stays, its lock does not
     with store.claim("run", wait=False) as free:
         assert free
+
+
+# ------------------------------------------------------------------------------------------- runs without weights
+
+ONE_EPOCH = replace(TINY, epochs=1)
+
+
+def _kd_plan(seeds=(0,)) -> list[RunSpec]:
+    """A teacher and kd students that load it: a run whose weights the next runs need."""
+    return tiny_sweep(methods=("kd",), seeds=seeds, recipe=ONE_EPOCH).plan()
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """A finished teacher and kd student (seed 0), copied by each test, and their records."""
+    env = RunEnv(ResultsStore(tmp_path_factory.mktemp("taught") / "results"), progress=False)
+    return env.store.root, run_sweep(_kd_plan(), env)
+
+
+@pytest.fixture
+def without_weights(taught, env) -> RunEnv:
+    """``env`` holding a copy of ``taught`` as a fresh clone has a committed set: records, no model.pt."""
+    shutil.copytree(taught[0], env.store.root)
+    for weights in env.store.root.glob("*/model.pt"):
+        weights.unlink()
+    return env
+
+
+def _nothing_set_aside(root: Path) -> bool:
+    return not list(root.glob("*/*.damaged-*")) and not list(root.glob("*/*.remade-*"))
+
+
+def test_a_finished_run_without_weights_stays_finished_and_is_skipped(taught, without_weights, monkeypatch):
+    """Its teacher too: every run it teaches is finished, so nothing needs its weights."""
+    env, specs = without_weights, _kd_plan()
+    assert harness.weights_to_remake(specs, env) == {}
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    records = run_sweep(specs, env)
+    assert [r.to_dict() for r in records] == [r.to_dict() for r in taught[1]]
+    assert _nothing_set_aside(env.store.root) and not list(env.store.root.glob("*/model.pt"))
+    assert set(pd.read_parquet(env.store.root / "metrics.parquet").run_id) == {s.run_id for s in specs}
+
+
+@pytest.mark.parametrize("made_on", ["this machine", "another machine"])
+def test_a_new_student_remakes_its_teacher_once(made_on, taught, without_weights, monkeypatch, caplog):
+    """Trained again under its claim, its old record set aside; the new weights are compared with the recorded ones:
+    bit-identical on this machine (CPU training is deterministic per machine and build), else a warning."""
+    env, specs = without_weights, _kd_plan(seeds=(0, 1))
+    teacher, old_student, new_student = (s.run_id for s in specs)
+    recorded = taught[1][0].provenance["weights_sha256"]
+    if made_on == "another machine":  # the record of weights that this machine does not make
+        record = json.loads((env.store.run_dir(teacher) / "record.json").read_text())
+        record["provenance"]["weights_sha256"] = recorded = "0" * 64
+        (env.store.run_dir(teacher) / "record.json").write_text(json.dumps(record))
+    assert harness.weights_to_remake(specs, env) == {teacher: 1}
+    with caplog.at_level(logging.INFO, logger="kdbench"):
+        records = run_sweep(specs, env)
+    assert [r.status for r in records] == ["finished"] * 3
+    remade, kept, new = records
+    assert remade.provenance["remade_from_weights_sha256"] == recorded
+    assert new.provenance["teacher_weights_sha256"] == remade.provenance["weights_sha256"]
+    assert kept.to_dict() == taught[1][1].to_dict() and not env.store.weights_path(old_student).exists()
+    assert len(list(env.store.run_dir(teacher).glob("record.json.remade-*"))) == 1  # the old record, kept
+    compared = [r.getMessage() for r in caplog.records if "re-made weights" in r.getMessage()]
+    if made_on == "this machine":
+        assert remade.provenance["weights_sha256"] == recorded and _top1(remade) == _top1(taught[1][0])
+        assert len(compared) == 1 and "bit-identical" in compared[0]
+    else:
+        assert len(compared) == 1 and "differ" in compared[0] and "not bit-comparable" in compared[0]
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert [r.status for r in run_sweep(specs, env)] == ["finished"] * 3  # the teacher was made once
+
+
+def test_a_run_taught_by_a_run_without_weights_fails_alone(without_weights):
+    """Run outside a sweep that would re-make its teacher: a failed record that says why, not a stopped sweep."""
+    spec = _kd_plan(seeds=(0, 1))[2]
+    record = harness.run(spec, without_weights)
+    assert record.status == "failed" and "has no weights (its model.pt is missing)" in record.error
