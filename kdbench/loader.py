@@ -55,7 +55,8 @@ def split_training_set(n: int, train_subset: int | None, val_split: int | None,
     rest = torch.ones(n, dtype=torch.bool)
     rest[held_out] = False
     pool = rest.nonzero().squeeze(1)
-    return pool[_fixed_subset(len(pool), train_subset, f"{what} without its validation split")], held_out
+    rest_of = f"{what} without its validation split" if val_split else what
+    return pool[_fixed_subset(len(pool), train_subset, rest_of)], held_out
 
 
 class DeviceLoader:

@@ -472,8 +472,9 @@ def _teachers_scenario(table: pd.DataFrame) -> pd.DataFrame:
     table = table[table.method != "probe-nan"]
     kd, ce = table.method == "kd", (table.method == "student") & (table.role == "student")
     seed2 = table[(kd | ce) & (table.seed == 1)].assign(run_id=lambda t: t.run_id + "-s2", seed=2)
-    teacher1 = table[table.role == "teacher"].assign(run_id="teacher-seed1", seed=1)
-    kd_t1 = table[kd & (table.seed == 0)].assign(run_id=lambda t: t.run_id + "-t1", teacher_run="teacher-seed1")
+    teacher1 = table[table.role == "teacher"].assign(run_id="teacher-seed1", seed=1, teacher_seed=1)
+    kd_t1 = table[kd & (table.seed == 0)].assign(run_id=lambda t: t.run_id + "-t1", teacher_run="teacher-seed1",
+                                                 teacher_seed=1)
     return pd.concat([table, seed2, teacher1, kd_t1], ignore_index=True)
 
 
@@ -504,9 +505,14 @@ def test_runs_taught_by_different_teachers_are_separate_rows_and_teachers_never_
     assert {t.get_text() for t in report.plot_top1(group, "top1_best").axes[0].texts} == {
         f"teacher (seed {seed}) {teacher_top1:.1f}" for seed in (0, 1)}
 
-    # the lead's teacher_seed column, where written, is used as it is
+    # the teacher_seed column, where written, is used as it is
     explicit = scenario.assign(teacher_seed=scenario.teacher_run.map({"teacher-seed1": 7}).fillna(0))
     assert "kd (teacher seed 7)" in set(report.leaderboard(report.entries(explicit), "top1_best").label)
+    # two teachers of one seed (say, two teacher recipes) still give two rows, told apart by their runs
+    same_seed = scenario.assign(teacher_seed=0)
+    labels = report.leaderboard(report.entries(same_seed), "top1_best").set_index("label").n.to_dict()
+    assert labels["kd (teacher seed 0, run teacher-seed1)"] == 1 and sum(
+        n for label, n in labels.items() if label.startswith("kd (")) == 4
 
     # a sweep over several teacher seeds on purpose (--teacher-seeds 0,1) is one row, reported as such
     pooled = scenario.assign(teacher_pool=scenario.method.eq("kd").map({True: "0,1", False: None}))

@@ -162,8 +162,10 @@ def _label_teachers(out: pd.DataFrame) -> None:
     for _, rows in taught.groupby(["setting", "protocol", "pair"], sort=False):
         key = rows["teacher_pool"].fillna(rows["teacher_run"])
         if key.nunique() > 1:
-            for _, same in rows.groupby(key, sort=False):
-                out.loc[same.index, "label"] = same["label"] + f" ({teacher_text(same)})"
+            texts = {k: teacher_text(same) for k, same in rows.groupby(key, sort=False)}
+            clash = pd.Series(texts).duplicated(keep=False)  # two teachers of one seed (other teacher recipes)
+            for k, same in rows.groupby(key, sort=False):
+                out.loc[same.index, "label"] = same["label"] + f" ({texts[k]}{f', run {k}' if clash[k] else ''})"
 
 
 def _split(text: str) -> list[str]:
