@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", type=Path, default=Path("results"))
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished runs that other code made instead of re-running them")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="train again runs that diverged (a non-finite loss) under the current code; by default a "
+                          "sweep keeps them failed, as a second try fails the same way")
     run.add_argument("--executor", default="local", choices=("local", "ray"),
                      help="local: one run after another in this process (default); ray: on a Ray cluster")
     run.add_argument("--ray-address", metavar="ADDR",
@@ -232,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt.resolve()} if args.teacher_ckpt else {}
     store = ResultsStore(args.results_dir.resolve())
     env = RunEnv(store, args.data_dir.resolve() if args.data_dir else None, not args.no_download, checkpoints,
-                 reuse_stale=args.reuse_stale, sinks=sinks)
+                 reuse_stale=args.reuse_stale, retry_failed=args.retry_failed, sinks=sinks)
     if args.dry_run:
         from kdbench.estimate import estimate, format_estimate
 

@@ -37,8 +37,9 @@ class RunEstimate:
     role: str
     method: str
     pair: str  # "teacher->student", or the architecture of a run without a teacher
-    # train, resume, remake (kept but without weights, which runs to train need), cached, stale (finished by other
-    # code: trained again), import (a checkpoint)
+    # train, resume, remake (kept but without weights, which runs to train need), cached, diverged (failed with a
+    # non-finite loss under this code: kept failed), stale (finished by other code: trained again), import (a
+    # checkpoint)
     status: str
     epochs: int  # epochs left to train
     seconds: float
@@ -206,6 +207,9 @@ def _timed_stage(parts, loader: DeviceLoader, spec: RunSpec, steps: int, stage: 
     return warm, timed, statistics.median(seconds) + (timed["epoch_s"] - sum(seconds)) / steps
 
 
+KEPT = ("cached", "diverged")  # statuses of runs a sweep keeps as they are: nothing to price
+
+
 def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, int, str]:
     """(status, epochs already done, note) as ``harness.run`` will treat the run; ``needed_by``: the runs to train
     that need its weights when it is kept without them (``harness.weights_to_remake``). Reads, never repairs: damaged
@@ -225,6 +229,8 @@ def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, in
             ("cached", 0, "")
     if spec.pretrained:
         return "import", 0, ""
+    if harness.diverged_before(spec, env) is not None:
+        return "diverged", 0, "diverged under this code (a non-finite loss): kept failed; --retry-failed trains it"
     if (record is not None and record.epochs and env.store.checkpoint_path(spec.run_id).exists()
             and record.provenance.get("code_fingerprint") == code["code_fingerprint"]):
         return "resume", len(record.epochs), ""
@@ -243,13 +249,13 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
     costs: dict[tuple, _Cost] = {}
     evals: dict[tuple, tuple[float, float]] = {}
     for spec, status, *_ in plan:
-        if status != "cached" and _setting(spec) not in costs:
+        if status not in KEPT and _setting(spec) not in costs:
             costs[_setting(spec)] = _measure(spec, env, steps, eval_batches, evals)
     fitted: set[tuple] = set()  # (teacher run, method, options): a cached fit is paid once per teacher
     rows = []
     for spec, status, done, note in plan:
         seconds, epochs = 0.0, 0
-        if status != "cached":
+        if status not in KEPT:
             cost, data = costs[_setting(spec)], harness._dataset(spec.dataset, env.data_dir, env.download)
             init_left = 0 if status == "import" else max(0, cost.init_epochs - done)
             epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
@@ -274,8 +280,8 @@ def format_estimate(est: Estimate, per_run: bool = False) -> str:
     for r in est.runs:
         label = "teacher" if r.role == "teacher" else r.method + (" (assistant)" if r.role == "assistant" else "")
         groups.setdefault(label, []).append(r)
-    statuses = ("train", "resume", "remake", "cached", "stale") + (
-        ("import",) if any(r.status == "import" for r in est.runs) else ())
+    statuses = ("train", "resume", "remake", "cached", "stale") + tuple(
+        s for s in ("import", "diverged") if any(r.status == s for r in est.runs))
     groups["total"] = list(est.runs)
     table = [[label, *(sum(r.status == s for r in runs) for s in statuses), sum(r.seconds for r in runs) / 3600]
              for label, runs in groups.items()]

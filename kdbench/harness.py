@@ -32,12 +32,15 @@ from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutp
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.progress import RunLog, SweepProgress, log
-from kdbench.results import ResultsStore, RunRecord, sha256_file
+from kdbench.results import DamagedRun, ResultsStore, RunRecord, sha256_file
 from kdbench.spec import RunSpec
 
 
 class RunFailed(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss); recorded as failed, the sweep continues."""
+
+
+NON_FINITE = "non-finite training loss"  # how a diverged run's error begins (diverged_before reads it)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class RunEnv:
     checkpoints: dict[str, Path] = field(default_factory=dict)  # sha256 -> teacher checkpoint file
     progress: bool | None = None  # None: progress bars only on an interactive terminal
     reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
+    retry_failed: bool = False  # train again runs that diverged under the current code (--retry-failed)
     sinks: tuple[str, ...] = ()  # metric sinks of every run (kdbench.progress.SINKS)
 
 
@@ -254,6 +258,23 @@ def _kept(spec: RunSpec, env: RunEnv, repair: bool = True) -> RunRecord | None:
     return None
 
 
+def diverged_before(spec: RunSpec, env: RunEnv) -> RunRecord | None:
+    """The run's failed record when it failed with a non-finite loss under the current code: training is deterministic
+    per machine and build, so a second try fails the same way (SemCKD at beta = 400 on resnet56:resnet20), and a sweep
+    keeps the failure instead of paying for it again, unless ``env.retry_failed``. Reads only. Other failures (out of
+    memory, a teacher that failed, a bug since fixed) are tried again."""
+    if env.retry_failed:
+        return None
+    try:
+        record = env.store.load_record(spec.run_id, repair=False)
+    except DamagedRun:
+        return None
+    diverged = (record is not None and record.status == "failed" and (record.error or "").startswith(
+        f"{RunFailed.__name__}: {NON_FINITE}"))
+    return record if diverged and record.provenance.get("code_fingerprint") == fingerprint(spec)[
+        "code_fingerprint"] else None
+
+
 def weights_to_remake(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
     """The kept runs of a plan (``specs``, trainers first) that have no weights and that runs which will train need
     as teacher or assistant: run id -> how many such runs. A run re-made for its weights trains too, so the runs
@@ -303,6 +324,10 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             return _remade(spec, existing, env, runlog)
         runlog.end("skipped", "finished before")
         return existing
+    failed = diverged_before(spec, env)
+    if failed is not None:
+        runlog.end("skipped", "diverged before under this code (a non-finite loss); --retry-failed trains it again")
+        return failed
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -378,7 +403,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             group["lr"] = lr
         train = _train_epoch(parts, loader, spec, epoch, timer, show, stage)
         if not math.isfinite(train["loss"]):
-            raise RunFailed(f"non-finite training loss ({train['loss']}) in {stage} epoch {epoch + 1}")
+            raise RunFailed(f"{NON_FINITE} ({train['loss']}) in {stage} epoch {epoch + 1}")
         steps = timer.flush()
         step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
         scores = _scores(parts.student, loader, spec, device)
@@ -470,7 +495,9 @@ def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunReco
     main = sum(e["epoch"] >= 1 for e in epochs)  # as _run_metrics counts: an init stage's epochs apart
     metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
                                                    else {})}
-    return RunRecord(spec, "failed", metrics, epochs, partial.provenance if partial else {}, reason)
+    # the code that failed, also when no epoch ended (diverged_before compares it with the current code)
+    provenance = {**fingerprint(spec), **(partial.provenance if partial else {})}
+    return RunRecord(spec, "failed", metrics, epochs, provenance, reason)
 
 
 def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,

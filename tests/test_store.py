@@ -307,3 +307,25 @@ def test_a_run_taught_by_a_run_without_weights_fails_alone(without_weights):
     spec = _kd_plan(seeds=(0, 1))[2]
     record = harness.run(spec, without_weights)
     assert record.status == "failed" and "has no weights (its model.pt is missing)" in record.error
+
+
+def test_a_run_that_diverged_under_this_code_is_kept_failed_until_retry_failed(tmp_path, monkeypatch):
+    """A non-finite loss repeats under the same code and machine: a second sweep keeps the failure (nothing to train,
+    as the dry run says), and --retry-failed trains it again."""
+    from kdbench.estimate import estimate, format_estimate
+
+    specs = tiny_sweep(recipe=replace(TINY, epochs=1, lr=1e12), teacher_recipe=replace(TINY, epochs=1)).plan()
+    env = RunEnv(ResultsStore(tmp_path / "results"), progress=False)
+    first = run_sweep(specs, env)
+    assert first[0].status == "finished" and first[1].status == "failed"
+    assert first[1].error.startswith("RunFailed: non-finite training loss")
+    assembled = []
+    assemble = harness._assemble
+    monkeypatch.setattr(harness, "_assemble", lambda spec, *a, **k: assembled.append(spec.run_id) or assemble(
+        spec, *a, **k))
+    again = run_sweep(specs, env)
+    assert not assembled and again[1].error == first[1].error and again[1].status == "failed"
+    text = format_estimate(estimate(specs, env))
+    assert "diverged" in text and "0 runs to train" in text
+    retried = run_sweep(specs, replace(env, retry_failed=True))
+    assert assembled == [specs[1].run_id] and retried[1].status == "failed"
