@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,25 +21,21 @@ from tqdm.auto import tqdm
 
 from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
-from kdbench.errors import KdbenchError
-from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
+from kdbench.errors import KdbenchError, RunFailed
+from kdbench.execution import autocast, batch_statistics, epoch_scores, evaluate, load_weights
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.loader import DeviceLoader, stream_seed
-from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
+from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
 from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.progress import RunLog, SweepProgress, log
-from kdbench.results import DamagedRun, ResultsStore, RunRecord, sha256_file
+from kdbench.results import ResultsStore, RunRecord, sha256_file
+from kdbench.reuse import NON_FINITE, diverged_before, kept_record, weights_to_remake
 from kdbench.spec import RunSpec
 
 
-class RunFailed(RuntimeError):
-    """A run that cannot go on (e.g. a non-finite loss); recorded as failed, the sweep continues."""
-
-
-NON_FINITE = "non-finite training loss"  # how a diverged run's error begins (diverged_before reads it)
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     load_weights(model, Path(path), "teacher checkpoint")
     env.store.write_spec(spec)
     env.store.save_torch(env.store.weights_path(spec.run_id), model.state_dict())
-    scores = _scores(model.to(device), loader, spec, device)
+    scores = epoch_scores(model.to(device), loader, spec, device)
     metrics = {"top1_last": scores["top1"], "top5_last": scores["top5"], "top1_best": scores["top1"],
                **({"top1_at_best_val": scores["top1"], "val_top1_best": scores["val_top1"]} if "val_top1" in scores
                   else {}),
@@ -97,18 +92,6 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
     record = RunRecord(spec, "finished", metrics, [], prov)
     env.store.write_record(record)
     return record
-
-
-def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
-    """An epoch's evaluation: test top-1/top-5, the validation split's top-1/top-5 where the recipe holds one out,
-    the time both took (``eval_s``) and the test set's evaluation throughput."""
-    test = evaluate(model, loader, spec, device)
-    scores = {"top1": test["top1"], "top5": test["top5"], "eval_s": test["eval_s"],
-              "eval_images_per_s": test["eval_images_per_s"]}
-    if loader.has_validation:
-        val = evaluate(model, loader, spec, device, "val")
-        scores.update(val_top1=val["top1"], val_top5=val["top5"], eval_s=test["eval_s"] + val["eval_s"])
-    return scores
 
 
 @dataclass
@@ -249,47 +232,6 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
             "frozen_forwards_per_step": frozen_forwards / steps}
 
 
-def _kept(spec: RunSpec, env: RunEnv, repair: bool = True) -> RunRecord | None:
-    """The run's finished record when a sweep keeps it: its weights are not damaged (they may be missing) and the
-    current code made it (or ``env.reuse_stale``). ``repair`` False reads only (``ResultsStore.finished_record``)."""
-    record = env.store.finished_record(spec.run_id, repair)
-    if record is not None and (env.reuse_stale or stale_reason(record, fingerprint(spec)) is None):
-        return record
-    return None
-
-
-def diverged_before(spec: RunSpec, env: RunEnv) -> RunRecord | None:
-    """The run's failed record when it failed with a non-finite loss under the current code: training is deterministic
-    per machine and build, so a second try fails the same way (SemCKD at beta = 400 on resnet56:resnet20), and a sweep
-    keeps the failure instead of paying for it again, unless ``env.retry_failed``. Reads only. Other failures (out of
-    memory, a teacher that failed, a bug since fixed) are tried again."""
-    if env.retry_failed:
-        return None
-    try:
-        record = env.store.load_record(spec.run_id, repair=False)
-    except DamagedRun:
-        return None
-    diverged = (record is not None and record.status == "failed" and (record.error or "").startswith(
-        f"{RunFailed.__name__}: {NON_FINITE}"))
-    return record if diverged and record.provenance.get("code_fingerprint") == fingerprint(spec)[
-        "code_fingerprint"] else None
-
-
-def weights_to_remake(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
-    """The kept runs of a plan (``specs``, trainers first) that have no weights and that runs which will train need
-    as teacher or assistant: run id -> how many such runs. A run re-made for its weights trains too, so the runs
-    that teach it are counted in turn. The one rule of every executor and of the dry run; reads only."""
-    kept = {spec.run_id for spec in specs if _kept(spec, env, repair=False)}
-    needed: dict[str, int] = {}
-    for spec in reversed(specs):  # a run before the runs that teach it
-        if spec.run_id in kept and spec.run_id not in needed:
-            continue
-        for trainer in (spec.teacher_run, *spec.assistant_runs):
-            if trainer in kept and not env.store.weights_path(trainer).is_file():
-                needed[trainer] = needed.get(trainer, 0) + 1
-    return {spec.run_id: needed[spec.run_id] for spec in specs if spec.run_id in needed}  # in plan order
-
-
 def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRecord:
     """Trains a kept run without weights again for the runs that need them, its old record set aside, and says
     whether the new weights are the old ones bit for bit (training is deterministic per machine and torch build)."""
@@ -318,7 +260,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
     resume state left by other code."""
     store = env.store
     code = fingerprint(spec)
-    existing = _kept(spec, env)
+    existing = kept_record(spec, env)
     if existing is not None:
         if remake and not store.weights_path(spec.run_id).is_file():  # another process may have re-made them
             return _remade(spec, existing, env, runlog)
@@ -406,7 +348,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             raise RunFailed(f"{NON_FINITE} ({train['loss']}) in {stage} epoch {epoch + 1}")
         steps = timer.flush()
         step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
-        scores = _scores(parts.student, loader, spec, device)
+        scores = epoch_scores(parts.student, loader, spec, device)
         history.append({"epoch": epoch + 1, **scores, **train, "lr": lr})
         runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {
@@ -427,7 +369,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
     store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
     prov["weights_sha256"] = sha256_file(store.weights_path(spec.run_id))
-    metrics = {**_run_metrics(history, step_times, device), **fit_metrics}
+    metrics = {**run_metrics(history, step_times, device), **fit_metrics}
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
         extra_params_train=float(parts.method.extra_params_train()),
@@ -456,43 +398,12 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
     return record
 
 
-def _run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
-                 device: torch.device) -> dict[str, float]:
-    """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
-    (every epoch) from the per-epoch history and step timings."""
-    main = [h for h in history if h["epoch"] >= 1]
-    best = max(main, key=lambda h: h["top1"])
-    last = main[-1]
-    if "val_top1" in last:  # selection on the validation split: the first epoch of its best top-1
-        chosen = max(main, key=lambda h: h["val_top1"])
-        selected = {"top1_at_best_val": chosen["top1"], "top1_at_best_val_epoch": float(chosen["epoch"]),
-                    "val_top1_best": chosen["val_top1"], "val_top1_last": last["val_top1"]}
-    else:
-        selected = {}
-    metrics = {**selected, "top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]),
-               "top1_last": last["top1"],
-               "top5_best": max(h["top5"] for h in main), "top5_last": last["top5"],
-               "epochs_completed": float(len(main)), **({"init_epochs": float(len(history) - len(main))}
-                                                         if len(main) < len(history) else {}),
-               "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
-               "cpu_s": sum(h["epoch_cpu_s"] for h in history),
-               "frozen_forwards_per_step": statistics.fmean(h["frozen_forwards_per_step"] for h in history),
-               "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history)}
-    if step_times:
-        seconds = [s for s, _ in step_times]
-        quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
-        metrics.update(train_images_per_s=sum(n for _, n in step_times) / sum(seconds),
-                       step_ms_median=1000 * quartiles[1], step_ms_iqr=1000 * (quartiles[2] - quartiles[0]))
-    metrics.update(peak_memory(device))
-    return metrics
-
-
 def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunRecord:
     """A failed record keeping the epochs the run completed before it failed."""
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
     partial = store.load_record(spec.run_id)
     epochs = partial.epochs if partial else []
-    main = sum(e["epoch"] >= 1 for e in epochs)  # as _run_metrics counts: an init stage's epochs apart
+    main = sum(e["epoch"] >= 1 for e in epochs)  # as measure.run_metrics counts: an init stage's epochs apart
     metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
                                                    else {})}
     # the code that failed, also when no epoch ended (diverged_before compares it with the current code)

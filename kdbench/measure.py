@@ -6,6 +6,7 @@ import platform
 import resource
 import socket
 import subprocess
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,3 +155,34 @@ def provenance(device: torch.device) -> dict[str, object]:
         "hostname": socket.gethostname(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
+                 device: torch.device) -> dict[str, float]:
+    """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
+    (every epoch) from the per-epoch history and step timings."""
+    main = [h for h in history if h["epoch"] >= 1]
+    best = max(main, key=lambda h: h["top1"])
+    last = main[-1]
+    if "val_top1" in last:  # selection on the validation split: the first epoch of its best top-1
+        chosen = max(main, key=lambda h: h["val_top1"])
+        selected = {"top1_at_best_val": chosen["top1"], "top1_at_best_val_epoch": float(chosen["epoch"]),
+                    "val_top1_best": chosen["val_top1"], "val_top1_last": last["val_top1"]}
+    else:
+        selected = {}
+    metrics = {**selected, "top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]),
+               "top1_last": last["top1"],
+               "top5_best": max(h["top5"] for h in main), "top5_last": last["top5"],
+               "epochs_completed": float(len(main)), **({"init_epochs": float(len(history) - len(main))}
+                                                         if len(main) < len(history) else {}),
+               "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
+               "cpu_s": sum(h["epoch_cpu_s"] for h in history),
+               "frozen_forwards_per_step": statistics.fmean(h["frozen_forwards_per_step"] for h in history),
+               "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history)}
+    if step_times:
+        seconds = [s for s, _ in step_times]
+        quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
+        metrics.update(train_images_per_s=sum(n for _, n in step_times) / sum(seconds),
+                       step_ms_median=1000 * quartiles[1], step_ms_iqr=1000 * (quartiles[2] - quartiles[0]))
+    metrics.update(peak_memory(device))
+    return metrics

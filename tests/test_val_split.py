@@ -10,11 +10,12 @@ import torch
 
 from kdbench.cli import main
 from kdbench.data import load_dataset
-from kdbench.harness import RunEnv, _run_metrics, run_sweep
+from kdbench.harness import RunEnv, run_sweep
+from kdbench.measure import run_metrics
 from kdbench.loader import DeviceLoader, _fixed_subset, split_training_set
 from kdbench.results import ResultsStore
 from kdbench.spec import RECIPES
-from tests.conftest import TINY, tiny_sweep
+from conftest import TINY, tiny_sweep
 
 
 def test_the_split_is_fixed_disjoint_from_training_and_leaves_old_subsets_alone():
@@ -48,11 +49,11 @@ def test_top1_at_best_val_is_the_test_top1_of_the_first_epoch_with_the_best_vali
     history = [{"epoch": e, "top1": t, "top5": 90.0, "val_top1": v, "val_top5": 95.0, "epoch_s": 1.0, "eval_s": 0.5,
                 "epoch_cpu_s": 1.0, "frozen_forwards_per_step": 0.0, "eval_images_per_s": 1.0}
                for e, t, v in ((1, 50.0, 40.0), (2, 70.0, 62.0), (3, 64.0, 65.0), (4, 66.0, 65.0), (5, 61.0, 63.0))]
-    metrics = _run_metrics(history, [], torch.device("cpu"))
+    metrics = run_metrics(history, [], torch.device("cpu"))
     assert metrics["top1_at_best_val"] == 64.0 and metrics["top1_at_best_val_epoch"] == 3.0
     assert metrics["val_top1_best"] == 65.0 and metrics["val_top1_last"] == 63.0
     assert metrics["top1_best"] == 70.0 and metrics["top1_best_epoch"] == 2.0  # selected on test: another epoch
-    assert "top1_at_best_val" not in _run_metrics([{k: v for k, v in h.items() if not k.startswith("val_")}
+    assert "top1_at_best_val" not in run_metrics([{k: v for k, v in h.items() if not k.startswith("val_")}
                                                    for h in history], [], torch.device("cpu"))
 
 
