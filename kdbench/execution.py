@@ -70,15 +70,3 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device
     top1, top5 = (100.0 * correct / seen).tolist()
     elapsed = time.perf_counter() - started
     return {"top1": top1, "top5": top5, "eval_s": elapsed, "eval_images_per_s": seen / elapsed}
-
-
-def epoch_scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
-    """An epoch's evaluation: test top-1/top-5, the validation split's top-1/top-5 where the recipe holds one out,
-    the time both took (``eval_s``) and the test set's evaluation throughput."""
-    test = evaluate(model, loader, spec, device)
-    scores = {"top1": test["top1"], "top5": test["top5"], "eval_s": test["eval_s"],
-              "eval_images_per_s": test["eval_images_per_s"]}
-    if loader.has_validation:
-        val = evaluate(model, loader, spec, device, "val")
-        scores.update(val_top1=val["top1"], val_top5=val["top5"], eval_s=test["eval_s"] + val["eval_s"])
-    return scores
