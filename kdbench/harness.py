@@ -23,7 +23,7 @@ from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
-from kdbench.fingerprint import fingerprint, stale_reason
+from kdbench.fingerprint import fingerprint
 from kdbench.loader import DeviceLoader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
@@ -34,8 +34,6 @@ from kdbench.progress import RunLog, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
 from kdbench.reuse import NON_FINITE, diverged_before, kept_record, weights_to_remake
 from kdbench.spec import RunSpec
-
-
 
 
 @dataclass(frozen=True)

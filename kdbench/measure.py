@@ -5,8 +5,8 @@ from __future__ import annotations
 import platform
 import resource
 import socket
-import subprocess
 import statistics
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path

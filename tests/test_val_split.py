@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY, tiny_sweep
 
 from kdbench.cli import main
 from kdbench.data import load_dataset
 from kdbench.harness import RunEnv, run_sweep
-from kdbench.measure import run_metrics
 from kdbench.loader import DeviceLoader, _fixed_subset, split_training_set
+from kdbench.measure import run_metrics
 from kdbench.results import ResultsStore
 from kdbench.spec import RECIPES
-from conftest import TINY, tiny_sweep
 
 
 def test_the_split_is_fixed_disjoint_from_training_and_leaves_old_subsets_alone():

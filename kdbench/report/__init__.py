@@ -48,7 +48,8 @@ from kdbench.report.published import load_published, published_path
 from kdbench.report.regime import CRITERIA, regime, render_regime
 from kdbench.report.render import LAYOUTS, OTHER_CODE, SIGNIFICANT, render_report, run_summary
 
-__all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES", "OTHER_CODE",
+__all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES",
+           "OTHER_CODE",
            "SIGNIFICANCE", "SIGNIFICANT", "adjust", "default_metric", "describe", "duplicate_runs", "entries",
            "groups", "leaderboard", "load_published", "load_results", "mean_ranks", "paired_comparison",
            "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",

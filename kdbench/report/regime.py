@@ -60,7 +60,7 @@ def regime(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
                "teacher_minus_ce": teacher - ce[metric].mean(), "ce_best_minus_last": _mean_gap(ce),
                "kd_best_minus_last": _mean_gap(kd), "kd_n": len(kd), "test_images": runs["test_images"].min(),
                "subset_runs": float(runs["test_subset"].notna().sum()),
-               # a gap of 0 also comes from runs still rising at their last epoch: how many were (they are not converged)
+               # a gap of 0 also comes from runs still rising at their last epoch (not converged): how many were
                "best_at_last": int((ce_kd["top1_best_epoch"] == ce_kd["epochs_completed"]).sum()),
                "ce_kd_runs": len(ce_kd)}
         row.update({f"meets_{c.column}": c.met(row[c.column]) for c in CRITERIA})
