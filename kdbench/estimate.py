@@ -261,9 +261,11 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
             n_train, n_steps, n_test, _ = _sizes(spec, data)
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
-            n_eval = n_test + (spec.recipe.val_split or 0)  # every epoch evaluates the test set and the split
+            n_eval = n_test + (spec.recipe.val_split or 0)  # an evaluation reads the test set and the split
+            main_done = max(0, done - cost.init_epochs)
+            evaluations = init_left + sum(spec.recipe.evaluates(e) for e in range(main_done, spec.recipe.epochs))
             seconds += n_eval * cost.eval_image if status == "import" else \
-                epochs * (n_eval * cost.eval_image + cost.epoch) + n_steps * (
+                evaluations * n_eval * cost.eval_image + epochs * cost.epoch + n_steps * (
                     init_left * cost.init_step + (epochs - init_left) * cost.step)
             if status in ("train", "remake", "stale") and spec.teacher:
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)

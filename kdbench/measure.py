@@ -161,7 +161,8 @@ def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, i
                  device: torch.device) -> dict[str, float]:
     """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
     (every epoch) from the per-epoch history and step timings."""
-    main = [h for h in history if h["epoch"] >= 1]
+    trained = [h for h in history if h["epoch"] >= 1]  # the main stage's epochs
+    main = [h for h in trained if "top1" in h]  # those evaluated (Recipe.eval_every): the last always is
     best = max(main, key=lambda h: h["top1"])
     last = main[-1]
     if "val_top1" in last:  # selection on the validation split: the first epoch of its best top-1
@@ -173,12 +174,13 @@ def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, i
     metrics = {**selected, "top1_best": best["top1"], "top1_best_epoch": float(best["epoch"]),
                "top1_last": last["top1"],
                "top5_best": max(h["top5"] for h in main), "top5_last": last["top5"],
-               "epochs_completed": float(len(main)), **({"init_epochs": float(len(history) - len(main))}
-                                                         if len(main) < len(history) else {}),
+               "epochs_completed": float(len(trained)), **({"init_epochs": float(len(history) - len(trained))}
+                                                            if len(trained) < len(history) else {}),
                "wall_s": sum(h["epoch_s"] + h["eval_s"] for h in history),
                "cpu_s": sum(h["epoch_cpu_s"] for h in history),
                "frozen_forwards_per_step": statistics.fmean(h["frozen_forwards_per_step"] for h in history),
-               "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history)}
+               "eval_images_per_s": statistics.median(h["eval_images_per_s"] for h in history
+                                                      if "eval_images_per_s" in h)}
     if step_times:
         seconds = [s for s, _ in step_times]
         quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3

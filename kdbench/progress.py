@@ -166,7 +166,8 @@ class RunLog:
         seconds = row["epoch_s"] + row["eval_s"]
         self._advance(1, seconds)
         where = f"epoch {done}/{main}" if done >= 1 else f"init epoch {done + self.init_epochs}/{self.init_epochs}"
-        text = (f"{where} loss {row['loss']:.4f} top1 {row['top1']:.2f} "
+        top1 = f" top1 {row['top1']:.2f}" if "top1" in row else ""  # not every epoch is evaluated (eval_every)
+        text = (f"{where} loss {row['loss']:.4f}{top1} "
                 f"{images / row['epoch_s']:.1f} img/s ETA run {duration(seconds * (main - done))}")
         if self.sweep is not None:
             text += f" sweep {duration(self.sweep.eta())}"

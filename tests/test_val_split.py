@@ -15,7 +15,7 @@ from kdbench.harness import RunEnv, run_sweep
 from kdbench.loader import DeviceLoader, _fixed_subset, split_training_set
 from kdbench.measure import run_metrics
 from kdbench.results import ResultsStore
-from kdbench.spec import RECIPES
+from kdbench.spec import RECIPES, RunSpec
 
 
 def test_the_split_is_fixed_disjoint_from_training_and_leaves_old_subsets_alone():
@@ -107,3 +107,30 @@ def test_several_teacher_seeds_teach_every_student_seed():
     kd = [(r.seed, r.teacher_run) for r in plan if r.method == "kd"]
     assert sorted(kd) == sorted((s, t.run_id) for s in (0, 1) for t in teachers)
     assert sum(r.method == "student" and r.role == "student" for r in plan) == 2  # CE needs no teacher: once
+
+
+def test_eval_every_evaluates_every_kth_epoch_and_the_last_and_selects_among_them(tmp_path):
+    recipe = replace(TINY, epochs=5, val_split=64, eval_every=2)
+    assert [recipe.evaluates(e) for e in range(5)] == [False, True, False, True, True]
+    record, = run_sweep([r for r in tiny_sweep(recipe=recipe).plan() if r.role == "student"],
+                        RunEnv(ResultsStore(tmp_path / "results"), progress=False))
+    assert record.status == "finished", record.error
+    assert [("top1" in e, "val_top1" in e) for e in record.epochs] == [(False, False), (True, True), (False, False),
+                                                                       (True, True), (True, True)]
+    evaluated = [e for e in record.epochs if "top1" in e]
+    chosen = max(evaluated, key=lambda e: e["val_top1"])
+    assert record.metrics["top1_at_best_val_epoch"] == chosen["epoch"] in (2, 4, 5)
+    assert record.metrics["epochs_completed"] == 5 and record.metrics["top1_last"] == record.epochs[-1]["top1"]
+    assert record.metrics["wall_s"] == pytest.approx(sum(e["epoch_s"] + e["eval_s"] for e in record.epochs))
+    assert RECIPES.get("cpu").eval_every == 3 and RECIPES.get("paper").eval_every is None
+
+
+
+def test_recipes_without_a_split_or_eval_every_keep_the_run_ids_they_had_before_either_existed():
+    """Both fields are left out of the hash while unset (RunSpec.run_id), so every cached run stays valid; the ids
+    are those kdbench 47036a7 computed for the same specs."""
+    tiny = RunSpec(dataset="synthetic", student="resnet8", method="student", seed=0, recipe=TINY)
+    paper = RunSpec(dataset="cifar100", student="vgg8", method="kd", seed=1, recipe=RECIPES.get("paper"),
+                    teacher="vgg13", teacher_run="teacher-x")
+    assert (tiny.run_id, paper.run_id) == ("student-student-resnet8-s0-2d83006326aa",
+                                           "student-kd-vgg8-s1-7adfa953cb69")
