@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from kdbench.executors import RayOptions, execute
     from kdbench.fingerprint import stale_runs
-    from kdbench.harness import RunEnv, weights_to_remake
+    from kdbench.harness import RunEnv
     from kdbench.profile import slow_setting_note
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
@@ -258,10 +258,6 @@ def _run(args: argparse.Namespace) -> int:
         what = "kept (--reuse-stale)" if args.reuse_stale else "re-run"
         print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
               f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
-    remake = weights_to_remake(specs, env)
-    if remake:
-        print(f"kdbench: {len(remake)} finished run(s) have no weights and will be made again, because runs to "
-              f"train need them: {', '.join(remake)}", file=sys.stderr)
     _show_progress_lines()
     records = execute(specs, env, args.executor, RayOptions(args.ray_address, args.ray_cpus))
     print(run_summary(records))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tabulate import tabulate
 
-from kdbench import harness
+from kdbench import harness, reuse
 from kdbench.execution import evaluate
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.loader import DeviceLoader
@@ -212,7 +212,7 @@ KEPT = ("cached", "diverged")  # statuses of runs a sweep keeps as they are: not
 
 def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, int, str]:
     """(status, epochs already done, note) as ``harness.run`` will treat the run; ``needed_by``: the runs to train
-    that need its weights when it is kept without them (``harness.weights_to_remake``). Reads, never repairs: damaged
+    that need its weights when it is kept without them (``reuse.weights_to_remake``). Reads, never repairs: damaged
     files are set aside by the run itself."""
     try:
         record = env.store.load_record(spec.run_id, repair=False)
@@ -229,7 +229,7 @@ def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, in
             ("cached", 0, "")
     if spec.pretrained:
         return "import", 0, ""
-    if harness.diverged_before(spec, env) is not None:
+    if reuse.diverged_before(spec, env) is not None:
         return "diverged", 0, "diverged under this code (a non-finite loss): kept failed; --retry-failed trains it"
     if (record is not None and record.epochs and env.store.checkpoint_path(spec.run_id).exists()
             and record.provenance.get("code_fingerprint") == code["code_fingerprint"]):
@@ -244,7 +244,7 @@ def _setting(spec: RunSpec) -> tuple:
 
 def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1) -> Estimate:
     """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``."""
-    remake = harness.weights_to_remake(specs, env)
+    remake = reuse.weights_to_remake(specs, env)
     plan = [(spec, *_status(spec, env, remake.get(spec.run_id, 0))) for spec in specs]
     costs: dict[tuple, _Cost] = {}
     evals: dict[tuple, tuple[float, float]] = {}

@@ -16,9 +16,10 @@ import logging
 from dataclasses import dataclass
 
 from kdbench.errors import KdbenchError
-from kdbench.harness import RunEnv, load_data, run, run_sweep, weights_to_remake
+from kdbench.harness import RunEnv, load_data, run, run_sweep
 from kdbench.progress import log
 from kdbench.results import RunRecord
+from kdbench.reuse import remakes_announced
 from kdbench.spec import RunSpec
 
 EXECUTORS = ("local", "ray")
@@ -68,7 +69,7 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=True)
     task = ray.remote(_run_task)
-    remake = weights_to_remake(specs, env)
+    remake = remakes_announced(specs, env)
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")

@@ -32,7 +32,7 @@ from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.progress import RunLog, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
-from kdbench.reuse import NON_FINITE, diverged_before, kept_record, weights_to_remake
+from kdbench.reuse import NON_FINITE, diverged_before, kept_record, remakes_announced
 from kdbench.spec import RunSpec
 
 
@@ -460,7 +460,7 @@ def run_sweep(specs: list[RunSpec], env: RunEnv) -> list[RunRecord]:
     teaches, and tried again after the others; only when every run left is held is the first one waited for.
     Processes that share a results dir thus split the work, and each run is trained once."""
     load_data(specs, env)
-    remake = weights_to_remake(specs, env)
+    remake = remakes_announced(specs, env)
     records: dict[str, RunRecord] = {}
     sweep = SweepProgress.of(specs)
     show = env.progress

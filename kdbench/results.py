@@ -9,7 +9,7 @@ Many processes may share one results dir (two shells, many Ray workers, teammate
 made with the process's umask, a run is trained only under its lock (``claim``), the table is rebuilt under a lock
 of its own, and a file that cannot be read is set aside (renamed, never deleted) so that its run is made again.
 A finished run without weights (a committed set: weights are not in git) is still finished; it is made again only
-when a run of the sweep needs its weights (kdbench.harness.weights_to_remake), its old record set aside.
+when a run of the sweep needs its weights (kdbench.reuse.weights_to_remake), its old record set aside.
 Locks are ``flock``s (filelock): the kernel drops them when their process dies, so none outlives a killed run.
 """
 

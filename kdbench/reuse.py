@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kdbench.errors import RunFailed
 from kdbench.fingerprint import fingerprint, stale_reason
+from kdbench.progress import log
 from kdbench.results import DamagedRun, RunRecord
 from kdbench.spec import RunSpec
 
@@ -57,3 +58,12 @@ def weights_to_remake(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
             if trainer in kept and not env.store.weights_path(trainer).is_file():
                 needed[trainer] = needed.get(trainer, 0) + 1
     return {spec.run_id: needed[spec.run_id] for spec in specs if spec.run_id in needed}  # in plan order
+
+
+def remakes_announced(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
+    """``weights_to_remake`` for an executor about to run the plan, said in one line when there are any."""
+    remake = weights_to_remake(specs, env)
+    if remake:
+        log.warning("%d finished run(s) have no weights and will be made again, because runs to train need them: %s",
+                    len(remake), ", ".join(remake))
+    return remake

@@ -8,6 +8,7 @@ from conftest import TINY, tiny_sweep
 
 import kdbench.estimate as estimate_module
 import kdbench.harness as harness
+import kdbench.reuse as reuse
 from kdbench.estimate import estimate, format_estimate
 from kdbench.fingerprint import fingerprint
 from kdbench.harness import RunEnv, run_sweep
@@ -180,10 +181,10 @@ def test_a_run_remade_for_its_weights_needs_the_weights_of_its_own_teacher(env, 
                                                      ta_chains=(("resnet20", "resnet14", "resnet8"),)).plan()
     _without_weights(env, specs[:2])
     _without_weights(env, specs[2:], code="other code")
-    assert harness.weights_to_remake(specs, env) == {teacher.run_id: 2, assistant.run_id: 1}
+    assert reuse.weights_to_remake(specs, env) == {teacher.run_id: 2, assistant.run_id: 1}
     assert [(r.status, r.note) for r in estimate(specs, env).runs[:2]] == [
         ("remake", "weights needed by 2 runs"), ("remake", "weights needed by 1 run")]
-    assert harness.weights_to_remake(specs, RunEnv(env.store, reuse_stale=True)) == {}  # the student kept
+    assert reuse.weights_to_remake(specs, RunEnv(env.store, reuse_stale=True)) == {}  # the student kept
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_a_teacher_out_of_retries_fails_its_students_by_name(cluster, tmp_path, 
 
 @pytest.mark.slow
 def test_a_new_student_remakes_its_teacher_without_weights_under_ray(cluster, tmp_path, caplog):
-    """The rule of the in-process executor (harness.weights_to_remake): a finished teacher without weights is skipped
+    """The rule of the in-process executor (reuse.weights_to_remake): a finished teacher without weights is skipped
     until a new student needs it, then made again once, bit-identical."""
     env = RunEnv(ResultsStore(tmp_path / "ray"), progress=False)
     plan = [tiny_sweep(methods=("kd",), seeds=seeds, recipe=replace(TINY, epochs=1)).plan() for seeds in ((0,), (0, 1))]

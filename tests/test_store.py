@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TINY, tiny_sweep
 
-from kdbench import harness, results
+from kdbench import harness, results, reuse
 from kdbench.harness import RunEnv, run_sweep
 from kdbench.results import LOCKS, ResultsStore, RunRecord
 from kdbench.spec import RunSpec
@@ -265,7 +265,7 @@ def _nothing_set_aside(root: Path) -> bool:
 def test_a_finished_run_without_weights_stays_finished_and_is_skipped(taught, without_weights, monkeypatch):
     """Its teacher too: every run it teaches is finished, so nothing needs its weights."""
     env, specs = without_weights, _kd_plan()
-    assert harness.weights_to_remake(specs, env) == {}
+    assert reuse.weights_to_remake(specs, env) == {}
     monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("a finished run was trained again"))
     records = run_sweep(specs, env)
     assert [r.to_dict() for r in records] == [r.to_dict() for r in taught[1]]
@@ -284,7 +284,7 @@ def test_a_new_student_remakes_its_teacher_once(made_on, taught, without_weights
         record = json.loads((env.store.run_dir(teacher) / "record.json").read_text())
         record["provenance"]["weights_sha256"] = recorded = "0" * 64
         (env.store.run_dir(teacher) / "record.json").write_text(json.dumps(record))
-    assert harness.weights_to_remake(specs, env) == {teacher: 1}
+    assert reuse.weights_to_remake(specs, env) == {teacher: 1}
     with caplog.at_level(logging.INFO, logger="kdbench"):
         records = run_sweep(specs, env)
     assert [r.status for r in records] == ["finished"] * 3
