@@ -87,6 +87,16 @@ def board(table) -> pd.DataFrame:
     return _board(table)
 
 
+def test_a_divergence_under_another_validation_split_is_not_this_settings():
+    """Runs that differ in their recipe's validation split are another setting: their failures flag nothing here."""
+    table = _artefacts()
+    failed = table["status"].eq("failed")
+    table["val_split"] = table["val_split"].astype("object")
+    table.loc[failed, "val_split"] = 5000
+    board = _board(table).set_index("label")
+    assert board.loc["semckd[beta=50.0]", "flags"] == ""
+
+
 @pytest.mark.parametrize("assistant_runs", [False, True])
 def test_each_artefact_flags_its_row_and_a_clean_row_carries_none(assistant_runs):
     board = _board(_artefacts(assistant_runs)).set_index("label")

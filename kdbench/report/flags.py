@@ -31,7 +31,7 @@ import pandas as pd
 
 from kdbench.errors import KdbenchError
 from kdbench.report.aggregate import _OPTION, CE_ONLY
-from kdbench.report.load import runs
+from kdbench.report.load import _RECIPE_PARTS, runs
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,11 @@ FLAGS = {
 KEYS = ["setting", "protocol", "pair", "kind", "arch", "label"]  # what makes a leaderboard row
 # The epoch a metric picks, where it is not top1_best_epoch: a validation-selected metric's own epoch.
 _SELECTED_EPOCH = {"top1_at_best_val": "top1_at_best_val_epoch"}
-# What runs must share to be compared: the identity columns of a setting (kdbench.report.load), the table's protocol
-# and pair, and the method.
-_SAME_TABLE = ["dataset", "recipe", "epochs", "batch_size", "train_subset", "test_subset", "lr", "device", "precision",
-               "channels_last", "compile", "protocol", "pair", "method"]
+# What runs must share to be compared: the identity columns of a setting (kdbench.report.load, its recipe parts read
+# from there, so that a new one such as the validation split counts here too), the table's protocol and pair, and the
+# method.
+_SAME_TABLE = ["dataset", "recipe", *(key for key, _ in _RECIPE_PARTS), "device", "precision", "channels_last",
+               "compile", "protocol", "pair", "method"]
 
 
 def row_flags(frame: pd.DataFrame, table: pd.DataFrame, metric: str = "top1_best") -> pd.DataFrame:
