@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 
 from kdbench.errors import KdbenchError
-from kdbench.report.load import _RECIPE_PARTS
 
 PUBLISHED_NAME = "published_cifar100.csv"
 PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
@@ -31,6 +30,7 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
     **{(p, "dkd"): (("dkd", "dkd"),) for p in ("official", "crd", "semckd")},
     ("semckd", "crd"): (("crd+kd", "crd"),),
 }
+_RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
 
 
 def load_published(path: str | Path) -> pd.DataFrame:
@@ -68,7 +68,7 @@ def mismatch(run: pd.Series, published: pd.DataFrame) -> str:
     if run["recipe"] not in recipes or run["recipe"] not in RECIPES.names():
         return f"the published numbers were trained with {wanted} (this table: recipe {run['recipe']})"
     registered = RECIPES.get(run["recipe"])
-    changed = [f"{key}={run[key]:g}" for key, _ in _RECIPE_PARTS  # the setting's recipe columns
+    changed = [f"{key}={run[key]:g}" for key in _RECIPE_FIELDS
                if key in run and pd.notna(run[key]) and run[key] != getattr(registered, key)]
     if changed:
         return f"the published numbers were trained with {wanted} (this table overrides {', '.join(changed)})"
