@@ -7,7 +7,7 @@ megvii-research/mdistiller issue #30); Δ against the CE-trained student of the 
 #66), with a paired t-test p per row adjusted over the methods of its table (Holm 1979 by default, or
 Benjamini–Hochberg 1995), because a table of many methods against one baseline otherwise marks some by chance; runs of
 different datasets, recipes, protocols, device types or precisions are never pooled, nor runs taught by different
-teachers (unless a sweep pooled teacher seeds on purpose, ``--teacher-seeds``).
+teachers (unless their runs record one ``teacher_pool``, a column no kdbench sweep writes yet).
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ def rule_text(board: pd.DataFrame) -> str:
             f"p = two-sided paired t-test of those differences, {correction}-adjusted over the methods of each table "
             f"(--correction {board['correction'].iloc[0]}); {SIGNIFICANT} = {correction}-adjusted p < {SIGNIFICANCE:g} "
             f"over the methods of each table. Runs of different datasets, recipes, protocols, device types or "
-            f"precisions are never pooled: one table each; nor are runs taught by different teacher runs, unless a "
-            f"sweep pooled teacher seeds (--teacher-seeds). Runs that differ only in device model are pooled, and the "
+            f"precisions are never pooled: one table each; nor are runs taught by different teacher runs (each has "
+            f"rows of its own). Runs that differ only in device model are pooled, and the "
             f"heading lists the models. {published}").replace("  ", " ")
 
 
