@@ -263,7 +263,9 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
             n_eval = n_test + (spec.recipe.val_split or 0)  # an evaluation reads the test set and the split
             main_done = max(0, done - cost.init_epochs)
-            evaluations = init_left + sum(spec.recipe.evaluates(e) for e in range(main_done, spec.recipe.epochs))
+            evaluations = sum(spec.recipe.evaluates(e, cost.init_epochs) for e in range(
+                cost.init_epochs - init_left, cost.init_epochs)) + sum(
+                spec.recipe.evaluates(e) for e in range(main_done, spec.recipe.epochs))
             seconds += n_eval * cost.eval_image if status == "import" else \
                 evaluations * n_eval * cost.eval_image + epochs * cost.epoch + n_steps * (
                     init_left * cost.init_step + (epochs - init_left) * cost.step)

@@ -358,9 +358,8 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             raise RunFailed(f"{NON_FINITE} ({train['loss']}) in {stage} epoch {epoch + 1}")
         steps = timer.flush()
         step_times += steps if stage == "main" else []  # throughput is the main stage's; wall time counts all
-        # init epochs are few and always evaluated; the main stage as the recipe says (Recipe.evaluates)
-        scores = _scores(parts.student, loader, spec, device) if stage == "init" or recipe.evaluates(epoch) else {
-            "eval_s": 0.0}
+        evaluates = recipe.evaluates(index, init) if stage == "init" else recipe.evaluates(epoch)
+        scores = _scores(parts.student, loader, spec, device) if evaluates else {"eval_s": 0.0}
         history.append({"epoch": epoch + 1, **scores, **train, "lr": lr})
         runlog.epoch(history[-1], images_per_epoch)
         store.save_torch(checkpoint_path, {

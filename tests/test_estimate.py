@@ -212,3 +212,20 @@ def test_a_run_that_would_diverge_is_still_priced(env):
 
     est = estimate(tiny_sweep(methods=("probe-nan",)).plan(), env)
     assert [r.status for r in est.runs] == ["train", "train"] and all(r.seconds > 0 for r in est.runs)
+
+
+def test_eval_every_prices_the_evaluations_of_each_stage(env, monkeypatch):
+    """Under ``eval_every`` = 2 a 2-epoch init stage is evaluated once and a 3-epoch main stage twice
+    (Recipe.evaluates), so the run costs two evaluations less than one evaluated after every epoch."""
+    from dataclasses import replace
+
+    import probe_methods  # noqa: F401  (probe-init: 2 init epochs)
+
+    monkeypatch.setattr(estimate_module, "_measure", lambda spec, *a: replace(COST, init_epochs=2))
+    teacher, every = tiny_sweep(methods=("probe-init",)).plan()
+    _record(env, teacher, "finished", 3)
+    sparse_teacher, sparse = tiny_sweep(methods=("probe-init",),
+                                        recipe=replace(every.recipe, eval_every=2, teacher_recipe=None)).plan()
+    _record(env, sparse_teacher, "finished", 3)
+    every_s, sparse_s = (estimate([t, s], env).runs[1].seconds for t, s in ((teacher, every), (sparse_teacher, sparse)))
+    assert every_s - sparse_s == pytest.approx(2 * TEST * COST.eval_image)

@@ -122,7 +122,7 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last_and_selects_among_the
     assert record.metrics["top1_at_best_val_epoch"] == chosen["epoch"] in (2, 4, 5)
     assert record.metrics["epochs_completed"] == 5 and record.metrics["top1_last"] == record.epochs[-1]["top1"]
     assert record.metrics["wall_s"] == pytest.approx(sum(e["epoch_s"] + e["eval_s"] for e in record.epochs))
-    assert RECIPES.get("cpu").eval_every == 3 and RECIPES.get("paper").eval_every is None
+    assert RECIPES.get("cpu").eval_every == 6 and RECIPES.get("paper").eval_every is None
 
 
 

@@ -489,3 +489,23 @@ def test_a_resume_inside_the_init_stage_ends_as_the_uninterrupted_run(harness_ru
     assert resumed.status == "finished"
     assert [tuple(e.get(k) for k in keys) for e in resumed.epochs] == [tuple(e.get(k) for k in keys)
                                                                        for e in reference.epochs]
+
+
+
+def test_eval_every_counts_in_each_stage_and_leaves_the_training_as_it_was(harness_runs, tmp_path):
+    """With ``eval_every`` = 2, a 2-epoch init stage is evaluated after its last epoch only, as a main stage would be
+    (Recipe.evaluates): FT's 30 paraphraser epochs no longer evaluate an unchanged student 30 times. The skipped
+    evaluations change nothing else: the losses and the test top-1 match the run that evaluated every epoch."""
+    records, _, _ = harness_runs
+    sparse = dataclasses.replace(MICRO, eval_every=2)
+    assert [sparse.evaluates(e, 3) for e in range(3)] == [False, True, True] and sparse.evaluates(0)
+    plan = tiny_sweep(methods=("ft",), pair=("wrn_16_2", "resnet8"), recipe=sparse,
+                      method_options=(("ft", "init_epochs", "2"),)).plan()
+    *_, ft = run_sweep(plan, RunEnv(ResultsStore(tmp_path / "results"), progress=False))
+    assert ft.status == "finished", ft.error
+    assert [e["epoch"] for e in ft.epochs if "top1" in e] == [0, 1]
+    every = records["ft"].epochs
+    assert all("top1" in e for e in every)
+    for key in ("loss", "loss_paraphraser", "loss_ft", "loss_ce"):
+        assert [e.get(key) for e in ft.epochs] == [e.get(key) for e in every], key
+    assert [e["top1"] for e in ft.epochs[1:]] == [e["top1"] for e in every[1:]]
