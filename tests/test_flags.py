@@ -202,3 +202,14 @@ def test_the_reference_set_flags_what_its_readme_explains():
     assert {label for label, keys in flags.items() if "diverged_default" in keys} == {"semckd (+KD)[beta=50.0]"}
     assert {label for label, keys in flags.items() if "deviation" in keys} == {"ofd", "sakd", "cc"}
     assert not report.render_report(board).count("warning:")
+
+
+def test_a_row_with_fewer_seeds_than_its_table_is_flagged_with_its_n():
+    """SemCKD on vgg13 → vgg8 has three seeds in the reference set against five elsewhere: its row says so."""
+    table = _artefacts()
+    table = table[~(_runs_of(table, "dkd") & table["seed"].eq(2))]
+    board = _board(table).set_index("label")
+    assert board.loc["dkd", "flags"] == "few_seeds" and board.loc["dkd", "flag_few_seeds"] == "n = 2 of 3"
+    assert board.loc["dkd", "n"] == 2
+    assert not board.drop(index="dkd")["flag_few_seeds"].any()  # the teacher's single run included
+    assert f"[n] {FLAGS['few_seeds'].meaning}: dkd (n = 2 of 3)" in footnotes(board.reset_index())

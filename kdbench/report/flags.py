@@ -1,6 +1,6 @@
 """Flags: a marker on every shown row whose number needs a caveat to be read right, with a one-line footnote.
 
-A number on a leaderboard reads as "this method, as published, on this pair"; four things break that reading, and
+A number on a leaderboard reads as "this method, as published, on this pair"; five things break that reading, and
 each marks the row wherever it is shown (leaderboard, paper layout, CSV, plots):
 
 - ``weak_teacher`` [w]: a teacher or teacher assistant the row learned from is not above the mean CE student of its
@@ -17,6 +17,9 @@ each marks the row wherever it is shown (leaderboard, paper layout, CSV, plots):
 - ``still_improving`` [e]: in some of the row's runs the epoch the metric picks is the last one (``top1_best_epoch``,
   or ``top1_at_best_val_epoch`` for ``top1_at_best_val``, equal to ``epochs_completed``): training stopped while
   the run was still improving, so a longer recipe may rank it differently.
+- ``few_seeds`` [n]: the row has fewer runs than the table's fullest method or CE row (SemCKD on vgg13 → vgg8 in
+  the reference set, given three seeds for its cost), so its interval is wider and its test weaker than its
+  neighbours'.
 
 Flags are computed per leaderboard row from its runs (:func:`~kdbench.report.aggregate.entries`) and the tidy table,
 which alone holds assistant runs and failed runs; a method's declaration comes from its class, as ``family_of``.
@@ -47,6 +50,7 @@ FLAGS = {
     "diverged_default": Flag("[d]", "diverged (non-finite loss) at the method's default options; this row's differ"),
     "deviation": Flag("[o]", "deviates from the official code"),
     "still_improving": Flag("[e]", "best epoch = last epoch, still improving when training stopped"),
+    "few_seeds": Flag("[n]", "fewer seeds than the other rows of its table"),
 }
 KEYS = ["setting", "protocol", "pair", "kind", "arch", "label"]  # what makes a leaderboard row
 # The epoch a metric picks, where it is not top1_best_epoch: a validation-selected metric's own epoch.
@@ -67,11 +71,13 @@ def row_flags(frame: pd.DataFrame, table: pd.DataFrame, metric: str = "top1_best
     rows = []
     for (setting, protocol, pair), t in frame.groupby(["setting", "protocol", "pair"], sort=False):
         ce = t.loc[t["kind"] == "student", metric].mean()
+        most = t[t["kind"] != "teacher"].groupby(["kind", "arch", "label"], sort=False).size().max()
         for (kind, arch, label), g in t.groupby(["kind", "arch", "label"], sort=False):
             shown = {"weak_teacher": _weak_trainers(g, t, kind, ce, assistants, metric),
                      "diverged_default": _diverged_default(g, failed) if kind == "method" else "",
                      "deviation": _deviation(g.iloc[0]) if kind == "method" else "",
-                     "still_improving": _still_improving(g, metric)}
+                     "still_improving": _still_improving(g, metric),
+                     "few_seeds": f"n = {len(g)} of {most}" if kind != "teacher" and len(g) < most else ""}
             rows.append({"setting": setting, "protocol": protocol, "pair": pair, "kind": kind, "arch": arch,
                          "label": label, "flags": ";".join(key for key, text in shown.items() if text),
                          **{f"flag_{key}": text for key, text in shown.items()}})
