@@ -8,7 +8,8 @@ published CIFAR-100 table (``results/published_cifar100.csv``). One module per j
 layouts share), :mod:`~kdbench.report.plots` draws them.
 
 Pipeline: :func:`load_results` → :func:`entries` (one row per run and table it appears in) → :func:`leaderboard`
-(one row per table row) → :func:`render_report`; :func:`plot_groups` + ``plot_*`` for figures.
+(one row per table row) → :func:`add_flags` → :func:`render_report`; :func:`flagged_figures` for figures (or
+:func:`plot_groups` and the ``plot_*`` functions one by one, without the flags).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kdbench.report.flags import add_flags
 from kdbench.report.formats import FORMATS
 from kdbench.report.load import describe, duplicate_runs, load_results, runs, unfinished
 from kdbench.report.plots import (
+    flagged_figures,
     plot_accuracy_vs_throughput,
     plot_delta,
     plot_groups,
@@ -49,12 +51,12 @@ from kdbench.report.regime import CRITERIA, regime, render_regime
 from kdbench.report.render import LAYOUTS, OTHER_CODE, SIGNIFICANT, render_report, run_summary
 
 __all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS", "METRICS", "METRIC_RULES",
-           "OTHER_CODE",
-           "SIGNIFICANCE", "SIGNIFICANT", "adjust", "default_metric", "describe", "duplicate_runs", "entries",
-           "groups", "leaderboard", "load_published", "load_results", "mean_ranks", "paired_comparison",
-           "plot_accuracy_vs_throughput", "plot_delta", "plot_groups",
-           "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "published_path", "regime",
-           "render_regime", "render_report", "report", "run_summary", "runs", "save_plots", "unfinished"]
+           "OTHER_CODE", "SIGNIFICANCE", "SIGNIFICANT", "add_flags", "adjust", "default_metric", "describe",
+           "duplicate_runs", "entries", "flagged_figures", "groups", "leaderboard", "load_published",
+           "load_results", "mean_ranks", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta",
+           "plot_groups", "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1",
+           "published_path", "regime", "render_regime", "render_report", "report", "run_summary", "runs",
+           "save_plots", "unfinished"]
 
 
 def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str | None = None,

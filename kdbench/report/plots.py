@@ -265,24 +265,34 @@ def plot_groups(frame: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
             yield title, group
 
 
-def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best",
-               correction: str = "holm") -> list[Path]:
-    """Every plot, as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the files written."""
-    out_dir, written, flagged = Path(out_dir), [], row_flags(frame, table, metric)
+def flagged_figures(frame: pd.DataFrame, table: pd.DataFrame, metric: str = "top1_best",
+                    correction: str = "holm") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every plot of every group (:func:`plot_groups`) by name, None where a group has nothing to draw: each flagged
+    label carries its markers and each figure the flags' footnotes as a caption. What ``kdbench report --plots``
+    saves and the notebook shows."""
+    flagged = row_flags(frame, table, metric)
     for title, group in plot_groups(frame):
-        group, notes = for_plots(group, flagged)  # flagged labels carry their markers, the footnotes a caption
-        folder = out_dir / _slug(title)
-        folder.mkdir(parents=True, exist_ok=True)
+        group, notes = for_plots(group, flagged)
         figures = {"accuracy_vs_throughput": plot_accuracy_vs_throughput(group, metric, title),
                    "top1": plot_top1(group, metric, title), "delta": plot_delta(group, metric, title),
                    "memory": plot_memory(group, title), "learning_curves": plot_learning_curves(group, table, title),
                    "heatmap": plot_heatmap(group, metric, title, correction)}
-        for name, fig in figures.items():
+        for fig in figures.values():
             if fig is not None:
                 caption(fig, notes)
-            for suffix in (".png", ".svg"):
-                if fig is not None:
-                    fig.savefig(folder / f"{name}{suffix}", dpi=150)
-                    written.append(folder / f"{name}{suffix}")
-    return written
+        yield title, figures
 
+
+def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best",
+               correction: str = "holm") -> list[Path]:
+    """Every plot (:func:`flagged_figures`), as PNG and SVG, into ``out_dir/<setting-and-protocol>/``; returns the
+    files written."""
+    out_dir, written = Path(out_dir), []
+    for title, figures in flagged_figures(frame, table, metric, correction):
+        folder = out_dir / _slug(title)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures.items():
+            for suffix in (".png", ".svg") if fig is not None else ():
+                fig.savefig(folder / f"{name}{suffix}", dpi=150)
+                written.append(folder / f"{name}{suffix}")
+    return written
