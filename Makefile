@@ -24,6 +24,8 @@ bench: setup
 REFERENCE := results/reference-fashion-mnist-cpu
 REFERENCE_METHODS := student,kd,fitnet,takd,dgkd,sakd,letkd1,letkd2
 ZOO_METHODS := at,sp,cc,vid,rkd,pkt,ab,ft,fsp,nst,crd,kdsvd,ofd,reviewkd,dkd
+# The logit-era methods (DIST, ...) join the set on resnet56:resnet20 as they land.
+LOGIT_ERA_METHODS := dist
 REFERENCE_PAIRS := resnet56:resnet20,vgg13:vgg8
 REFERENCE_SEEDS := 0,1,2,3,4
 SEMCKD_VGG_SEEDS := 0,1,2
@@ -33,7 +35,8 @@ REFERENCE_SET := \
 	"--methods $(REFERENCE_METHODS),$(ZOO_METHODS) --pairs $(REFERENCE_PAIRS) --seeds $(REFERENCE_SEEDS)" \
 	"--methods semckd --pairs resnet56:resnet20 --seeds $(REFERENCE_SEEDS)" \
 	"--methods semckd --set semckd.beta=50 --pairs resnet56:resnet20 --seeds $(REFERENCE_SEEDS)" \
-	"--methods semckd --pairs vgg13:vgg8 --seeds $(SEMCKD_VGG_SEEDS)"
+	"--methods semckd --pairs vgg13:vgg8 --seeds $(SEMCKD_VGG_SEEDS)" \
+	"--methods $(LOGIT_ERA_METHODS) --pairs resnet56:resnet20 --seeds $(REFERENCE_SEEDS)"
 REFERENCE_COMMANDS := $(PILOT_COMMAND) $(REFERENCE_SET)
 reference: setup
 	-for command in $(REFERENCE_COMMANDS); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN); done

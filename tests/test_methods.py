@@ -169,8 +169,8 @@ PRESETS = {
                  "letkd1": (1.0, 0.0, 4.0, "batchmean", {}), "letkd2": (1.0, 0.0, 4.0, "batchmean", {})},
 }
 # The method zoo (RepDistiller and mdistiller): CE + β·L under crd and official (RepDistiller's scripts), plus KD_4
-# under semckd (SemCKD's scripts); per-pair values at resnet56 -> resnet20 (ReviewKD 0.6, DKD β 2). DKD keeps its own
-# objective, CE + warm-up·DKD, under every protocol.
+# under semckd (SemCKD's scripts); per-pair values at resnet56 -> resnet20 (ReviewKD 0.6, DKD β 2). DKD and DIST keep
+# their own objectives, CE + warm-up·DKD and CE + DIST, under every protocol.
 _ZOO_OWN = {"at": {"beta": 1000.0, "p": 2}, "sp": {"beta": 3000.0}, "nst": {"beta": 50.0},
             "kdsvd": {"beta": 1.0, "k": 1, "layout": "repdistiller"}, "cc": {"beta": 0.02},
             "vid": {"beta": 1.0, "learn_variance": True},
@@ -182,6 +182,7 @@ _ZOO_OWN = {"at": {"beta": 1000.0, "p": 2}, "sp": {"beta": 3000.0}, "nst": {"bet
 for _protocol, _rows in PRESETS.items():
     _rows.update({m: (1.0, float(_protocol == "semckd"), 4.0, "batchmean", own) for m, own in _ZOO_OWN.items()})
     _rows["dkd"] = (1.0, 0.0, 4.0, "batchmean", {"alpha": 1.0, "beta": 2.0, "warmup_epochs": 20})
+    _rows["dist"] = (1.0, 0.0, 4.0, "batchmean", {"beta": 2.0, "gamma": 2.0})  # CE + 2·DIST(1, 1, τ 4)
 
 
 @pytest.mark.parametrize("protocol", sorted(PRESETS))
