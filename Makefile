@@ -38,13 +38,19 @@ REFERENCE_SET := \
 	"--methods semckd --pairs vgg13:vgg8 --seeds $(SEMCKD_VGG_SEEDS)" \
 	"--methods $(LOGIT_ERA_METHODS) --pairs resnet56:resnet20 --seeds $(REFERENCE_SEEDS)"
 REFERENCE_COMMANDS := $(PILOT_COMMAND) $(REFERENCE_SET)
+# Every row of the set must come from a clean tree of main (README, "Reference results"): both targets refuse a tree
+# with uncommitted changes. To go on working while the set trains, run it from a clean worktree of the same commit
+# (git worktree add --detach ../ref HEAD; its runs record that commit, and their code fingerprints are main's).
+CLEAN_TREE := git diff --quiet HEAD -- || { echo "make: commit or stash your changes first: reference runs record a clean tree (git status)"; exit 2; }
 reference: setup
+	@$(CLEAN_TREE)
 	-for command in $(REFERENCE_COMMANDS); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN); done
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --plots $(REFERENCE)/plots
 
 # The pilot that holds the `cpu` recipe to its criteria: its runs are the reference set's first, so they count there.
 reference-pilot: setup
-	-$(VENV)/bin/kdbench run $(PILOT_COMMAND) $(REFERENCE_RUN)
+	@$(CLEAN_TREE)
+	-for command in $(PILOT_COMMAND); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN); done
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --layout regime
 
 # What `make reference` has left to train, and its price, measured on this machine (writes nothing). The pilot's runs
