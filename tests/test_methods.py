@@ -169,8 +169,8 @@ PRESETS = {
                  "letkd1": (1.0, 0.0, 4.0, "batchmean", {}), "letkd2": (1.0, 0.0, 4.0, "batchmean", {})},
 }
 # The method zoo (RepDistiller and mdistiller): CE + β·L under crd and official (RepDistiller's scripts), plus KD_4
-# under semckd (SemCKD's scripts); per-pair values at resnet56 -> resnet20 (ReviewKD 0.6, DKD β 2). DKD and DIST keep
-# their own objectives, CE + warm-up·DKD and CE + DIST, under every protocol.
+# under semckd (SemCKD's scripts); per-pair values at resnet56 -> resnet20 (ReviewKD 0.6, DKD β 2). DKD, DIST and
+# SimKD keep their own objectives (CE + warm-up·DKD, CE + DIST, SimKD's MSE alone) under every protocol.
 _ZOO_OWN = {"at": {"beta": 1000.0, "p": 2}, "sp": {"beta": 3000.0}, "nst": {"beta": 50.0},
             "kdsvd": {"beta": 1.0, "k": 1, "layout": "repdistiller"}, "cc": {"beta": 0.02},
             "vid": {"beta": 1.0, "learn_variance": True},
@@ -183,6 +183,7 @@ for _protocol, _rows in PRESETS.items():
     _rows.update({m: (1.0, float(_protocol == "semckd"), 4.0, "batchmean", own) for m, own in _ZOO_OWN.items()})
     _rows["dkd"] = (1.0, 0.0, 4.0, "batchmean", {"alpha": 1.0, "beta": 2.0, "warmup_epochs": 20})
     _rows["dist"] = (1.0, 0.0, 4.0, "batchmean", {"beta": 2.0, "gamma": 2.0})  # CE + 2·DIST(1, 1, τ 4)
+    _rows["simkd"] = (0.0, 0.0, 4.0, "batchmean", {"beta": 1.0, "factor": 2})  # the MSE alone (-c 0 -d 0 -b 1)
 
 
 @pytest.mark.parametrize("protocol", sorted(PRESETS))
