@@ -27,7 +27,7 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
     **{("official", m): ((m, "crd"),) for m in _REPDISTILLER},
     **{("official", m): ((m, p),) for m, p in (("semckd", "semckd"), ("takd", "takd"), ("dgkd", "takd"),
                                                ("letkd1", "letkd"), ("letkd2", "letkd"), ("reviewkd", "other"),
-                                               ("ofd", "other"))},
+                                               ("ofd", "other"), ("ctkd", "crd"))},
     **{(p, m): ((m, source),) for p in ("official", "crd", "semckd")
        for m, source in (("dkd", "dkd"), ("dist", "other"), ("simkd", "semckd"))},
     ("semckd", "crd"): (("crd+kd", "crd"),),
