@@ -33,6 +33,7 @@ from torch import nn
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import AT_LEAST_ONE, LOGIT_OPTIONS, NON_NEGATIVE, Method, Preparation, StepOutputs
+from kdbench.methods.heads import classifier_of
 from kdbench.models.taps import stage_names
 
 SIMKD_OBJECTIVE = {"ce_weight": 0.0, "kd_weight": 0.0}  # the MSE alone (-c 0 -d 0 -b 1)
@@ -45,17 +46,6 @@ def projector(student_channels: int, teacher_channels: int, factor: int) -> nn.S
         nn.Conv2d(student_channels, middle, 1, bias=False), nn.BatchNorm2d(middle), nn.ReLU(inplace=True),
         nn.Conv2d(middle, middle, 3, padding=1, bias=False), nn.BatchNorm2d(middle), nn.ReLU(inplace=True),
         nn.Conv2d(middle, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels), nn.ReLU(inplace=True))
-
-
-def teacher_classifier(teacher: nn.Module, in_features: int, num_classes: int) -> nn.Linear:
-    """The teacher's classifier: its last ``nn.Linear`` from ``in_features`` to ``num_classes`` (every zoo model ends
-    with one, whatever its name: ``fc``, ``classifier``, ``linear``)."""
-    heads = [m for m in teacher.modules()
-             if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (in_features, num_classes)]
-    if not heads:
-        raise KdbenchError(f"simkd found no {in_features} -> {num_classes} linear classifier in the teacher "
-                           f"{type(teacher).__name__}")
-    return heads[-1]
 
 
 @register_method
@@ -90,7 +80,7 @@ class SimKD(Method):
         self._deployed: SimKDStudent | None = None
 
     def prepare(self, prep: Preparation) -> None:
-        head = teacher_classifier(prep.teacher_model, self.classifier.in_features, self.classifier.out_features)
+        head = classifier_of(prep.teacher_model, self.classifier.in_features, self.classifier.out_features)
         with torch.no_grad():
             self.classifier.weight.copy_(head.weight)
             self.classifier.bias.copy_(head.bias)

@@ -184,6 +184,7 @@ for _protocol, _rows in PRESETS.items():
     _rows["dkd"] = (1.0, 0.0, 4.0, "batchmean", {"alpha": 1.0, "beta": 2.0, "warmup_epochs": 20})
     _rows["dist"] = (1.0, 0.0, 4.0, "batchmean", {"beta": 2.0, "gamma": 2.0})  # CE + 2·DIST(1, 1, τ 4)
     _rows["simkd"] = (0.0, 0.0, 4.0, "batchmean", {"beta": 1.0, "factor": 2})  # the MSE alone (-c 0 -d 0 -b 1)
+    _rows["catkd"] = (1.0, 0.0, 4.0, "batchmean", {"beta": 0.7, "cam_resolution": 2, "normalize": False})  # config
     _rows["ctkd"] = ((1.0, 1.0) if _protocol == "semckd" else (0.1, 0.9)) + (4.0, "batchmean", {
         "t_start": 1.0, "t_range": 20.0, "lambda_max": 0.0, "lambda_min": -1.0, "lambda_epochs": 10})  # KD's weights
 
