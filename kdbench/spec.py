@@ -51,9 +51,10 @@ class Recipe:
     # Training images held out as a validation split (a fixed subset, the same for every run of the dataset), never
     # trained on; the epoch with the best validation top-1 selects the reported test top-1 (top1_at_best_val).
     val_split: int | None = None
-    # Evaluate (test set and validation split) after every this many main-stage epochs and after the last; selection
-    # (top1_at_best_val, top1_best) ranges over the evaluated epochs. On a small training subset evaluation costs more
-    # than training, so a low-data recipe evaluates less often. None: every epoch (and no change to run ids).
+    # Evaluate (test set and validation split) after every this many epochs of each stage (a method's init stage, then
+    # the main one) and after a stage's last (Recipe.evaluates); selection (top1_at_best_val, top1_best) ranges over
+    # the main stage's evaluated epochs. On a small training subset evaluation costs more than training, so a
+    # low-data recipe evaluates less often. None: every epoch (and no change to run ids).
     eval_every: int | None = None
     drop_last: bool = False
     warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput

@@ -125,7 +125,6 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last_and_selects_among_the
     assert RECIPES.get("cpu").eval_every == 6 and RECIPES.get("paper").eval_every is None
 
 
-
 def test_recipes_without_a_split_or_eval_every_keep_the_run_ids_they_had_before_either_existed():
     """Both fields are left out of the hash while unset (RunSpec.run_id), so every cached run stays valid; the ids
     are those kdbench 47036a7 computed for the same specs."""
