@@ -18,8 +18,9 @@ RULE_OF_METRIC = {"top1_at_best_val": None, "top1_last": "last", "top1_best": "b
 # Published (method, protocol) rows that a kdbench (protocol, method) reproduces, besides its own name and protocol.
 # "official" is each method's own code, whose numbers sit under their source's protocol (RepDistiller's for its
 # methods, mdistiller's `dkd`, the authors' code, `other`, for ReviewKD and OFD); letKD's published setting has no
-# logit KD, as crd; DKD's, DIST's and SimKD's objectives are the same under every protocol (their sources' protocols:
-# mdistiller's `dkd`, DIST_KD's `other`, SimKD's repository `semckd`); CRD under semckd (CE + KD + 0.8·CRD) is
+# logit KD, as crd; DKD's, DIST's, SimKD's and the logit-standardised methods' objectives are the same under every
+# protocol (their sources' protocols: mdistiller's `dkd`, DIST_KD's `other`, SimKD's repository `semckd`,
+# logit-standardization-KD's `other`); CRD under semckd (CE + KD + 0.8·CRD) is
 # RepDistiller's CRD+KD.
 _REPDISTILLER = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "kdsvd")
 _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
@@ -29,7 +30,8 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
                                                ("letkd1", "letkd"), ("letkd2", "letkd"), ("reviewkd", "other"),
                                                ("ofd", "other"), ("ctkd", "crd"))},
     **{(p, m): ((m, source),) for p in ("official", "crd", "semckd")
-       for m, source in (("dkd", "dkd"), ("dist", "other"), ("simkd", "semckd"))},
+       for m, source in (("dkd", "dkd"), ("dist", "other"), ("simkd", "semckd"), ("kd_ls", "other"),
+                         ("dkd_ls", "other"), ("ctkd_ls", "other"))},
     ("semckd", "crd"): (("crd+kd", "crd"),),
 }
 _RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
