@@ -11,10 +11,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 from kdbench.report import CORRECTIONS, FORMATS, LAYOUTS, METRICS
-from kdbench.spec import PROTOCOLS, RECIPES, Pair, SweepSpec, teacher_recipe_of
+from kdbench.spec import PROTOCOLS, RECIPES, SweepSpec
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from kdbench.spec import RunSpec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,15 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kdbench {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", help="train teachers and students, write tidy results")
-    run.add_argument("--methods", required=True, help="comma-separated method names (see `kdbench list methods`)")
-    run.add_argument("--pairs", required=True, help="comma-separated TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
-    run.add_argument("--dataset", default="cifar100")
-    run.add_argument("--seeds", default="0", help="comma-separated student seeds (default 0)")
-    run.add_argument("--recipe", default="paper",
-                     help="students' recipe: paper (RepDistiller, 240 epochs), letkd-native, cpu (the CPU benchmark) "
-                          "or short (a CPU smoke run); see `kdbench list recipes`")
-    run.add_argument("--epochs", type=int, help="override the recipe's epochs (lr milestones scale along)")
+    # Flags left out are absent from the namespace (SUPPRESS): a sweep file's value, else the schema's default
+    # (kdbench.config.SweepFile), applies to them; a flag given overrides both.
+    run = commands.add_parser("run", help="train teachers and students, write tidy results",
+                              argument_default=argparse.SUPPRESS)
+    run.add_argument("--config", type=Path, metavar="FILE.yaml",
+                     help="a sweep file holding any of these flags as keys (see configs/); flags given override it")
+    run.add_argument("--methods", help="comma-separated method names (see `kdbench list methods`)")
+    run.add_argument("--pairs", help="comma-separated TEACHER:STUDENT pairs, e.g. vgg13:vgg8")
+    run.add_argument("--dataset", help="the dataset (default cifar100; see `kdbench list datasets`)")
+    run.add_argument("--seeds", help="comma-separated student seeds (default 0)")
+    run.add_argument("--recipe",
+                     help="students' recipe: paper (RepDistiller, 240 epochs; the default), letkd-native, cpu (the "
+                          "CPU benchmark) or short (a CPU smoke run); see `kdbench list recipes`")
+    run.add_argument("--epochs", type=int,
+                     help="override the recipe's epochs (lr milestones and options counted in epochs scale along)")
     run.add_argument("--batch-size", type=int, help="override the recipe's training batch size")
     run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
     run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
@@ -83,47 +95,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-epochs", type=int, help="override the teacher recipe's epochs")
     run.add_argument("--teacher-train-subset", type=int, help="train teachers on a fixed subset of this many images")
     run.add_argument("--teacher-lr", type=float, help="override the teacher recipe's base learning rate")
-    run.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="options",
-                     help="a method option, e.g. fitnet.hint_layer=1 (repeatable; see `kdbench list methods`)")
-    run.add_argument("--ta-chain", action="append", default=[], metavar="TEACHER:TA1:...:STUDENT",
+    run.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE[,VALUE...]", dest="options",
+                     help="a method option, e.g. fitnet.hint_layer=1; several values are a grid, one run per value "
+                          "(repeatable, once per option; see `kdbench list methods NAME`)")
+    run.add_argument("--ta-chain", action="append", metavar="TEACHER:TA1:...:STUDENT", dest="ta_chains",
                      help="teacher-assistant chain for takd/dgkd (repeatable, one per pair); default per pair")
-    run.add_argument("--protocol", default=PROTOCOLS[0],
+    run.add_argument("--protocol",
                      help=f"loss-weight preset: {', '.join(PROTOCOLS)} (default {PROTOCOLS[0]}: each method as its "
                           "official code runs it)")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
-    run.add_argument("--amp", action="store_const", const="bf16", default="fp32", dest="precision",
+    run.add_argument("--device", help="auto (CUDA when present; the default), cuda or cpu")
+    run.add_argument("--amp", action="store_const", const="bf16", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
                           "max-autotune, max-autotune-no-cudagraphs; default: default)")
-    run.add_argument("--teacher-seeds", "--teacher-seed", default="0", dest="teacher_seeds",
+    run.add_argument("--teacher-seeds", "--teacher-seed", dest="teacher_seeds",
                      help="comma-separated seeds of trained teachers (default 0); each teaches every student seed, "
                           "and the report keeps a row per teacher")
     run.add_argument("--val-split", type=int, metavar="N",
                      help="hold out N training images as the validation split that selects the reported epoch "
                           "(students, assistants and teachers alike; 0: none; default: the recipe's)")
-    run.add_argument("--teacher-ckpt", type=Path, help="use this checkpoint (RepDistiller format) as the teacher")
-    run.add_argument("--data-dir", type=Path, help="where datasets are found or downloaded to")
-    run.add_argument("--no-download", action="store_true", help="never download datasets")
-    run.add_argument("--results-dir", type=Path, default=Path("results"))
+    run.add_argument("--teacher-ckpt", help="use this checkpoint (RepDistiller format) as the teacher")
+    run.add_argument("--data-dir", help="where datasets are found or downloaded to (default: ~/.cache/kdbench)")
+    run.add_argument("--no-download", action="store_false", dest="download", help="never download datasets")
+    run.add_argument("--results-dir",
+                     help="where runs, the tidy table and the resolved sweep (sweep.yaml) go (default results)")
     run.add_argument("--reuse-stale", action="store_true",
                      help="keep finished runs that other code made instead of re-running them")
     run.add_argument("--retry-failed", action="store_true",
                      help="train again runs that diverged (a non-finite loss) under the current code; by default a "
                           "sweep keeps them failed, as a second try fails the same way")
-    run.add_argument("--executor", default="local", choices=("local", "ray"),
+    run.add_argument("--executor", choices=("local", "ray"),
                      help="local: one run after another in this process (default); ray: on a Ray cluster")
     run.add_argument("--ray-address", metavar="ADDR",
                      help="attach to this Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
-    run.add_argument("--ray-cpus", type=int, default=1, metavar="N",
+    run.add_argument("--ray-cpus", type=int, metavar="N",
                      help="CPUs (threads) per run under Ray (default 1); CUDA runs also take one GPU each")
-    run.add_argument("--log", default="", metavar="SINKS",
+    run.add_argument("--log", metavar="SINKS",
                      help="also stream each run's spec and per-epoch metrics to: tensorboard, wandb (comma-separated;"
                           " W&B runs offline unless WANDB_MODE says otherwise)")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the plan and an estimate of its compute (a few measured steps); write nothing")
-    run.add_argument("--profile", action="store_true",
+    run.add_argument("--dry-run", action="store_true", default=False,
+                     help="print the plan, each run's resolved options and an estimate of its compute (a few "
+                          "measured steps); write nothing")
+    run.add_argument("--profile", action="store_true", default=False,
                      help="time each setting's training step by phase, against a fixed batch, a bare PyTorch loop "
                           "and the device's peak; write RESULTS_DIR/profile.parquet and a plot, train nothing")
 
@@ -154,35 +169,51 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
 
     listing = commands.add_parser("list", help="list models, datasets, recipes and methods")
-    listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"])
+    listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"],
+                         help="what to list (default all: the names); recipes and methods print their settings")
+    listing.add_argument("name", nargs="?", help="with methods: one method's options, per protocol and per pair")
     return parser
 
 
-def _sweep(args: argparse.Namespace) -> SweepSpec:
+def _set_options(given: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set`` flags as the sweep file's ``options``: a comma-separated value is a grid axis (a list)."""
+    options: dict[str, dict[str, Any]] = {}
+    for text in given:
+        method, key, value = _option(text)
+        if key in options.setdefault(method, {}):
+            raise KdbenchError(f"--set {method}.{key} is given twice; give it once, with several values for a grid "
+                               f"(--set {method}.{key}=A,B)")
+        options[method][key] = value.split(",") if "," in value else value
+    return options
+
+
+_AS_LIST = {"methods": _names, "pairs": _names, "log": _names,
+            "seeds": lambda text: _int_list(text, "--seeds"),
+            "teacher_seeds": lambda text: _int_list(text, "--teacher-seeds")}
+
+
+def _settings(args: argparse.Namespace) -> DictConfig:
+    """The sweep: the file's (``--config``), with the flags given on the command line over it."""
+    from kdbench.config import load
+
+    given = {key: value for key, value in vars(args).items()
+             if key not in ("command", "config", "dry_run", "profile")}
+    given.update({key: list(_AS_LIST[key](given[key])) for key in _AS_LIST if key in given})
+    if "options" in given:
+        given["options"] = _set_options(given["options"])
+    return load(getattr(args, "config", None), given)
+
+
+def _sweeps(cfg: DictConfig) -> list[SweepSpec]:
+    from kdbench.config import sweeps
     from kdbench.harness import sha256_file
     from kdbench.measure import resolve_device
 
-    if args.teacher_ckpt is not None and not args.teacher_ckpt.is_file():
-        raise KdbenchError(f"teacher checkpoint {args.teacher_ckpt} does not exist or is not a file")
-    recipe = RECIPES.get(args.recipe).overridden(epochs=args.epochs, batch_size=args.batch_size,
-                                                 train_subset=args.train_subset,
-                                                 test_subset=args.test_subset, lr=args.lr, val_split=args.val_split)
-    teacher_recipe = (RECIPES.get(args.teacher_recipe) if args.teacher_recipe else teacher_recipe_of(recipe))
-    # A validation split is a partition of the data, so the teachers hold out the same images: none of its labels
-    # reaches a student through its teacher.
-    teacher_recipe = teacher_recipe.overridden(epochs=args.teacher_epochs, train_subset=args.teacher_train_subset,
-                                               lr=args.teacher_lr, what="--teacher-").overridden(
-        val_split=args.val_split)
-    return SweepSpec(
-        methods=_names(args.methods), pairs=tuple(Pair.parse(p) for p in _names(args.pairs)),
-        seeds=_int_list(args.seeds, "--seeds"), dataset=args.dataset, recipe=recipe, teacher_recipe=teacher_recipe,
-        protocol=args.protocol,
-        device=resolve_device(args.device).type, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile,
-        teacher_seeds=_int_list(args.teacher_seeds, "--teacher-seeds"),
-        method_options=tuple(_option(o) for o in args.options),
-        ta_chains=tuple(tuple(c.split(":")) for c in args.ta_chain),
-        teacher_ckpt_sha256=sha256_file(args.teacher_ckpt, "teacher checkpoint") if args.teacher_ckpt else None)
+    checkpoint = Path(cfg.teacher_ckpt) if cfg.teacher_ckpt else None
+    if checkpoint is not None and not checkpoint.is_file():
+        raise KdbenchError(f"teacher checkpoint {checkpoint} does not exist or is not a file")
+    return sweeps(cfg, resolve_device(cfg.device).type,
+                  sha256_file(checkpoint, "teacher checkpoint") if checkpoint else None)
 
 
 def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
@@ -192,8 +223,48 @@ def _check_teacher_ckpt(path: Path, sweep: SweepSpec) -> None:
     from kdbench.execution import load_weights
     from kdbench.models import create_model
 
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        raise KdbenchError(f"teacher checkpoint {path} is empty (0 bytes)")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip archive, or a pickle before 1.6
+        raise KdbenchError(f"teacher checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive "
+                           f"or a pickle; this file starts with {head!r})")
     info = dataset_info(sweep.dataset)
     load_weights(create_model(sweep.pairs[0].teacher, info.num_classes, info.in_channels), path, "teacher checkpoint")
+
+
+def _small_teachers(sweep: SweepSpec) -> list[str]:
+    """Pairs whose teacher has fewer parameters than its student: allowed (a reversed pair is an experiment of its
+    own), but worth a word, as a typo (resnet8:resnet20 for resnet20:resnet8) looks the same."""
+    import torch
+
+    from kdbench.data import dataset_info
+    from kdbench.models import create_model
+
+    info = dataset_info(sweep.dataset)
+
+    def size(arch: str) -> int:
+        with torch.device("meta"):  # no memory, no initialisation
+            return sum(p.numel() for p in create_model(arch, info.num_classes, info.in_channels).parameters())
+
+    return [f"teacher {p.teacher} ({size(p.teacher) / 1e6:.2f} M parameters) is smaller than its student "
+            f"{p.student} ({size(p.student) / 1e6:.2f} M); did you mean {p.student}:{p.teacher}?"
+            for p in sweep.pairs if size(p.teacher) < size(p.student)]
+
+
+def _teacher_lines(specs: list[RunSpec], env) -> list[str]:
+    """For each teacher the sweep will train under a recipe the user did not name: which recipe, how long, its
+    price on this machine, and how to change it; so that `--epochs 1` does not hide a 240-epoch teacher."""
+    from kdbench.estimate import PriceCache, estimate
+    from kdbench.progress import duration, epoch_images
+
+    teachers = [spec for spec in specs if spec.role == "teacher" and not spec.pretrained]
+    priced = estimate(teachers, env, prices=PriceCache.default()).runs if teachers else ()
+    return [f"teacher {spec.student} (seed {spec.seed}) trains first, with recipe {spec.recipe.name}, which the "
+            f"students' recipe names: {spec.recipe.epochs} epochs on {epoch_images(spec):,} images, about "
+            f"{duration(price.seconds)} here; --teacher-recipe, --teacher-epochs or --teacher-train-subset change it"
+            for spec, price in zip(teachers, priced) if price.status in ("train", "resume", "remake", "stale")]
 
 
 def _show_progress_lines() -> None:
@@ -212,6 +283,7 @@ def _show_progress_lines() -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from kdbench.config import SWEEP_NAME, plan, write_resolved
     from kdbench.executors import RayOptions, execute
     from kdbench.fingerprint import stale_runs
     from kdbench.harness import RunEnv
@@ -220,48 +292,63 @@ def _run(args: argparse.Namespace) -> int:
     from kdbench.report import run_summary
     from kdbench.results import ResultsStore
 
-    sinks = _names(args.log)
+    cfg = _settings(args)
+    sinks = tuple(cfg.log)
     check_sinks(sinks)
-    if args.ray_cpus < 1:
-        raise KdbenchError(f"--ray-cpus must be a positive integer, got {args.ray_cpus}")
-    if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+    if cfg.ray_cpus < 1:
+        raise KdbenchError(f"--ray-cpus must be a positive integer, got {cfg.ray_cpus}")
+    if cfg.executor not in ("local", "ray"):
+        raise KdbenchError(f"unknown executor {cfg.executor!r}; valid executors: local, ray")
+    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise KdbenchError("--executor ray needs Ray: pip install 'kdbench[ray]'")
-    _writable_dir(args.results_dir, "--results-dir")
-    sweep = _sweep(args)
-    specs = sweep.plan()
-    if args.teacher_ckpt:
-        _check_teacher_ckpt(args.teacher_ckpt, sweep)
+    results_dir = Path(cfg.results_dir)
+    _writable_dir(results_dir, "--results-dir")
+    sweeps = _sweeps(cfg)
+    specs = plan(sweeps)
+    checkpoint = Path(cfg.teacher_ckpt).resolve() if cfg.teacher_ckpt else None
+    if checkpoint:
+        _check_teacher_ckpt(checkpoint, sweeps[0])
+    for line in _small_teachers(sweeps[0]):
+        print(f"kdbench: warning: {line}", file=sys.stderr)
     # Absolute paths: Ray workers run in the directory their node started in, not in this one.
-    checkpoints = {sweep.teacher_ckpt_sha256: args.teacher_ckpt.resolve()} if args.teacher_ckpt else {}
-    store = ResultsStore(args.results_dir.resolve())
-    env = RunEnv(store, args.data_dir.resolve() if args.data_dir else None, not args.no_download, checkpoints,
-                 reuse_stale=args.reuse_stale, retry_failed=args.retry_failed, sinks=sinks)
+    checkpoints = {sweeps[0].teacher_ckpt_sha256: checkpoint} if checkpoint else {}
+    store = ResultsStore(results_dir.resolve())
+    env = RunEnv(store, Path(cfg.data_dir).resolve() if cfg.data_dir else None, cfg.download, checkpoints,
+                 reuse_stale=cfg.reuse_stale, retry_failed=cfg.retry_failed, sinks=sinks)
     if args.dry_run:
-        from kdbench.estimate import estimate, format_estimate
+        from kdbench.estimate import PriceCache, estimate, format_estimate
 
-        print(format_estimate(estimate(specs, env)))
+        print(format_estimate(estimate(specs, env, prices=PriceCache.default()), per_run=True))
         return 0
     if args.profile:
         from kdbench.profile import format_profile, profile, save
 
         table = profile(specs, env)
-        path = save(table, args.results_dir)
+        path = save(table, results_dir)
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
-    note = slow_setting_note(torch.device(sweep.device), sweep.precision, sweep.channels_last)
+    if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
+        for line in _teacher_lines(specs, env):
+            print(f"kdbench: {line}", file=sys.stderr)
+    note = slow_setting_note(torch.device(sweeps[0].device), cfg.precision, cfg.channels_last)
     if note:
         print(f"kdbench: warning: {note}", file=sys.stderr)
     stale = stale_runs(specs, store)
     if stale:
         changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
-        what = "kept (--reuse-stale)" if args.reuse_stale else "re-run"
+        what = "kept (--reuse-stale)" if cfg.reuse_stale else "re-run"
         print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
               f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
     _show_progress_lines()
-    records = execute(specs, env, args.executor, RayOptions(args.ray_address, args.ray_cpus))
+    try:
+        records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
+    finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
+        if any(store.run_dir(spec.run_id).exists() for spec in specs):
+            written = write_resolved(cfg, specs, results_dir)
+            print(f"kdbench: the resolved sweep: {results_dir / SWEEP_NAME} (kept as {written})", file=sys.stderr)
     print(run_summary(records))
-    print(f"\ntidy table: {args.results_dir / 'metrics.parquet'} (CSV: {args.results_dir / 'metrics.csv'})")
+    print(f"\ntidy table: {results_dir / 'metrics.parquet'} (CSV: {results_dir / 'metrics.csv'})")
     return 1 if any(r.status == "failed" for r in records) else 0
 
 
@@ -288,21 +375,23 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from kdbench import listing
     from kdbench.data import list_datasets
-    from kdbench.methods import list_methods, method_class
+    from kdbench.methods import list_methods
     from kdbench.models import list_models
 
-    def methods() -> list[str]:  # each with its options and defaults, e.g. fitnet[hint_layer=2 beta=100.0]
-        shown = []
-        for name in list_methods():
-            options = " ".join(f"{k}={v}" for k, v in method_class(name).defaults.items())
-            shown.append(f"{name}[{options}]" if options else name)
-        return shown
-
-    listings = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": methods}
-    for what, names in listings.items():
-        if args.what in ("all", what):
-            print(f"{what}: {', '.join(names())}")
+    if args.name:
+        if args.what != "methods":
+            raise KdbenchError(f"`kdbench list {args.what}` takes no name; `kdbench list methods NAME` shows a method")
+        print(listing.method_detail(args.name))
+        return 0
+    tables = {"recipes": listing.recipes_table, "methods": listing.methods_table}
+    names = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": list_methods}
+    for what in names:
+        if args.what == what and what in tables:
+            print(tables[what]())
+        elif args.what in ("all", what):
+            print(f"{what}: {', '.join(names[what]())}")
     return 0
 
 

@@ -10,10 +10,13 @@ evaluations, the teacher's evaluation, the method's offline fit, and the fixed c
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -25,10 +28,12 @@ from kdbench.loader import DeviceLoader
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods import method_class
 from kdbench.models import create_model
-from kdbench.results import DamagedRun, ResultsStore, RunRecord
+from kdbench.progress import rescaled_options
+from kdbench.results import DamagedRun, ResultsStore, RunRecord, atomic_write, options_text
 from kdbench.spec import RunSpec
 
 WARMUP_STEPS = 3  # untimed steps first: allocator, kernel selection, caches
+CACHE_ENV = "KDBENCH_CACHE"  # folder of the price cache (default ~/.cache/kdbench)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class RunEstimate:
     epochs: int  # epochs left to train
     seconds: float
     note: str = ""  # why: a stale run's changed modules, the runs that need a remade run's weights
+    options: str = ""  # the resolved method options, as the results rows record them
+    recipe: str = ""  # the recipe's name and epochs after any --epochs, and the options its length rescaled
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Estimate:
     settings: int  # distinct settings measured
     steps: int  # timed training steps per setting
     devices: tuple[str, ...]
+    reused: int = 0  # settings priced from the cache (PriceCache), not measured now
 
     @property
     def total_s(self) -> float:
@@ -242,15 +250,62 @@ def _setting(spec: RunSpec) -> tuple:
             spec.device, spec.precision, spec.channels_last, spec.compile, spec.recipe.batch_size, spec.recipe.pad_mode)
 
 
-def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1) -> Estimate:
-    """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``."""
+class PriceCache:
+    """Measured costs of settings, kept per setting, machine and code in a JSON file, so that pricing a plan again
+    (a sweep that grew, a first line before training) times only what it has not timed. A price is a measurement
+    of this machine at one moment: another load on it when it was taken skews it, which the dry run says."""
+
+    def __init__(self, path: Path):
+        self.path, self.reused = path, 0
+        try:
+            self.prices: dict[str, dict] = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: measured again
+            self.prices = {}
+
+    @classmethod
+    def default(cls) -> "PriceCache":
+        return cls(Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdbench") / "prices.json")
+
+    @staticmethod
+    def key(spec: RunSpec, steps: int, eval_batches: int, machine: dict) -> str:
+        return json.dumps([repr(_setting(spec)), steps, eval_batches, machine, fingerprint(spec)["code_fingerprint"]])
+
+    def get(self, key: str) -> _Cost | None:
+        price = self.prices.get(key)
+        self.reused += price is not None
+        return _Cost(**price) if price is not None else None
+
+    def put(self, key: str, cost: _Cost) -> None:
+        self.prices[key] = asdict(cost)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda p: p.write_text(json.dumps(self.prices)))
+
+
+def _machine(device: str) -> dict:
+    known = provenance(torch.device(device))
+    return {k: known[k] for k in ("device_name", "cpu_threads", "torch_version", "cuda_version")}
+
+
+def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1,
+             prices: PriceCache | None = None) -> Estimate:
+    """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``.
+    ``prices``: costs measured before on this machine and code, reused, and where new ones are kept."""
     remake = reuse.weights_to_remake(specs, env)
     plan = [(spec, *_status(spec, env, remake.get(spec.run_id, 0))) for spec in specs]
     costs: dict[tuple, _Cost] = {}
     evals: dict[tuple, tuple[float, float]] = {}
+    machines: dict[str, dict] = {}
     for spec, status, *_ in plan:
         if status not in KEPT and _setting(spec) not in costs:
-            costs[_setting(spec)] = _measure(spec, env, steps, eval_batches, evals)
+            if prices is None:
+                costs[_setting(spec)] = _measure(spec, env, steps, eval_batches, evals)
+                continue
+            key = PriceCache.key(spec, steps, eval_batches, machines.setdefault(spec.device, _machine(spec.device)))
+            cost = prices.get(key)
+            if cost is None:
+                cost = _measure(spec, env, steps, eval_batches, evals)
+                prices.put(key, cost)
+            costs[_setting(spec)] = cost
     fitted: set[tuple] = set()  # (teacher run, method, options): a cached fit is paid once per teacher
     rows = []
     for spec, status, done, note in plan:
@@ -273,9 +328,12 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)
                 seconds += n_train * (cost.reuse_image if key in fitted else cost.fit_image)
                 fitted.add(key)
+        rescaled = rescaled_options(spec)
+        recipe = f"{spec.recipe.name}, {spec.recipe.epochs} epochs" + (f" ({rescaled})" if rescaled else "")
         rows.append(RunEstimate(spec.run_id, spec.role, spec.method, spec.pair or spec.student, status, epochs,
-                                seconds, note))
-    return Estimate(tuple(rows), len(costs), steps, tuple(sorted({s.device for s, *_ in plan})))
+                                seconds, note, options_text(spec.method_options), recipe))
+    return Estimate(tuple(rows), len(costs), steps, tuple(sorted({s.device for s, *_ in plan})),
+                    prices.reused if prices else 0)
 
 
 def format_estimate(est: Estimate, per_run: bool = False) -> str:
@@ -291,16 +349,21 @@ def format_estimate(est: Estimate, per_run: bool = False) -> str:
              for label, runs in groups.items()]
     text = tabulate(table, headers=["method", *statuses, "device-h"], floatfmt=".3g")
     if per_run:
-        rows = [[r.run_id, r.pair, r.status, r.epochs, f"{r.seconds:.1f}", r.note] for r in est.runs]
-        text += "\n\n" + tabulate(rows, headers=["run", "pair", "status", "epochs", "est. s", "why"])
+        rows = [[r.run_id, r.pair, r.recipe, r.options, r.status, r.epochs, f"{r.seconds:.1f}", r.note]
+                for r in est.runs]
+        text = tabulate(rows, headers=["run", "pair", "recipe", "options", "status", "epochs left", "est. s",
+                                       "why"]) + "\n\n" + text
     remade = [f"{r.run_id} ({r.note})" for r in est.runs if r.status == "remake"]
     if remade:
         text += "\n\nfinished without weights, made again because runs to train need them: " + ", ".join(remade)
     devices = "/".join(est.devices) or "no device"
     to_train = sum(r.status in ("train", "resume", "remake", "stale") for r in est.runs)
+    reused = (f" ({est.reused} of them priced by an earlier run on this machine and code, under whatever load it "
+              f"had then; the prices live in ${CACHE_ENV}, default ~/.cache/kdbench)") if est.reused else ""
     return (f"{text}\n\n{to_train} runs to train; estimate: {est.total_s / 3600:.3g} device-hours "
             f"({est.total_s / 60:.1f} min); measured "
             f"{est.steps} training steps (after {WARMUP_STEPS} warm-up) and test batches of each of {est.settings} "
-            f"settings on {devices}, times the recipes; includes teacher forwards and evaluation, and each method's "
-            f"offline fit (prepare) measured on {est.steps} batches a pass and scaled with the training subset (an "
-            f"upper bound where the recipe caps fit points); excludes loading the dataset. Nothing was written.")
+            f"settings{reused} on {devices}, times the recipes; includes teacher forwards and evaluation, and each "
+            f"method's offline fit (prepare) measured on {est.steps} batches a pass and scaled with the training "
+            f"subset (an upper bound where the recipe caps fit points); excludes loading the dataset. Nothing was "
+            f"written to the results.")

@@ -21,6 +21,21 @@ log = logging.getLogger("kdbench")
 SINKS = ("tensorboard", "wandb")
 
 
+def rescaled_options(spec: RunSpec) -> str:
+    """The run's options counted in epochs that its recipe rescaled from their official 240-epoch values (e.g.
+    ``warmup_epochs 20 -> 1``), so that a user who shortened the recipe learns it: empty when none was."""
+    from kdbench.methods import method_class
+
+    cls = method_class(spec.method)
+    if not cls.epoch_options:
+        return ""
+    args = ({}, spec.protocol, spec.teacher, spec.student)
+    official, scaled = dict(cls.resolve_options(*args)), dict(cls.resolve_options(*args, spec.recipe.epochs))
+    ran = dict(spec.method_options)
+    return ", ".join(f"{key} {official[key]} -> {ran[key]}" for key in cls.epoch_options
+                     if official[key] != scaled[key] and ran.get(key) == scaled[key])
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -142,7 +157,9 @@ class RunLog:
         main = self.spec.recipe.epochs
         stage = f"{init_epochs} init + " if init_epochs else ""
         if not epochs_done:
-            self._line(f"starts ({stage}{main} epochs)")
+            rescaled = rescaled_options(self.spec)
+            scaled = f"; scaled to the recipe's {main} epochs: {rescaled}" if rescaled else ""
+            self._line(f"starts ({stage}{main} epochs{scaled})")
         elif epochs_done < init_epochs:
             self._line(f"resumes in its init stage, {init_epochs - epochs_done} init epochs to go")
         else:

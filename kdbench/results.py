@@ -103,9 +103,9 @@ class RunRecord:
         identity = {
             "run_id": self.run_id, "status": self.status, "error": self.error, "role": spec.role,
             "method": spec.method, "method_family": method_class(spec.method).family,
-            "method_options": _options_text(spec.method_options),
+            "method_options": options_text(spec.method_options),
             # what the user set against the preset, in the kdbench that ran it: report labels show it
-            "method_overrides": _options_text((k, v) for k, v in spec.method_options if preset.get(k) != v),
+            "method_overrides": options_text((k, v) for k, v in spec.method_options if preset.get(k) != v),
             "dataset": spec.dataset, "teacher": spec.teacher, "student": spec.student,
             "pair": spec.pair, "assistants": ":".join(spec.assistants) or None,
             "protocol": spec.protocol, "recipe": spec.recipe.name, "seed": spec.seed,
@@ -141,7 +141,7 @@ def _split_of(metric: str, otherwise: str) -> str:
     return "test" if metric in _TEST_METRICS else "val" if metric in _VAL_METRICS else otherwise
 
 
-def _options_text(options: Iterable[tuple[str, Any]]) -> str:
+def options_text(options: Iterable[tuple[str, Any]]) -> str:
     """``k=v,k2=v2``: how options are written into results rows (kdbench.report parses it back)."""
     return ",".join(f"{k}={v}" for k, v in options)
 
@@ -246,13 +246,14 @@ class ResultsStore:
         finally:
             lock.release()
 
-    def set_aside(self, path: Path, problem: str, say: bool = True, why: str = "damaged") -> Path:
+    def set_aside(self, path: Path, problem: str, say: bool = True, why: str = "damaged",
+                  then: str = "its run will be made again") -> Path:
         """Renames a file that cannot be used (``why``: damaged) or is replaced (remade) to ``<name>.<why>-<time>``
-        (never deletes it) and says so."""
+        (never deletes it) and says so, and what happens ``then``."""
         aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
         if say:
-            log.warning("%s: %s; set aside as %s, its run will be made again", path, problem, aside.name)
+            log.warning("%s: %s; set aside as %s, %s", path, problem, aside.name, then)
         return aside
 
     def load_record(self, run_id: str, repair: bool = True) -> RunRecord | None:
@@ -353,7 +354,8 @@ class ResultsStore:
             pass
         except Exception as error:  # pyarrow's ArrowInvalid and kin
             if repair:
-                self.set_aside(path, f"unreadable rows ({type(error).__name__}); written again from record.json")
+                self.set_aside(path, f"unreadable rows ({type(error).__name__})",
+                               then="the rows are written again from record.json; the run stays as it is")
         if not repair:
             return record.tidy()
         self.write_record(record)

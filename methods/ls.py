@@ -89,7 +89,9 @@ class KDLS(LogitStandardization, KD):
 
     @classmethod
     def pair_defaults(cls, teacher, student):
-        temperature, weight = KD_LS_PAIRS.get((teacher, student), (BASE_TEMPERATURE, LS_WEIGHT))
+        if (teacher, student) not in KD_LS_PAIRS:
+            return {}
+        temperature, weight = KD_LS_PAIRS[teacher, student]
         return {"temperature": temperature, "kd_weight": weight}
 
 
@@ -102,9 +104,10 @@ class DKDLS(LogitStandardization, DKD):
 
     @classmethod
     def pair_defaults(cls, teacher, student):
-        beta = PAIR_BETA.get((teacher, student), DKD_BETA)
-        temperature, weight, beta = DKD_LS_PAIRS.get((teacher, student), (BASE_TEMPERATURE, LS_WEIGHT, beta))
-        return {"temperature": temperature, "alpha": weight, "beta": weight * beta}
+        if (teacher, student) in DKD_LS_PAIRS:
+            temperature, weight, beta = DKD_LS_PAIRS[teacher, student]
+            return {"temperature": temperature, "alpha": weight, "beta": weight * beta}
+        return {"beta": LS_WEIGHT * PAIR_BETA[teacher, student]} if (teacher, student) in PAIR_BETA else {}
 
 
 @register_method

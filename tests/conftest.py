@@ -20,6 +20,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # test files in parallel (setup.c
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+@pytest.fixture(autouse=True)
+def _own_price_cache(tmp_path, monkeypatch):
+    """Each test prices dry runs afresh: the CLI's price cache (kdbench.estimate.PriceCache) in its own folder."""
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+
+
 def tiny_sweep(methods=("student",), pair=("resnet14", "resnet8"), seeds=(0,), **changes) -> SweepSpec:
     return SweepSpec(methods=tuple(methods), pairs=(Pair(*pair),), seeds=tuple(seeds), dataset="synthetic",
                      recipe=changes.pop("recipe", TINY), device=changes.pop("device", "cpu"), **changes)

@@ -41,12 +41,15 @@ def test_run_writes_results_and_prints_the_table(capsys, tmp_path):
     assert set(table.recipe) == {"short", "short-teacher"} and set(table.dataset) == {"synthetic"}
 
 
-def _bad_checkpoints(tmp_path):
-    wrong = tmp_path / "wrong_arch.pth"
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, wrong)
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_text("this is not a checkpoint")
-    return wrong, garbage
+def _bad_checkpoints(tmp_path) -> dict[str, str]:
+    """Files given as --teacher-ckpt, by the placeholder the test cases use."""
+    files = {"WRONG": tmp_path / "wrong_arch.pth", "GARBAGE": tmp_path / "garbage.pth",
+             "EMPTY": tmp_path / "empty.pth", "BADPICKLE": tmp_path / "bad_pickle.pth"}
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, files["WRONG"])
+    files["GARBAGE"].write_text("this is not a checkpoint")
+    files["EMPTY"].write_bytes(b"")
+    files["BADPICKLE"].write_bytes(b"\x80\x02garbage")
+    return {placeholder: str(path) for placeholder, path in files.items()}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -72,10 +75,13 @@ def _bad_checkpoints(tmp_path):
      "teacher checkpoint /nonexistent.pth does not exist"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "WRONG"], "does not fit"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "GARBAGE"],
+     "is not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts with b'this')"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "EMPTY"], "is empty (0 bytes)"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-ckpt", "BADPICKLE"],
      "cannot read teacher checkpoint"),
     (["--methods", "student", "--pairs", "resnet14:resnet8,vgg13:vgg8", "--teacher-ckpt", "WRONG"],
      "--teacher-ckpt holds one teacher"),
-    (["--pairs", "resnet14:resnet8"], "the following arguments are required: --methods"),
+    (["--pairs", "resnet14:resnet8"], "no methods: give --methods or `methods:` in the sweep file"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.bet=3"],
      "method fitnet has no option 'bet'; its options: ce_weight, kd_weight, temperature, kl_reduction, hint_layer, "
      "beta"),
@@ -88,8 +94,8 @@ def _bad_checkpoints(tmp_path):
      "option fitnet.hint_layer takes a int, got 'x'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, message):
-    wrong, garbage = _bad_checkpoints(tmp_path)
-    argv = [{"WRONG": str(wrong), "GARBAGE": str(garbage)}.get(a, a) for a in argv]
+    files = _bad_checkpoints(tmp_path)
+    argv = [files.get(a, a) for a in argv]
     results = tmp_path / "results"
     code, out, err = run_cli(capsys, "run", *TINY_ARGS, *argv, "--results-dir", str(results))
     assert code == 2
@@ -110,8 +116,8 @@ def test_console_script_is_installed():
     beside_python = Path(sys.executable).with_name("kdbench")
     exe = str(beside_python) if beside_python.exists() else shutil.which("kdbench")
     assert exe, "the kdbench console script is not installed (pip install -e .)"
-    result = subprocess.run([exe, "list", "methods"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.startswith("methods: student")
+    result = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "\nmethods: student, " in result.stdout
 
 
 def test_dry_run_prints_the_plan_and_its_compute_and_writes_nothing(capsys, tmp_path):

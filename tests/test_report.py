@@ -367,6 +367,9 @@ def _one_line_error(capsys, *argv: str) -> str:
 
 def test_clear_errors(capsys, tmp_path, tiny_results):
     assert "does not exist" in _one_line_error(capsys, "--results-dir", str(tmp_path / "nowhere"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert f"results directory {a_file} is a file" in _one_line_error(capsys, "--results-dir", str(a_file))
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "holds no runs" in _one_line_error(capsys, "--results-dir", str(empty))
@@ -570,9 +573,9 @@ def test_the_validation_metric_is_the_default_where_every_run_recorded_it(table)
     assert "never selected on a validation split" in report.render_report(cifar).splitlines()[0]
 
 
-def test_readme_pandas_snippet_keeps_the_ce_baseline_and_the_teachers(tiny_results, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = readme.split("```python\n")[1].split("```")[0]
+def test_docs_pandas_snippet_keeps_the_ce_baseline_and_the_teachers(tiny_results, monkeypatch):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    snippet = page.split("```python\n")[1].split("```")[0]
     assert 'pd.read_parquet("results/metrics.parquet")' in snippet
     monkeypatch.chdir(tiny_results.parent)  # the fixture's results directory is named results/
     scope: dict = {}

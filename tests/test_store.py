@@ -86,6 +86,9 @@ def test_a_damaged_file_is_set_aside_and_its_run_made_again(damage, reference, f
     assert _set_aside(target.parent, target.name), "the damaged file was not kept"
     lines = [r.getMessage() for r in caplog.records if target.name in r.getMessage()]
     assert len(lines) == 1 and "set aside" in lines[0]
+    # the line says what happens next: rows are written again from the record, a run loses nothing
+    assert ("written again from record.json; the run stays" in lines[0]) == (damage == "rows")
+    assert ("will be made again" in lines[0]) == (damage != "rows")
     table = pd.read_parquet(env.store.root / "metrics.parquet")
     assert set(table.run_id) == {s.run_id for s in specs}
 

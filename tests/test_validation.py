@@ -42,8 +42,8 @@ def fails_cleanly(capsys, argv: list[str], message: str, *unwritten) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     # empty lists
-    (["--methods", "student", "--pairs", ""], "--pairs names no pair; write TEACHER:STUDENT"),
-    (["--methods", ",", *PAIR], "--methods names no method; valid methods: student, ab, at, catkd, cc"),
+    (["--methods", "student", "--pairs", ""], "no pairs: give --pairs or `pairs:`"),
+    (["--methods", ",", *PAIR], "no methods: give --methods or `methods:` in the sweep file; valid methods: student"),
     # seeds out of range
     (["--methods", "student", *PAIR, "--seeds", "1180591620717411303424"],
      "--seeds: seed 1180591620717411303424 is out of range; seeds are integers from 0 to 2147483647"),

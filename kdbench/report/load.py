@@ -50,6 +50,9 @@ def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
     holds only the all-runs table (copied without its run folders) is read from that table."""
     from kdbench.results import TABLE_NAME, ResultsStore
 
+    if root.exists() and not root.is_dir():
+        raise KdbenchError(f"results directory {root} is a file; give the folder that `kdbench run --results-dir` "
+                           f"wrote (default results)")
     if not root.is_dir():
         raise KdbenchError(f"results directory {root} does not exist; run `kdbench run --results-dir {root}` first")
     table, unreadable = ResultsStore(root).read_table(repair=False)

@@ -1,0 +1,167 @@
+"""Sweep files: everything ``kdbench run`` takes, as YAML, checked against a schema before anything runs.
+
+A file holds what the command line holds (methods, pairs, seeds, dataset, recipes, protocol, per-method options,
+executor and resources); flags given on the command line override it, as mdistiller's ``opts`` override its YAML.
+The schema is an OmegaConf structured config (:class:`SweepFile`), so an unknown key or a value of the wrong type is
+refused with the key named. A per-method option given as a list (``--set kd.temperature=2,4``) is a grid: the
+sweep runs the product of the lists, one run per combination. The resolved sweep is written beside the results
+(``sweep.yaml``), so a table can be traced back to the settings that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kdbench.errors import KdbenchError
+from kdbench.spec import PROTOCOLS, RECIPES, Pair, RunSpec, SweepSpec, teacher_recipe_of
+
+SWEEP_NAME = "sweep.yaml"  # the latest resolved sweep of a results folder; every one is kept under sweeps/
+
+
+@dataclass
+class SweepFile:
+    """The schema of a sweep file; each key is the ``kdbench run`` flag of the same name (``_`` for ``-``)."""
+
+    methods: list[str] = field(default_factory=list)
+    pairs: list[str] = field(default_factory=list)  # TEACHER:STUDENT
+    seeds: list[int] = field(default_factory=lambda: [0])
+    dataset: str = "cifar100"
+    recipe: str = "paper"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    lr: Optional[float] = None
+    val_split: Optional[int] = None
+    teacher_recipe: Optional[str] = None
+    teacher_epochs: Optional[int] = None
+    teacher_train_subset: Optional[int] = None
+    teacher_lr: Optional[float] = None
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])
+    teacher_ckpt: Optional[str] = None
+    protocol: str = PROTOCOLS[0]
+    # method -> option -> value, or a list of values (a grid)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ta_chains: list[str] = field(default_factory=list)  # TEACHER:TA1:...:STUDENT
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: Optional[str] = None
+    data_dir: Optional[str] = None
+    download: bool = True
+    results_dir: str = "results"
+    reuse_stale: bool = False
+    retry_failed: bool = False
+    executor: str = "local"
+    ray_address: Optional[str] = None
+    ray_cpus: int = 1
+    log: list[str] = field(default_factory=list)
+
+
+KEYS = tuple(f.name for f in fields(SweepFile))
+
+
+def _one_line(error: OmegaConfBaseException, where: str) -> KdbenchError:
+    key = getattr(error, "full_key", "") or ""
+    message = str(error).splitlines()[0]
+    if "not in" in message or "Key" in message and "not" in message:
+        return KdbenchError(f"{where}: unknown key {key or message!r}; valid keys: {', '.join(KEYS)}")
+    return KdbenchError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> DictConfig:
+    """The schema's defaults, then the file at ``path`` (if any), then ``overrides`` (the flags given on the command
+    line, already typed); ``options`` merge per method and key, so ``--set`` changes one option of the file's."""
+    schema = OmegaConf.structured(SweepFile)
+    layers = []
+    if path is not None:
+        if not path.is_file():
+            raise KdbenchError(f"sweep file {path} does not exist or is not a file")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as error:
+            raise KdbenchError(f"sweep file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(loaded, DictConfig):
+            raise KdbenchError(f"sweep file {path} must be a mapping of keys ({', '.join(KEYS)})")
+        layers.append((loaded, f"sweep file {path}"))
+    layers.append((OmegaConf.create(overrides), "command line"))
+    for layer, where in layers:
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as error:
+            raise _one_line(error, where) from None
+    if not schema.methods:
+        from kdbench.methods import list_methods
+
+        raise KdbenchError(f"no methods: give --methods or `methods:` in the sweep file; valid methods: "
+                           f"{', '.join(list_methods())}")
+    if not schema.pairs:
+        raise KdbenchError("no pairs: give --pairs or `pairs:` in the sweep file; write TEACHER:STUDENT pairs, "
+                           "e.g. vgg13:vgg8")
+    return schema
+
+
+def option_grid(options: DictConfig | dict) -> list[tuple[tuple[str, str, str], ...]]:
+    """Every combination of the per-method options, a list being a grid axis: ``{kd: {temperature: [2, 4]}}`` gives
+    ``[(("kd", "temperature", "2"),), (("kd", "temperature", "4"),)]``. Values become text, as ``--set`` gives them."""
+    axes = []
+    for method, keys in options.items():
+        if not isinstance(keys, (DictConfig, dict)):
+            raise KdbenchError(f"options.{method} must map option names to values, e.g. {{temperature: 4}}")
+        for key, value in keys.items():
+            values = list(value) if isinstance(value, (ListConfig, list, tuple)) else [value]
+            if not values:
+                raise KdbenchError(f"option {method}.{key} has an empty list of values")
+            axes.append([(str(method), str(key), _text(v)) for v in values])
+    return list(itertools.product(*axes))
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None) -> list[SweepSpec]:
+    """One sweep spec per combination of the option grid, the rest shared; ``device`` as resolved (``auto`` is
+    CUDA where there is one)."""
+    recipe = RECIPES.get(cfg.recipe).overridden(epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                                train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                                                lr=cfg.lr, val_split=cfg.val_split)
+    teacher_recipe = RECIPES.get(cfg.teacher_recipe) if cfg.teacher_recipe else teacher_recipe_of(recipe)
+    # A validation split is a partition of the data, so the teachers hold out the same images: none of its labels
+    # reaches a student through its teacher.
+    teacher_recipe = teacher_recipe.overridden(epochs=cfg.teacher_epochs, train_subset=cfg.teacher_train_subset,
+                                               lr=cfg.teacher_lr, what="--teacher-").overridden(val_split=cfg.val_split)
+    common = dict(methods=tuple(dict.fromkeys(cfg.methods)),
+                  pairs=tuple(dict.fromkeys(Pair.parse(p) for p in cfg.pairs)), seeds=tuple(cfg.seeds),
+                  dataset=cfg.dataset, recipe=recipe, teacher_recipe=teacher_recipe, protocol=cfg.protocol,
+                  device=device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                  teacher_seeds=tuple(cfg.teacher_seeds), ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
+                  teacher_ckpt_sha256=teacher_ckpt_sha256)
+    return [SweepSpec(**common, method_options=combination) for combination in option_grid(cfg.options)]
+
+
+def plan(specs: list[SweepSpec]) -> list[RunSpec]:
+    """The runs of all the grid's sweeps: each one's teachers first, a run shared by several combinations (a
+    teacher, a method the grid does not vary) planned once."""
+    return list(dict.fromkeys(run for sweep in specs for run in sweep.plan()))
+
+
+def write_resolved(cfg: DictConfig, runs: list[RunSpec], results_dir: Path) -> Path:
+    """Writes the resolved sweep as a loadable sweep file, headed by the ids of the runs it planned: ``sweep.yaml``
+    (the latest) and ``sweeps/<digest>.yaml`` (every sweep that wrote into the folder). Returns the kept copy."""
+    body = OmegaConf.to_yaml(cfg)
+    header = "".join(f"# {line}\n" for line in ["the resolved sweep (kdbench run --config this file re-runs it)",
+                                                f"planned runs ({len(runs)}):", *(f"  {r.run_id}" for r in runs)])
+    text = header + body
+    kept = results_dir / "sweeps" / f"sweep-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(text)
+    (results_dir / SWEEP_NAME).write_text(text)
+    return kept

@@ -1,0 +1,159 @@
+"""Sweep files (kdbench/config.py): the schema, command-line overrides, grids, and the resolved sweep beside the
+results; and what `kdbench list` and `--dry-run` show of the options that will run."""
+
+import json
+
+import pytest
+import yaml
+from test_cli import TINY_ARGS, run_cli
+
+from kdbench.config import load, option_grid, plan, sweeps
+from kdbench.errors import KdbenchError
+from kdbench.progress import rescaled_options
+
+SMALL = {"methods": ["student", "kd"], "pairs": ["resnet14:resnet8"], "dataset": "synthetic", "recipe": "short"}
+
+
+def _write(tmp_path, content: dict | str, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def test_a_file_holds_what_the_flags_hold_and_flags_given_override_it(tmp_path):
+    path = _write(tmp_path, {**SMALL, "seeds": [0, 1], "protocol": "crd", "options": {"kd": {"temperature": 2}}})
+    cfg = load(path, {"seeds": [3], "options": {"kd": {"kd_weight": "0.5"}}})
+    assert list(cfg.seeds) == [3] and cfg.protocol == "crd" and cfg.recipe == "short"
+    assert dict(cfg.options.kd) == {"temperature": 2, "kd_weight": "0.5"}  # merged per option
+    spec, = sweeps(cfg, "cpu")
+    assert spec.seeds == (3,) and set(spec.method_options) == {("kd", "temperature", "2"), ("kd", "kd_weight", "0.5")}
+    runs = plan([spec])
+    kd = [r for r in runs if r.method == "kd"]
+    assert len(kd) == 1 and dict(kd[0].method_options)["temperature"] == 2.0  # text converted by the method
+
+
+@pytest.mark.parametrize("content, message", [
+    ({**SMALL, "seed": [1]}, "unknown key 'seed'; valid keys: methods, pairs, seeds"),
+    ({**SMALL, "seeds": ["a"]}, "seeds"),
+    ({**SMALL, "epochs": "many"}, "epochs"),
+    ({"pairs": ["resnet14:resnet8"]}, "no methods"),
+    ("- a list\n- not a mapping\n", "must be a mapping"),
+    ("methods: [kd\n", "not valid YAML"),
+])
+def test_a_bad_file_is_refused_in_one_line_naming_the_key(tmp_path, content, message):
+    with pytest.raises(KdbenchError, match=message) as refused:
+        load(_write(tmp_path, content), {})
+    assert "\n" not in str(refused.value)
+
+
+def test_the_cli_refuses_a_bad_file_an_unknown_method_and_a_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--config", str(_write(tmp_path, {**SMALL, "methods": ["kd", "nope"]})),
+                           "--dry-run")
+    assert code == 2 and "unknown method 'nope'" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "run", "--config", str(tmp_path / "absent.yaml"))
+    assert code == 2 and "absent.yaml does not exist" in err
+
+
+def test_a_list_of_values_is_a_grid_over_the_product_of_the_options():
+    grid = option_grid({"kd": {"temperature": [2, 4], "ce_weight": 0.5}, "fitnet": {"hint_layer": [1, 2]}})
+    assert len(grid) == 4 and all(("kd", "ce_weight", "0.5") in combination for combination in grid)
+    assert {(c[0][2], c[2][2]) for c in grid} == {("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")}
+    assert option_grid({}) == [()]
+    with pytest.raises(KdbenchError, match="empty list"):
+        option_grid({"kd": {"temperature": []}})
+
+
+def test_set_with_several_values_plans_one_run_per_value_and_shares_the_rest(capsys, tmp_path):
+    cfg = load(None, {**SMALL, "options": {"kd": {"temperature": ["2", "4"]}}})
+    runs = plan(sweeps(cfg, "cpu"))
+    assert [r.method for r in runs] == ["student", "student", "kd", "kd"]  # teacher and CE once
+    assert sorted(dict(r.method_options)["temperature"] for r in runs if r.method == "kd") == [2.0, 4.0]
+    code, out, _ = run_cli(capsys, "run", "--methods", "kd", "--pairs", "resnet14:resnet8", *TINY_ARGS,
+                           "--set", "kd.temperature=2,4", "--results-dir", str(tmp_path / "r"), "--dry-run")
+    assert code == 0 and "temperature=2.0" in out and "temperature=4.0" in out
+
+
+def test_the_same_option_set_twice_is_refused(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--methods", "kd", "--pairs", "resnet14:resnet8", *TINY_ARGS,
+                           "--set", "kd.temperature=2", "--set", "kd.temperature=4", "--dry-run")
+    assert code == 2 and "kd.temperature is given twice" in err and err.count("\n") == 1
+
+
+def test_the_resolved_sweep_is_written_beside_the_results_and_re_runs_the_same_plan(capsys, tmp_path):
+    results = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet14:resnet8", *TINY_ARGS,
+                           "--results-dir", str(results))
+    assert code == 0 and "the resolved sweep" in err
+    written = (results / "sweep.yaml").read_text()
+    assert [p.read_text() for p in (results / "sweeps").iterdir()] == [written]
+    assert "planned runs (2):" in written and "teacher-student-resnet14-s0" in written
+    cfg = load(results / "sweep.yaml", {})
+    assert cfg.results_dir == str(results) and list(cfg.methods) == ["student"]
+    code, out, _ = run_cli(capsys, "run", "--config", str(results / "sweep.yaml"), "--dry-run")
+    assert code == 0 and "0 runs to train" in out  # the same runs, already made
+
+
+def test_the_dry_run_shows_each_runs_options_and_what_the_recipe_rescaled(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "run", "--methods", "dkd", "--pairs", "resnet56:resnet20", *TINY_ARGS,
+                           "--epochs", "12", "--results-dir", str(tmp_path / "r"), "--dry-run")
+    assert code == 0
+    dkd_line, = [line for line in out.splitlines() if line.startswith("student-dkd-resnet20")]
+    assert "beta=2.0" in dkd_line and "warmup_epochs=1" in dkd_line and "(warmup_epochs 20 -> 1)" in dkd_line
+    cfg = load(None, {**SMALL, "methods": ["dkd"], "epochs": 240})
+    assert rescaled_options(plan(sweeps(cfg, "cpu"))[-1]) == ""  # the official length rescales nothing
+
+
+def test_list_methods_shows_the_options_each_protocol_resolves(capsys):
+    code, out, _ = run_cli(capsys, "list", "methods")
+    rows = {line.split(" ")[0]: line for line in out.splitlines()}
+    assert code == 0 and {"student", "kd", "takd", "dkd", "kd_ls"} <= set(rows)
+    # takd: 0 / 1 / 5 with mean reduction under official, RepDistiller's weights under crd
+    assert "ce_weight=0.0 kd_weight=1.0" in rows["takd"] and "ce_weight=0.1 kd_weight=0.9" in rows["takd"]
+    assert "(same)" in rows["dkd"] and "7 pairs" in rows["dkd"]
+    code, out, _ = run_cli(capsys, "list", "methods", "dkd")
+    assert code == 0 and "counted in epochs" in out and "resnet56->resnet20" in out and "beta=2.0" in out
+    code, _, err = run_cli(capsys, "list", "recipes", "cpu")
+    assert code == 2 and "takes no name" in err
+
+
+def test_list_recipes_shows_every_recipes_settings(capsys):
+    code, out, _ = run_cli(capsys, "list", "recipes")
+    header, _, *rows = out.splitlines()
+    assert code == 0 and header.split() == ["setting", "paper", "letkd-native", "short-teacher", "short",
+                                            "cpu-teacher", "cpu"]
+    epochs = next(r for r in rows if r.startswith("epochs")).split()
+    assert epochs == ["epochs", "240", "240", "4", "3", "10", "30"]
+
+
+def test_a_second_dry_run_reuses_the_prices_of_the_first_and_says_so(capsys, tmp_path):
+    argv = ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", *TINY_ARGS, "--results-dir", str(tmp_path / "r"),
+            "--dry-run"]
+    code, first, _ = run_cli(capsys, *argv)
+    assert code == 0 and "priced by an earlier run" not in first
+    prices = tmp_path / "cache" / "prices.json"
+    assert len(json.loads(prices.read_text())) == 2  # the teacher's setting and kd's
+    code, second, _ = run_cli(capsys, *[a if a != "1" else "2" for a in argv])  # twice the epochs: same settings
+    assert code == 0 and "(2 of them priced by an earlier run on this machine and code" in second
+    total = [float(line.split()[-1]) for text in (first, second) for line in text.splitlines()
+             if line.startswith("total")]
+    assert total[1] == pytest.approx(2 * total[0], rel=0.3)  # the same per-step prices, times the recipes
+
+
+def test_a_teacher_under_a_recipe_nobody_named_is_announced_with_its_price(env):
+    """`--epochs 1` shortens the students; the first line says the teacher keeps its own recipe, and its cost."""
+    from kdbench.cli import _teacher_lines
+
+    runs = plan(sweeps(load(None, {**SMALL, "methods": ["student"], "epochs": 1}), "cpu"))
+    line, = _teacher_lines(runs, env)
+    assert line.startswith("teacher resnet14 (seed 0) trains first, with recipe short-teacher, which the students' "
+                           "recipe names: 4 epochs on 640 images, about ")
+    assert line.endswith("--teacher-recipe, --teacher-epochs or --teacher-train-subset change it")
+
+
+def test_a_teacher_smaller_than_its_student_is_warned_about(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet8:resnet20", *TINY_ARGS,
+                           "--results-dir", str(tmp_path / "r"), "--dry-run")
+    assert code == 0 and "warning: teacher resnet8 (0.08 M parameters) is smaller than its student resnet20" in err
+    code, _, err = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet20:resnet8", *TINY_ARGS,
+                           "--results-dir", str(tmp_path / "r"), "--dry-run")
+    assert code == 0 and "smaller than" not in err
