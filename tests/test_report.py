@@ -421,7 +421,7 @@ def test_a_teacher_with_its_own_recipe_heads_its_students_table_and_plots_skip_t
     ("dkd", "semckd", "71.97 [best_mean5]", "mdistiller README (DKD table)"),
     ("crd", "semckd", "71.63", "(protocol crd) (as crd+kd)"),  # CE + KD + 0.8 CRD is RepDistiller's CRD+KD
     ("dist", "crd", "71.75 ± 0.30 [mean]", "hunto/DIST_KD README"),  # CE + 2·DIST under every protocol
-    ("kd_ls", "semckd", "71.43 [unknown]", "sunshangquan/logit-standardization-KD README"),  # LS: one objective
+    ("kd_ls", "semckd", "71.43 [best]", "sunshangquan/logit-standardization-KD README"),  # LS: one objective
 ])
 def test_published_numbers_of_zoo_methods_sit_beside_the_protocol_that_reproduces_them(table, method, protocol,
                                                                                        shown, source):
