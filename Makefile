@@ -87,8 +87,10 @@ NOTEBOOK_RESULTS := results/reference-fashion-mnist-cpu-v1
 notebook: setup
 	cd notebooks && KDBENCH_RESULTS=../$(NOTEBOOK_RESULTS) ../$(VENV)/bin/jupyter execute --inplace analysis.ipynb
 
+# The suite, then the documentation site in strict mode: a broken link, reference or generated table fails (mkdocs.yml).
 test: setup
 	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # Kill -9 soak of both executors (README, "Sweeps at scale"): about 10 minutes each on a 2-core CPU.
 soak: setup
