@@ -293,6 +293,8 @@ def _run(args: argparse.Namespace) -> int:
     from kdbench.results import ResultsStore
 
     cfg = _settings(args)
+    if cfg.source:
+        print(f"kdbench: this sweep re-runs {cfg.source}", file=sys.stderr)
     sinks = tuple(cfg.log)
     check_sinks(sinks)
     if cfg.ray_cpus < 1:

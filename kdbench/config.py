@@ -63,6 +63,10 @@ class SweepFile:
     ray_address: Optional[str] = None
     ray_cpus: int = 1
     log: list[str] = field(default_factory=list)
+    source: Optional[str] = None  # the published table a shipped sweep re-runs (configs/)
+    # Sub-sweeps, each a mapping of these keys over the file's top level (a table whose methods do not all run on
+    # every pair: FSP needs equal channels); the plan is their union. Flags given on the command line override all.
+    parts: list[Any] = field(default_factory=list)
 
 
 KEYS = tuple(f.name for f in fields(SweepFile))
@@ -76,36 +80,55 @@ def _one_line(error: OmegaConfBaseException, where: str) -> KdbenchError:
     return KdbenchError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
+def _merged(layers: list[tuple[Any, str]]) -> DictConfig:
+    merged = OmegaConf.structured(SweepFile)
+    for layer, where in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise _one_line(error, where) from None
+    return merged
+
+
+def _complete(cfg: DictConfig, where: str) -> None:
+    if not cfg.methods:
+        from kdbench.methods import list_methods
+
+        raise KdbenchError(f"no methods{where}: give --methods or `methods:` in the sweep file; valid methods: "
+                           f"{', '.join(list_methods())}")
+    if not cfg.pairs:
+        raise KdbenchError(f"no pairs{where}: give --pairs or `pairs:` in the sweep file; write TEACHER:STUDENT "
+                           f"pairs, e.g. vgg13:vgg8")
+
+
 def load(path: Path | None, overrides: dict[str, Any]) -> DictConfig:
     """The schema's defaults, then the file at ``path`` (if any), then ``overrides`` (the flags given on the command
-    line, already typed); ``options`` merge per method and key, so ``--set`` changes one option of the file's."""
-    schema = OmegaConf.structured(SweepFile)
-    layers = []
+    line, already typed); ``options`` merge per method and key, so ``--set`` changes one option of the file's. Each
+    of the file's ``parts`` is resolved the same way, over the file's top level, and kept in ``parts``."""
+    file, parts = OmegaConf.create({}), []
     if path is not None:
         if not path.is_file():
             raise KdbenchError(f"sweep file {path} does not exist or is not a file")
         try:
-            loaded = OmegaConf.load(path)
+            file = OmegaConf.load(path)
         except Exception as error:
             raise KdbenchError(f"sweep file {path} is not valid YAML: {' '.join(str(error).split())}") from None
-        if not isinstance(loaded, DictConfig):
+        if not isinstance(file, DictConfig):
             raise KdbenchError(f"sweep file {path} must be a mapping of keys ({', '.join(KEYS)})")
-        layers.append((loaded, f"sweep file {path}"))
-    layers.append((OmegaConf.create(overrides), "command line"))
-    for layer, where in layers:
-        try:
-            schema = OmegaConf.merge(schema, layer)
-        except OmegaConfBaseException as error:
-            raise _one_line(error, where) from None
-    if not schema.methods:
-        from kdbench.methods import list_methods
-
-        raise KdbenchError(f"no methods: give --methods or `methods:` in the sweep file; valid methods: "
-                           f"{', '.join(list_methods())}")
-    if not schema.pairs:
-        raise KdbenchError("no pairs: give --pairs or `pairs:` in the sweep file; write TEACHER:STUDENT pairs, "
-                           "e.g. vgg13:vgg8")
-    return schema
+        parts = list(file.pop("parts", None) or [])
+    where = f"sweep file {path}"
+    top = _merged([(file, where), (overrides, "command line")])
+    resolved = []
+    for number, part in enumerate(parts, 1):
+        if not isinstance(part, DictConfig) or "parts" in part:
+            raise KdbenchError(f"{where}: part {number} must be a mapping of keys other than parts")
+        resolved.append(_merged([(file, where), (part, f"{where}, part {number}"), (overrides, "command line")]))
+        resolved[-1].parts = []
+        _complete(resolved[-1], f" in part {number} of {where}")
+    if not resolved:
+        _complete(top, "")
+    top.parts = resolved
+    return top
 
 
 def option_grid(options: DictConfig | dict) -> list[tuple[tuple[str, str, str], ...]]:
@@ -128,8 +151,10 @@ def _text(value: Any) -> str:
 
 
 def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None) -> list[SweepSpec]:
-    """One sweep spec per combination of the option grid, the rest shared; ``device`` as resolved (``auto`` is
-    CUDA where there is one)."""
+    """One sweep spec per part and combination of the option grid; ``device`` as resolved (``auto`` is CUDA where
+    there is one)."""
+    if cfg.parts:
+        return [spec for part in cfg.parts for spec in sweeps(part, device, teacher_ckpt_sha256)]
     recipe = RECIPES.get(cfg.recipe).overridden(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                                 train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                                                 lr=cfg.lr, val_split=cfg.val_split)

@@ -2,11 +2,14 @@
 results; and what `kdbench list` and `--dry-run` show of the options that will run."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torchvision.datasets.utils
 import yaml
 from test_cli import TINY_ARGS, run_cli
 
+from kdbench import estimate as estimate_module
 from kdbench.config import load, option_grid, plan, sweeps
 from kdbench.errors import KdbenchError
 from kdbench.progress import rescaled_options
@@ -39,6 +42,9 @@ def test_a_file_holds_what_the_flags_hold_and_flags_given_override_it(tmp_path):
     ({"pairs": ["resnet14:resnet8"]}, "no methods"),
     ("- a list\n- not a mapping\n", "must be a mapping"),
     ("methods: [kd\n", "not valid YAML"),
+    ({**SMALL, "parts": [{"methods": ["kd"]}, {"seed": 1}]}, "part 2: unknown key 'seed'"),
+    ({**SMALL, "parts": [3]}, "part 1 must be a mapping"),
+    ({"pairs": ["resnet14:resnet8"], "parts": [{"methods": ["kd"]}, {"dataset": "synthetic"}]}, "no methods in part 2"),
 ])
 def test_a_bad_file_is_refused_in_one_line_naming_the_key(tmp_path, content, message):
     with pytest.raises(KdbenchError, match=message) as refused:
@@ -157,3 +163,59 @@ def test_a_teacher_smaller_than_its_student_is_warned_about(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--methods", "student", "--pairs", "resnet20:resnet8", *TINY_ARGS,
                            "--results-dir", str(tmp_path / "r"), "--dry-run")
     assert code == 0 and "smaller than" not in err
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+PRICED = estimate_module._Cost(step=0.01, eval_image=1e-4, teacher_eval_image=1e-4, fit_image=0.0, reuse_image=0.0,
+                               epoch=0.1, run=1.0)
+
+
+def _published_cells(source: str) -> set[tuple[str, str]]:
+    """(pair, method) cells of a published table that kdbench can run: its methods, CRD+KD, CE and teachers."""
+    from kdbench.methods import list_methods
+    from kdbench.report.published import load_published
+
+    rows = load_published(Path(__file__).resolve().parents[1] / "results" / "published_cifar100.csv")
+    rows = rows[rows.source == source]
+    assert len(rows), f"no published table {source!r}"
+    runnable = set(list_methods()) | {"crd+kd", "teacher"}
+    return {(f"{t}:{s}", m) for t, s, m in zip(rows.teacher, rows.student, rows.method) if m in runnable}
+
+
+def _planned_cells(runs, pairs: set[str]) -> set[tuple[str, str]]:
+    """The (pair, method) cells a plan fills: a teacher's and the CE student's cells are those of every pair of the
+    sweep that they belong to; CRD with added KD is CRD+KD."""
+    cells = set()
+    for run in runs:
+        if run.role == "teacher":
+            cells |= {(pair, "teacher") for pair in pairs if pair.split(":")[0] == run.student}
+        elif run.method == "student":
+            cells |= {(pair, "student") for pair in pairs if pair.split(":")[1] == run.student}
+        elif run.role == "student":
+            added_kd = run.method == "crd" and dict(run.method_options)["kd_weight"] > 0
+            cells.add((f"{run.teacher}:{run.student}", "crd+kd" if added_kd else run.method))
+    return cells
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_re_runs_its_source_table_and_dry_runs(path, capsys, tmp_path, monkeypatch):
+    """Each config names a published table and plans every cell of it that kdbench can run; the dry run prices it
+    (here with a fixed price per step: pricing itself is tested above) on CIFAR-100 files in the real layout."""
+    from test_data import fake_cifar100
+
+    fake_cifar100(tmp_path / "data")
+    # self-written files, so no original md5 to match
+    monkeypatch.setattr(torchvision.datasets.utils, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(estimate_module, "_measure", lambda *args, **kwargs: PRICED)
+    cfg = load(path, {})
+    runs = plan(sweeps(cfg, "cpu"))
+    missing = _published_cells(cfg.source) - _planned_cells(runs, _pairs(cfg))
+    assert not missing, f"{path.name} leaves out cells of {cfg.source}: {sorted(missing)}"
+    code, out, err = run_cli(capsys, "run", "--config", str(path), "--data-dir", str(tmp_path / "data"),
+                             "--no-download", "--device", "cpu", "--results-dir", str(tmp_path / "r"), "--dry-run")
+    assert code == 0, err
+    assert f"{len(runs)} runs to train" in out and f"this sweep re-runs {cfg.source}" in err
+
+
+def _pairs(cfg) -> set[str]:
+    return set(cfg.pairs) | {p for part in cfg.parts for p in part.pairs}
