@@ -155,6 +155,7 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
     there is one)."""
     if cfg.parts:
         return [spec for part in cfg.parts for spec in sweeps(part, device, teacher_ckpt_sha256)]
+    _check_presets(cfg.methods, cfg.protocol)
     recipe = RECIPES.get(cfg.recipe).overridden(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                                 train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                                                 lr=cfg.lr, val_split=cfg.val_split)
@@ -170,6 +171,19 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
                   teacher_seeds=tuple(cfg.teacher_seeds), ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
                   teacher_ckpt_sha256=teacher_ckpt_sha256)
     return [SweepSpec(**common, method_options=combination) for combination in option_grid(cfg.options)]
+
+
+def _check_presets(methods, protocol: str) -> None:
+    """Refuses a distillation method (a plug-in, say) that sets no weights for the protocol asked for: it would run
+    with its defaults under any protocol's name. The CE baseline learns from no teacher and has no protocol."""
+    from kdbench.methods import method_class
+
+    for name in methods:
+        cls = method_class(name)
+        if cls.needs_teacher and protocol not in cls.presets:
+            defined = ", ".join(cls.presets) or "none"
+            raise KdbenchError(f"method {name} defines no preset for protocol {protocol!r} (its presets: {defined}); "
+                               f"add one to its `presets`, or choose a protocol it defines")
 
 
 def plan(specs: list[SweepSpec]) -> list[RunSpec]:

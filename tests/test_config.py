@@ -219,3 +219,27 @@ def test_every_shipped_config_re_runs_its_source_table_and_dry_runs(path, capsys
 
 def _pairs(cfg) -> set[str]:
     return set(cfg.pairs) | {p for part in cfg.parts for p in part.pairs}
+
+
+def test_a_plug_in_without_a_preset_for_the_protocol_asked_for_is_refused(capsys, tmp_path, monkeypatch):
+    """Without the check it would run with its defaults under the protocol's name."""
+    from kdbench import methods as registry
+    from kdbench.methods.base import LOGIT_OPTIONS, Method
+
+    monkeypatch.setattr(registry._METHODS, "_entries", dict(registry._METHODS._entries))
+
+    @registry.register_method
+    class CrdOnly(Method):
+        name, family, logit_kd = "crd-only-probe", "logit", True
+        defaults = dict(LOGIT_OPTIONS)
+        presets = {"crd": {"ce_weight": 0.1, "kd_weight": 0.9}}
+
+        def losses(self, out):
+            return self.logit_terms(out)
+
+    argv = ["run", "--methods", "crd-only-probe", "--pairs", "resnet14:resnet8", *TINY_ARGS, "--dry-run",
+            "--results-dir", str(tmp_path / "r")]
+    code, _, err = run_cli(capsys, *argv, "--protocol", "semckd")
+    assert code == 2 and "method crd-only-probe defines no preset for protocol 'semckd' (its presets: crd)" in err
+    code, out, _ = run_cli(capsys, *argv, "--protocol", "crd")
+    assert code == 0 and "ce_weight=0.1,kd_weight=0.9" in out
