@@ -243,3 +243,15 @@ def test_a_plug_in_without_a_preset_for_the_protocol_asked_for_is_refused(capsys
     assert code == 2 and "method crd-only-probe defines no preset for protocol 'semckd' (its presets: crd)" in err
     code, out, _ = run_cli(capsys, *argv, "--protocol", "crd")
     assert code == 0 and "ce_weight=0.1,kd_weight=0.9" in out
+
+
+def test_a_runs_first_line_says_which_options_its_recipe_rescaled(caplog, tmp_path):
+    import logging
+
+    from kdbench.progress import RunLog
+
+    cfg = load(None, {**SMALL, "methods": ["dkd"], "epochs": 12})
+    dkd = plan(sweeps(cfg, "cpu"))[-1]
+    with caplog.at_level(logging.INFO, logger="kdbench"):
+        RunLog(dkd, tmp_path).start(0)
+    assert f"{dkd.run_id} starts (12 epochs; scaled to the recipe's 12 epochs: warmup_epochs 20 -> 1)" in caplog.text
