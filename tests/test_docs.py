@@ -137,6 +137,21 @@ def test_the_options_table_shows_what_each_protocol_and_reference_pair_changes()
     assert "(`warmup_epochs` scaled by E/240)" in row["dkd"][2]
 
 
+def test_the_cost_table_reads_each_methods_runs_in_the_reference_set():
+    """A row per registered method; a method with finished runs shows their mean speed, memory and parameters (the
+    committed CE and KD runs on resnet56 -> resnet20), one without shows dashes."""
+    import pandas as pd
+
+    table = _hook().costs_table().splitlines()
+    row = dict(zip(_rows("\n".join(table)), (_cells(line) for line in table[2:])))
+    assert list(row) == list_methods()
+    runs = pd.concat(pd.read_parquet(p) for p in (ROOT / "results" / "reference-fashion-mnist-cpu").glob(
+        "student-kd-resnet20-*/metrics.parquet"))
+    speed = runs.loc[runs.metric == "train_images_per_s", "value"].mean()
+    assert row["kd"][1] == f"{speed:,.0f}" and row["kd"][3] == "0" and row["kd"][4] == row["student"][4] == "272,186"
+    assert row["dkd_ls"][1:] == ["—"] * 8  # not in the set
+
+
 def test_a_family_without_a_page_and_an_unknown_marker_fail_the_build():
     tables = _hook()
     errors = pytest.importorskip("mkdocs.exceptions")

@@ -4,7 +4,8 @@ A page asks for a table with a marker comment, which stays invisible where the M
 
 - ``<!-- kdbench:methods FAMILY -->``: name, source, the method, ``logit_kd``, documented deviation;
 - ``<!-- kdbench:options FAMILY -->``: default options, what each protocol's preset changes, per-pair values;
-- ``<!-- kdbench:recipes -->``: every registered recipe's settings.
+- ``<!-- kdbench:recipes -->``: every registered recipe's settings;
+- ``<!-- kdbench:costs -->``: each method's training speed, memory and parameters on the reference set's runs.
 
 FAMILY is a ``Method.family`` or ``all``. The tables are written from ``kdbench.methods`` and ``kdbench.spec.RECIPES``
 on every build, so they never drift from the code and nothing generated is committed. A family of registered methods
@@ -36,6 +37,7 @@ REPORT = re.compile(r"(<!-- reference-report:start -->\n)(.*?)(<!-- reference-re
 PLOT = "results/reference-fashion-mnist-cpu-v1/plots/fashion-mnist-recipe-cpu-6-epochs-batch-64-1000-train-images-" \
        "2000-test-images-cp-83cc30bc/accuracy_vs_throughput.png"
 PLOT_URI = "assets/reference-v1-accuracy-vs-throughput.png"
+REFERENCE = ROOT / "results" / "reference-fashion-mnist-cpu"  # the reference set (Makefile, REFERENCE)
 
 _listed_families: set[str] = set()
 
@@ -117,12 +119,37 @@ def recipes_table() -> str:
     return _table(rows, ["field", *(f"`{recipe.name}`" for recipe in recipes)])
 
 
+def costs_table() -> str:
+    """What each method cost on the reference set (``REFERENCE``: the cpu recipe on a 2-core CPU), per reference
+    pair: the mean over its finished runs of training img/s and peak memory, its trained parameters beyond the
+    student's, and the deployed model's parameters (more than the CE student's where a method leaves layers in it).
+    A method whose runs are not in the set yet reads "—"."""
+    from kdbench.report import entries, leaderboard, load_results
+
+    board = leaderboard(entries(load_results([REFERENCE])), None)
+    rows = []
+    for name in list_methods():
+        row = [f"`{name}`"]
+        for teacher, student in REFERENCE_PAIRS:
+            found = board[(board["pair"] == f"{teacher}->{student}") & (board["method"] == name)
+                          & (board["kind"] == ("student" if name == "student" else "method"))]
+            cost = found.iloc[0] if len(found) else None
+            row += ["" if cost is None else f"{cost[key] * scale:,.{digits}f}"
+                    for key, scale, digits in (("train_images_per_s", 1, 0), ("peak_bytes", 2**-20, 0),
+                                               ("extra_params_train", 1, 0), ("inference_params", 1, 0))]
+        rows.append(row)
+    return _table(rows, ["method", *(f"{t} → {s}: {what}" for t, s in REFERENCE_PAIRS
+                                     for what in ("train img/s", "peak MiB", "extra params", "deployed params"))])
+
+
 def render(markdown: str) -> str:
     """``markdown`` with every marker replaced by its table; an unknown marker raises ValueError."""
     def table(match: re.Match) -> str:
         kind, family = match.groups()
         if kind == "recipes" and family is None:
             return recipes_table()
+        if kind == "costs" and family is None:
+            return costs_table()
         if kind in ("methods", "options") and family:
             if kind == "methods" and family != "all":  # a family page, not the overview
                 _listed_families.add(family)
