@@ -70,7 +70,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdbench", description="Benchmark knowledge-distillation methods.")
     parser.add_argument("--version", action="version", version=f"kdbench {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     help="run: train and record; report: tables and plots; list: what there is")
 
     # Flags left out are absent from the namespace (SUPPRESS): a sweep file's value, else the schema's default
     # (kdbench.config.SweepFile), applies to them; a flag given overrides both.

@@ -255,3 +255,16 @@ def test_a_runs_first_line_says_which_options_its_recipe_rescaled(caplog, tmp_pa
     with caplog.at_level(logging.INFO, logger="kdbench"):
         RunLog(dkd, tmp_path).start(0)
     assert f"{dkd.run_id} starts (12 epochs; scaled to the recipe's 12 epochs: warmup_epochs 20 -> 1)" in caplog.text
+
+
+def test_every_command_line_option_has_help_text():
+    import argparse
+
+    from kdbench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {action.option_strings or action.dest}" for name, sub in [("kdbench", parser),
+                                                                                 *commands.choices.items()]
+              for action in sub._actions if not action.help]
+    assert not silent and set(commands.choices) == {"run", "report", "list"}
