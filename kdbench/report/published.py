@@ -34,7 +34,8 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
                          ("dkd_ls", "other"), ("ctkd_ls", "other"))},
     ("semckd", "crd"): (("crd+kd", "crd"),),
 }
-_RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
+# A validation split held out of the training images changes the experiment as a training subset does.
+_RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "val_split", "lr")
 
 
 def load_published(path: str | Path) -> pd.DataFrame:
