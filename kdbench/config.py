@@ -65,7 +65,8 @@ class SweepFile:
     log: list[str] = field(default_factory=list)
     source: Optional[str] = None  # the published table a shipped sweep re-runs (configs/)
     # Sub-sweeps, each a mapping of these keys over the file's top level (a table whose methods do not all run on
-    # every pair: FSP needs equal channels); the plan is their union. Flags given on the command line override all.
+    # every pair: FSP needs equal channels); the plan is their union. Flags given on the command line override all,
+    # except --methods and --pairs, which select among each part's own.
     parts: list[Any] = field(default_factory=list)
 
 
@@ -118,17 +119,45 @@ def load(path: Path | None, overrides: dict[str, Any]) -> DictConfig:
         parts = list(file.pop("parts", None) or [])
     where = f"sweep file {path}"
     top = _merged([(file, where), (overrides, "command line")])
-    resolved = []
+    # Over parts, --methods and --pairs select: each part keeps the methods and pairs of its own that they name.
+    select = {key: overrides[key] for key in ("methods", "pairs") if key in overrides} if parts else {}
+    rest = {key: value for key, value in overrides.items() if key not in select}
+    resolved, available = [], {"methods": set(), "pairs": set()}
     for number, part in enumerate(parts, 1):
-        if not isinstance(part, DictConfig) or "parts" in part:
+        if not isinstance(part, DictConfig) or part.get("parts"):
             raise KdbenchError(f"{where}: part {number} must be a mapping of keys other than parts")
-        resolved.append(_merged([(file, where), (part, f"{where}, part {number}"), (overrides, "command line")]))
-        resolved[-1].parts = []
-        _complete(resolved[-1], f" in part {number} of {where}")
+        part.pop("parts", None)  # a resolved sweep's parts say `parts: []`
+        here = f"{where}, part {number}"
+        merged = _merged([(file, where), (part, here), (rest, "command line")])
+        merged.parts = []
+        _complete(merged, f" in part {number} of {where}")
+        _options_run(part.get("options") or {}, merged.methods, here, "the part")
+        for key, chosen in select.items():
+            available[key].update(merged[key])
+            merged[key] = [value for value in merged[key] if value in chosen]
+        if merged.methods and merged.pairs:
+            # options of the file's top level and of --set reach the parts that run their method
+            merged.options = {m: keys for m, keys in merged.options.items() if m in merged.methods}
+            resolved.append(merged)
+    if parts and not resolved:
+        raise KdbenchError(f"--methods/--pairs select nothing of {where}; its parts run "
+                           + "; ".join(f"{key} {', '.join(sorted(values))}" for key, values in available.items()
+                                       if values))
     if not resolved:
         _complete(top, "")
+    _options_run(top.options, sorted({m for part in resolved for m in part.methods}) or top.methods,
+                 "--set or the sweep file's options", "no part" if resolved else "the sweep")
     top.parts = resolved
     return top
+
+
+def _options_run(options, methods, where: str, runner: str) -> None:
+    """Refuses options for a method that ``runner`` (the sweep, a part, no part) does not run: they would be lost."""
+    stray = [m for m in options if m not in methods]
+    if stray:
+        verb = "runs" if runner == "no part" else "does not run"
+        raise KdbenchError(f"{where}: options for {', '.join(map(str, stray))}, which {runner} {verb} (methods: "
+                           f"{', '.join(map(str, methods))})")
 
 
 def option_grid(options: DictConfig | dict) -> list[tuple[tuple[str, str, str], ...]]:

@@ -88,7 +88,7 @@ def _bad_checkpoints(tmp_path) -> dict[str, str]:
     (["--methods", "kd", "--pairs", "resnet14:resnet8", "--set", "kd.kl_reduction=sum"],
      "option kd.kl_reduction is one of batchmean, mean; got 'sum'"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "kd.temperature=3"],
-     "--set kd.temperature: 'kd' is not among --methods (fitnet)"),
+     "--set or the sweep file's options: options for kd, which the sweep does not run (methods: fitnet)"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.beta"], "malformed --set"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.hint_layer=x"],
      "option fitnet.hint_layer takes a int, got 'x'"),

@@ -10,7 +10,7 @@ import yaml
 from test_cli import TINY_ARGS, run_cli
 
 from kdbench import estimate as estimate_module
-from kdbench.config import load, option_grid, plan, sweeps
+from kdbench.config import load, option_grid, plan, sweeps, write_resolved
 from kdbench.errors import KdbenchError
 from kdbench.progress import rescaled_options
 
@@ -268,3 +268,41 @@ def test_every_command_line_option_has_help_text():
                                                                                  *commands.choices.items()]
               for action in sub._actions if not action.help]
     assert not silent and set(commands.choices) == {"run", "report", "list"}
+
+
+PARTS = {"pairs": ["resnet14:resnet8", "resnet20:resnet8"], "dataset": "synthetic", "recipe": "short",
+         "parts": [{"methods": ["student", "kd", "crd"]},
+                   {"methods": ["crd"], "options": {"crd": {"kd_weight": 1.0}}},
+                   {"methods": ["fitnet"], "pairs": ["resnet14:resnet8"]}]}
+
+
+def test_an_option_reaches_only_the_parts_that_run_its_method(tmp_path):
+    cfg = load(_write(tmp_path, PARTS), {"options": {"kd": {"temperature": ["2", "4"]}}})
+    runs = plan(sweeps(cfg, "cpu"))
+    kd = sorted(dict(r.method_options)["temperature"] for r in runs if r.method == "kd")
+    crd = sorted(dict(r.method_options)["kd_weight"] for r in runs if r.method == "crd")
+    assert kd == [2.0, 2.0, 4.0, 4.0] and crd == [0.0, 0.0, 1.0, 1.0]  # two pairs each
+    assert [r.pair for r in runs if r.method == "fitnet"] == ["resnet14->resnet8"]
+    with pytest.raises(KdbenchError, match=r"options for fsp, which no part runs \(methods: crd, fitnet, kd, "):
+        load(_write(tmp_path, PARTS), {"options": {"fsp": {"beta": "2"}}})
+    wrong_part = {**PARTS, "parts": [*PARTS["parts"], {"methods": ["kd"], "options": {"crd": {"kd_weight": 1}}}]}
+    with pytest.raises(KdbenchError, match=r"part 4: options for crd, which the part does not run \(methods: kd\)"):
+        load(_write(tmp_path, wrong_part), {})
+
+
+def test_the_resolved_sweep_of_a_parts_file_loads_again_and_plans_the_same_runs(tmp_path):
+    cfg = load(_write(tmp_path, PARTS), {"seeds": [1]})
+    runs = plan(sweeps(cfg, "cpu"))
+    again = load(write_resolved(cfg, runs, tmp_path / "results"), {})
+    assert plan(sweeps(again, "cpu")) == runs
+
+
+def test_methods_and_pairs_on_the_command_line_select_among_the_parts(tmp_path):
+    """`--methods crd --pairs resnet20:resnet8` over a table: only those cells, each part's options kept."""
+    cfg = load(_write(tmp_path, PARTS), {"methods": ["crd", "fitnet"], "pairs": ["resnet20:resnet8"]})
+    runs = [r for r in plan(sweeps(cfg, "cpu")) if r.role == "student"]
+    assert {(r.method, dict(r.method_options)["kd_weight"], r.pair) for r in runs} == {
+        ("crd", 0.0, "resnet20->resnet8"), ("crd", 1.0, "resnet20->resnet8")}  # fitnet's part has no such pair
+    with pytest.raises(KdbenchError, match="select nothing of sweep file .*; its parts run methods crd, fitnet, kd, "
+                                           "student; pairs resnet14:resnet8, resnet20:resnet8"):
+        load(_write(tmp_path, PARTS), {"methods": ["dkd"], "pairs": ["resnet20:resnet8"]})
