@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hold out N training images as the validation split that selects the reported epoch "
                           "(students, assistants and teachers alike; 0: none; default: the recipe's)")
     run.add_argument("--teacher-ckpt", help="use this checkpoint (RepDistiller format) as the teacher")
-    run.add_argument("--data-dir", help="where datasets are found or downloaded to (default: ~/.cache/kdbench)")
+    run.add_argument("--data-dir", help="where datasets are found or downloaded to (default: $KDBENCH_DATA_DIR, else "
+                                        "~/.cache/kdbench/data)")
     run.add_argument("--no-download", action="store_false", dest="download", help="never download datasets")
     run.add_argument("--results-dir",
                      help="where runs, the tidy table and the resolved sweep (sweep.yaml) go (default results)")
