@@ -3,8 +3,9 @@
 A chain ``T -> A1 -> ... -> An -> S`` trained in sequence; each model learns by vanilla KD from the model just above
 it only (imirzadeh/Teacher-Assistant-Knowledge-Distillation ``train.py``). kdbench trains every TA as a run of its
 own, trained as teachers are (the teacher recipe and the teacher's seed, once per teacher: ``SweepSpec._taught``),
-cached by lineage; A1 (taught by the teacher alone) is one ``kd`` run shared by TAKD and DGKD. The chain is the pair's default
-(methods/assistants.py) or ``--ta-chain``; the paper's single-TA setting is ``--ta-chain TEACHER:TA:STUDENT``.
+cached by lineage; A1 (taught by the teacher alone) is one ``kd`` run shared by TAKD and DGKD. The chain is the
+pair's default (methods/assistants.py) or ``--ta-chain``; the paper's single-TA setting is ``--ta-chain
+TEACHER:TA:STUDENT``.
 
 Presets: crd ``0.1·CE + 0.9·KD_4`` and semckd ``CE + KD_4`` per chain step (batch-mean KL); official: the
 TAKD/DGKD code's ``(1 − λ)·CE + λ·τ²·KL_mean`` with DGKD's defaults λ = 1, τ = 5 (imirzadeh/Teacher-Assistant-
