@@ -11,14 +11,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: setup
 	$(VENV)/bin/kdbench run --methods student --pairs vgg13:vgg8 --dataset fashion-mnist --recipe short
 
-# The reference result set (README, "Reference results"): the `cpu` recipe (teachers and teacher assistants on every
+# The reference result set (docs/reference-results.md): the `cpu` recipe (teachers and teacher assistants on every
 # Fashion-MNIST training image but the 5,000 of the validation split, students on a fixed 1,000-image subset for 30
-# epochs, every run evaluated on the whole test set), five seeds, fp32, the default (official) protocol, every
+# epochs, every evaluation on the whole test set), five seeds, fp32, the default (official) protocol, every
 # method on both pairs. It resumes where it stopped, across sessions; `make reference-plan` prices what is left
-# (run it on an idle machine). Failed runs stay in the set with their reasons (the `-` lets make go on). The pilot
-# comes first: the teachers, CE and KD on both pairs, which `make reference-pilot` checks against the recipe's
-# criteria (kdbench report --layout regime). SemCKD's default beta = 400 diverges on resnet56:resnet20 (README,
-# "Reference results"), so that pair also gets a labelled beta = 50 row. SemCKD trains at about 5 img/s on
+# (run it on an idle machine, and mind its price cache: see below). Failed runs stay in the set with their reasons
+# (the `-` lets make go on). The pilot comes first: the teachers, CE and KD on both pairs, which
+# `make reference-pilot` checks against the recipe's criteria (kdbench report --layout regime). SemCKD's default
+# beta = 400 diverges on resnet56:resnet20 (docs/reference-results.md), so that pair also gets a labelled beta = 50 row. SemCKD trains at about 5 img/s on
 # vgg13:vgg8, where five seeds would cost 3 of the set's 24 CPU-hours, so that row has three (SEMCKD_VGG_SEEDS);
 # its n says so.
 REFERENCE := results/reference-fashion-mnist-cpu
@@ -39,7 +39,7 @@ REFERENCE_SET := \
 	"--methods semckd --pairs vgg13:vgg8 --seeds $(SEMCKD_VGG_SEEDS)" \
 	"--methods $(LOGIT_ERA_METHODS) --pairs resnet56:resnet20 --seeds $(REFERENCE_SEEDS)"
 REFERENCE_COMMANDS := $(PILOT_COMMAND) $(REFERENCE_SET)
-# Every row of the set must come from a clean tree of main (README, "Reference results"): both targets refuse a tree
+# Every row of the set must come from a clean tree of main (docs/reference-results.md): both targets refuse a tree
 # with uncommitted changes. To go on working while the set trains, run it from a clean worktree of the same commit
 # (git worktree add --detach ../ref HEAD; its runs record that commit, and their code fingerprints are main's).
 CLEAN_TREE := git diff --quiet HEAD -- || { echo "make: commit or stash your changes first: reference runs record a clean tree (git status)"; exit 2; }
@@ -54,13 +54,15 @@ reference-pilot: setup
 	-for command in $(PILOT_COMMAND); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN); done
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --layout regime
 
-# What `make reference` has left to train, and its price, measured on this machine (writes nothing). The pilot's runs
-# are among the first command's; each command prices the teachers it still needs, so add the commands' totals
-# without the teacher rows of the second and later ones.
+# What `make reference` has left to train, and its price, measured on this machine (writes nothing to the results).
+# The pilot's runs are among the first command's; each command prices the teachers it still needs, so add the
+# commands' totals without the teacher rows of the second and later ones. The dry runs keep their prices in
+# ~/.cache/kdbench/prices.json ($KDBENCH_CACHE/prices.json) and reuse them, whatever load they were measured under:
+# to price afresh on an idle machine, delete that file or point KDBENCH_CACHE elsewhere (docs/user-guide.md).
 reference-plan: setup
 	for command in $(REFERENCE_SET); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN) --dry-run || exit 1; done
 
-# Where the step time goes (README, "Performance"): kd and semckd on vgg13:vgg8 at batch 64, on 3x32x32 inputs
+# Where the step time goes (docs/performance.md): kd and semckd on vgg13:vgg8 at batch 64, on 3x32x32 inputs
 # (synthetic, CIFAR's shape) and on Fashion-MNIST's 1x28x28, in fp32, bf16, bf16 + channels_last and compiled fp32
 # (--compile; the first compile takes minutes on a CPU), each against a fixed batch, a bare PyTorch loop and the
 # device's measured peak; then the micro-benchmarks. Run it on a quiet machine: it measures speed.
@@ -75,7 +77,7 @@ bench-perf: setup
 	done
 	$(VENV)/bin/python -m pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-json=$(PERF)/micro.json
 
-# kdbench beside RepDistiller's own train_student.py on this CPU, alternating (README, "Where the time goes"); clone the
+# kdbench beside RepDistiller's own train_student.py on this CPU, alternating (docs/performance.md); clone the
 # official code first (benchmarks/official/README.md). Quiet machine only. benchmarks/official/gpu.sh does it on a GPU.
 bench-official: setup
 	bash benchmarks/official/cpu.sh
@@ -92,7 +94,7 @@ test: setup
 	$(VENV)/bin/python -m pytest
 	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
-# Kill -9 soak of both executors (README, "Sweeps at scale"): about 10 minutes each on a 2-core CPU.
+# Kill -9 soak of both executors (docs/scale-out.md#kill-9-soak): about 10 minutes each on a 2-core CPU.
 soak: setup
 	$(VENV)/bin/python tests/soak.py --executor local --kills 15
 	$(VENV)/bin/python tests/soak.py --executor ray --kills 15

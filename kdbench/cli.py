@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                           " W&B runs offline unless WANDB_MODE says otherwise)")
     run.add_argument("--dry-run", action="store_true", default=False,
                      help="print the plan, each run's resolved options and an estimate of its compute (a few "
-                          "measured steps); write nothing")
+                          "measured steps, their prices kept in $KDBENCH_CACHE); write nothing to the results")
     run.add_argument("--profile", action="store_true", default=False,
                      help="time each setting's training step by phase, against a fixed batch, a bare PyTorch loop "
                           "and the device's peak; write RESULTS_DIR/profile.parquet and a plot, train nothing")
@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoint = Path(cfg.teacher_ckpt).resolve() if cfg.teacher_ckpt else None
     if checkpoint:
         _check_teacher_ckpt(checkpoint, sweeps[0])
-    for line in _small_teachers(sweeps[0]):
+    for line in dict.fromkeys(line for sweep in sweeps for line in _small_teachers(sweep)):
         print(f"kdbench: warning: {line}", file=sys.stderr)
     # Absolute paths: Ray workers run in the directory their node started in, not in this one.
     checkpoints = {sweeps[0].teacher_ckpt_sha256: checkpoint} if checkpoint else {}

@@ -127,7 +127,7 @@ RECIPES.add("short-teacher", Recipe("short-teacher", epochs=4, train_subset=12_0
                                     teacher_recipe="short-teacher"))
 RECIPES.add("short", Recipe("short", epochs=3, train_subset=5000, drop_last=True, warmup_steps=10,
                             fit_points=100_000, teacher_recipe="short-teacher"))
-# The CPU benchmark (README, "Reference results"): on Fashion-MNIST, 5,000 training images are held out as the
+# The CPU benchmark (docs/reference-results.md): on Fashion-MNIST, 5,000 training images are held out as the
 # validation split that selects the reported epoch, and every run is evaluated on the whole test set. Teachers (and
 # teacher assistants) train on every other training image until their accuracy levels off; students train on a fixed
 # 1,000-image subset, where a teacher clearly stronger than the CE student has something to give, for 30 epochs
@@ -279,8 +279,8 @@ class SweepSpec:
                 assistants: tuple[RunSpec, ...], teacher_run: str) -> RunSpec:
         """A run taught by the teacher (and ``assistants``). A teacher assistant is the teacher of the next step of
         its chain, so it is trained as teachers are: with the teacher recipe (its data, epochs and schedule) and the
-        teacher's seed, once per teacher, shared by every student seed (the rule for TAKD/DGKD; README, "Teacher
-        assistants"). Students get the students' recipe and their own seed."""
+        teacher's seed, once per teacher, shared by every student seed (the rule for TAKD/DGKD;
+        docs/methods/assistant.md). Students get the students' recipe and their own seed."""
         recipe = self._teachers_recipe() if role == "assistant" else self._on_dataset(self.recipe)
         return RunSpec(student=arch, method=method, seed=seed, role=role, teacher=pair.teacher,
                        teacher_run=teacher_run, protocol=self.protocol, method_options=options,

@@ -15,7 +15,8 @@ the weights and τ are part of the method, since ẑ has unit spread and needs a
 - ``kd_ls``: ``0.1·CE + 9·τ²·KL(σ(ẑ_t/τ) ‖ σ(ẑ_s/τ))``, τ 2 (``mdistiller/engine/cfg.py`` ``CFG.KD`` at f6e5aa5, whose
   last change, 3ec213f, set CE 0.1 and τ 2; the earlier 2ba3954 and 6083e2d have CE 1; the CTKD script's ``-r 0.1``
   agrees with 0.1). Per pair, τ and the weight of the README's linked log (file names ``kd,T,S,τ,weight``): τ 3 for
-  vgg13 → vgg8 and four more pairs, τ 4 and weight 12 for resnet110 → resnet20, weight 1 for ResNet50 → MobileNetV2.
+  vgg13 → vgg8 and four more pairs, τ 3 and weight 1 for ResNet50 → MobileNetV2, τ 4 and weight 12 for resnet110 →
+  resnet20.
 - ``dkd_ls``: DKD (``methods/dkd.py``) on ẑ with ``α ← weight·α``, ``β ← weight·β``, ``T ← τ`` (``tools/train.py``
   multiplies both; an older revision, 2ece47f, multiplied β by the new α and left T at 4), CE 1, warm-up 20. Per pair,
   τ, weight and β from the log names (``dkd,T,S,τ,weight[,β]``; β from the pair's DKD config where the name has none):

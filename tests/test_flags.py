@@ -194,7 +194,8 @@ def test_every_plot_draws_the_flagged_labels_and_the_footnotes(table, tmp_path):
 
 def test_the_reference_set_flags_what_its_readme_explains():
     """TAKD's and DGKD's assistants are below CE, SemCKD's beta = 50 row stands in for its diverged defaults, and
-    OFD, SAKD and CC deviate from their official code (README, "Reference results")."""
+    OFD, SAKD and CC deviate from their official code (docs/reference-results.md, and the method family pages
+    docs/methods/feature.md and docs/methods/relation.md)."""
     table = report.load_results(REFERENCE)
     board = _board(table)
     flags = board[board["pair"] == "resnet56->resnet20"].set_index("label")["flags"]

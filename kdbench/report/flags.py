@@ -6,7 +6,7 @@ each marks the row wherever it is shown (leaderboard, paper layout, CSV, plots):
 - ``weak_teacher`` [w]: a teacher or teacher assistant the row learned from is not above the mean CE student of its
   table (on the report's metric), so the row measures the trainer more than the method (a student gains from a
   teacher it can follow: Mirzadeh et al., AAAI 2020, the TAKD paper; the reference set's TAKD and DGKD assistants,
-  README "Reference results"). The teacher's own row carries it, and the report warns in one line
+  docs/reference-results.md). The teacher's own row carries it, and the report warns in one line
   (:func:`teacher_warnings`).
 - ``diverged_default`` [d]: runs of the same method at its default options (no ``method_overrides``) failed with a
   non-finite loss in the row's setting, protocol and pair, and the row sets options of its own, so it is not the

@@ -3,7 +3,8 @@
 A KD leaderboard is worth reading only where distillation has something to give and the students are done learning:
 the teacher clearly above the CE-trained student, CE seeds that agree, students whose selected epoch is hardly
 better than their last (they converged), and accuracy on the whole test set. kdbench's CPU reference set is held to
-the criteria below (README, "The CPU benchmark"); this module measures them on any results, per table.
+the criteria below (docs/reference-results.md, "The CPU benchmark"); this module measures them on any results, per
+table.
 """
 
 from __future__ import annotations
