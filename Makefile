@@ -41,7 +41,9 @@ REFERENCE_SET := \
 REFERENCE_COMMANDS := $(PILOT_COMMAND) $(REFERENCE_SET)
 # Every row of the set must come from a clean tree of main (docs/reference-results.md): both targets refuse a tree
 # with uncommitted changes. To go on working while the set trains, run it from a clean worktree of the same commit
-# (git worktree add --detach ../ref HEAD; its runs record that commit, and their code fingerprints are main's).
+# (git worktree add --detach ../ref HEAD; its runs record that commit, and their code fingerprints are main's). An
+# editable install maps kdbench.methods to this checkout's methods/, so link the worktree's own there first
+# (ln -s ../methods ../ref/kdbench/methods) and run it with PYTHONPATH=../ref: else it trains with this tree's methods.
 CLEAN_TREE := git diff --quiet HEAD -- || { echo "make: commit or stash your changes first: reference runs record a clean tree (git status)"; exit 2; }
 reference: setup
 	@$(CLEAN_TREE)
