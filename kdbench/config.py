@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from kdbench.errors import KdbenchError
 from kdbench.spec import PROTOCOLS, RECIPES, Pair, RunSpec, SweepSpec, teacher_recipe_of
@@ -27,7 +27,9 @@ SWEEP_NAME = "sweep.yaml"  # the latest resolved sweep of a results folder; ever
 
 @dataclass
 class SweepFile:
-    """The schema of a sweep file; each key is the ``kdbench run`` flag of the same name (``_`` for ``-``)."""
+    """The schema of a sweep file; a key is the ``kdbench run`` flag of the same name (``_`` for ``-``), except
+    ``options`` (``--set``), ``ta_chains``, ``teacher_seeds``, ``precision`` (``--amp``: bf16) and ``download``
+    (``--no-download``: false); ``source`` and ``parts`` have no flag."""
 
     methods: list[str] = field(default_factory=list)
     pairs: list[str] = field(default_factory=list)  # TEACHER:STUDENT
@@ -76,7 +78,7 @@ KEYS = tuple(f.name for f in fields(SweepFile))
 def _one_line(error: OmegaConfBaseException, where: str) -> KdbenchError:
     key = getattr(error, "full_key", "") or ""
     message = str(error).splitlines()[0]
-    if "not in" in message or "Key" in message and "not" in message:
+    if isinstance(error, ConfigKeyError):
         return KdbenchError(f"{where}: unknown key {key or message!r}; valid keys: {', '.join(KEYS)}")
     return KdbenchError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
