@@ -119,10 +119,12 @@ def test_the_generated_tables_cover_every_registered_method_and_family():
     tables = _hook()
     pages = "\n".join(page.read_text() for page in DOCS.rglob("*.md"))
     listed = set(re.findall(r"<!-- kdbench:methods ([\w-]+) -->", pages)) - {"all"}
-    assert listed == set(tables.families())  # a page per family, and no page for a family nothing has
+    # the shipped methods: other test files of this worker may have registered plug-ins of their own
+    shipped = [m for m in list_methods() if method_class(m).__module__.startswith("kdbench.methods.")]
+    assert listed == {method_class(m).family for m in shipped}  # a page per family, none for a family nothing has
     for table in (tables.methods_table, tables.options_table):
         assert _rows(table("all")) == list_methods()
-        assert sorted(name for family in listed for name in _rows(table(family))) == sorted(list_methods())
+        assert sorted(name for family in listed for name in _rows(table(family))) == sorted(shipped)
     assert re.findall(r"`([\w-]+)`", tables.recipes_table().splitlines()[0]) == RECIPES.names()
 
 

@@ -142,9 +142,6 @@ def test_published_numbers_need_the_same_recipe(tiny_results):  # noqa: F811
     assert (longer.published == "").all()
     assert "No published column: the published numbers were trained with recipe letkd-native or paper as " \
         "registered (this table overrides epochs=30)." in report.render_report(longer)
-    held_out = report.leaderboard(report.entries(paper.assign(val_split=5000)), "top1_last", published)
-    assert (held_out.published == "").all() and "(this table overrides val_split=5000)" in report.render_report(
-        held_out)
     other = report.leaderboard(report.entries(paper.assign(recipe="short")), "top1_last", published)
     assert "(this table: recipe short)" in report.render_report(other, layout="paper")
     fashion = report.leaderboard(report.entries(table), "top1_last", published)
