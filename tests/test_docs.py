@@ -124,7 +124,8 @@ def test_the_generated_tables_cover_every_registered_method_and_family():
     assert listed == {method_class(m).family for m in shipped}  # a page per family, none for a family nothing has
     for table in (tables.methods_table, tables.options_table):
         assert _rows(table("all")) == list_methods()
-        assert sorted(name for family in listed for name in _rows(table(family))) == sorted(shipped)
+        in_families = [name for family in listed for name in _rows(table(family)) if name in shipped]
+        assert sorted(in_families) == sorted(shipped)  # each shipped method on exactly one family page
     assert re.findall(r"`([\w-]+)`", tables.recipes_table().splitlines()[0]) == RECIPES.names()
 
 
