@@ -223,9 +223,7 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
                                                     {i: logits for i, (logits, _) in taught.items()}, epoch,
                                                     positions, stage))
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        optimizer.step()
+        parts.method.step(optimizer, terms)
         timer.stop(started, len(y))
         if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up
             reset_peak_memory(device)

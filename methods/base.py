@@ -277,6 +277,15 @@ class Method(nn.Module):
         """Named, weighted scalar loss terms; their sum is what the student minimises."""
         raise NotImplementedError
 
+    def step(self, optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor]) -> None:
+        """One update of the trained parameters from this step's loss terms: the gradient of their sum, through the
+        run's optimiser (the recipe's SGD). A method that owns its update overrides it (DOT splits the task and
+        distillation gradients); it reads the optimiser's param groups (lr, momentum, weight decay as the schedule
+        sets them) and keeps any state of its own in its state dict, so that a run resumes."""
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+
     def extra_params_train(self) -> int:
         """Trainable parameters beyond the student's, used only while training."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -33,6 +33,8 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
        for m, source in (("dkd", "dkd"), ("dist", "other"), ("simkd", "semckd"), ("kd_ls", "other"),
                          ("dkd_ls", "other"), ("ctkd_ls", "other"))},
     ("semckd", "crd"): (("crd+kd", "crd"),),
+    # KD+DOT: KD under mdistiller's KD config (0.1 CE + 0.9 KD_4), which the official and crd protocols resolve to
+    ("official", "kd_dot"): (("kd_dot", "other"),), ("crd", "kd_dot"): (("kd_dot", "other"),),
 }
 # A validation split is not among them: its runs show published numbers under those numbers' own reporting rule
 # (issue 25's rule), and the table's heading states the split.
