@@ -99,8 +99,8 @@ class _Sample:
             self.images += len(batch[1])
             yield batch
 
-    def train_epoch(self, seed: int, epoch: int, positions: bool = False):
-        return self._take(lambda k: self.loader.train_epoch(seed, epoch + k, positions), self.steps_per_epoch)
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False, views: tuple[str, ...] = ()):
+        return self._take(lambda k: self.loader.train_epoch(seed, epoch + k, positions, views), self.steps_per_epoch)
 
     def train_plain(self):
         return self._take(lambda k: self.loader.train_plain(), -(-self.num_train // self.loader.eval_batch_size))

@@ -191,6 +191,15 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
                        loader.train_y[loader.subset], parts.trainers[0])
 
 
+def _view_logits(parts: _Parts, active: tuple[int, ...], images: torch.Tensor):
+    """(student logits, teacher logits or None) on another view of the batch, forwarded apart: the student's
+    BatchNorm sees each view's statistics, as MLKD's code forwards them."""
+    teacher = [parts.trainers[0]] if 0 in active else []
+    with torch.no_grad(), batch_statistics(teacher, parts.method.teacher_batch_stats):
+        teacher_logits = parts.trainer_fx[0](images)[0] if teacher else None
+    return parts.student_fx(images)[0], teacher_logits
+
+
 def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
                  show: bool | None, stage: str = "main") -> dict[str, float]:
     """One epoch of steps of ``stage`` ("init": the method's InitStage, with its optimiser); loss terms and correct
@@ -208,21 +217,23 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
     frozen_forwards = 0
     correct = torch.zeros((), device=device, dtype=torch.long)
     started_epoch, started_cpu = time.perf_counter(), time.process_time()
-    batches = tqdm(loader.train_epoch(spec.seed, epoch, positions=True), total=loader.steps_per_epoch, unit="step",
-                   leave=False, disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
-    for step, (x, y, positions) in enumerate(batches):
+    views = parts.method.views
+    batches = tqdm(loader.train_epoch(spec.seed, epoch, positions=True, views=views), total=loader.steps_per_epoch,
+                   unit="step", leave=False, disable=None if show is None else not show, desc=f"epoch {epoch + 1}")
+    for step, (x, y, positions, *viewed) in enumerate(batches):
         started = timer.start()
         active = parts.method.trainers_for_step(epoch, step) if parts.trainers else ()
-        frozen_forwards += len(active)
+        frozen_forwards += len(active) + len(views) * (0 in active)
         with precision:
             s_logits, s_features = parts.student_fx(x)
             with torch.no_grad(), batch_statistics([parts.trainers[i] for i in active],
                                                    parts.method.teacher_batch_stats):
                 taught = {i: parts.trainer_fx[i](x) for i in active}
             teacher_logits, teacher_features = taught.pop(0, (None, None))
+            extra = {name: _view_logits(parts, active, images) for name, images in (viewed[0] if views else {}).items()}
             terms = parts.method.losses(StepOutputs(y, s_logits, s_features, teacher_logits, teacher_features,
                                                     {i: logits for i, (logits, _) in taught.items()}, epoch,
-                                                    positions, stage))
+                                                    positions, stage, extra))
         parts.method.step(optimizer, terms)
         timer.stop(started, len(y))
         if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up

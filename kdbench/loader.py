@@ -12,13 +12,16 @@ whatever their batch size, subset or method.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
+from kdbench import augment
 from kdbench.data import IMAGE_SIZE, PAD, ArrayData
 from kdbench.errors import KdbenchError
 
+#: Augmented views a method may ask for beside the standard one (Method.views).
+VIEWS = ("strong",)
 #: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
 SUBSET_SEED = 20240601
 #: Seed of the fixed validation split, held out of the training set before the training subset is drawn.
@@ -125,17 +128,17 @@ class DeviceLoader:
         n, b = self.num_train, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def aug_params(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def aug_params(self, seed: int, epoch: int, stream: str = "aug") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU tensors (i, j, flip), one entry per dataset index: crop offsets uniform on 0..8, flip with p=0.5."""
-        g = _generator(seed, epoch, "aug")
+        g = _generator(seed, epoch, stream)
         n = self.num_full_train
         i = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
         j = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
         flip = torch.rand(n, generator=g) < 0.5
         return i, j, flip
 
-    def augment(self, idx, crop_i, crop_j, flip) -> torch.Tensor:
-        """Crop + flip + normalise the training images at dataset indices ``idx`` in one integer gather.
+    def crop(self, idx, crop_i, crop_j, flip) -> torch.Tensor:
+        """Crop + flip of the training images at dataset indices ``idx`` in one integer gather: uint8, B x 32 x 32 x C.
 
         ``crop_i``, ``crop_j`` (offsets into the 40x40 padded image) and ``flip`` are aligned with ``idx``.
         """
@@ -144,22 +147,49 @@ class DeviceLoader:
         ar = torch.arange(IMAGE_SIZE, device=dev)
         rows = crop_i[:, None] + ar
         cols = torch.where(flip.bool()[:, None], crop_j[:, None] + (IMAGE_SIZE - 1) - ar, crop_j[:, None] + ar)
-        xb = self.train_pad[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # B x 32 x 32 x C
-        # Same operation order as ToTensor (x / 255) then Normalize ((x - mean) / std), so results match bit for bit.
-        xb = xb.float().div_(255).sub_(self._mean).div_(self._std)
+        return self.train_pad[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 B x H x W x C to the model's input: the same operation order as ToTensor (x / 255) then Normalize
+        ((x - mean) / std), so results match torchvision bit for bit, in the run's layout."""
+        xb = pixels.float().div_(255).sub_(self._mean).div_(self._std)
         return self._layout(xb.permute(0, 3, 1, 2))
 
-    def train_epoch(self, seed: int, epoch: int, positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    def augment(self, idx, crop_i, crop_j, flip) -> torch.Tensor:
+        """Crop + flip + normalise the training images at dataset indices ``idx``."""
+        return self.normalise(self.crop(idx, crop_i, crop_j, flip))
+
+    def strong(self, idx, crop_i, crop_j, flip, params: augment.RandAugmentParams) -> torch.Tensor:
+        """The strong view (MLKD's): crop + flip, then RandAugment(2) + Cutout on the uint8 pixels
+        (``kdbench.augment``), then normalise; ``params`` aligned with ``idx``."""
+        pixels = self.crop(idx, crop_i, crop_j, flip).permute(0, 3, 1, 2)
+        return self.normalise(augment.rand_augment(pixels, params).permute(0, 2, 3, 1))
+
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False,
+                    views: tuple[str, ...] = ()) -> Iterator[tuple[Any, ...]]:
         """Batches of (augmented normalised images, labels) in this epoch's replayable order; with ``positions``,
-        also each sample's position in the training subset (its dataset index when there is no subset)."""
+        also each sample's position in the training subset (its dataset index when there is no subset); with
+        ``views`` (names in VIEWS), last a dict of each view's images of the same samples, augmented apart with
+        random streams of their own."""
+        unknown = set(views) - set(VIEWS)
+        if unknown:
+            raise KdbenchError(f"unknown augmented view(s) {', '.join(sorted(unknown))}; valid: {', '.join(VIEWS)}")
         perm = torch.randperm(self.num_train, generator=_generator(seed, epoch, "perm")).to(self.device)
         order = self.subset[perm]
         ai, aj, af = (t.to(self.device) for t in self.aug_params(seed, epoch))
+        if views:  # the strong view's own crop and flip, and its RandAugment draws, per dataset index
+            si, sj, sf = (t.to(self.device) for t in self.aug_params(seed, epoch, "aug-strong"))
+            drawn = augment.draw(_generator(seed, epoch, "randaugment"), self.num_full_train)
         b = self.batch_size
         for k in range(self.steps_per_epoch):
             idx = order[k * b:(k + 1) * b]
             batch = self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
-            yield (*batch, perm[k * b:(k + 1) * b]) if positions else batch
+            if positions:
+                batch = (*batch, perm[k * b:(k + 1) * b])
+            if views:
+                on_cpu = idx.cpu()
+                batch = (*batch, {"strong": self.strong(idx, si[idx], sj[idx], sf[idx], drawn.take(on_cpu))})
+            yield batch
 
     def train_plain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image of the training subset once, in order, un-augmented (the unshifted, unflipped crop), in

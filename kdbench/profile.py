@@ -107,8 +107,9 @@ class _FixedBatch(_Sample):
         super().__init__(loader, batches)
         self.batch = batch
 
-    def train_epoch(self, seed: int, epoch: int, positions: bool = False):
-        return iter([self.batch if positions else self.batch[:2]] * self.steps_per_epoch)
+    def train_epoch(self, seed: int, epoch: int, positions: bool = False, views: tuple[str, ...] = ()):
+        batch = self.batch if positions else self.batch[:2]
+        return iter([(*batch, *self.batch[3:]) if positions and views else batch] * self.steps_per_epoch)
 
 
 def _step_seconds(parts, loader, spec: RunSpec, device: torch.device) -> float:
@@ -263,7 +264,7 @@ def profile_setting(spec: RunSpec, env: harness.RunEnv, steps: int, peaks: dict)
         harness._train_epoch(parts, _Sample(loader, steps + 1), spec, 2, StepTimer(device, 0), False)
     finally:
         clock.remove()
-    batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True)))
+    batch = next(iter(loader.train_epoch(spec.seed, 0, positions=True, views=parts.method.views)))
     seconds["fixed_batch"] = _step_seconds(parts, _FixedBatch(loader, steps, batch), spec, device)
     seconds["bare"] = _bare_seconds(spec, data, device, batch, steps)
     key = (spec.device, spec.precision)

@@ -119,6 +119,9 @@ class StepOutputs:
     # takes every image), int64 on the device: methods with per-sample state index it (CRD's memory banks).
     indices: torch.Tensor | None = None
     stage: str = "main"  # "init" during a method's InitStage
+    # The method's extra augmented views of the batch (Method.views): view name -> (student logits, teacher logits,
+    # the latter under no_grad; None where the teacher was not forwarded this step).
+    views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def trainer_logits(self, index: int) -> torch.Tensor:
         """Logits of trainer ``index``: 0 is the teacher, k the k-th teacher assistant."""
@@ -183,6 +186,10 @@ class Method(nn.Module):
     # distributions), "feature" (intermediate maps), "relation" (relations between samples, positions or layers),
     # "assistant" (through teacher assistants), "layer-adding" (a module the deployed student keeps), "baseline".
     family: ClassVar[str] = "other"
+    # Augmented views of each batch besides the standard one, by name (kdbench.loader.VIEWS: "strong", crop + flip +
+    # RandAugment + Cutout, as MLKD trains); the harness forwards the student and the active trainers on each and
+    # hands their logits to `losses` in StepOutputs.views.
+    views: ClassVar[tuple[str, ...]] = ()
     # Tunable options and their defaults, loss weights and temperature included (LOGIT_OPTIONS); users override
     # them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}

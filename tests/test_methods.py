@@ -188,6 +188,7 @@ for _protocol, _rows in PRESETS.items():
     _rows["ctkd"] = ((1.0, 1.0) if _protocol == "semckd" else (0.1, 0.9)) + (4.0, "batchmean", {
         "t_start": 1.0, "t_range": 20.0, "lambda_max": 0.0, "lambda_min": -1.0, "lambda_epochs": 10})  # KD's weights
     _rows["kd_dot"] = _rows["kd"][:4] + ({"delta": 0.075},)  # KD's loss, DOT's update
+    _rows["mlkd"] = (0.1, 0.9, 4.0, "batchmean", {})  # mdistiller's KD config under every protocol
     # logit standardisation: the README's settings under every protocol; resnet56 -> resnet20's log for dkd_ls
     _rows["kd_ls"] = (0.1, 9.0, 2.0, "batchmean", {})
     _rows["dkd_ls"] = (1.0, 0.0, 3.0, "batchmean", {"alpha": 18.0, "beta": 36.0, "warmup_epochs": 20})
