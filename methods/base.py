@@ -187,8 +187,8 @@ class Method(nn.Module):
     # "assistant" (through teacher assistants), "layer-adding" (a module the deployed student keeps), "baseline".
     family: ClassVar[str] = "other"
     # Augmented views of each batch besides the standard one, by name (kdbench.loader.VIEWS: "strong", crop + flip +
-    # RandAugment + Cutout, as MLKD trains); the harness forwards the student and the active trainers on each and
-    # hands their logits to `losses` in StepOutputs.views.
+    # RandAugment + Cutout, as MLKD trains); the harness forwards the student and the teacher (when active) on each
+    # and hands their logits to `losses` in StepOutputs.views.
     views: ClassVar[tuple[str, ...]] = ()
     # Tunable options and their defaults, loss weights and temperature included (LOGIT_OPTIONS); users override
     # them with `--set METHOD.KEY=VALUE`.
