@@ -26,7 +26,7 @@ REFERENCE_METHODS := student,kd,fitnet,takd,dgkd,sakd,letkd1,letkd2
 ZOO_METHODS := at,sp,cc,vid,rkd,pkt,ab,ft,fsp,nst,crd,kdsvd,ofd,reviewkd,dkd
 # The logit-era methods (DIST, SimKD, CTKD, CAT-KD, KD with logit standardisation, ...) join the set on
 # resnet56:resnet20 as they land.
-LOGIT_ERA_METHODS := dist,simkd,ctkd,catkd,kd_ls
+LOGIT_ERA_METHODS := dist,simkd,ctkd,catkd,kd_ls,kd_dot,mlkd
 REFERENCE_PAIRS := resnet56:resnet20,vgg13:vgg8
 REFERENCE_SEEDS := 0,1,2,3,4
 SEMCKD_VGG_SEEDS := 0,1,2

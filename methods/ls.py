@@ -1,5 +1,5 @@
-"""``kd_ls``, ``dkd_ls``, ``ctkd_ls``: Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation",
-CVPR 2024 (arXiv 2403.01427), on the three hosts kdbench has.
+"""``kd_ls``, ``dkd_ls``, ``ctkd_ls``, ``mlkd_ls``: Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge
+Distillation", CVPR 2024 (arXiv 2403.01427), on the four hosts of its README.
 
 LS is a pre-processing, not a loss: before a host's distillation term, each sample's logits, the student's and the
 teacher's, are z-scored over the classes, ``ẑ = (z − mean(z)) / (std(z) + 1e-7)`` with the unbiased std, so the
@@ -7,7 +7,8 @@ student matches the teacher's logit *relations* rather than their range. The hos
 (a base temperature τ divides ẑ, T² scaling and all); CE stays on the raw logits. Official code
 sunshangquan/logit-standardization-KD @ f6e5aa5: ``mdistiller/distillers/KD.py`` and ``DKD.py`` (``normalize``,
 ``kd_loss``, ``dkd_loss``), ``tools/train.py`` (``--logit-stand --base-temp 2 --kd-weight 9``), ``CTKD/`` (its copy of
-zhengli97/CTKD: ``distiller_zoo/KD.py::DistillKL_logit_stand``, ``scripts/run_cifar_distill.sh``).
+zhengli97/CTKD: ``distiller_zoo/KD.py::DistillKL_logit_stand``, ``scripts/run_cifar_distill.sh``),
+``mdistiller/distillers/MLKD.py``.
 
 Settings, each the one behind the README's CIFAR-100 numbers (one objective under every protocol, as DKD's and DIST's:
 the weights and τ are part of the method, since ẑ has unit spread and needs a small τ and a large weight):
@@ -26,9 +27,16 @@ the weights and τ are part of the method, since ẑ has unit spread and needs a
   loss when ``--logit_stand`` is *absent* (``DistillKL() if opt.logit_stand else DistillKL_logit_stand()``), and the
   script does not pass it: the published runs are standardised.
 
-Not here: MLKD + LS waits for ``mlkd``. Differences from the official code: none in the objective; DKD's binary
-distribution is a log-sum-exp (``dkd_divergences``), the same in exact arithmetic as mdistiller's log of summed
-probabilities.
+- ``mlkd_ls``: MLKD (``methods/mlkd.py``) with its instance-level terms on ẑ, ``0.1·CE`` and weight w 9 at base
+  temperature 2, so the five temperatures are (2, 3, 5, 2, 6) (``mdistiller/distillers/MLKD.py``: ``kd_loss`` takes
+  ``logit_stand``, ``cc_loss`` and ``bc_loss`` do not; ``tools/train.py`` sets ``KD_WEIGHT`` and ``TEMPERATURE`` from
+  ``--kd-weight``/``--base-temp``; ``CFG.KD.LOSS.CE_WEIGHT`` 0.1). The class and batch correlations and the teacher's
+  confidence masks stay on the raw logits, as there. Per pair, the weight of the README's linked logs
+  (``mlkd,T,S,τ,weight``): 6 for vgg13 → vgg8, vgg13 → MobileNetV2 and resnet32x4 → ShuffleV2. The official runs
+  use MLKD's 480-epoch schedule and lr (``configs/cifar100/mlkd/*.yaml``), a recipe, not the method.
+
+Differences from the official code: none in the objective; DKD's binary distribution is a log-sum-exp
+(``dkd_divergences``), the same in exact arithmetic as mdistiller's log of summed probabilities.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from kdbench.methods.base import StepOutputs
 from kdbench.methods.ctkd import CTKD
 from kdbench.methods.dkd import DKD, PAIR_BETA
 from kdbench.methods.kd import KD
+from kdbench.methods.mlkd import MLKD
 
 STD_EPS = 1e-7  # added to the std, as ``normalize`` does
 # (teacher, student) -> (base temperature τ, KD weight) of the README's kd+LS logs; other pairs take (2, 9).
@@ -57,6 +66,8 @@ DKD_LS_PAIRS = {("resnet56", "resnet20"): (3.0, 18.0, 2.0), ("resnet110", "resne
                 ("wrn_40_2", "MobileNetV2"): (2.0, 15.0, 2.0), ("wrn_40_2", "resnet8x4"): (2.0, 18.0, 2.0),
                 ("wrn_40_2", "wrn_16_2"): (2.0, 12.0, 2.0), ("wrn_40_2", "wrn_40_1"): (2.0, 12.0, 2.0)}
 BASE_TEMPERATURE, LS_WEIGHT, DKD_BETA = 2.0, 9.0, 8.0  # tools/train.py's defaults; CFG.DKD.BETA
+# (teacher, student) -> MLKD weight of the README's mlkd+LS logs; other pairs take 9.
+MLKD_LS_WEIGHTS = {("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0, ("resnet32x4", "ShuffleV2"): 6.0}
 KD_LS_OBJECTIVE = {"ce_weight": 0.1, "kd_weight": LS_WEIGHT, "temperature": BASE_TEMPERATURE}
 CTKD_LS_OBJECTIVE = {"ce_weight": 0.1, "kd_weight": LS_WEIGHT}
 
@@ -118,3 +129,20 @@ class CTKDLS(LogitStandardization, CTKD):
     name = "ctkd_ls"
     defaults = {**CTKD.defaults, **CTKD_LS_OBJECTIVE}
     presets = {"official": CTKD_LS_OBJECTIVE, "crd": CTKD_LS_OBJECTIVE, "semckd": CTKD_LS_OBJECTIVE}
+
+
+@register_method
+class MLKDLS(MLKD):
+    """MLKD with its instance-level KL terms on standardised logits, ``0.1·CE``, weight 9 at base τ 2."""
+
+    name = "mlkd_ls"
+    defaults = {**MLKD.defaults, **KD_LS_OBJECTIVE}
+    presets = {"official": KD_LS_OBJECTIVE, "crd": KD_LS_OBJECTIVE, "semckd": KD_LS_OBJECTIVE}
+
+    def instance_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return standardize(logits)
+
+    @classmethod
+    def pair_defaults(cls, teacher, student):
+        weight = MLKD_LS_WEIGHTS.get((teacher, student))
+        return {} if weight is None else {"kd_weight": weight}

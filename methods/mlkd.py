@@ -83,11 +83,18 @@ class MLKD(Method):
     defaults = {**LOGIT_OPTIONS, **MLKD_OBJECTIVE}
     presets = {"official": MLKD_OBJECTIVE, "crd": MLKD_OBJECTIVE, "semckd": MLKD_OBJECTIVE}
 
+    def instance_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the instance-level terms see: the logits themselves here; logit standardisation z-scores them
+        (``mlkd_ls``, ``methods/ls.py``), leaving the class and batch terms and the confidence masks on the raw ones."""
+        return logits
+
     def losses(self, out: StepOutputs):
         options = self.ctx.options
         weak_s, weak_t = out.student_logits, out.teacher_logits.detach()
         strong_s, strong_t = out.views["strong"]
         strong_t = strong_t.detach()
+        (instance_weak_s, instance_weak_t, instance_strong_s,
+         instance_strong_t) = map(self.instance_logits, (weak_s, weak_t, strong_s, strong_t))
         temperatures = (options["temperature"], *EXTRA_TEMPERATURES)
         confident = softened(weak_t, 1.0)
         samples, classes = at_most_median(confident.max(dim=1).values), at_most_median(confident.sum(dim=0))
@@ -96,9 +103,9 @@ class MLKD(Method):
         def summed(term, student, teacher, over=temperatures):
             return sum(term(student, teacher, t) for t in over)
 
-        kd = (w * samples * summed(instance_kd, weak_s, weak_t)
-              + w * summed(instance_kd, strong_s, strong_t, temperatures[:3])
-              + w * summed(instance_kd, weak_s, weak_t, temperatures[3:]))
+        kd = (w * samples * summed(instance_kd, instance_weak_s, instance_weak_t)
+              + w * summed(instance_kd, instance_strong_s, instance_strong_t, temperatures[:3])
+              + w * summed(instance_kd, instance_weak_s, instance_weak_t, temperatures[3:]))
         terms = {"ce": options["ce_weight"] * (F.cross_entropy(weak_s.float(), out.labels)
                                                + F.cross_entropy(strong_s.float(), out.labels)),
                  "kd": kd,

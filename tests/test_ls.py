@@ -13,8 +13,9 @@ from kdbench.methods import method_class
 from kdbench.methods.base import StepOutputs
 from kdbench.methods.dkd import dkd_divergences
 from kdbench.methods.ls import standardize
+from kdbench.methods.mlkd import batch_correlation, class_correlation, instance_kd
 
-LS_METHODS = ("kd_ls", "dkd_ls", "ctkd_ls")
+LS_METHODS = ("kd_ls", "dkd_ls", "ctkd_ls", "mlkd_ls")
 
 
 def _built(method, pair=("resnet56", "resnet20"), epochs=240):
@@ -58,7 +59,7 @@ def test_kd_ls_is_a_tenth_of_ce_on_raw_logits_plus_9_kd_at_tau_2_on_standardised
     assert terms["kd"].item() == pytest.approx(9 * 4 * kl, rel=1e-5)
 
 
-@pytest.mark.parametrize("method", LS_METHODS)
+@pytest.mark.parametrize("method", ("kd_ls", "dkd_ls", "ctkd_ls"))  # mlkd_ls's class and batch terms see raw logits
 def test_the_distillation_terms_ignore_the_logits_scale_and_shift_but_ce_does_not(method):
     """What standardisation buys: the student matches the teacher's logit relations, not their range."""
     torch.manual_seed(0)
@@ -95,6 +96,30 @@ def test_ctkd_ls_learns_its_temperature_on_standardised_logits():
     assert ls.global_t.grad is not None and ls.global_t.grad.item() != 0.0
 
 
+def test_mlkd_ls_standardises_the_instance_terms_only_and_masks_on_the_raw_teacher():
+    """The official MLKD.py passes ``logit_stand`` to ``kd_loss`` alone: the class and batch correlations, the
+    confidence masks and CE see the raw logits. Weight 9 at base τ 2, so the temperatures are (2, 3, 5, 2, 6)."""
+    torch.manual_seed(3)
+    weak_s, strong_s, strong_t = 3 * torch.randn(4, 5), 3 * torch.randn(4, 5), 3 * torch.randn(4, 5)
+    weak_t = torch.tensor([[9.0, 0, 0, 0, 0], [0, 8.0, 0, 0, 0], [0, 0, 0.5, 0, 0], [0, 0, 0, 0.2, 0]])
+    labels = torch.tensor([0, 1, 2, 3])
+    terms = _built("mlkd_ls").losses(StepOutputs(labels=labels, student_logits=weak_s, student_features={},
+                                                 teacher_logits=weak_t, views={"strong": (strong_s, strong_t)}))
+    temps, w, f = (2.0, 3.0, 5.0, 2.0, 6.0), 9.0, 0.5  # two of the four raw teacher rows are at most the median
+    (zw_s, zw_t, zs_s, zs_t) = map(standardize, (weak_s, weak_t, strong_s, strong_t))
+    kd = (w * f * sum(instance_kd(zw_s, zw_t, t) for t in temps)
+          + w * sum(instance_kd(zs_s, zs_t, t) for t in temps[:3])
+          + w * sum(instance_kd(zw_s, zw_t, t) for t in temps[3:]))
+    assert terms["kd"].item() == pytest.approx(kd.item(), rel=1e-6)
+    assert terms["bc"].item() == pytest.approx(w * f * sum(batch_correlation(weak_s, weak_t, t) for t in temps).item(),
+                                               rel=1e-6)
+    classes = 3 / 5  # summed confidence per class: three of the five at most their median
+    assert terms["cc"].item() == pytest.approx(
+        w * classes * sum(class_correlation(weak_s, weak_t, t) for t in temps).item(), rel=1e-6)
+    ce = torch.nn.functional.cross_entropy
+    assert terms["ce"].item() == pytest.approx(0.1 * (ce(weak_s, labels) + ce(strong_s, labels)).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("method, pair, expected", [
     ("kd_ls", ("resnet56", "resnet20"), {"ce_weight": 0.1, "kd_weight": 9.0, "temperature": 2.0}),
     ("kd_ls", ("vgg13", "vgg8"), {"kd_weight": 9.0, "temperature": 3.0}),
@@ -105,6 +130,8 @@ def test_ctkd_ls_learns_its_temperature_on_standardised_logits():
     ("dkd_ls", ("resnet32x4", "resnet8x4"), {"temperature": 2.0, "alpha": 9.0, "beta": 72.0}),  # config β 8
     ("dkd_ls", ("resnet14", "resnet8"), {"temperature": 2.0, "alpha": 9.0, "beta": 72.0}),  # no log: the defaults
     ("ctkd_ls", ("vgg13", "vgg8"), {"ce_weight": 0.1, "kd_weight": 9.0, "t_start": 1.0, "t_range": 20.0}),
+    ("mlkd_ls", ("resnet56", "resnet20"), {"ce_weight": 0.1, "kd_weight": 9.0, "temperature": 2.0}),
+    ("mlkd_ls", ("vgg13", "vgg8"), {"ce_weight": 0.1, "kd_weight": 6.0, "temperature": 2.0}),
 ])
 def test_official_settings_per_pair_come_from_the_readmes_logs(method, pair, expected):
     for protocol in ("official", "crd", "semckd"):  # one objective under every protocol

@@ -193,6 +193,7 @@ for _protocol, _rows in PRESETS.items():
     _rows["kd_ls"] = (0.1, 9.0, 2.0, "batchmean", {})
     _rows["dkd_ls"] = (1.0, 0.0, 3.0, "batchmean", {"alpha": 18.0, "beta": 36.0, "warmup_epochs": 20})
     _rows["ctkd_ls"] = (0.1, 9.0, 4.0, "batchmean", {"t_start": 1.0, "t_range": 20.0, "lambda_epochs": 10})
+    _rows["mlkd_ls"] = (0.1, 9.0, 2.0, "batchmean", {})
 
 
 @pytest.mark.parametrize("protocol", sorted(PRESETS))
