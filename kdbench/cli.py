@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write the plots (PNG and SVG) here")
     report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
 
+    replay = commands.add_parser("replay", help="train finished runs again with the current code and check that "
+                                                "every number is the same; a run reproduced counts as this code's")
+    replay.add_argument("--results-dir", type=Path, default=Path("results"), help="the results directory")
+    replay.add_argument("--runs", default="*", help="comma-separated run ids or patterns (default: every finished run)")
+    replay.add_argument("--epochs", type=int, help="compare the first N epochs of each run (default: all of them)")
+    replay.add_argument("--data-dir", type=Path, help="where the datasets are (as for kdbench run)")
+
     listing = commands.add_parser("list", help="list models, datasets, recipes and methods")
     listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"],
                          help="what to list (default all: the names); recipes and methods print their settings")
@@ -378,6 +385,32 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from kdbench.replay import replay
+    from kdbench.results import ResultsStore
+
+    root = args.results_dir
+    if not root.is_dir():
+        raise KdbenchError(f"results directory {root} does not exist; give the folder that `kdbench run "
+                           f"--results-dir` wrote")
+    folders = sorted(p.name for p in root.iterdir() if (p / "record.json").is_file())
+    patterns = _names(args.runs)
+    chosen = [run_id for run_id in folders if any(fnmatch.fnmatchcase(run_id, p) for p in patterns)]
+    if not chosen:
+        raise KdbenchError(f"no run in {root} matches --runs {args.runs}; runs there: "
+                           f"{', '.join(folders[:5]) or 'none'}{' ...' if len(folders) > 5 else ''}")
+    _show_progress_lines()
+    outcomes = replay(ResultsStore(root), chosen, args.epochs, args.data_dir)
+    for outcome in outcomes:
+        print(outcome.line())
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("reproduced", "current", "differs",
+                                                                                  "skipped")}
+    print(", ".join(f"{n} {status}" for status, n in counts.items() if n), file=sys.stderr)
+    return 1 if counts["differs"] else 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from kdbench import listing
     from kdbench.data import list_datasets
@@ -402,7 +435,7 @@ def _list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"run": _run, "report": _report, "list": _list}[args.command](args)
+        return {"run": _run, "report": _report, "replay": _replay, "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2

@@ -143,10 +143,12 @@ def changed_modules(old: dict[str, str] | None, new: dict[str, str]) -> list[str
 
 
 def stale_reason(record: RunRecord | None, code: dict) -> str | None:
-    """Why a finished run's numbers no longer come from the current code (the modules that changed), or None."""
+    """Why a finished run's numbers no longer come from the current code (the modules that changed), or None: also
+    None when the current code replayed the run and reproduced its numbers (``kdbench.replay``)."""
     if record is None or record.status != "finished":
         return None
-    if record.provenance.get("code_fingerprint") == code["code_fingerprint"]:
+    if (record.provenance.get("code_fingerprint") == code["code_fingerprint"]
+            or code["code_fingerprint"] in record.provenance.get("replays", {})):
         return None
     return ", ".join(changed_modules(record.provenance.get("code_files"), code["code_files"]))
 

@@ -165,8 +165,9 @@ class RunLog:
         else:
             self._line(f"resumes at epoch {epochs_done + 1 - init_epochs}/{main}")
         self._advance(epochs_done)
-        self.sinks = [{"tensorboard": TensorBoardSink, "wandb": WandbSink}[n](self.spec, self.root)
-                      for n in self.sink_names]
+        factories = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
+        # a name in SINKS, or a factory (spec, results root) -> Sink of the caller's own (kdbench.replay)
+        self.sinks = [(factories[n] if isinstance(n, str) else n)(self.spec, self.root) for n in self.sink_names]
 
     def _advance(self, epochs: int, seconds: float | None = None) -> None:
         self.position += epochs

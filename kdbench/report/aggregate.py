@@ -282,6 +282,13 @@ def _commits(rows: pd.DataFrame) -> str:
     return ", ".join(dict.fromkeys(shas))
 
 
+def _replayed(rows: pd.DataFrame) -> str:
+    """How many of ``rows``' runs earlier code made and later code reproduced (kdbench replay), with the epochs each
+    replay compared ("" when none)."""
+    epochs = rows["replayed_epochs"].dropna().astype(str)
+    return f"{len(epochs)} of {len(rows)} ({', '.join(dict.fromkeys(epochs))} epochs)" if len(epochs) else ""
+
+
 def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.DataFrame | None = None,
                 correction: str = "holm") -> pd.DataFrame:
     """One row per (table, row) of :func:`entries`: ``n``, mean and sample std of ``metric`` over seeds, Δ over
@@ -326,7 +333,7 @@ def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.Da
                    # made by other code: shared code unlike most of the table's runs, or seeds run by different code
                    "other_code": core is not None and bool(g["code_core"].ne(core).any()
                                                            or g["code_fingerprint"].nunique(dropna=False) > 1),
-                   "commits": _commits(g),
+                   "commits": _commits(g), "replayed": _replayed(g),
                    **(_per_device(g) if mixed_devices else {"train_images_per_s_per_device": "",
                                                             "peak_mib_per_device": ""})}
             if kind == "method":

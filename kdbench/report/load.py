@@ -15,7 +15,8 @@ _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assis
              "method_label": None, "method_family": None, "teacher_run": None, "device_name": None, "epochs": None,
              "batch_size": None, "train_subset": None, "test_subset": None, "lr": None, "channels_last": False,
              "compile": None, "teacher_seed": None, "teacher_pool": None, "assistant_runs": None, "val_split": None,
-             "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None}
+             "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None,
+             "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None}
 _RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
                 "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
                 "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
@@ -120,6 +121,10 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     own_seed = wide["seed"].where(wide["role"] == "teacher")
     wide["teacher_seed"] = pd.to_numeric(wide["teacher_seed"], errors="coerce").fillna(own_seed).fillna(
         wide["teacher_run"].map(seeds))
+    # A run that later code replayed number for number (kdbench replay) counts as that code's.
+    replayed = wide["replayed_code_fingerprint"].notna()
+    for column in ("code_fingerprint", "code_core"):
+        wide[column] = wide[f"replayed_{column}"].where(replayed, wide[column])
     wide["setting"] = [_setting_label(run) for _, run in wide.iterrows()]
     wide["family"] = wide["method_family"].fillna(wide["method"].map(family_of))
     wide = wide.reset_index()

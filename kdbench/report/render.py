@@ -133,6 +133,10 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
                          f"data and models code (code_core) is not the table's most common, or its seeds ran "
                          f"different code (code_fingerprint). Commits: {'; '.join(other_code)}"
                          + (f"; the other rows {', '.join(rest)}." if rest else "."))
+    replayed = [f"{row_name(r)} {r.replayed}" for r in board.itertuples() if getattr(r, "replayed", "")]
+    if replayed:
+        footnotes.append("Runs made by earlier code and replayed by the code that made the rest, every computed "
+                         f"number of the epochs compared identical (kdbench replay): {'; '.join(replayed)}.")
     footnotes += [note for note in (why_not_published, unpublished_pairs_note(board)) if note]
     headers = list(rows[0])
     align = ["l" if k in ("pair", "model", "published source") else "r" for k in headers]
