@@ -47,8 +47,9 @@ class Replay:
         return f"{self.run_id}: {self.status}" + (f" ({self.detail})" if self.detail else "")
 
 
-class _EnoughEpochs(Exception):
-    """Raised by the capturing sink once the epochs to compare are trained: the replay stops there."""
+class _EnoughEpochs(BaseException):
+    """Raised by the capturing sink once the epochs to compare are trained: the replay stops there. Not an
+    Exception, so the harness does not record it as the run's failure (as KeyboardInterrupt, it passes through)."""
 
 
 class _Capture:
@@ -125,15 +126,18 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
             for name in ("spec.json", "record.json"):
                 shutil.copy2(store.run_dir(trainer) / name, folder / name)
             (folder / "model.pt").symlink_to(store.weights_path(trainer).resolve())
+        replayed = None
         try:
             torch.set_num_threads(int(record.provenance.get("cpu_threads") or threads))
             replayed = run(record.spec, RunEnv(scratch_store, data_dir=data_dir, download=False, progress=False,
                                                reuse_stale=True, sinks=(capture,)))
+        except _EnoughEpochs:
+            pass
         finally:
             torch.set_num_threads(threads)
-    if len(capture.rows) < limit:
-        return Replay(run_id, "differs", len(capture.rows),
-                      f"the replay stopped after {len(capture.rows)} epochs: {replayed.error if replayed else ''}")
+    if len(capture.rows) < limit:  # the replay failed (or finished) before the epochs to compare
+        why = replayed.error if replayed is not None and replayed.error else "no error recorded"
+        return Replay(run_id, "differs", len(capture.rows), f"the replay ended after {len(capture.rows)} epochs: {why}")
     difference = first_difference(record.epochs[:limit], capture.rows)
     if difference:
         return Replay(run_id, "differs", limit, difference)

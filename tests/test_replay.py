@@ -106,3 +106,16 @@ def test_the_report_says_which_runs_were_replayed(finished, capsys):
     out = capsys.readouterr().out
     assert "replayed by the code that made the rest" in out and "1 of 1 (2/2 epochs)" in out
     assert "made by other code" not in out
+
+
+def test_a_replay_that_fails_says_why_and_is_not_a_match(finished, monkeypatch):
+    store, _, student = finished
+    _pretend_earlier_code(store, student.run_id)
+    from kdbench.methods.kd import KD
+
+    def broken(self, out):
+        raise RuntimeError("a bug in the new code")
+
+    monkeypatch.setattr(KD, "losses", broken)
+    outcome = replay_run(store, student.run_id)
+    assert outcome.status == "differs" and "ended after 0 epochs: RuntimeError: a bug in the new code" in outcome.detail
