@@ -84,10 +84,8 @@ def first_difference(recorded: list[dict[str, float]], replayed: list[dict[str, 
     return None
 
 
-def _other_build(record: RunRecord) -> str | None:
-    from kdbench.measure import provenance
-
-    here = provenance(torch.device(record.spec.device))
+def _other_build(record: RunRecord, here: dict) -> str | None:
+    """Why ``record`` cannot be replayed where ``here`` (this machine's provenance) was taken, or None."""
     differ = [f"{key} {record.provenance.get(key)!r} here {here[key]!r}" for key in SAME_BUILD
               if record.provenance.get(key) != here[key]]
     return "made on another build or machine: " + "; ".join(differ) if differ else None
@@ -97,6 +95,7 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
     """Replays one finished run of ``store`` for its first ``epochs`` epochs (None: all of them) and, when every
     compared number is identical, records the replay in its provenance."""
     from kdbench.harness import RunEnv, run
+    from kdbench.measure import provenance
 
     record = store.finished_record(run_id, repair=False)
     if record is None:
@@ -108,7 +107,8 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
         return Replay(run_id, "current", detail="replayed by this code before")
     if record.spec.pretrained:
         return Replay(run_id, "skipped", detail="an imported checkpoint: nothing was trained")
-    other = _other_build(record)
+    here = provenance(torch.device(record.spec.device))  # the build, and the commit that replays
+    other = _other_build(record, here)
     if other:
         return Replay(run_id, "skipped", detail=other)
     limit = len(record.epochs) if epochs is None else min(epochs, len(record.epochs))
@@ -143,14 +143,11 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
     difference = first_difference(record.epochs[:limit], capture.rows)
     if difference:
         return Replay(run_id, "differs", limit, difference)
-    _record_replay(store, record, code, limit)
+    _record_replay(store, record, code, here, limit)
     return Replay(run_id, "reproduced", limit, f"{limit} of {len(record.epochs)} epochs identical")
 
 
-def _record_replay(store: ResultsStore, record: RunRecord, code: dict, epochs: int) -> None:
-    from kdbench.measure import provenance
-
-    here = provenance(torch.device(record.spec.device))
+def _record_replay(store: ResultsStore, record: RunRecord, code: dict, here: dict, epochs: int) -> None:
     entry = {"code_core": code["code_core"], "code_files": code["code_files"], "git_sha": here["git_sha"],
              "git_dirty": here["git_dirty"], "epochs_compared": epochs, "epochs_recorded": len(record.epochs),
              "timestamp": here["timestamp"]}
@@ -165,7 +162,8 @@ def _record_replay(store: ResultsStore, record: RunRecord, code: dict, epochs: i
 
 def replay(store: ResultsStore, run_ids: list[str], epochs: int | None = None,
            data_dir: Path | None = None) -> list[Replay]:
-    """Replays each run in turn (teachers and assistants first, as listed); the table is rebuilt once at the end."""
+    """Replays each run in turn, in the order given (each against its trainers' recorded weights, so no order is
+    needed); the table is rebuilt once at the end."""
     if epochs is not None and epochs < 1:
         raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
     outcomes = [replay_run(store, run_id, epochs, data_dir) for run_id in run_ids]
