@@ -1,0 +1,272 @@
+"""ImageNet models: torchvision's ResNets and MobileNetV2 with taps, and mdistiller's MobileNetV1.
+
+The torchvision models are compared with torchvision itself (keys, strict loading, bit-identical outputs, the tensors
+at every stage boundary); MobileNetV1's expected key set and shapes are written out here from mdistiller's
+``mdistiller/models/imagenet/mobilenetv1.py`` (commit a08d46f). Inputs are 2x3x64x64 to stay cheap on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from test_models import _features
+from torch import nn
+
+from kdbench.models import create_model, feature_modules, list_models, model_entry
+from kdbench.models.imagenet import WholeMapAvgPool
+from kdbench.models.taps import feature_shapes, stage_names
+
+TORCHVISION = {"tv_resnet18": "resnet18", "tv_resnet34": "resnet34", "tv_resnet50": "resnet50",
+               "tv_mobilenet_v2": "mobilenet_v2"}
+IMAGENET = [*TORCHVISION, "mobilenet_v1"]
+FAMILIES = {"tv_resnet18": "tv_resnet", "tv_resnet34": "tv_resnet", "tv_resnet50": "tv_resnet",
+            "tv_mobilenet_v2": "tv_mobilenetv2", "mobilenet_v1": "mobilenetv1"}
+
+# (channels, side) of stem, stage1..4 at 64x64
+SHAPES_64 = {
+    "tv_resnet18": [(64, 32), (64, 16), (128, 8), (256, 4), (512, 2)],
+    "tv_resnet34": [(64, 32), (64, 16), (128, 8), (256, 4), (512, 2)],
+    "tv_resnet50": [(64, 32), (256, 16), (512, 8), (1024, 4), (2048, 2)],
+    "tv_mobilenet_v2": [(32, 32), (24, 16), (32, 8), (96, 4), (320, 2)],
+    "mobilenet_v1": [(32, 32), (128, 16), (256, 8), (512, 4), (1024, 2)],
+}
+
+# Where torchvision computes each tap: (module path, "output" of that module or "input" to it).
+_RESNET_POINTS = {"stem": ("maxpool", "input"), "stage1": ("layer1", "output"), "stage2": ("layer2", "output"),
+                  "stage3": ("layer3", "output"), "stage4": ("layer4", "output"),
+                  "last_stage_first_block": ("layer4.0", "output"), "pre_pool": ("avgpool", "input"),
+                  "pooled": ("fc", "input")}
+TORCHVISION_POINTS = {
+    **{name: _RESNET_POINTS for name in ("tv_resnet18", "tv_resnet34", "tv_resnet50")},
+    "tv_mobilenet_v2": {"stem": ("features.0", "output"), "stage1": ("features.3", "output"),
+                        "stage2": ("features.6", "output"), "stage3": ("features.13", "output"),
+                        "stage4": ("features.17", "output"), "last_stage_first_block": ("features.14", "output"),
+                        "pre_pool": ("features.18", "output"), "pooled": ("classifier", "input")},
+}
+
+
+def _input(seed=0, channels=3):
+    return torch.randn(2, channels, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _torchvision_pair(name):
+    """(torchvision's model with BN statistics moved by one train step, ours with its weights), both in eval mode."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, TORCHVISION[name])(weights=None)
+    with torch.no_grad():
+        reference.train()(_input(seed=1))
+    ours = create_model(name, num_classes=1000)
+    result = ours.load_state_dict(reference.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return reference.eval(), ours.eval()
+
+
+def _recorded(model, points, x):
+    """(logits, {tap: tensor}) read with forward hooks at ``points`` of an untapped model."""
+    seen, handles = {}, []
+    for tap, (path, where) in points.items():
+        module = model.get_submodule(path)
+        if where == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, tap=tap: seen.__setitem__(tap, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, tap=tap: seen.__setitem__(tap, out)))
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_keys_weights_outputs_and_stage_tensors(name):
+    reference, ours = _torchvision_pair(name)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in reference.state_dict().items()]
+    # the same module tree: every torchvision module path exists in ours with the same type (or a subclass of it)
+    ours_modules = dict(ours.named_modules())
+    for path, module in reference.named_modules():
+        assert isinstance(ours_modules[path], type(module)), path
+
+    x = _input()
+    with torch.no_grad():
+        expected_logits, expected = _recorded(reference, TORCHVISION_POINTS[name], x)
+        logits, feats = _features(ours, x)
+        assert torch.equal(ours(x), expected_logits)
+    assert torch.equal(logits, expected_logits)
+    for tap, tensor in expected.items():
+        assert torch.equal(feats[tap], tensor), tap
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_feature_shapes_at_64(name):
+    model = create_model(name, num_classes=1000)
+    shapes = feature_shapes(model, (3, 64, 64))
+    (c0, s0), *stages = SHAPES_64[name]
+    assert shapes["stem"] == (c0, s0, s0)
+    assert stage_names(model) == ["stage1", "stage2", "stage3", "stage4"]
+    assert [shapes[f"stage{i}"] for i in range(1, 5)] == [(c, s, s) for c, s in stages]
+    assert [shapes[f"stage{i}_preact"] for i in range(1, 5)] == [(c, s, s) for c, s in stages]
+    assert shapes["pooled"] == (model.fc.in_features if hasattr(model, "fc") else 1280,)
+    assert shapes["logits"] == (1000,)
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_resnet50", "mobilenet_v1"])
+def test_preact_taps_are_the_sums_before_the_last_relu(name):
+    model = create_model(name, num_classes=1000).eval()
+    bns = {tap: model.get_submodule(path) for tap, path in model.preact_bn.items()}
+    bn_out = {}
+    handles = [bn.register_forward_hook(lambda _m, _i, out, tap=tap: bn_out.__setitem__(tap, out))
+               for tap, bn in bns.items()]
+    with torch.no_grad():
+        _, feats = _features(model, _input())
+    for handle in handles:
+        handle.remove()
+    for stage in stage_names(model):
+        pre, post = feats[f"{stage}_preact"], feats[stage]
+        assert pre.min() < 0 and post.min() >= 0
+        assert torch.equal(F.relu(pre), post)
+        assert type(bns[f"{stage}_preact"]) is nn.BatchNorm2d
+        if name == "mobilenet_v1":  # no shortcut: the preact is the BN's output itself
+            assert torch.equal(pre, bn_out[f"{stage}_preact"])
+    assert feats["stem"].min() >= 0
+
+
+def test_mobilenet_v2_preact_taps_get_the_linear_bottlenecks():
+    model = create_model("tv_mobilenet_v2", num_classes=1000).eval()
+    with torch.no_grad():
+        _, feats = _features(model, _input())
+    for stage in stage_names(model):
+        assert feats[f"{stage}_preact"] is feats[stage]
+        assert feats[stage].min() < 0
+    assert model.preact_bn == {"stage1_preact": "features.3.conv.3", "stage2_preact": "features.6.conv.3",
+                               "stage3_preact": "features.13.conv.3", "stage4_preact": "features.17.conv.3"}
+    assert feats["stem"].min() >= 0 and feats["stem"].max() <= 6  # ReLU6
+
+
+@pytest.mark.parametrize("name", ["tv_mobilenet_v2", "mobilenet_v1"])
+def test_mobilenet_taps_feed_the_forward(name):
+    """A hook that zeroes stage2 changes the pooled features (relatively: untrained, they are tiny) and one that
+    zeroes the pooled features leaves the head's bias."""
+    model = create_model(name, num_classes=1000).eval()
+    x, stage2 = _input(), model.get_submodule(model.feature_taps["stage2"])
+    with torch.no_grad():
+        _, reference = _features(model, x)
+        handle = stage2.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+        _, changed = _features(model, x)
+        handle.remove()
+        assert not torch.allclose(changed["pooled"], reference["pooled"], rtol=1e-3, atol=0)
+        assert torch.equal(changed["stage2"], torch.zeros_like(reference["stage2"]))
+        handle = model.get_submodule(model.feature_taps["pooled"]).register_forward_hook(
+            lambda _m, _i, out: torch.zeros_like(out))
+        head_only = model(x)
+        handle.remove()
+        head = model.fc if name == "mobilenet_v1" else model.classifier[1]
+        assert torch.equal(head_only, head.bias.expand_as(head_only))
+        _, again = _features(model, x)
+        assert torch.equal(again["pooled"], reference["pooled"])
+
+
+def test_resnet_preact_bn_is_the_last_blocks_last_bn():
+    assert create_model("tv_resnet18").preact_bn == {f"stage{i}_preact": f"layer{i}.1.bn2" for i in range(1, 5)}
+    assert create_model("tv_resnet50").preact_bn == {
+        "stage1_preact": "layer1.2.bn3", "stage2_preact": "layer2.3.bn3", "stage3_preact": "layer3.5.bn3",
+        "stage4_preact": "layer4.2.bn3"}
+
+
+# --------------------------------------------------------------------------------------------------- MobileNetV1
+
+# mdistiller's ``self.model``: conv_bn(3, 32, 2), then conv_dw(inp, oup, stride) for these (inp, oup, stride)
+MV1_BLOCKS = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2),
+              (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 1024, 2),
+              (1024, 1024, 1)]
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _mdistiller_mobilenet_v1_shapes(num_classes=1000):
+    """{state_dict key: shape} of mdistiller's MobileNetV1, from its constructor: conv_bn = Sequential(conv, BN,
+    ReLU), conv_dw = Sequential(dw conv, BN, ReLU, pw conv, BN, ReLU), all convs bias-free, then ``fc``."""
+    shapes = {"model.0.0.weight": (32, 3, 3, 3)}
+    shapes.update({f"model.0.1.{k}": (32,) for k in _BN})
+    for i, (inp, oup, _) in enumerate(MV1_BLOCKS, 1):
+        shapes[f"model.{i}.0.weight"] = (inp, 1, 3, 3)
+        shapes.update({f"model.{i}.1.{k}": (inp,) for k in _BN})
+        shapes[f"model.{i}.3.weight"] = (oup, inp, 1, 1)
+        shapes.update({f"model.{i}.4.{k}": (oup,) for k in _BN})
+    shapes.update({"fc.weight": (num_classes, 1024), "fc.bias": (num_classes,)})
+    return {k: () if k.endswith("num_batches_tracked") else v for k, v in shapes.items()}
+
+
+def test_mobilenet_v1_has_mdistillers_state_dict():
+    model = create_model("mobilenet_v1", num_classes=1000)
+    expected = _mdistiller_mobilenet_v1_shapes()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    assert len(expected) == 164 and sum(p.numel() for p in model.parameters()) == 4_231_976
+    for i, (_, _, stride) in enumerate(MV1_BLOCKS, 1):
+        assert model.model[i][0].stride == (stride, stride) and model.model[i][0].groups == MV1_BLOCKS[i - 1][0]
+    assert model.model[0][0].stride == (2, 2)
+    assert [type(m) for m in model.model[1]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2
+    assert model.preact_bn == {"stage1_preact": "model.3.4", "stage2_preact": "model.5.4",
+                               "stage3_preact": "model.11.4", "stage4_preact": "model.13.4"}
+
+    # a state dict in that layout loads strictly and reproduces the outputs
+    torch.manual_seed(0)
+    source = create_model("mobilenet_v1", num_classes=1000)
+    with torch.no_grad():
+        source.train()(_input(seed=1))
+    model.load_state_dict(source.state_dict(), strict=True)
+    x = _input()
+    with torch.no_grad():
+        logits, feats = _features(model.eval(), x)
+        assert torch.equal(logits, source.eval()(x))
+    assert logits.shape == (2, 1000)
+    # the taps sit where mdistiller's features are: after blocks 3, 5, 11 and 13
+    with torch.no_grad():
+        assert torch.equal(feats["stem"], model.model[0](x))
+        assert torch.equal(feats["stage1"], model.model[1:4](feats["stem"]))
+        assert torch.equal(feats["stage2"], model.model[4:6](feats["stage1"]))
+        assert torch.equal(feats["stage3"], model.model[6:12](feats["stage2"]))
+        assert torch.equal(feats["last_stage_first_block"], model.model[12](feats["stage3"]))
+        assert torch.equal(feats["stage4"], model.model[13](feats["last_stage_first_block"]))
+        assert torch.equal(feats["pre_pool"], feats["stage4"])
+        assert torch.equal(feats["pooled"], feats["stage4"].mean((2, 3)))
+
+
+def test_whole_map_pool_is_mdistillers_avgpool7_at_224():
+    x = torch.randn(2, 1024, 7, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(WholeMapAvgPool()(x), nn.AvgPool2d(7)(x))
+    small = torch.randn(2, 8, 2, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(WholeMapAvgPool()(small), small.mean((2, 3), keepdim=True))
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+
+def test_registry_lists_and_creates_the_imagenet_models():
+    cifar = list_models(input_size=32)
+    assert set(IMAGENET) <= set(list_models()) and not set(IMAGENET) & set(cifar)
+    assert set(list_models(input_size=224)) == set(IMAGENET)
+    assert list_models()[:3] == ["MobileNetV2", "resnet8", "resnet14"]  # the CIFAR zoo is listed first
+    assert {"resnet20", "ResNet50", "MobileNetV2"} <= set(cifar)
+    for name in IMAGENET:
+        entry = model_entry(name)
+        assert (entry.family, entry.base_lr, entry.input_size) == (FAMILIES[name], 0.1, 224)
+    with torch.device("meta"):  # shapes only
+        for name in IMAGENET:
+            model = create_model(name, num_classes=1000)
+            head = model.fc if hasattr(model, "fc") else model.classifier[1]
+            assert head.out_features == 1000
+            assert all(m in dict(model.named_modules()).values() for m in feature_modules(model))
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_mobilenet_v2", "mobilenet_v1"])
+def test_grayscale_changes_only_the_first_conv(name):
+    gray, rgb = create_model(name, 10, in_channels=1), create_model(name, 10)
+    diff = {k for k, v in gray.state_dict().items() if v.shape != rgb.state_dict()[k].shape}
+    assert diff == {{"tv_resnet18": "conv1.weight", "tv_mobilenet_v2": "features.0.0.weight",
+                     "mobilenet_v1": "model.0.0.weight"}[name]}
+    with torch.no_grad():
+        assert gray.eval()(_input(channels=1)).shape == (2, 10)
