@@ -1,8 +1,10 @@
-"""ImageNet models: torchvision's ResNets and MobileNetV2 with taps, and mdistiller's MobileNetV1.
+"""ImageNet models: torchvision's ResNets and MobileNetV2 with taps, and mdistiller's MobileNetV1; mdistiller's
+Tiny-ImageNet models (ResNet18, the Tiny-ImageNet MobileNetV2).
 
 The torchvision models are compared with torchvision itself (keys, strict loading, bit-identical outputs, the tensors
-at every stage boundary); MobileNetV1's expected key set and shapes are written out here from mdistiller's
-``mdistiller/models/imagenet/mobilenetv1.py`` (commit a08d46f). Inputs are 2x3x64x64 to stay cheap on CPU.
+at every stage boundary); the mdistiller models' expected key sets and shapes are written out here from mdistiller's
+``mdistiller/models/imagenet/mobilenetv1.py``, ``models/cifar/resnetv2.py`` and ``models/cifar/mv2_tinyimagenet.py``
+(commit a08d46f). Inputs are 2x3x64x64 to stay cheap on CPU.
 """
 
 from __future__ import annotations
@@ -270,3 +272,101 @@ def test_grayscale_changes_only_the_first_conv(name):
                      "mobilenet_v1": "model.0.0.weight"}[name]}
     with torch.no_grad():
         assert gray.eval()(_input(channels=1)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------- Tiny-ImageNet (mdistiller)
+
+# mdistiller's mv2_tinyimagenet.py: (attribute, in, out, first stride, t, blocks); stage1 and stage7 are one
+# LinearBottleNeck each, not a Sequential
+MV2_TINY_STAGES = [("stage1", 32, 16, 1, 1, None), ("stage2", 16, 24, 2, 6, 2), ("stage3", 24, 32, 2, 6, 3),
+                   ("stage4", 32, 64, 2, 6, 4), ("stage5", 64, 96, 1, 6, 3), ("stage6", 96, 160, 1, 6, 3),
+                   ("stage7", 160, 320, 1, 6, None)]
+
+
+def _bn_shapes(prefix, width):
+    return {f"{prefix}.{k}": () if k == "num_batches_tracked" else (width,) for k in _BN}
+
+
+def _mdistiller_mv2_tiny_shapes(num_classes=200):
+    """{key: shape} of mdistiller's Tiny-ImageNet MobileNetV2: every conv has a bias; ``residual`` holds pw conv, BN,
+    ReLU6, dw conv, BN, ReLU6, pw conv, BN."""
+    shapes = {"pre.0.weight": (32, 3, 1, 1), "pre.0.bias": (32,), **_bn_shapes("pre.1", 32)}
+    for stage, inp, oup, _, t, blocks in MV2_TINY_STAGES:
+        for i in range(blocks or 1):
+            c_in, hidden = (inp if i == 0 else oup), (inp if i == 0 else oup) * t
+            prefix = f"{stage}.residual" if blocks is None else f"{stage}.{i}.residual"
+            shapes.update({f"{prefix}.0.weight": (hidden, c_in, 1, 1), f"{prefix}.0.bias": (hidden,),
+                           **_bn_shapes(f"{prefix}.1", hidden),
+                           f"{prefix}.3.weight": (hidden, 1, 3, 3), f"{prefix}.3.bias": (hidden,),
+                           **_bn_shapes(f"{prefix}.4", hidden),
+                           f"{prefix}.6.weight": (oup, hidden, 1, 1), f"{prefix}.6.bias": (oup,),
+                           **_bn_shapes(f"{prefix}.7", oup)})
+    shapes.update({"conv1.0.weight": (1280, 320, 1, 1), "conv1.0.bias": (1280,), **_bn_shapes("conv1.1", 1280),
+                   "conv2.weight": (num_classes, 1280, 1, 1), "conv2.bias": (num_classes,)})
+    return shapes
+
+
+def test_mobilenetv2_tinyimagenet_is_mdistillers():
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2_tinyimagenet", num_classes=200)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == _mdistiller_mv2_tiny_shapes()
+    for stage, _, _, stride, _, blocks in MV2_TINY_STAGES:
+        first = model.get_submodule(stage if blocks is None else f"{stage}.0")
+        assert first.residual[3].stride == (stride, stride)
+    entry = model_entry("mobilenetv2_tinyimagenet")
+    assert (entry.input_size, entry.base_lr, entry.family) == (64, 0.2, "mobilenetv2_tinyimagenet")
+
+    with torch.no_grad():
+        model.train()(_input(seed=1))  # BN statistics away from their defaults
+        model.eval()
+        x = _input()
+        logits, feats = _features(model, x)
+        # mdistiller's forward: f0 = pre, f1..f3 after stage2..stage4, f4 after conv1, conv2 on the pooled map
+        f0 = model.pre(x)
+        f1 = model.stage2(model.stage1(f0))
+        f2 = model.stage3(f1)
+        f3 = model.stage4(f2)
+        f4 = model.conv1(model.stage7(model.stage6(model.stage5(f3))))
+        expected = model.conv2(F.adaptive_avg_pool2d(f4, 1)).view(2, -1)
+    assert torch.equal(logits, expected) and logits.shape == (2, 200)
+    for tap, tensor in zip(["stem", "stage1", "stage2", "stage3", "stage4"], [f0, f1, f2, f3, f4]):
+        assert torch.equal(feats[tap], tensor), tap
+    for stage in ("stage1", "stage2", "stage3"):
+        assert feats[f"{stage}_preact"] is feats[stage]
+    assert feats["stage4_preact"].min() < 0 and torch.equal(F.relu6(feats["stage4_preact"]), feats["stage4"])
+    assert torch.equal(feats["pre_pool"], f4) and torch.equal(feats["pooled"], f4.mean((2, 3)))
+
+
+def _mdistiller_resnet18_keys():
+    """state_dict keys of mdistiller's (CIFAR) ``resnetv2.ResNet18``: BasicBlocks with a ``shortcut`` projection
+    where the shape changes (the first block of layers 2-4), ``linear`` head."""
+    keys = ["conv1.weight", *[f"bn1.{k}" for k in _BN]]
+    for layer in range(1, 5):
+        for block in range(2):
+            prefix = f"layer{layer}.{block}"
+            keys += [f"{prefix}.conv1.weight", *[f"{prefix}.bn1.{k}" for k in _BN],
+                     f"{prefix}.conv2.weight", *[f"{prefix}.bn2.{k}" for k in _BN]]
+            if layer > 1 and block == 0:
+                keys += [f"{prefix}.shortcut.0.weight", *[f"{prefix}.shortcut.1.{k}" for k in _BN]]
+    return keys + ["linear.weight", "linear.bias"]
+
+
+def test_resnet18_is_mdistillers_tiny_imagenet_teacher():
+    model = create_model("ResNet18", num_classes=200).eval()
+    assert list(model.state_dict()) == _mdistiller_resnet18_keys()
+    assert model.linear.weight.shape == (200, 512) and model.conv1.weight.shape == (64, 3, 3, 3)
+    assert model.preact_bn == {f"stage{i}_preact": f"layer{i}.1.bn2" for i in range(1, 5)}
+    shapes = feature_shapes(model, (3, 64, 64))
+    assert [shapes[s] for s in ("stem", "stage1", "stage2", "stage3", "stage4")] == [
+        (64, 64, 64), (64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8)]
+    with torch.no_grad():
+        _, feats = _features(model, _input())
+        assert torch.equal(feats["stage2"], model.layer2(feats["stage1"])[0])
+    for stage in stage_names(model):
+        assert feats[f"{stage}_preact"].min() < 0 and torch.equal(F.relu(feats[f"{stage}_preact"]), feats[stage])
+
+
+def test_shufflev2_does_not_run_on_tiny_imagenet_images():
+    """As kdbench.models.tinyimagenet says: the CIFAR head's avg_pool2d(4) leaves 2x2 at 64x64, as in mdistiller."""
+    with torch.no_grad(), pytest.raises(RuntimeError, match="4096 and 1024x200"):
+        create_model("ShuffleV2", num_classes=200).eval()(_input())

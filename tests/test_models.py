@@ -1,8 +1,8 @@
 """Model zoo: RepDistiller-compatible module trees, sizes, and tap-based features.
 
 Expected numbers come from models-and-recipe.md tables 1.1 (params, feature shapes) and 1.4 (state_dict sizes). The
-ImageNet models (tests/test_imagenet_models.py checks them against torchvision and mdistiller) run the same checks at
-64x64 instead of 32x32.
+ImageNet and Tiny-ImageNet models (tests/test_imagenet_models.py checks them against torchvision and mdistiller) run
+the same checks at 64x64 instead of 32x32.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ PARAMS_M = {
     # 4.232 M) less 900 rows of the head
     "tv_resnet18": 11.228, "tv_resnet34": 21.336, "tv_resnet50": 23.713, "tv_mobilenet_v2": 2.352,
     "mobilenet_v1": 3.309,
+    # mdistiller's Tiny-ImageNet models (ResNet18: its CIFAR resnetv2 ResNet18), counted here
+    "ResNet18": 11.220, "mobilenetv2_tinyimagenet": 2.369,
 }
 
 # Table 1.4: state_dict tensors with (and without) num_batches_tracked.
@@ -58,14 +60,16 @@ KEY_SPOT_CHECKS = {
                   "bn2.running_mean", "linear.weight"],
     "ResNet50": ["layer1.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var", "layer4.2.conv3.weight",
                  "linear.weight"],
+    "ResNet18": ["layer2.0.shortcut.0.weight", "layer4.1.bn2.running_var", "layer1.1.conv2.weight", "linear.bias"],
 }
 ABSENT_KEYS = {
     "wrn_40_1": ["block1.layer.0.convShortcut.weight"],  # k=1: stage 1 keeps the width
     "resnet56": ["layer1.0.downsample.0.weight"],  # narrow models: stem and stage 1 are both 16 wide
+    "ResNet18": ["layer1.0.shortcut.0.weight", "layer4.1.conv3.weight"],  # basic blocks: stage 1 keeps 64 channels
 }
 
 HEAD = {"vgg": "classifier", "MobileNetV2": "classifier.0", "ShuffleV1": "linear", "ShuffleV2": "linear",
-        "ResNet50": "linear", "tv_mobilenet_v2": "classifier.1"}
+        "ResNet": "linear", "tv_mobilenet_v2": "classifier.1", "mobilenetv2_tinyimagenet": "conv2"}
 
 
 def head_name(name: str) -> str:
@@ -104,18 +108,23 @@ FEATURES = {
                         "pooled": (1280,)},
     "mobilenet_v1": {"stem": (32, 32, 32), "stages": [(128, 16, 16), (256, 8, 8), (512, 4, 4), (1024, 2, 2)],
                      "pooled": (1024,)},
+    "ResNet18": {"stem": (64, 32, 32), "stages": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)],
+                 "pooled": (512,)},
+    # at 64x64; the 1x1 stem conv pads by 1: 66x66
+    "mobilenetv2_tinyimagenet": {"stem": (32, 66, 66), "stages": [(24, 33, 33), (32, 17, 17), (64, 9, 9),
+                                                                   (1280, 9, 9)], "pooled": (1280,)},
 }
 
 ALL = list_models()
 IMAGENET = [name for name in ALL if model_entry(name).input_size == 224]
 # One representative per family, for the costlier checks.
-FAMILY = ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50",
-          "tv_resnet18", "tv_mobilenet_v2", "mobilenet_v1"]
+FAMILY = ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50", "ResNet18",
+          "tv_resnet18", "tv_mobilenet_v2", "mobilenet_v1", "mobilenetv2_tinyimagenet"]
 
 
 def _side(name):
-    """The test input's side: 32 for the CIFAR zoo, 64 (not 224, to stay cheap) for ImageNet models."""
-    return 64 if name in IMAGENET else 32
+    """The test input's side: 32 for the CIFAR zoo, 64 for Tiny-ImageNet and (not 224, to stay cheap) ImageNet."""
+    return 32 if model_entry(name).input_size == 32 else 64
 
 
 def _features(model, x):
@@ -171,8 +180,8 @@ def test_params_state_dict_and_taps(name):
         assert isinstance(model.get_submodule(path), Tap)
     assert stage_names(model) == [f"stage{i}" for i in range(1, k + 1)]
 
-    expected_lr = 0.01 if name in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.1 if name in IMAGENET else 0.05
-    assert model_entry(name).base_lr == expected_lr
+    expected_lr = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01, "mobilenetv2_tinyimagenet": 0.2}
+    assert model_entry(name).base_lr == expected_lr.get(name, 0.1 if name in IMAGENET else 0.05)
 
 
 def test_vgg_param_formula():
@@ -365,7 +374,7 @@ INNER_TAPS = {
     "wrn_40_2": ((128, 8, 8), (128, 8, 8)),
     "ShuffleV1": ((960, 4, 4), (960, 4, 4)), "ShuffleV2": ((464, 4, 4), (1024, 4, 4)),
     "MobileNetV2": ((80, 2, 2), (1280, 2, 2)), "ResNet50": ((2048, 4, 4), (2048, 4, 4)),
-    "tv_mobilenet_v2": ((160, 2, 2), (1280, 2, 2)),  # at 64x64
+    "tv_mobilenet_v2": ((160, 2, 2), (1280, 2, 2)), "mobilenetv2_tinyimagenet": ((96, 9, 9), (1280, 9, 9)),  # 64x64
 }
 
 

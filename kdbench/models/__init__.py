@@ -21,7 +21,7 @@ class ModelEntry:
     constructor: Callable[..., nn.Module]
     base_lr: float  # the learning rate when this model is trained: RepDistiller's recipe; ImageNet: 0.1 at batch 256
     family: str  # the architecture family ("resnet": the CIFAR ResNets, "wrn", "vgg", ...), for rules that go by it
-    input_size: int = 32  # the image side the architecture is built for: 32 (CIFAR), 224 (ImageNet)
+    input_size: int = 32  # the image side the architecture is built for: 32 (CIFAR), 64 (Tiny-ImageNet), 224 (ImageNet)
 
 
 _MODELS: Registry[ModelEntry] = Registry("model")
@@ -68,5 +68,5 @@ def feature_modules(model: nn.Module) -> tuple[nn.Module, ...]:
 from kdbench.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: E402,F401
 
 # isort: split
-# The ImageNet zoo registers after the CIFAR zoo, so list_models() and unknown-model errors name the CIFAR models first.
-from kdbench.models import imagenet  # noqa: E402,F401
+# The (Tiny-)ImageNet models register after the CIFAR zoo, so list_models() and unknown-model errors name CIFAR first.
+from kdbench.models import imagenet, tinyimagenet  # noqa: E402,F401
