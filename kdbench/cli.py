@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="override the recipe's training batch size")
     run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
     run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
+    run.add_argument("--image-size", type=int,
+                     help="input side for imagenet and tiny-imagenet (default 224 and 64; teachers too): smaller "
+                          "crops for quick checks, recorded in the run's recipe")
     run.add_argument("--lr", type=float, help="override the base learning rate")
     run.add_argument("--teacher-recipe", help="teachers' recipe (default: the one the students' recipe names)")
     run.add_argument("--teacher-epochs", type=int, help="override the teacher recipe's epochs")
@@ -165,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("dataset", "datasets"), ("recipe", "recipes"), ("protocol", "protocols"),
                        ("pairs", "TEACHER:STUDENT pairs"), ("methods", "methods (teacher and student rows stay)")):
         report.add_argument(f"--{name}", help=f"only these comma-separated {what}")
-    report.add_argument("--published", type=Path, help="published CIFAR-100 table (default: results/"
-                        "published_cifar100.csv in the results dir, else in the kdbench checkout)")
+    report.add_argument("--published", type=Path, help="a published table (default: published_cifar100.csv and "
+                        "published_imagenet.csv in the results dir, else in the kdbench checkout's results/)")
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write the plots (PNG and SVG) here")
     report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
 

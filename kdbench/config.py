@@ -39,6 +39,7 @@ class SweepFile:
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     train_subset: Optional[int] = None
+    image_size: Optional[int] = None
     test_subset: Optional[int] = None
     lr: Optional[float] = None
     val_split: Optional[int] = None
@@ -189,12 +190,13 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
     _check_presets(cfg.methods, cfg.protocol)
     recipe = RECIPES.get(cfg.recipe).overridden(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                                 train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                                lr=cfg.lr, val_split=cfg.val_split)
+                                                lr=cfg.lr, val_split=cfg.val_split, image_size=cfg.image_size)
     teacher_recipe = RECIPES.get(cfg.teacher_recipe) if cfg.teacher_recipe else teacher_recipe_of(recipe)
     # A validation split is a partition of the data, so the teachers hold out the same images: none of its labels
     # reaches a student through its teacher.
     teacher_recipe = teacher_recipe.overridden(epochs=cfg.teacher_epochs, train_subset=cfg.teacher_train_subset,
-                                               lr=cfg.teacher_lr, what="--teacher-").overridden(val_split=cfg.val_split)
+                                               lr=cfg.teacher_lr, what="--teacher-").overridden(val_split=cfg.val_split,
+                                                                                                image_size=cfg.image_size)
     common = dict(methods=tuple(dict.fromkeys(cfg.methods)),
                   pairs=tuple(dict.fromkeys(Pair.parse(p) for p in cfg.pairs)), seeds=tuple(cfg.seeds),
                   dataset=cfg.dataset, recipe=recipe, teacher_recipe=teacher_recipe, protocol=cfg.protocol,

@@ -13,13 +13,16 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
+
+if TYPE_CHECKING:
+    from kdbench.folder_data import FolderData
 
 IMAGE_SIZE = 32
 PAD = 4
@@ -37,7 +40,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     how_to_get: str
-    load: Callable[[Path | None, bool], "ArrayData"]
+    load: Callable[[Path | None, bool], "ArrayData | FolderData"]
     # Images in the training and test splits, known without loading, so a sweep is checked against them when it is
     # planned (subsets that hold a whole split, batches that no step can fill); None: unknown until loaded.
     train_size: int | None = None
@@ -433,3 +436,7 @@ register_dataset(DatasetInfo(
                "tests on test/.",
     load=load_cinic10, train_size=90_000, test_size=90_000,
 ))
+
+
+# Datasets read from folders of JPEGs (ImageNet, Tiny-ImageNet) register on import; keep this import at the bottom.
+from kdbench import folder_data  # noqa: E402,F401

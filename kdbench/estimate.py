@@ -24,7 +24,7 @@ from tabulate import tabulate
 from kdbench import harness, reuse
 from kdbench.execution import evaluate
 from kdbench.fingerprint import fingerprint, stale_reason
-from kdbench.loader import DeviceLoader
+from kdbench.loader import DeviceLoader, input_shape, make_loader
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods import method_class
 from kdbench.models import create_model
@@ -120,9 +120,9 @@ def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
 
 def _loader(spec: RunSpec, data, device: torch.device) -> DeviceLoader:
     n, _, n_test, drop = _sizes(spec, data)
-    return DeviceLoader(data, device, batch_size=spec.recipe.batch_size, train_subset=n, test_subset=n_test,
-                        drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode,
-                        val_split=spec.recipe.val_split)
+    return make_loader(data, device, batch_size=spec.recipe.batch_size, train_subset=n, test_subset=n_test,
+                       drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode,
+                       val_split=spec.recipe.val_split, image_size=spec.recipe.image_size)
 
 
 def _untrained(arch: str, run_id: str, env: harness.RunEnv, data, device: torch.device):
@@ -195,7 +195,8 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
             deployed = parts.method.export(parts.student)
             store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
-            macs_per_image(plain, data.image_shape), macs_per_image(deployed, data.image_shape)
+            shape = input_shape(data, spec.recipe.image_size)
+            macs_per_image(plain, shape), macs_per_image(deployed, shape)
             store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
 
         run_s += _timed(finish, device)

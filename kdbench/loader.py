@@ -62,7 +62,42 @@ def split_training_set(n: int, train_subset: int | None, val_split: int | None,
     return pool[_fixed_subset(len(pool), train_subset, rest_of)], held_out
 
 
-class DeviceLoader:
+def make_loader(data, device: torch.device | str, *, image_size: int | None = None, **options):
+    """The loader for ``data``: whole 32x32 datasets on the device (DeviceLoader), folder datasets decoded by
+    workers (``kdbench.folder_loader.FolderLoader``); ``options`` as both take them."""
+    if isinstance(data, ArrayData):
+        if image_size is not None and image_size != IMAGE_SIZE:
+            raise KdbenchError(f"{data.info.name} images are {IMAGE_SIZE}x{IMAGE_SIZE}; --image-size is for imagenet "
+                               f"and tiny-imagenet")
+        return DeviceLoader(data, device, **options)
+    from kdbench.folder_loader import FolderLoader
+
+    return FolderLoader(data, device, image_size=image_size, **options)
+
+
+def input_shape(data, image_size: int | None) -> tuple[int, int, int]:
+    """C x H x W of a model input: the dataset's, or a folder dataset's at ``image_size``."""
+    return data.image_shape if image_size is None else (data.image_shape[0], image_size, image_size)
+
+
+class BatchCounts:
+    """What an epoch of a loader holds, from its ``subset``, ``batch_size`` and ``drop_last``."""
+
+    subset: torch.Tensor
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def num_train(self) -> int:
+        return self.subset.shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = self.num_train, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+
+class DeviceLoader(BatchCounts):
     """Whole dataset resident on `device`; shuffling + augmentation in batches on the device.
 
     Reproduces torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize exactly, with
@@ -118,15 +153,6 @@ class DeviceLoader:
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
-
-    @property
-    def num_train(self) -> int:
-        return self.subset.shape[0]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        n, b = self.num_train, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
 
     def aug_params(self, seed: int, epoch: int, stream: str = "aug") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU tensors (i, j, flip), one entry per dataset index: crop offsets uniform on 0..8, flip with p=0.5."""

@@ -59,6 +59,12 @@ class Recipe:
     drop_last: bool = False
     warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput
     pad_mode: str = "zeros"  # padding of the random crop: torchvision's default, or letKD's "reflect"
+    # Side of the model's input for the folder datasets (ImageNet's 224, Tiny-ImageNet's 64), smaller for tests and
+    # quick checks (kdbench.folder_data.Pipeline); None: the dataset's own. The 32x32 datasets take none.
+    image_size: int | None = None
+    # The global batch at which ``lr`` is given, when the recipe scales it linearly with the batch (Goyal et al. 2017,
+    # as torchvision's and mdistiller's ImageNet recipes do): --batch-size B without --lr runs at lr·B/lr_batch.
+    lr_batch: int | None = None
     fit_points: int | None = None  # cap on the points of a method's offline fit (k-means); None: every point
     # The registered recipe that trains the teachers of runs with this recipe; None: the recipe itself.
     teacher_recipe: str | None = None
@@ -79,9 +85,12 @@ class Recipe:
     def overridden(self, what: str = "--", **changes: Any) -> "Recipe":
         """A copy with the non-None ``changes`` applied, validated; ``what`` prefixes the option names in errors."""
         recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        if self.lr_batch and self.lr and changes.get("batch_size") and changes.get("lr") is None:
+            recipe = replace(recipe, lr=self.lr * recipe.batch_size / self.lr_batch, lr_batch=recipe.batch_size)
         if recipe.val_split == 0:  # --val-split 0: no validation split
             recipe = replace(recipe, val_split=None)
-        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points", "val_split", "eval_every"):
+        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points", "val_split", "eval_every",
+                    "image_size"):
             value = getattr(recipe, key)
             if value is not None and value < 1:
                 what_range = "an integer >= 0" if key == "val_split" else "a positive integer"
@@ -139,6 +148,17 @@ RECIPES.add("cpu-teacher", Recipe("cpu-teacher", epochs=10, val_split=5000, drop
                                   teacher_recipe="cpu-teacher"))
 RECIPES.add("cpu", Recipe("cpu", epochs=30, train_subset=1000, val_split=5000, eval_every=6, drop_last=True,
                           warmup_steps=10, fit_points=200_000, teacher_recipe="cpu-teacher"))
+# ImageNet-1k (torchvision's references/classification and CRD's train_student.py): 100 epochs of SGD, momentum 0.9,
+# weight decay 1e-4, lr 0.1 at batch 256, ×0.1 at epochs 30, 60 and 90. mdistiller trains at batch 512 and lr 0.2, the
+# same lr per image, registered apart (configs/imagenet/*/*.yaml), since its published numbers were trained so.
+# Teachers are torchvision's published weights (--teacher-ckpt).
+RECIPES.add("imagenet", Recipe("imagenet", epochs=100, batch_size=256, lr=0.1, lr_batch=256, weight_decay=1e-4,
+                               milestones=(0.3, 0.6, 0.9)))
+RECIPES.add("imagenet-mdistiller", RECIPES.get("imagenet").overridden(batch_size=512, name="imagenet-mdistiller"))
+# Tiny-ImageNet as mdistiller's DOT configs train it (configs/tiny_imagenet/dot/*.yaml): 200 epochs, batch 256,
+# lr 0.2, ×0.1 at epochs 60, 120 and 160, weight decay 5e-4.
+RECIPES.add("tiny-imagenet", Recipe("tiny-imagenet", epochs=200, batch_size=256, lr=0.2, lr_batch=256,
+                                    milestones=(0.3, 0.6, 0.8)))
 
 
 def teacher_recipe_of(recipe: Recipe) -> Recipe:

@@ -126,9 +126,10 @@ def test_list_recipes_shows_every_recipes_settings(capsys):
     code, out, _ = run_cli(capsys, "list", "recipes")
     header, _, *rows = out.splitlines()
     assert code == 0 and header.split() == ["setting", "paper", "letkd-native", "short-teacher", "short",
-                                            "cpu-teacher", "cpu"]
+                                            "cpu-teacher", "cpu", "imagenet", "imagenet-mdistiller",
+                                            "tiny-imagenet"]
     epochs = next(r for r in rows if r.startswith("epochs")).split()
-    assert epochs == ["epochs", "240", "240", "4", "3", "10", "30"]
+    assert epochs == ["epochs", "240", "240", "4", "3", "10", "30", "100", "100", "200"]
 
 
 def test_a_second_dry_run_reuses_the_prices_of_the_first_and_says_so(capsys, tmp_path):

@@ -1,0 +1,210 @@
+"""Folder datasets (kdbench/folder_data.py) and their loader (kdbench/folder_loader.py), on generated trees of real
+JPEG files in the official layouts: class order, labels, clear errors, the anchors' transforms, replayable
+augmentation, and runs through the harness."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_sweep
+from PIL import Image
+from torchvision import transforms as T
+
+from kdbench.data import load_dataset, load_synthetic
+from kdbench.errors import KdbenchError
+from kdbench.folder_data import IMAGENET_MEAN, IMAGENET_STD, load_imagenet, load_tiny_imagenet
+from kdbench.folder_loader import FolderLoader
+from kdbench.harness import RunEnv, run_sweep
+from kdbench.loader import make_loader, stream_seed
+from kdbench.spec import Recipe
+
+WNIDS = ("n03000000", "n01000000", "n02000000")  # created out of order: labels must follow the sorted names
+
+
+def _jpeg(path: Path, size: tuple[int, int], shade: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (shade + 40 * torch.rand(size[1], size[0], 3, generator=g)).clamp(0, 255).to(torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory) -> Path:
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, images of different sizes and a colour per class."""
+    root = tmp_path_factory.mktemp("data") / "imagenet"
+    for c, wnid in enumerate(WNIDS):
+        shade = 60 * int(wnid[1:3])
+        for k in range(6):
+            _jpeg(root / "train" / wnid / f"{wnid}_{k}.JPEG", (40 + 7 * k, 36 + 5 * c), shade, 10 * c + k)
+        for k in range(2):
+            _jpeg(root / "val" / wnid / f"ILSVRC2012_val_{c}{k}.JPEG", (50, 44), shade, 100 + 10 * c + k)
+    return root.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory) -> Path:
+    """tiny-imagenet-200: train/<wnid>/images/*.JPEG, val/images/*.JPEG with val_annotations.txt."""
+    root = tmp_path_factory.mktemp("data") / "tiny-imagenet-200"
+    lines = []
+    for c, wnid in enumerate(WNIDS):
+        for k in range(4):
+            _jpeg(root / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", (64, 64), 60 * int(wnid[1:3]), c + k)
+        lines.append(f"val_{c}.JPEG\t{wnid}\t0\t0\t63\t63")
+        _jpeg(root / "val" / "images" / f"val_{c}.JPEG", (64, 64), 60 * int(wnid[1:3]), 50 + c)
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    return root.parent
+
+
+def test_imagenet_reads_the_imagefolder_layout_with_classes_in_sorted_order(imagenet_tree):
+    data = load_imagenet(imagenet_tree)
+    assert data.classes == tuple(sorted(WNIDS))
+    assert len(data.train_paths) == 18 and len(data.test_paths) == 6
+    for paths, labels in ((data.train_paths, data.train_y), (data.test_paths, data.test_y)):
+        assert [data.classes[y] for y in labels.tolist()] == [Path(p).parent.name for p in paths]
+    assert load_dataset("imagenet", imagenet_tree / "imagenet").classes == data.classes  # the folder itself too
+
+
+def test_tiny_imagenet_labels_its_validation_images_from_the_annotations(tiny_tree):
+    data = load_tiny_imagenet(tiny_tree)
+    assert data.classes == tuple(sorted(WNIDS)) and len(data.train_paths) == 12
+    assert [(Path(p).name, data.classes[y]) for p, y in zip(data.test_paths, data.test_y.tolist())] == [
+        (f"val_{c}.JPEG", wnid) for c, wnid in enumerate(WNIDS)]
+
+
+def test_a_missing_or_malformed_tree_is_one_line_naming_the_layout_and_the_path(tmp_path, imagenet_tree, tiny_tree):
+    for load, expected in ((load_imagenet, "train/<wnid>/*.JPEG"), (load_tiny_imagenet, "val_annotations.txt")):
+        with pytest.raises(KdbenchError, match="not found") as error:
+            load(tmp_path)
+        assert expected in str(error.value) and str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+    broken = tmp_path / "imagenet"
+    for split, wnid in (("train", "n01"), ("val", "n02")):
+        _jpeg(broken / split / wnid / "a.JPEG", (8, 8), 0, 0)
+    with pytest.raises(KdbenchError, match="not the same wnids"):
+        load_imagenet(tmp_path)
+    annotations = tiny_tree / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    text = annotations.read_text()
+    try:
+        annotations.write_text(text + "val_9.JPEG\tn09999999\t0\t0\t1\t1\n")
+        with pytest.raises(KdbenchError, match="line 4 .* an unknown wnid"):
+            load_tiny_imagenet(tiny_tree)
+    finally:
+        annotations.write_text(text)
+
+
+def _loader(data, **options):
+    return FolderLoader(data, "cpu", **{"batch_size": 4, "eval_batch_size": 4, "workers": 0, **options})
+
+
+def test_evaluation_is_torchvisions_resize_centre_crop_to_tensor_normalize(imagenet_tree):
+    data = load_imagenet(imagenet_tree)
+    reference = T.Compose([T.Resize(round(48 * 256 / 224)), T.CenterCrop(48), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in data.test_paths])
+    got, labels = map(torch.cat, zip(*_loader(data, image_size=48).test_batches()))
+    assert torch.equal(got, expected) and torch.equal(labels, data.test_y)
+
+
+def test_each_training_image_is_augmented_by_torchvision_from_its_own_stream(imagenet_tree):
+    """Which RNG decides the crops: torch's global generator, seeded per image by (seed, epoch, dataset index)."""
+    data = load_imagenet(imagenet_tree)
+    loader = _loader(data, image_size=32)
+    (x, y, positions), *_ = loader.train_epoch(seed=3, epoch=1, positions=True)
+    index = int(loader.subset[positions[0]])
+    torch.manual_seed(stream_seed(3, 1, f"aug:{index}"))
+    image = Image.open(data.train_paths[index]).convert("RGB")
+    pil = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip()])(image)
+    assert torch.equal(x[0], T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(pil)))
+    assert int(y[0]) == int(data.train_y[index])
+
+
+def _epoch(loader, seed=0, epoch=0):
+    images, labels, positions = map(torch.cat, zip(*loader.train_epoch(seed, epoch, positions=True)))
+    return images, labels, positions
+
+
+def test_an_epoch_is_the_same_whatever_the_batch_size_or_workers_and_differs_between_epochs(imagenet_tree):
+    data = load_imagenet(imagenet_tree)
+    first = _epoch(_loader(data, image_size=32))
+    for other in (_loader(data, image_size=32, batch_size=5), _loader(data, image_size=32, workers=2)):
+        assert all(torch.equal(a, b) for a, b in zip(first, _epoch(other)))
+    assert not torch.equal(_epoch(_loader(data, image_size=32), epoch=1)[0], first[0])
+    state = torch.get_rng_state()
+    _epoch(_loader(data, image_size=32))
+    assert torch.equal(torch.get_rng_state(), state)  # the trainer's random state is left alone
+
+
+def test_tiny_imagenet_trains_on_rotated_flipped_64_pixel_images_and_evaluates_them_as_they_are(tiny_tree):
+    data = load_tiny_imagenet(tiny_tree)
+    loader = _loader(data)
+    x, _ = next(iter(loader.train_epoch(0, 0)))
+    assert x.shape == (4, 3, 64, 64)
+    expected = T.Compose([T.ToTensor(), T.Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))])
+    got = next(iter(loader.test_batches()))[0]
+    assert torch.equal(got[0], expected(Image.open(data.test_paths[0]).convert("RGB")))
+
+
+def test_a_validation_split_and_subsets_come_from_the_training_folder(imagenet_tree):
+    data = load_imagenet(imagenet_tree)
+    loader = _loader(data, image_size=32, val_split=4, train_subset=10, test_subset=3)
+    assert loader.has_validation and loader.num_train == 10 and loader.test_y.shape == (3,)
+    val = list(loader.test_batches("val"))
+    assert sum(len(y) for _, y in val) == 4
+    plain = list(loader.train_plain())
+    assert sum(len(y) for _, y in plain) == 10
+    with pytest.raises(KdbenchError, match="32x32 datasets only"):
+        next(iter(loader.train_epoch(0, 0, views=("strong",))))
+
+
+def test_image_size_is_for_folder_datasets_only():
+    with pytest.raises(KdbenchError, match="--image-size is for imagenet"):
+        make_loader(load_synthetic(), "cpu", batch_size=4, image_size=64)
+
+
+def test_resnet34_teaches_resnet18_on_imagenet_files_at_a_reduced_size(imagenet_tree, tmp_path):
+    from kdbench.results import ResultsStore
+
+    recipe = Recipe("folder-check", epochs=1, batch_size=4, warmup_steps=0, lr=0.01, image_size=32)
+    sweep = tiny_sweep(methods=("student", "kd", "fitnet"), pair=("tv_resnet34", "tv_resnet18"), recipe=recipe,
+                       dataset="imagenet", teacher_recipe=recipe)
+    env = RunEnv(ResultsStore(tmp_path / "results"), data_dir=imagenet_tree, download=False, progress=False)
+    records = run_sweep(sweep.plan(), env)
+    assert [r.status for r in records] == ["finished"] * 4, [r.error for r in records]
+    for record in records:
+        assert record.spec.recipe.image_size == 32 and math.isfinite(record.epochs[0]["loss"])
+        assert record.metrics["train_images"] == 18.0 and record.metrics["test_images"] == 6.0
+    assert records[-1].metrics["student_macs"] == records[1].metrics["student_macs"] < 40e6  # 32x32 inputs
+
+
+def test_the_imagenet_recipes_scale_lr_with_the_global_batch_unless_lr_is_given():
+    from kdbench.spec import RECIPES
+
+    imagenet = RECIPES.get("imagenet")
+    assert (imagenet.epochs, imagenet.lr, imagenet.weight_decay, imagenet.milestone_epochs()) == (100, 0.1, 1e-4,
+                                                                                                   (30, 60, 90))
+    mdistillers = imagenet.overridden(batch_size=512)
+    assert (mdistillers.lr, mdistillers.lr_batch) == (0.2, 512)
+    assert imagenet.overridden(batch_size=512, lr=0.1).lr == 0.1
+    assert imagenet.overridden(epochs=10).lr == 0.1
+    assert RECIPES.get("tiny-imagenet").milestone_epochs() == (60, 120, 160)
+    assert RECIPES.get("paper").overridden(batch_size=128).lr is None  # CIFAR recipes keep the model's lr
+
+
+def test_published_imagenet_numbers_sit_beside_runs_of_the_same_dataset_and_recipe():
+    import pandas as pd
+
+    from kdbench.report.published import load_published, mismatch, published_cells
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    published = load_published([results / "published_cifar100.csv", results / "published_imagenet.csv"])
+    assert {"cifar100", "imagenet", "tiny-imagenet"} <= set(published["dataset"])
+    run = pd.Series({"dataset": "imagenet", "recipe": "imagenet-mdistiller", "method": "kd", "epochs": 100,
+                     "batch_size": 512, "lr": 0.2, "train_subset": None, "test_subset": None})
+    assert mismatch(run, published) == ""
+    cells = published_cells(published, "tv_resnet34->tv_resnet18", "method", "tv_resnet18", run, "official",
+                            "top1_best", "")
+    assert cells["published"].startswith("71.03") and "mdistiller" in cells["published_source"]
+    on_cifar = run.copy()
+    on_cifar["dataset"] = "cinic10"
+    assert "CIFAR-100, ImageNet, Tiny-ImageNet results" in mismatch(on_cifar, published)
