@@ -45,6 +45,9 @@ class DatasetInfo:
     # planned (subsets that hold a whole split, batches that no step can fill); None: unknown until loaded.
     train_size: int | None = None
     test_size: int | None = None
+    image_size: int = 32  # the side of a model input (folder datasets: their pipeline's crop)
+    # Augmented views its loader makes beside the standard one (Method.views): the device loader's for 32x32 data.
+    views: tuple[str, ...] = ("strong",)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ register_dataset(DatasetInfo(
     name="imagenet", num_classes=1000, in_channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     how_to_get=f"Never downloaded: put ImageNet-1k in {IMAGENET_LAYOUT} under the data dir (or its imagenet/ "
                "folder) and pass --data-dir.",
-    load=load_imagenet, train_size=1_281_167, test_size=50_000,
+    load=load_imagenet, train_size=1_281_167, test_size=50_000, image_size=IMAGENET_CROP, views=(),
 ))
 register_dataset(DatasetInfo(
     name="tiny-imagenet", num_classes=200, in_channels=3,
@@ -156,5 +156,5 @@ register_dataset(DatasetInfo(
     mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262),
     how_to_get=f"Never downloaded: extract tiny-imagenet-200.zip ({TINY_LAYOUT}) into the data dir and pass "
                "--data-dir.",
-    load=load_tiny_imagenet, train_size=100_000, test_size=10_000,
+    load=load_tiny_imagenet, train_size=100_000, test_size=10_000, image_size=TINY_SIZE, views=(),
 ))

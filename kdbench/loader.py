@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import torch
 
 from kdbench import augment
-from kdbench.data import IMAGE_SIZE, PAD, ArrayData
+from kdbench.data import IMAGE_SIZE, PAD, ArrayData, DatasetInfo
 from kdbench.errors import KdbenchError
 
 #: Augmented views a method may ask for beside the standard one (Method.views).
-VIEWS = ("strong",)
+VIEWS = DatasetInfo.views
 #: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
 SUBSET_SEED = 20240601
 #: Seed of the fixed validation split, held out of the training set before the training subset is drawn.

@@ -401,7 +401,7 @@ class SweepSpec:
         allocates, initialises and draws nothing."""
         import torch
 
-        from kdbench.data import IMAGE_SIZE, dataset_info
+        from kdbench.data import dataset_info
         from kdbench.methods import method_class
         from kdbench.methods.base import MethodContext
         from kdbench.models import create_model
@@ -416,11 +416,15 @@ class SweepSpec:
                                    f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
+            missing = sorted(set(method_class(run.method).views) - set(info.views))
+            if missing:
+                raise KdbenchError(f"{run.method} trains on the augmented view(s) {', '.join(missing)}, which the "
+                                   f"{self.dataset} loader does not make; it runs on the 32x32 datasets")
 
         @functools.cache
-        def shapes(arch: str) -> dict[str, tuple[int, ...]]:
+        def shapes(arch: str, size: int) -> dict[str, tuple[int, ...]]:
             model = create_model(arch, info.num_classes, info.in_channels)
-            return feature_shapes(model, (info.in_channels, IMAGE_SIZE, IMAGE_SIZE))
+            return feature_shapes(model, (info.in_channels, size, size))
 
         built = set()
         with torch.device("meta"):
@@ -430,8 +434,9 @@ class SweepSpec:
                 if setting in built:
                     continue
                 built.add(setting)
-                ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student),
-                                           shapes(run.teacher) if run.teacher else None,
+                size = run.recipe.image_size or info.image_size
+                ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student, size),
+                                           shapes(run.teacher, size) if run.teacher else None,
                                            run.recipe.train_images(info.train_size) or 0)
                 try:
                     method_class(run.method)(ctx)

@@ -208,3 +208,11 @@ def test_published_imagenet_numbers_sit_beside_runs_of_the_same_dataset_and_reci
     on_cifar = run.copy()
     on_cifar["dataset"] = "cinic10"
     assert "CIFAR-100, ImageNet, Tiny-ImageNet results" in mismatch(on_cifar, published)
+
+
+def test_a_method_whose_view_the_folder_loader_does_not_make_is_refused_when_planned():
+    sweep = tiny_sweep(methods=("kd", "mlkd"), pair=("tv_resnet34", "tv_resnet18"), dataset="imagenet")
+    with pytest.raises(KdbenchError, match="mlkd trains on the augmented view.s. strong, which the imagenet loader"):
+        sweep.plan()
+    assert [r.method for r in tiny_sweep(methods=("kd",), pair=("tv_resnet34", "tv_resnet18"),
+                                         dataset="imagenet").plan()] == ["student", "kd"]
