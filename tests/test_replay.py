@@ -104,7 +104,7 @@ def test_the_report_says_which_runs_were_replayed(finished, capsys):
     replay(store, [student.run_id])
     assert main(["report", "--results-dir", str(store.root)]) == 0
     out = capsys.readouterr().out
-    assert "replayed by the code that made the rest" in out and "1 of 1 (2/2 epochs)" in out
+    assert "replayed by later code" in out and "1 of 1 (2/2 epochs)" in out
     assert "made by other code" not in out
 
 

@@ -135,7 +135,7 @@ def _table(board: pd.DataFrame, metric: str, with_pair: bool, fmt: str, caption:
                          + (f"; the other rows {', '.join(rest)}." if rest else "."))
     replayed = [f"{row_name(r)} {r.replayed}" for r in board.itertuples() if getattr(r, "replayed", "")]
     if replayed:
-        footnotes.append("Runs made by earlier code and replayed by the code that made the rest, every computed "
+        footnotes.append("Runs made by earlier code and replayed by later code, every computed "
                          f"number of the epochs compared identical (kdbench replay): {'; '.join(replayed)}.")
     footnotes += [note for note in (why_not_published, unpublished_pairs_note(board)) if note]
     headers = list(rows[0])
