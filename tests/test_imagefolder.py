@@ -233,3 +233,18 @@ def test_mdistillers_imagenet_configs_are_the_official_values_on_the_imagenet_pa
     options = dict(method_class(method).resolve_options({}, "official", *pair))
     assert expected.items() <= options.items()
     assert dict(method_class(method).resolve_options({}, "official", "resnet56", "resnet20"))["temperature"] != 1.0
+
+
+def test_the_input_path_benchmark_runs_both_pipelines_on_generated_jpegs(tmp_path):
+    """Speed is measured on a quiet machine (benchmarks/input_path.py); here only that it runs and what it prints."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "input_path.py"
+    out = subprocess.run([sys.executable, str(script), "--generate", "24", "--workers", "0", "--batch-size", "4",
+                          "--batches", "2", "--out", str(tmp_path / "rows.csv")], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert [line.split("  ")[0] for line in out] == ["pipeline torchvision reference", "pipeline kdbench cpu loader",
+                                                    "pipeline kdbench / reference"]
+    assert "images 8" in out[0] and "images 8" in out[1]
+    assert (tmp_path / "rows.csv").read_text().startswith("pipeline,workers,images,img_per_s")
