@@ -227,6 +227,8 @@ def test_a_method_whose_view_the_folder_loader_does_not_make_is_refused_when_pla
     ("dkd", ("tv_resnet50", "mobilenet_v1"), {"beta": 2.0, "temperature": 1.0, "warmup_epochs": 1}),
     ("takd", ("tv_resnet34", "tv_resnet18"), {"ce_weight": 0.0, "temperature": 5.0}),  # no ImageNet settings
     ("ofd", ("tv_resnet50", "mobilenet_v1"), {"beta": 1e-4}),
+    ("reviewkd", ("tv_resnet34", "tv_resnet18"), {"beta": 1.0}),
+    ("reviewkd", ("tv_resnet50", "mobilenet_v1"), {"beta": 8.0}),
 ])
 def test_mdistillers_imagenet_configs_are_the_official_values_on_the_imagenet_pairs(method, pair, expected):
     from kdbench.methods import method_class
@@ -248,3 +250,21 @@ def test_the_input_path_benchmark_runs_both_pipelines_on_generated_jpegs(tmp_pat
                                                     "pipeline kdbench / reference"]
     assert "images 8" in out[0] and "images 8" in out[1]
     assert (tmp_path / "rows.csv").read_text().startswith("pipeline,workers,images,img_per_s")
+
+
+def test_reviewkd_reads_the_students_preactivations_on_the_imagenet_pairs():
+    from conftest import method_context
+
+    from kdbench.methods import method_class
+    from kdbench.models import create_model
+    from kdbench.models.taps import feature_shapes
+
+    def built(pair, size):
+        options = dict(method_class("reviewkd").resolve_options({}, "official", *pair))
+        shapes = [feature_shapes(create_model(arch, 1000), (3, size, size)) for arch in pair]
+        return method_class("reviewkd")(method_context("reviewkd", shapes[1], shapes[0], "official", options,
+                                                       student=pair[1]))
+
+    assert built(("tv_resnet34", "tv_resnet18"), 64).student_taps == (
+        "stage1_preact", "stage2_preact", "stage3_preact", "stage4_preact", "pooled")
+    assert built(("resnet56", "resnet20"), 32).student_taps == ("stage1", "stage2", "stage3", "pooled")
