@@ -294,12 +294,11 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    loader = make_loader(data, device, batch_size=recipe.batch_size,
-                          train_subset=recipe.train_images(len(data.train_y)),
-                          test_subset=recipe.test_images(len(data.test_y)),
-                          drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
-                          channels_last=spec.channels_last, pad_mode=recipe.pad_mode, val_split=recipe.val_split,
-                          image_size=recipe.image_size)
+    loader = make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
+                         train_subset=recipe.train_images(len(data.train_y)),
+                         test_subset=recipe.test_images(len(data.test_y)),
+                         drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
+                         pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size)
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
