@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference reference-pilot reference-plan soak notebook bench-perf bench-official bench-input
+.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official bench-input
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -55,6 +55,17 @@ reference-pilot: setup
 	@$(CLEAN_TREE)
 	-for command in $(PILOT_COMMAND); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN); done
 	$(VENV)/bin/kdbench report --results-dir $(REFERENCE) --layout regime
+
+# Before a change to the harness's code lands (it changes every run's fingerprint): replay the set's finished runs
+# under it, from a clean tree, and commit the replayed records, so that the set stays the current code's where the
+# numbers are the same (docs/reference-results.md). Teachers and assistants over their first epoch, the pilot's
+# students over their first six (through the first evaluation), the other students over their first. Stops at the
+# first group with a run that differs.
+reference-replay: setup
+	@$(CLEAN_TREE)
+	$(VENV)/bin/kdbench replay --results-dir $(REFERENCE) --runs 'teacher-*,assistant-*' --epochs 1
+	$(VENV)/bin/kdbench replay --results-dir $(REFERENCE) --runs 'student-student-*,student-kd-*' --epochs 6
+	$(VENV)/bin/kdbench replay --results-dir $(REFERENCE) --runs 'student-*' --epochs 1
 
 # What `make reference` has left to train, and its price, measured on this machine (writes nothing to the results).
 # The pilot's runs are among the first command's; each command prices the teachers it still needs, so add the

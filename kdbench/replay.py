@@ -104,6 +104,8 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
     code = fingerprint(record.spec)
     if record.provenance.get("code_fingerprint") == code["code_fingerprint"]:
         return Replay(run_id, "current", detail="made by this code")
+    if code["code_fingerprint"] in record.provenance.get("replays", {}):
+        return Replay(run_id, "current", detail="replayed by this code before")
     if record.spec.pretrained:
         return Replay(run_id, "skipped", detail="an imported checkpoint: nothing was trained")
     other = _other_build(record)

@@ -46,6 +46,7 @@ def test_a_run_the_current_code_reproduces_is_kept_as_its_own(finished):
     outcome = replay_run(store, student.run_id)
 
     assert (outcome.status, outcome.epochs) == ("reproduced", 2), outcome.line()
+    assert replay_run(store, student.run_id).line().endswith("current (replayed by this code before)")
     record = store.load_record(student.run_id)
     assert stale_reason(record, code) is None  # the sweep keeps it
     assert record.provenance["code_fingerprint"] == "0" * 16  # what made it stays recorded
