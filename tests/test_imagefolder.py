@@ -268,3 +268,18 @@ def test_reviewkd_reads_the_students_preactivations_on_the_imagenet_pairs():
     assert built(("tv_resnet34", "tv_resnet18"), 64).student_taps == (
         "stage1_preact", "stage2_preact", "stage3_preact", "stage4_preact", "pooled")
     assert built(("resnet56", "resnet20"), 32).student_taps == ("stage1", "stage2", "stage3", "pooled")
+
+
+def test_epoch_counts_scale_from_the_benchmarks_own_official_schedule():
+    """DKD's ImageNet warm-up (1 epoch of mdistiller's 100) and ReviewKD's (20 of 100) keep their share of a recipe;
+    CIFAR pairs scale from 240."""
+    from kdbench.methods import method_class
+
+    def warmup(method, pair, epochs):
+        return dict(method_class(method).resolve_options({}, "official", *pair, epochs))["warmup_epochs"]
+
+    assert warmup("reviewkd", ("tv_resnet34", "tv_resnet18"), 100) == 20
+    assert warmup("reviewkd", ("tv_resnet34", "tv_resnet18"), 10) == 2
+    assert warmup("reviewkd", ("resnet56", "resnet20"), 240) == 20 and warmup("reviewkd", ("resnet56", "resnet20"),
+                                                                               24) == 2
+    assert warmup("dkd", ("tv_resnet50", "mobilenet_v1"), 100) == 1
