@@ -2,9 +2,12 @@
 (``kdbench.folder_loader``) beside torchvision's reference pipeline (``references/classification``'s training
 preset, RandomResizedCrop(224) + flip + PILToTensor + ConvertImageDtype + Normalize, in a plain DataLoader) on the
 same JPEG files, the same worker count and batch. Issue 26's target: kdbench at least 1.0x the reference per core.
+A last row times the device backend (``--data-backend device``: workers read the files, TorchCodec decodes each batch
+on ``--device``, nvjpeg on CUDA), whose decoding runs on the device, so its rate is not per core.
 
     python benchmarks/input_path.py --data-dir /data --workers 4 --batches 50   # an ImageNet tree (train/<wnid>/)
     python benchmarks/input_path.py --generate 2000 --workers 1                  # JPEGs like ImageNet's, made here
+    python benchmarks/input_path.py --generate 2000 --workers 4 --device cuda    # the device backend on a GPU
 
 Quiet machine only: it measures speed. Prints one table row per pipeline, and writes them as CSV with ``--out``.
 """
@@ -41,19 +44,26 @@ def generate(root: Path, images: int, classes: int = 10) -> Path:
     return root
 
 
-def _rate(batches, limit: int) -> tuple[float, int]:
+def _rate(batches, limit: int, device: str = "cpu") -> tuple[float, int]:
     """Images per second over ``limit`` batches after the first (worker start-up excluded)."""
     iterator = iter(batches)
     next(iterator)
     started, images = time.perf_counter(), 0
     for _, batch in zip(range(limit), iterator):
         images += len(batch[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - started), images
 
 
-def kdbench_rate(data_dir: Path, workers: int, batch: int, limit: int) -> tuple[float, int]:
-    loader = FolderLoader(load_imagenet(data_dir), "cpu", batch_size=batch, workers=workers)
-    return _rate(loader.train_epoch(seed=0, epoch=0), limit)
+def kdbench_rate(data_dir: Path, workers: int, batch: int, limit: int, device: str = "cpu",
+                 backend: str = "cpu") -> tuple[float, int]:
+    loader = FolderLoader(load_imagenet(data_dir), device, batch_size=batch, workers=workers, backend=backend)
+    return _rate(loader.train_epoch(seed=0, epoch=0), limit, device)
+
+
+def device_rate(data_dir: Path, workers: int, batch: int, limit: int, device: str) -> tuple[float, int]:
+    return kdbench_rate(data_dir, workers, batch, limit, device, backend="device")
 
 
 def reference_rate(data_dir: Path, workers: int, batch: int, limit: int) -> tuple[float, int]:
@@ -71,6 +81,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (0: in the main process)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20, help="batches timed per pipeline, after the first")
+    parser.add_argument("--device", default="cpu",
+                        help="where the device backend decodes (cuda: nvjpeg); the other pipelines decode in workers")
     parser.add_argument("--out", type=Path, help="also write the rows as CSV here")
     args = parser.parse_args()
     if (args.data_dir is None) == (args.generate is None):
@@ -83,8 +95,12 @@ def main() -> None:
             rate, images = measure(data_dir, args.workers, args.batch_size, args.batches)
             rows.append({"pipeline": name, "workers": args.workers, "images": images, "img_per_s": round(rate, 1),
                          "img_per_s_per_core": round(rate / cores, 1)})
-    rows.append({"pipeline": "kdbench / reference", "workers": args.workers, "images": "",
-                 "img_per_s": round(rows[1]["img_per_s"] / rows[0]["img_per_s"], 3), "img_per_s_per_core": ""})
+        rate, images = device_rate(data_dir, args.workers, args.batch_size, args.batches, args.device)
+        device_row = {"pipeline": f"kdbench device backend ({args.device})", "workers": args.workers,
+                      "images": images, "img_per_s": round(rate, 1), "img_per_s_per_core": ""}
+    rows += [{"pipeline": "kdbench / reference", "workers": args.workers, "images": "",
+              "img_per_s": round(rows[1]["img_per_s"] / rows[0]["img_per_s"], 3), "img_per_s_per_core": ""},
+             device_row]
     for row in rows:
         print("  ".join(f"{key} {value}" for key, value in row.items()))
     if args.out:

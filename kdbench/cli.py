@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 from kdbench.report import CORRECTIONS, FORMATS, LAYOUTS, METRICS
-from kdbench.spec import PROTOCOLS, RECIPES, SweepSpec
+from kdbench.spec import DATA_BACKENDS, PROTOCOLS, RECIPES, SweepSpec
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_const", const="bf16", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--data-backend", choices=DATA_BACKENDS,
+                     help="how imagenet and tiny-imagenet JPEGs are decoded: cpu (the default: DataLoader workers, "
+                          "Pillow) or device (torchvision on the run's device: nvjpeg on CUDA)")
     run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
                           "max-autotune, max-autotune-no-cudagraphs; default: default)")

@@ -57,6 +57,7 @@ class SweepFile:
     precision: str = "fp32"
     channels_last: bool = False
     compile: Optional[str] = None
+    data_backend: Optional[str] = None
     data_dir: Optional[str] = None
     download: bool = True
     results_dir: str = "results"
@@ -201,7 +202,8 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
                   pairs=tuple(dict.fromkeys(Pair.parse(p) for p in cfg.pairs)), seeds=tuple(cfg.seeds),
                   dataset=cfg.dataset, recipe=recipe, teacher_recipe=teacher_recipe, protocol=cfg.protocol,
                   device=device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                  teacher_seeds=tuple(cfg.teacher_seeds), ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
+                  data_backend=cfg.data_backend, teacher_seeds=tuple(cfg.teacher_seeds),
+                  ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
                   teacher_ckpt_sha256=teacher_ckpt_sha256)
     return [SweepSpec(**common, method_options=combination) for combination in option_grid(cfg.options)]
 

@@ -48,6 +48,9 @@ class DatasetInfo:
     image_size: int = 32  # the side of a model input (folder datasets: their pipeline's crop)
     # Augmented views its loader makes beside the standard one (Method.views): the device loader's for 32x32 data.
     views: tuple[str, ...] = ("strong",)
+    # Read image by image from files (kdbench.folder_data), so a data backend (--data-backend) decodes them; the
+    # 32x32 datasets are held whole on the run's device.
+    from_files: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import functional as F
 
 from kdbench.data import DatasetInfo, dataset_info, default_data_dir, register_dataset
 from kdbench.errors import KdbenchError
@@ -31,25 +32,53 @@ TINY_SIZE = 64
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """One training image's random draw: ImageNet's crop box (top, left, height, width) or Tiny-ImageNet's rotation
+    angle, and whether it is flipped."""
+
+    box: tuple[int, int, int, int] | None = None
+    angle: float | None = None
+    flip: bool = False
+
+
+@dataclass(frozen=True)
 class Pipeline:
-    """How a folder dataset's images become model inputs (uint8, before normalisation), at a given input size."""
+    """How a folder dataset's images become model inputs (uint8, before normalisation), at a given input size.
+
+    The random draw (``draw``) is apart from its application (``augment``), so both backends crop and flip alike:
+    the draw is torchvision's own (RandomResizedCrop's ``get_params``, then the flip; RandomRotation's, then the
+    flip), in the order its ``Compose`` makes it, from torch's global generator; ``augment`` and ``evaluate`` apply
+    torchvision's functional ops, which take a PIL image (the CPU backend) or a C x H x W tensor on any device."""
 
     kind: str  # "imagenet" or "tiny-imagenet"
     size: int  # the side of the model's input
 
-    def train(self) -> T.Compose:
+    def draw(self, height: int, width: int) -> Augmentation:
+        """A training image's augmentation, for an image of this size (before any resize)."""
         if self.kind == "imagenet":
-            return T.Compose([T.RandomResizedCrop(self.size), T.RandomHorizontalFlip()])
-        return T.Compose([*self._resized(), T.RandomRotation(20), T.RandomHorizontalFlip(0.5)])
+            box = T.RandomResizedCrop.get_params(torch.empty(0, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+            return Augmentation(box=tuple(box), flip=bool(torch.rand(1) < 0.5))
+        angle = T.RandomRotation.get_params([-20.0, 20.0])
+        return Augmentation(angle=angle, flip=bool(torch.rand(1) < 0.5))
 
-    def eval(self) -> T.Compose:
+    def augment(self, image, augmentation: Augmentation):
+        """``image`` (PIL or tensor) as training sees it under ``augmentation``."""
+        if augmentation.box is not None:
+            image = F.resized_crop(image, *augmentation.box, [self.size, self.size], antialias=True)
+        else:
+            image = F.rotate(self._resized(image), augmentation.angle)
+        return F.hflip(image) if augmentation.flip else image
+
+    def evaluate(self, image):
+        """``image`` (PIL or tensor) as evaluation sees it."""
         if self.kind == "imagenet":
-            return T.Compose([T.Resize(round(self.size * IMAGENET_RESIZE / IMAGENET_CROP)), T.CenterCrop(self.size)])
-        return T.Compose(self._resized())
+            resized = F.resize(image, [round(self.size * IMAGENET_RESIZE / IMAGENET_CROP)], antialias=True)
+            return F.center_crop(resized, [self.size])
+        return self._resized(image)
 
-    def _resized(self) -> list:
+    def _resized(self, image):
         """Tiny-ImageNet's images are 64x64: resized only for a smaller input (mdistiller takes them as they are)."""
-        return [T.Resize(self.size)] if self.size != TINY_SIZE else []
+        return F.resize(image, [self.size], antialias=True) if self.size != TINY_SIZE else image
 
 
 @dataclass(frozen=True)
@@ -148,7 +177,7 @@ register_dataset(DatasetInfo(
     name="imagenet", num_classes=1000, in_channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     how_to_get=f"Never downloaded: put ImageNet-1k in {IMAGENET_LAYOUT} under the data dir (or its imagenet/ "
                "folder) and pass --data-dir.",
-    load=load_imagenet, train_size=1_281_167, test_size=50_000, image_size=IMAGENET_CROP, views=(),
+    load=load_imagenet, train_size=1_281_167, test_size=50_000, image_size=IMAGENET_CROP, views=(), from_files=True,
 ))
 register_dataset(DatasetInfo(
     name="tiny-imagenet", num_classes=200, in_channels=3,
@@ -156,5 +185,5 @@ register_dataset(DatasetInfo(
     mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262),
     how_to_get=f"Never downloaded: extract tiny-imagenet-200.zip ({TINY_LAYOUT}) into the data dir and pass "
                "--data-dir.",
-    load=load_tiny_imagenet, train_size=100_000, test_size=10_000, image_size=TINY_SIZE, views=(),
+    load=load_tiny_imagenet, train_size=100_000, test_size=10_000, image_size=TINY_SIZE, views=(), from_files=True,
 ))

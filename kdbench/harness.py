@@ -24,13 +24,13 @@ from kdbench.data import ArrayData, load_dataset
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
-from kdbench.loader import DeviceLoader, input_shape, make_loader, stream_seed
+from kdbench.loader import DeviceLoader, input_shape, run_loader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
 from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
-from kdbench.progress import RunLog, SweepProgress, log
+from kdbench.progress import RunLog, SinkChoice, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
 from kdbench.reuse import NON_FINITE, diverged_before, kept_record, remakes_announced
 from kdbench.spec import RunSpec
@@ -47,7 +47,7 @@ class RunEnv:
     progress: bool | None = None  # None: progress bars only on an interactive terminal
     reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
     retry_failed: bool = False  # train again runs that diverged under the current code (--retry-failed)
-    sinks: tuple[str, ...] = ()  # metric sinks of every run (kdbench.progress.SINKS)
+    sinks: tuple[SinkChoice, ...] = ()  # metric sinks of every run (kdbench.progress.SinkChoice)
 
 
 @functools.lru_cache(maxsize=4)
@@ -294,11 +294,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    loader = make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
-                         train_subset=recipe.train_images(len(data.train_y)),
-                         test_subset=recipe.test_images(len(data.test_y)),
-                         drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
-                         pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size)
+    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches)
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")

@@ -12,13 +12,16 @@ whatever their batch size, subset or method.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from kdbench import augment
 from kdbench.data import IMAGE_SIZE, PAD, ArrayData, DatasetInfo
 from kdbench.errors import KdbenchError
+
+if TYPE_CHECKING:
+    from kdbench.spec import RunSpec
 
 #: Augmented views a method may ask for beside the standard one (Method.views).
 VIEWS = DatasetInfo.views
@@ -62,17 +65,32 @@ def split_training_set(n: int, train_subset: int | None, val_split: int | None,
     return pool[_fixed_subset(len(pool), train_subset, rest_of)], held_out
 
 
-def make_loader(data, device: torch.device | str, *, image_size: int | None = None, **options):
+def make_loader(data, device: torch.device | str, *, image_size: int | None = None, backend: str | None = None,
+                **options):
     """The loader for ``data``: whole 32x32 datasets on the device (DeviceLoader), folder datasets decoded by
-    workers (``kdbench.folder_loader.FolderLoader``); ``options`` as both take them."""
+    ``backend`` (``kdbench.folder_loader.FolderLoader``); ``options`` as both take them."""
     if isinstance(data, ArrayData):
         if image_size is not None and image_size != IMAGE_SIZE:
             raise KdbenchError(f"{data.info.name} images are {IMAGE_SIZE}x{IMAGE_SIZE}; --image-size is for imagenet "
                                f"and tiny-imagenet")
+        if backend is not None:
+            raise KdbenchError(f"{data.info.name} is held whole on the run's device; --data-backend is for imagenet "
+                               f"and tiny-imagenet")
         return DeviceLoader(data, device, **options)
     from kdbench.folder_loader import FolderLoader
 
-    return FolderLoader(data, device, image_size=image_size, **options)
+    return FolderLoader(data, device, image_size=image_size, backend=backend, **options)
+
+
+def run_loader(spec: RunSpec, data, device: torch.device | str, full_batches: bool):
+    """The loader ``spec``'s run trains and evaluates with (and a dry run prices); ``full_batches``: its method
+    needs every batch full (Method.needs_full_batches), so the last, short one is dropped."""
+    recipe = spec.recipe
+    return make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
+                       train_subset=recipe.train_images(len(data.train_y)),
+                       test_subset=recipe.test_images(len(data.test_y)), drop_last=recipe.drop_last or full_batches,
+                       pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size,
+                       backend=spec.data_backend)
 
 
 def input_shape(data, image_size: int | None) -> tuple[int, int, int]:

@@ -27,6 +27,8 @@ PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
 # torch.compile modes (kdbench run --compile MODE): the student and the frozen models are compiled, not the method.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# How the folder datasets' JPEGs are decoded and augmented (kdbench.folder_loader); the first is the default.
+DATA_BACKENDS = ("cpu", "device")
 PAD_MODES = ("zeros", "reflect")
 # Seeds are integers in 0 <= seed < SEED_LIMIT, the signed 32-bit range that every seeded library takes; far larger
 # ones overflowed the results table's int64 columns after the teacher had trained.
@@ -189,6 +191,7 @@ class RunSpec:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: eager
+    data_backend: str | None = None  # a folder dataset's decoding (DATA_BACKENDS); None: the default, or none
 
     @property
     def pair(self) -> str | None:
@@ -250,6 +253,7 @@ class SweepSpec:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None
+    data_backend: str | None = None  # one of DATA_BACKENDS for a folder dataset; None: its default
     # Seeds of the teachers kdbench trains: every student seed of every method learns from each (a cross product).
     # A row of the report is taught by one teacher; several teacher seeds give rows of their own.
     teacher_seeds: tuple[int, ...] = (0,)
@@ -258,8 +262,10 @@ class SweepSpec:
     ta_chains: tuple[tuple[str, ...], ...] = ()  # explicit teacher-assistant chains, TEACHER, TAs..., STUDENT
 
     def _common(self) -> dict[str, Any]:
+        # the default backend is no setting, so runs that name it keep the ids of runs that do not
+        backend = None if self.data_backend == DATA_BACKENDS[0] else self.data_backend
         return dict(dataset=self.dataset, device=self.device, precision=self.precision,
-                    channels_last=self.channels_last, compile=self.compile)
+                    channels_last=self.channels_last, compile=self.compile, data_backend=backend)
 
     def _on_dataset(self, recipe: Recipe) -> Recipe:
         from kdbench.data import dataset_info
@@ -408,6 +414,10 @@ class SweepSpec:
         from kdbench.models.taps import feature_shapes
 
         info = dataset_info(self.dataset)
+        if self.data_backend is not None and not (info.from_files and self.data_backend in DATA_BACKENDS):
+            raise KdbenchError(f"data backend {self.data_backend!r}: {', '.join(DATA_BACKENDS)} decode imagenet and "
+                               f"tiny-imagenet" + ("" if info.from_files else
+                                                   f"; {self.dataset} is held whole on the run's device"))
         for run in runs:
             held_out = run.recipe.val_split or 0
             if info.train_size is not None and held_out >= info.train_size:

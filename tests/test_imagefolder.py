@@ -17,7 +17,7 @@ from kdbench.folder_data import IMAGENET_MEAN, IMAGENET_STD, load_imagenet, load
 from kdbench.folder_loader import FolderLoader
 from kdbench.harness import RunEnv, run_sweep
 from kdbench.loader import make_loader, stream_seed
-from kdbench.spec import Recipe
+from kdbench.spec import DATA_BACKENDS, Recipe
 
 WNIDS = ("n03000000", "n01000000", "n02000000")  # created out of order: labels must follow the sorted names
 
@@ -93,8 +93,8 @@ def test_a_missing_or_malformed_tree_is_one_line_naming_the_layout_and_the_path(
         annotations.write_text(text)
 
 
-def _loader(data, **options):
-    return FolderLoader(data, "cpu", **{"batch_size": 4, "eval_batch_size": 4, "workers": 0, **options})
+def _loader(data, device="cpu", **options):
+    return FolderLoader(data, device, **{"batch_size": 4, "eval_batch_size": 4, "workers": 0, **options})
 
 
 def test_evaluation_is_torchvisions_resize_centre_crop_to_tensor_normalize(imagenet_tree):
@@ -143,6 +143,92 @@ def test_tiny_imagenet_trains_on_rotated_flipped_64_pixel_images_and_evaluates_t
     expected = T.Compose([T.ToTensor(), T.Normalize((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))])
     got = next(iter(loader.test_batches()))[0]
     assert torch.equal(got[0], expected(Image.open(data.test_paths[0]).convert("RGB")))
+
+
+def _grey_levels(normalised: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised images back to 0..255 grey levels (floats), so backends compare in the unit their pixels have."""
+    return 255 * (normalised * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])
+
+
+def _both_backends(data, device="cpu", **options):
+    """The same batches of the cpu and device backends, in grey levels: a training epoch, the test set."""
+    def batches(backend):
+        loader = _loader(data, backend=backend, **options)
+        train = torch.cat([x for x, _ in loader.train_epoch(seed=5, epoch=2)]).cpu()
+        test = torch.cat([x for x, _ in loader.test_batches()]).cpu()
+        return [_grey_levels(x, data.info.mean, data.info.std) for x in (train, test)]
+    return batches("cpu"), batches("device")
+
+
+def test_the_device_backend_crops_and_flips_as_the_cpu_one_within_a_grey_level(imagenet_tree):
+    """Same draws, same decoder on a CPU (libjpeg-turbo): they differ only where torchvision's tensor resize rounds
+    unlike Pillow's, by at most one grey level (antialiased bilinear both)."""
+    (train, test), (train_device, test_device) = _both_backends(load_imagenet(imagenet_tree), image_size=32)
+    for cpu, device in ((train, train_device), (test, test_device)):
+        difference = (cpu - device).abs()
+        assert difference.max() <= 1 + 1e-3 and difference.mean() < 0.5
+    assert not torch.equal(train[:, :, :, :16], train[:, :, :, :16].flip(0))  # the draws are not all alike
+
+
+def test_the_device_backend_rotates_tiny_imagenet_as_the_cpu_one_but_for_a_few_edge_pixels(tiny_tree):
+    """Nearest-neighbour rotation: torchvision's tensor rotation picks another neighbour than Pillow's at a few
+    pixels (under 1 % of them); the test images are 64x64, taken as they are."""
+    (train, test), (train_device, test_device) = _both_backends(load_tiny_imagenet(tiny_tree))
+    assert (test - test_device).abs().max() < 1e-3
+    assert ((train - train_device).abs() > 1e-3).float().mean() < 0.01
+
+
+def test_imagenets_odd_files_decode_alike_in_both_backends_and_an_unreadable_one_is_named(tmp_path):
+    """ImageNet's training set holds greyscale and CMYK JPEGs and one PNG named .JPEG."""
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        _jpeg(root / split / "n01" / "rgb.JPEG", (40, 36), 100, 1)
+        colour = Image.open(root / split / "n01" / "rgb.JPEG")
+        colour.convert("L").save(root / split / "n01" / "grey.JPEG")
+        colour.convert("CMYK").save(root / split / "n01" / "cmyk.JPEG")
+        colour.save(root / split / "n01" / "png.JPEG", format="PNG")
+    data = load_imagenet(tmp_path)
+    (train, test), (train_device, test_device) = _both_backends(data, image_size=32)
+    assert train.shape == (4, 3, 32, 32) and (test - test_device).abs().max() <= 1 + 1e-3
+    (root / "val" / "n01" / "png.JPEG").write_bytes(b"not an image")
+    for backend in DATA_BACKENDS:
+        with pytest.raises(KdbenchError, match="cannot read image .*png.JPEG"):
+            list(_loader(load_imagenet(tmp_path), backend=backend, image_size=32).test_batches())
+
+
+@pytest.mark.gpu
+def test_nvjpeg_on_the_gpu_agrees_with_the_cpu_backend_up_to_its_decoder(imagenet_tree):
+    """nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a mean difference under 2 grey levels, and under
+    16 at all but 0.1 % of pixels (the noisy test images are a hard case for a decoder)."""
+    (train, test), (train_gpu, test_gpu) = _both_backends(load_imagenet(imagenet_tree), device="cuda", image_size=32)
+    for cpu, gpu in ((train, train_gpu), (test, test_gpu)):
+        difference = (cpu - gpu).abs()
+        assert difference.mean() < 2 and torch.quantile(difference.flatten(), 0.999) < 16
+
+
+def test_a_data_backend_is_refused_in_one_line_for_datasets_held_on_the_device(imagenet_tree, tmp_path):
+    with pytest.raises(KdbenchError, match="synthetic is held whole on the run's device"):
+        tiny_sweep(data_backend="device").plan()
+    with pytest.raises(KdbenchError, match="--data-backend is for imagenet"):
+        make_loader(load_synthetic(), "cpu", batch_size=4, backend="device")
+    with pytest.raises(KdbenchError, match="give one of cpu, device"):
+        _loader(load_imagenet(imagenet_tree), backend="dali")
+
+
+def test_the_device_backend_is_part_of_the_run_spec_and_the_default_named_is_no_setting(imagenet_tree, tmp_path):
+    from kdbench.results import ResultsStore
+
+    recipe = Recipe("folder-check", epochs=1, batch_size=4, warmup_steps=0, lr=0.01, image_size=32)
+    plans = {backend: tiny_sweep(methods=("kd",), pair=("tv_resnet18", "mobilenet_v1"), recipe=recipe,
+                                 dataset="imagenet", teacher_recipe=recipe, data_backend=backend).plan()
+             for backend in (None, "cpu", "device")}
+    assert [r.run_id for r in plans[None]] == [r.run_id for r in plans["cpu"]]
+    assert all(r.data_backend == "device" for r in plans["device"])
+    assert not {r.run_id for r in plans["device"]} & {r.run_id for r in plans[None]}
+    env = RunEnv(ResultsStore(tmp_path / "results"), data_dir=imagenet_tree, download=False, progress=False)
+    records = run_sweep(plans["device"], env)
+    assert [r.status for r in records] == ["finished"] * 2, [r.error for r in records]
+    assert math.isfinite(records[-1].epochs[0]["loss"])
 
 
 def test_a_validation_split_and_subsets_come_from_the_training_folder(imagenet_tree):
@@ -247,8 +333,9 @@ def test_the_input_path_benchmark_runs_both_pipelines_on_generated_jpegs(tmp_pat
                           "--batches", "2", "--out", str(tmp_path / "rows.csv")], capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert [line.split("  ")[0] for line in out] == ["pipeline torchvision reference", "pipeline kdbench cpu loader",
-                                                    "pipeline kdbench / reference"]
-    assert "images 8" in out[0] and "images 8" in out[1]
+                                                    "pipeline kdbench / reference",
+                                                    "pipeline kdbench device backend (cpu)"]
+    assert "images 8" in out[0] and "images 8" in out[1] and "images 8" in out[3]
     assert (tmp_path / "rows.csv").read_text().startswith("pipeline,workers,images,img_per_s")
 
 
