@@ -370,3 +370,25 @@ def test_shufflev2_does_not_run_on_tiny_imagenet_images():
     """As kdbench.models.tinyimagenet says: the CIFAR head's avg_pool2d(4) leaves 2x2 at 64x64, as in mdistiller."""
     with torch.no_grad(), pytest.raises(RuntimeError, match="4096 and 1024x200"):
         create_model("ShuffleV2", num_classes=200).eval()(_input())
+
+
+@pytest.mark.parametrize("pair", [("tv_resnet34", "tv_resnet18"), ("tv_resnet50", "mobilenet_v1")])
+def test_every_method_plans_on_the_imagenet_pairs_or_is_refused_in_one_line_naming_why(pair):
+    """Planning builds each method on the pair's feature shapes at 224 (on the meta device), so a method that could
+    not train is refused before anything trains. Which are refused is pinned, so a change shows here."""
+    from conftest import tiny_sweep
+
+    from kdbench.errors import KdbenchError
+    from kdbench.methods import list_methods
+    from kdbench.spec import RECIPES
+
+    refused = {}
+    for method in list_methods():
+        try:
+            tiny_sweep(methods=(method,), pair=pair, dataset="imagenet", recipe=RECIPES.get("imagenet")).plan()
+        except KdbenchError as e:
+            assert "\n" not in str(e) and (pair[1] in str(e) or method in str(e)), str(e)
+            refused[method] = str(e)
+    # no default assistant chain; MLKD's strong view is made by the 32x32 loader only; equal channels needed
+    expected = {"takd", "dgkd", "mlkd", "mlkd_ls"} | ({"fsp", "kdsvd"} if pair[1] == "mobilenet_v1" else set())
+    assert set(refused) == expected, refused
