@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official
+.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official bench-input
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -89,6 +89,13 @@ bench-perf: setup
 	  $(VENV)/bin/kdbench run $(PERF_RUN) --dataset $$data --compile || exit 1; \
 	done
 	$(VENV)/bin/python -m pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-json=$(PERF)/micro.json
+
+# The ImageNet input path, decoded and augmented img/s per core: kdbench's loader beside torchvision's reference
+# pipeline on the same JPEGs (benchmarks/input_path.py). IMAGENET=DIR reads an ImageNet tree there, else JPEGs of
+# ImageNet's size are generated. Quiet machine only.
+bench-input: setup
+	mkdir -p $(PERF) && $(VENV)/bin/python benchmarks/input_path.py $(if $(IMAGENET),--data-dir $(IMAGENET),--generate 2000) \
+	  --workers 1 --batches 20 --out $(PERF)/input_path.csv
 
 # kdbench beside RepDistiller's own train_student.py on this CPU, alternating (docs/performance.md); clone the
 # official code first (benchmarks/official/README.md). Quiet machine only. benchmarks/official/gpu.sh does it on a GPU.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 from kdbench.report import CORRECTIONS, FORMATS, LAYOUTS, METRICS
-from kdbench.spec import PROTOCOLS, RECIPES, SweepSpec
+from kdbench.spec import DATA_BACKENDS, PROTOCOLS, RECIPES, SweepSpec
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="override the recipe's training batch size")
     run.add_argument("--train-subset", type=int, help="train on a fixed subset of this many images")
     run.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of this many test images")
+    run.add_argument("--image-size", type=int,
+                     help="input side for imagenet and tiny-imagenet (default 224 and 64; teachers too): smaller "
+                          "crops for quick checks, recorded in the run's recipe")
     run.add_argument("--lr", type=float, help="override the base learning rate")
     run.add_argument("--teacher-recipe", help="teachers' recipe (default: the one the students' recipe names)")
     run.add_argument("--teacher-epochs", type=int, help="override the teacher recipe's epochs")
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_const", const="bf16", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--data-backend", choices=DATA_BACKENDS,
+                     help="how imagenet and tiny-imagenet JPEGs are decoded: cpu (the default: DataLoader workers, "
+                          "Pillow) or device (torchvision on the run's device: nvjpeg on CUDA)")
     run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
                           "max-autotune, max-autotune-no-cudagraphs; default: default)")
@@ -165,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("dataset", "datasets"), ("recipe", "recipes"), ("protocol", "protocols"),
                        ("pairs", "TEACHER:STUDENT pairs"), ("methods", "methods (teacher and student rows stay)")):
         report.add_argument(f"--{name}", help=f"only these comma-separated {what}")
-    report.add_argument("--published", type=Path, help="published CIFAR-100 table (default: results/"
-                        "published_cifar100.csv in the results dir, else in the kdbench checkout)")
+    report.add_argument("--published", type=Path, help="a published table (default: published_cifar100.csv and "
+                        "published_imagenet.csv in the results dir, else in the kdbench checkout's results/)")
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write the plots (PNG and SVG) here")
     report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
 

@@ -39,6 +39,7 @@ class SweepFile:
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     train_subset: Optional[int] = None
+    image_size: Optional[int] = None
     test_subset: Optional[int] = None
     lr: Optional[float] = None
     val_split: Optional[int] = None
@@ -56,6 +57,7 @@ class SweepFile:
     precision: str = "fp32"
     channels_last: bool = False
     compile: Optional[str] = None
+    data_backend: Optional[str] = None
     data_dir: Optional[str] = None
     download: bool = True
     results_dir: str = "results"
@@ -189,17 +191,19 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
     _check_presets(cfg.methods, cfg.protocol)
     recipe = RECIPES.get(cfg.recipe).overridden(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                                 train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                                lr=cfg.lr, val_split=cfg.val_split)
+                                                lr=cfg.lr, val_split=cfg.val_split, image_size=cfg.image_size)
     teacher_recipe = RECIPES.get(cfg.teacher_recipe) if cfg.teacher_recipe else teacher_recipe_of(recipe)
     # A validation split is a partition of the data, so the teachers hold out the same images: none of its labels
     # reaches a student through its teacher.
     teacher_recipe = teacher_recipe.overridden(epochs=cfg.teacher_epochs, train_subset=cfg.teacher_train_subset,
-                                               lr=cfg.teacher_lr, what="--teacher-").overridden(val_split=cfg.val_split)
+                                               lr=cfg.teacher_lr, what="--teacher-").overridden(val_split=cfg.val_split,
+                                                                                                image_size=cfg.image_size)
     common = dict(methods=tuple(dict.fromkeys(cfg.methods)),
                   pairs=tuple(dict.fromkeys(Pair.parse(p) for p in cfg.pairs)), seeds=tuple(cfg.seeds),
                   dataset=cfg.dataset, recipe=recipe, teacher_recipe=teacher_recipe, protocol=cfg.protocol,
                   device=device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                  teacher_seeds=tuple(cfg.teacher_seeds), ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
+                  data_backend=cfg.data_backend, teacher_seeds=tuple(cfg.teacher_seeds),
+                  ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
                   teacher_ckpt_sha256=teacher_ckpt_sha256)
     return [SweepSpec(**common, method_options=combination) for combination in option_grid(cfg.options)]
 

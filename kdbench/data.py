@@ -13,13 +13,16 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
+
+if TYPE_CHECKING:
+    from kdbench.folder_data import FolderData
 
 IMAGE_SIZE = 32
 PAD = 4
@@ -37,11 +40,17 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     how_to_get: str
-    load: Callable[[Path | None, bool], "ArrayData"]
+    load: Callable[[Path | None, bool], "ArrayData | FolderData"]
     # Images in the training and test splits, known without loading, so a sweep is checked against them when it is
     # planned (subsets that hold a whole split, batches that no step can fill); None: unknown until loaded.
     train_size: int | None = None
     test_size: int | None = None
+    image_size: int = 32  # the side of a model input (folder datasets: their pipeline's crop)
+    # Augmented views its loader makes beside the standard one (Method.views): the device loader's for 32x32 data.
+    views: tuple[str, ...] = ("strong",)
+    # Read image by image from files (kdbench.folder_data), so a data backend (--data-backend) decodes them; the
+    # 32x32 datasets are held whole on the run's device.
+    from_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -433,3 +442,7 @@ register_dataset(DatasetInfo(
                "tests on test/.",
     load=load_cinic10, train_size=90_000, test_size=90_000,
 ))
+
+
+# Datasets read from folders of JPEGs (ImageNet, Tiny-ImageNet) register on import; keep this import at the bottom.
+from kdbench import folder_data  # noqa: E402,F401

@@ -24,7 +24,7 @@ from tabulate import tabulate
 from kdbench import harness, reuse
 from kdbench.execution import evaluate
 from kdbench.fingerprint import fingerprint, stale_reason
-from kdbench.loader import DeviceLoader
+from kdbench.loader import DeviceLoader, input_shape, run_loader
 from kdbench.measure import StepTimer, macs_per_image, provenance
 from kdbench.methods import method_class
 from kdbench.models import create_model
@@ -109,20 +109,17 @@ class _Sample:
         return self._take(lambda k: self.loader.test_batches(split), self.steps_per_epoch)
 
 
-def _sizes(spec: RunSpec, data) -> tuple[int, int, int, bool]:
-    """(training images, steps per epoch, test images, drop_last) of ``spec``, as ``harness.run`` makes its loader."""
+def _sizes(spec: RunSpec, data) -> tuple[int, int, int]:
+    """(training images, steps per epoch, test images) of ``spec``, as ``harness.run``'s loader has them."""
     recipe = spec.recipe
     n = recipe.train_images(len(data.train_y))
     drop = recipe.drop_last or method_class(spec.method).needs_full_batches
     steps = n // recipe.batch_size if drop else -(-n // recipe.batch_size)
-    return n, steps, recipe.test_images(len(data.test_y)), drop
+    return n, steps, recipe.test_images(len(data.test_y))
 
 
 def _loader(spec: RunSpec, data, device: torch.device) -> DeviceLoader:
-    n, _, n_test, drop = _sizes(spec, data)
-    return DeviceLoader(data, device, batch_size=spec.recipe.batch_size, train_subset=n, test_subset=n_test,
-                        drop_last=drop, channels_last=spec.channels_last, pad_mode=spec.recipe.pad_mode,
-                        val_split=spec.recipe.val_split)
+    return run_loader(spec, data, device, method_class(spec.method).needs_full_batches)
 
 
 def _untrained(arch: str, run_id: str, env: harness.RunEnv, data, device: torch.device):
@@ -195,7 +192,8 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
             deployed = parts.method.export(parts.student)
             store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
-            macs_per_image(plain, data.image_shape), macs_per_image(deployed, data.image_shape)
+            shape = input_shape(data, spec.recipe.image_size)
+            macs_per_image(plain, shape), macs_per_image(deployed, shape)
             store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
 
         run_s += _timed(finish, device)
@@ -314,7 +312,7 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             cost, data = costs[_setting(spec)], harness._dataset(spec.dataset, env.data_dir, env.download)
             init_left = 0 if status == "import" else max(0, cost.init_epochs - done)
             epochs = 0 if status == "import" else cost.init_epochs + spec.recipe.epochs - done
-            n_train, n_steps, n_test, _ = _sizes(spec, data)
+            n_train, n_steps, n_test = _sizes(spec, data)
             seconds = cost.run + n_test * (cost.teacher_eval_image if spec.teacher else 0.0)
             n_eval = n_test + (spec.recipe.val_split or 0)  # an evaluation reads the test set and the split
             main_done = max(0, done - cost.init_epochs)

@@ -24,13 +24,13 @@ from kdbench.data import ArrayData, load_dataset
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
-from kdbench.loader import DeviceLoader, stream_seed
+from kdbench.loader import DeviceLoader, input_shape, run_loader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
 from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
-from kdbench.progress import RunLog, SweepProgress, log
+from kdbench.progress import RunLog, SinkChoice, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
 from kdbench.reuse import NON_FINITE, diverged_before, kept_record, remakes_announced
 from kdbench.spec import RunSpec
@@ -47,7 +47,7 @@ class RunEnv:
     progress: bool | None = None  # None: progress bars only on an interactive terminal
     reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
     retry_failed: bool = False  # train again runs that diverged under the current code (--retry-failed)
-    sinks: tuple[str, ...] = ()  # metric sinks of every run (kdbench.progress.SINKS)
+    sinks: tuple[SinkChoice, ...] = ()  # metric sinks of every run (kdbench.progress.SinkChoice)
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,14 +146,14 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     passes untrained models)."""
     info, recipe = data.info, spec.recipe
     method_cls = method_class(spec.method)
-    input_shape = data.image_shape
+    shape = input_shape(data, recipe.image_size)
     torch.manual_seed(stream_seed(spec.seed, 0, "init"))
     student = create_model(spec.student, info.num_classes, info.in_channels).to(device)
     lineage = list(zip((spec.teacher, *spec.assistants), (spec.teacher_run, *spec.assistant_runs)))
     trainers, records = (zip(*(frozen(arch, run_id, env, data, device) for arch, run_id in lineage))
                          if method_cls.needs_teacher else ((), ()))
-    ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, input_shape),
-                               feature_shapes(trainers[0], input_shape) if trainers else None,
+    ctx = MethodContext.of_run(spec, info.num_classes, feature_shapes(student, shape),
+                               feature_shapes(trainers[0], shape) if trainers else None,
                                spec.recipe.train_images(len(data.train_y)))
     method = method_cls(ctx).to(device)
     method.attach(student)
@@ -294,11 +294,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    loader = DeviceLoader(data, device, batch_size=recipe.batch_size,
-                          train_subset=recipe.train_images(len(data.train_y)),
-                          test_subset=recipe.test_images(len(data.test_y)),
-                          drop_last=recipe.drop_last or method_class(spec.method).needs_full_batches,
-                          channels_last=spec.channels_last, pad_mode=recipe.pad_mode, val_split=recipe.val_split)
+    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches)
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
@@ -380,7 +376,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
 
     for extractor in (parts.student_fx, *parts.trainer_fx):
         extractor.remove()
-    input_shape = data.image_shape
+    shape = input_shape(data, recipe.image_size)
     plain = create_model(spec.student, data.info.num_classes, data.info.in_channels).to(device)
     deployed = parts.method.export(parts.student)
     for trainer, before in zip(parts.trainers, trainer_states):
@@ -396,7 +392,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         extra_params_inference=float(parts.method.extra_params_inference()),
         inference_params=float(sum(p.numel() for p in deployed.parameters())),
         # the plain architecture, and the deployed student with whatever the method left in it
-        student_macs=macs_per_image(plain, input_shape), inference_macs=macs_per_image(deployed, input_shape),
+        student_macs=macs_per_image(plain, shape), inference_macs=macs_per_image(deployed, shape),
         train_images=float(loader.num_train),
         test_images=float(loader.test_y.shape[0]),
         iters_per_epoch=float(loader.steps_per_epoch),

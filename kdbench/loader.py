@@ -12,16 +12,19 @@ whatever their batch size, subset or method.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from kdbench import augment
-from kdbench.data import IMAGE_SIZE, PAD, ArrayData
+from kdbench.data import IMAGE_SIZE, PAD, ArrayData, DatasetInfo
 from kdbench.errors import KdbenchError
 
+if TYPE_CHECKING:
+    from kdbench.spec import RunSpec
+
 #: Augmented views a method may ask for beside the standard one (Method.views).
-VIEWS = ("strong",)
+VIEWS = DatasetInfo.views
 #: Seed of the fixed training subset: a constant, so every run and method trains on the same images.
 SUBSET_SEED = 20240601
 #: Seed of the fixed validation split, held out of the training set before the training subset is drawn.
@@ -62,7 +65,57 @@ def split_training_set(n: int, train_subset: int | None, val_split: int | None,
     return pool[_fixed_subset(len(pool), train_subset, rest_of)], held_out
 
 
-class DeviceLoader:
+def make_loader(data, device: torch.device | str, *, image_size: int | None = None, backend: str | None = None,
+                **options):
+    """The loader for ``data``: whole 32x32 datasets on the device (DeviceLoader), folder datasets decoded by
+    ``backend`` (``kdbench.folder_loader.FolderLoader``); ``options`` as both take them."""
+    if isinstance(data, ArrayData):
+        if image_size is not None and image_size != IMAGE_SIZE:
+            raise KdbenchError(f"{data.info.name} images are {IMAGE_SIZE}x{IMAGE_SIZE}; --image-size is for imagenet "
+                               f"and tiny-imagenet")
+        if backend is not None:
+            raise KdbenchError(f"{data.info.name} is held whole on the run's device; --data-backend is for imagenet "
+                               f"and tiny-imagenet")
+        return DeviceLoader(data, device, **options)
+    from kdbench.folder_loader import FolderLoader
+
+    return FolderLoader(data, device, image_size=image_size, backend=backend, **options)
+
+
+def run_loader(spec: RunSpec, data, device: torch.device | str, full_batches: bool):
+    """The loader ``spec``'s run trains and evaluates with (and a dry run prices); ``full_batches``: its method
+    needs every batch full (Method.needs_full_batches), so the last, short one is dropped."""
+    recipe = spec.recipe
+    return make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
+                       train_subset=recipe.train_images(len(data.train_y)),
+                       test_subset=recipe.test_images(len(data.test_y)), drop_last=recipe.drop_last or full_batches,
+                       pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size,
+                       backend=spec.data_backend)
+
+
+def input_shape(data, image_size: int | None) -> tuple[int, int, int]:
+    """C x H x W of a model input: the dataset's, or a folder dataset's at ``image_size``."""
+    return data.image_shape if image_size is None else (data.image_shape[0], image_size, image_size)
+
+
+class BatchCounts:
+    """What an epoch of a loader holds, from its ``subset``, ``batch_size`` and ``drop_last``."""
+
+    subset: torch.Tensor
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def num_train(self) -> int:
+        return self.subset.shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = self.num_train, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+
+class DeviceLoader(BatchCounts):
     """Whole dataset resident on `device`; shuffling + augmentation in batches on the device.
 
     Reproduces torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize exactly, with
@@ -118,15 +171,6 @@ class DeviceLoader:
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
-
-    @property
-    def num_train(self) -> int:
-        return self.subset.shape[0]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        n, b = self.num_train, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
 
     def aug_params(self, seed: int, epoch: int, stream: str = "aug") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU tensors (i, j, flip), one entry per dataset index: crop offsets uniform on 0..8, flip with p=0.5."""

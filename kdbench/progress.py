@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from kdbench.data import dataset_info
 from kdbench.errors import KdbenchError
@@ -76,6 +76,10 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+# A run's metric sink: a name in SINKS, or a factory (spec, results root) -> Sink of the caller's own (kdbench.replay).
+SinkChoice = str | Callable[[RunSpec, Path], Sink]
+
+
 class TensorBoardSink:
     """Per-epoch scalars under ``<results>/tensorboard/<run_id>``, the spec as text."""
 
@@ -136,7 +140,7 @@ class RunLog:
     spec: RunSpec
     root: Path
     sweep: SweepProgress | None = None
-    sink_names: tuple[str, ...] = ()
+    sink_names: tuple[SinkChoice, ...] = ()
     sinks: list[Any] = field(default_factory=list)
     position: int = 0  # epochs of this run accounted for in the sweep's count
     init_epochs: int = 0  # the method's init stage, before the recipe's epochs
@@ -166,7 +170,6 @@ class RunLog:
             self._line(f"resumes at epoch {epochs_done + 1 - init_epochs}/{main}")
         self._advance(epochs_done)
         factories = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
-        # a name in SINKS, or a factory (spec, results root) -> Sink of the caller's own (kdbench.replay)
         self.sinks = [(factories[n] if isinstance(n, str) else n)(self.spec, self.root) for n in self.sink_names]
 
     def _advance(self, epochs: int, seconds: float | None = None) -> None:

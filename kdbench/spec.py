@@ -27,6 +27,8 @@ PROTOCOLS = ("official", "crd", "semckd")
 PRECISIONS = ("fp32", "bf16")
 # torch.compile modes (kdbench run --compile MODE): the student and the frozen models are compiled, not the method.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# How the folder datasets' JPEGs are decoded and augmented (kdbench.folder_loader); the first is the default.
+DATA_BACKENDS = ("cpu", "device")
 PAD_MODES = ("zeros", "reflect")
 # Seeds are integers in 0 <= seed < SEED_LIMIT, the signed 32-bit range that every seeded library takes; far larger
 # ones overflowed the results table's int64 columns after the teacher had trained.
@@ -59,6 +61,12 @@ class Recipe:
     drop_last: bool = False
     warmup_steps: int = 50  # first steps of the first epoch, excluded from throughput
     pad_mode: str = "zeros"  # padding of the random crop: torchvision's default, or letKD's "reflect"
+    # Side of the model's input for the folder datasets (ImageNet's 224, Tiny-ImageNet's 64), smaller for tests and
+    # quick checks (kdbench.folder_data.Pipeline); None: the dataset's own. The 32x32 datasets take none.
+    image_size: int | None = None
+    # The global batch at which ``lr`` is given, when the recipe scales it linearly with the batch (Goyal et al. 2017,
+    # as torchvision's and mdistiller's ImageNet recipes do): --batch-size B without --lr runs at lr·B/lr_batch.
+    lr_batch: int | None = None
     fit_points: int | None = None  # cap on the points of a method's offline fit (k-means); None: every point
     # The registered recipe that trains the teachers of runs with this recipe; None: the recipe itself.
     teacher_recipe: str | None = None
@@ -79,9 +87,12 @@ class Recipe:
     def overridden(self, what: str = "--", **changes: Any) -> "Recipe":
         """A copy with the non-None ``changes`` applied, validated; ``what`` prefixes the option names in errors."""
         recipe = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        if self.lr_batch and self.lr and changes.get("batch_size") and changes.get("lr") is None:
+            recipe = replace(recipe, lr=self.lr * recipe.batch_size / self.lr_batch, lr_batch=recipe.batch_size)
         if recipe.val_split == 0:  # --val-split 0: no validation split
             recipe = replace(recipe, val_split=None)
-        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points", "val_split", "eval_every"):
+        for key in ("epochs", "batch_size", "train_subset", "test_subset", "fit_points", "val_split", "eval_every",
+                    "image_size"):
             value = getattr(recipe, key)
             if value is not None and value < 1:
                 what_range = "an integer >= 0" if key == "val_split" else "a positive integer"
@@ -139,6 +150,17 @@ RECIPES.add("cpu-teacher", Recipe("cpu-teacher", epochs=10, val_split=5000, drop
                                   teacher_recipe="cpu-teacher"))
 RECIPES.add("cpu", Recipe("cpu", epochs=30, train_subset=1000, val_split=5000, eval_every=6, drop_last=True,
                           warmup_steps=10, fit_points=200_000, teacher_recipe="cpu-teacher"))
+# ImageNet-1k (torchvision's references/classification and CRD's train_student.py): 100 epochs of SGD, momentum 0.9,
+# weight decay 1e-4, lr 0.1 at batch 256, ×0.1 at epochs 30, 60 and 90. mdistiller trains at batch 512 and lr 0.2, the
+# same lr per image, registered apart (configs/imagenet/*/*.yaml), since its published numbers were trained so.
+# Teachers are torchvision's published weights (--teacher-ckpt).
+RECIPES.add("imagenet", Recipe("imagenet", epochs=100, batch_size=256, lr=0.1, lr_batch=256, weight_decay=1e-4,
+                               milestones=(0.3, 0.6, 0.9)))
+RECIPES.add("imagenet-mdistiller", RECIPES.get("imagenet").overridden(batch_size=512, name="imagenet-mdistiller"))
+# Tiny-ImageNet as mdistiller's DOT configs train it (configs/tiny_imagenet/dot/*.yaml): 200 epochs, batch 256,
+# lr 0.2, ×0.1 at epochs 60, 120 and 160, weight decay 5e-4.
+RECIPES.add("tiny-imagenet", Recipe("tiny-imagenet", epochs=200, batch_size=256, lr=0.2, lr_batch=256,
+                                    milestones=(0.3, 0.6, 0.8)))
 
 
 def teacher_recipe_of(recipe: Recipe) -> Recipe:
@@ -169,6 +191,7 @@ class RunSpec:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: eager
+    data_backend: str | None = None  # a folder dataset's decoding (DATA_BACKENDS); None: the default, or none
 
     @property
     def pair(self) -> str | None:
@@ -230,6 +253,7 @@ class SweepSpec:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None
+    data_backend: str | None = None  # one of DATA_BACKENDS for a folder dataset; None: its default
     # Seeds of the teachers kdbench trains: every student seed of every method learns from each (a cross product).
     # A row of the report is taught by one teacher; several teacher seeds give rows of their own.
     teacher_seeds: tuple[int, ...] = (0,)
@@ -238,8 +262,10 @@ class SweepSpec:
     ta_chains: tuple[tuple[str, ...], ...] = ()  # explicit teacher-assistant chains, TEACHER, TAs..., STUDENT
 
     def _common(self) -> dict[str, Any]:
+        # the default backend is no setting, so runs that name it keep the ids of runs that do not
+        backend = None if self.data_backend == DATA_BACKENDS[0] else self.data_backend
         return dict(dataset=self.dataset, device=self.device, precision=self.precision,
-                    channels_last=self.channels_last, compile=self.compile)
+                    channels_last=self.channels_last, compile=self.compile, data_backend=backend)
 
     def _on_dataset(self, recipe: Recipe) -> Recipe:
         from kdbench.data import dataset_info
@@ -381,13 +407,17 @@ class SweepSpec:
         allocates, initialises and draws nothing."""
         import torch
 
-        from kdbench.data import IMAGE_SIZE, dataset_info
+        from kdbench.data import dataset_info
         from kdbench.methods import method_class
         from kdbench.methods.base import MethodContext
         from kdbench.models import create_model
         from kdbench.models.taps import feature_shapes
 
         info = dataset_info(self.dataset)
+        if self.data_backend is not None and not (info.from_files and self.data_backend in DATA_BACKENDS):
+            raise KdbenchError(f"data backend {self.data_backend!r}: {', '.join(DATA_BACKENDS)} decode imagenet and "
+                               f"tiny-imagenet" + ("" if info.from_files else
+                                                   f"; {self.dataset} is held whole on the run's device"))
         for run in runs:
             held_out = run.recipe.val_split or 0
             if info.train_size is not None and held_out >= info.train_size:
@@ -396,11 +426,15 @@ class SweepSpec:
                                    f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
+            missing = sorted(set(method_class(run.method).views) - set(info.views))
+            if missing:
+                raise KdbenchError(f"{run.method} trains on the augmented view(s) {', '.join(missing)}, which the "
+                                   f"{self.dataset} loader does not make; it runs on the 32x32 datasets")
 
         @functools.cache
-        def shapes(arch: str) -> dict[str, tuple[int, ...]]:
+        def shapes(arch: str, size: int) -> dict[str, tuple[int, ...]]:
             model = create_model(arch, info.num_classes, info.in_channels)
-            return feature_shapes(model, (info.in_channels, IMAGE_SIZE, IMAGE_SIZE))
+            return feature_shapes(model, (info.in_channels, size, size))
 
         built = set()
         with torch.device("meta"):
@@ -410,8 +444,9 @@ class SweepSpec:
                 if setting in built:
                     continue
                 built.add(setting)
-                ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student),
-                                           shapes(run.teacher) if run.teacher else None,
+                size = run.recipe.image_size or info.image_size
+                ctx = MethodContext.of_run(run, info.num_classes, shapes(run.student, size),
+                                           shapes(run.teacher, size) if run.teacher else None,
                                            run.recipe.train_images(info.train_size) or 0)
                 try:
                     method_class(run.method)(ctx)

@@ -44,6 +44,7 @@ class DGKD(KD):
     # p_survive = 0 would resample the gates forever
     ranges = {**KD.ranges, "drop_k": NON_NEGATIVE, "p_survive": Range(0, 1, low_open=True)}
     presets = TAKD.presets
+    pair_defaults = TAKD.pair_defaults
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -27,6 +27,9 @@ NON_TARGET_MASK = 1000.0  # subtracted from the target's z/T so that the NCKD so
 DKD_OBJECTIVE = {"ce_weight": 1.0, "kd_weight": 0.0}  # CE + warm-up·DKD, no separate logit KD
 # β of the mdistiller configs (configs/cifar100/dkd/*.yaml; 8 where a config sets none); resnet110 -> resnet20 and
 # ResNet50 -> vgg8 have no config: kdbench takes the β of their closest configured pairs (2 and 8).
+# mdistiller's ImageNet configs (configs/imagenet/{r34_r18,r50_mv1}/dkd.yaml): T 1, warm-up 1, CE 1, and β per pair.
+IMAGENET_DKD = {("tv_resnet34", "tv_resnet18"): {"beta": 0.5, "temperature": 1.0, "warmup_epochs": 1},
+                ("tv_resnet50", "mobilenet_v1"): {"beta": 2.0, "temperature": 1.0, "warmup_epochs": 1}}
 PAIR_BETA = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("resnet110", "resnet20"): 2.0,
              ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0, ("wrn_40_2", "wrn_16_2"): 6.0,
              ("wrn_40_2", "wrn_40_1"): 6.0}
@@ -75,6 +78,8 @@ class DKD(Method):
 
     @classmethod
     def pair_defaults(cls, teacher, student):
+        if (teacher, student) in IMAGENET_DKD:
+            return dict(IMAGENET_DKD[teacher, student])
         beta = PAIR_BETA.get((teacher, student))
         return {} if beta is None else {"beta": beta}
 

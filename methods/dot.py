@@ -31,10 +31,11 @@ import torch
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import NON_NEGATIVE
-from kdbench.methods.kd import KD
+from kdbench.methods.kd import IMAGENET_PAIRS, KD
 
 TASK_TERM = "ce"
 DELTA = 0.075  # mdistiller CFG.SOLVER.DOT.DELTA, the same in every CIFAR-100 DOT config
+IMAGENET_DELTA = 0.09  # its ImageNet DOT configs
 
 
 class DistillationOrientedStep:
@@ -116,3 +117,9 @@ class KDDOT(DistillationOrientedStep, KD):
     name = "kd_dot"
     defaults = {**KD.defaults, "delta": DELTA}
     ranges = {**KD.ranges, "delta": NON_NEGATIVE}
+
+    @classmethod
+    def pair_defaults(cls, teacher, student):
+        """KD's ImageNet values, and δ 0.09 there (``configs/imagenet/{r34_r18,r50_mv1}/dot.yaml``)."""
+        imagenet = (teacher, student) in IMAGENET_PAIRS
+        return {**KD.pair_defaults(teacher, student), **({"delta": IMAGENET_DELTA} if imagenet else {})}

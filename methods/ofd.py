@@ -97,10 +97,11 @@ class OFD(Method):
 
     @classmethod
     def pair_defaults(cls, teacher, student):
-        """No per-pair values; refuses a teacher without ``preact_bn`` here, where its name is known."""
+        """mdistiller's ImageNet weight on ResNet-50 -> MobileNet-V1 (``configs/imagenet/r50_mv1/ofd.yaml``: 1e-4);
+        refuses a teacher without ``preact_bn`` here, where its name is known."""
         if teacher is not None and not declares_preact_bn(teacher):
             raise unsupported_teacher(teacher)
-        return {}
+        return {"beta": 1e-4} if (teacher, student) == ("tv_resnet50", "mobilenet_v1") else {}
 
     @classmethod
     def deviation_of(cls, options):

@@ -14,6 +14,10 @@ min(e / warmup_epochs, 1)·β·L_HCL`` with mdistiller's 1-indexed e (kdbench's 
 Presets: official and crd ``CE + β·L`` (the script runs without ``--use-kl``); semckd adds KD_4. The warm-up
 scales with the recipe (20 at 240 epochs; ``Method.epoch_options``).
 
+On ImageNet, mdistiller's configs (``configs/imagenet/{r34_r18,r50_mv1}/reviewkd.yaml``) set β 1 and 8 and
+``STU_PREACT``: an ImageNet student's levels (a model whose input is 224) are its stages' pre-activations. Its
+``MAX_MID_CHANNEL`` is read but unused there; the width stays min(512, ·).
+
 kdbench runs ReviewKD as mdistiller does, on the CRD recipe with the teacher in eval mode. The authors'
 ``CIFAR-100/train.py`` differs: batch 128, lr 0.1 (0.02 for ShuffleNet/MobileNet students), Nesterov, a warm-up
 ``min(1, e/20)`` with 0-indexed e (no feature loss in the first epoch), and a teacher never put in eval mode (its
@@ -30,14 +34,18 @@ from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
 from kdbench.methods.base import AT_LEAST_ONE, LOGIT_OPTIONS, NON_NEGATIVE, REPDISTILLER_PRESETS, Method, StepOutputs
 from kdbench.methods.dkd import warmup_factor
+from kdbench.models import model_entry
 from kdbench.models.taps import stage_names
 
 MAX_MID_CHANNELS = 512  # the ABFs' width: min(512, the student's pooled channels) (official `mid_channel`)
+IMAGENET_INPUT = 224
 HCL_POOLS = (4, 2, 1)  # HCL's pooled sizes, weighted 1/2, 1/4, 1/8 in the order kept (those below the map's size)
 # --kd-loss-weight of dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh, by (teacher, student)
 PAIR_WEIGHT = {("wrn_40_2", "wrn_16_2"): 5.0, ("wrn_40_2", "wrn_40_1"): 5.0, ("wrn_40_2", "ShuffleV1"): 5.0,
                ("resnet32x4", "resnet8x4"): 5.0, ("resnet32x4", "ShuffleV1"): 5.0, ("resnet32x4", "ShuffleV2"): 8.0,
                ("resnet56", "resnet20"): 0.6, ("resnet110", "resnet32"): 1.0}
+# REVIEWKD_WEIGHT of mdistiller's ImageNet configs
+IMAGENET_WEIGHT = {("tv_resnet34", "tv_resnet18"): 1.0, ("tv_resnet50", "mobilenet_v1"): 8.0}
 
 
 class ABF(nn.Module):
@@ -100,17 +108,20 @@ class ReviewKD(Method):
 
     @classmethod
     def pair_defaults(cls, teacher, student):
-        weight = PAIR_WEIGHT.get((teacher, student))
+        weight = PAIR_WEIGHT.get((teacher, student), IMAGENET_WEIGHT.get((teacher, student)))
         return {} if weight is None else {"beta": weight}
 
     def __init__(self, ctx):
         super().__init__(ctx)
         s_stages, t_stages = stage_names(ctx.student_shapes), stage_names(ctx.teacher_shapes)
         t_preact = [f"{name}_preact" for name in t_stages]
-        if not s_stages or len(s_stages) != len(t_stages) or not set(t_preact) <= set(ctx.teacher_shapes):
+        if ctx.student and model_entry(ctx.student).input_size >= IMAGENET_INPUT:  # mdistiller's STU_PREACT
+            s_stages = [f"{name}_preact" for name in s_stages]
+        if (not s_stages or len(s_stages) != len(t_stages) or not set(t_preact) <= set(ctx.teacher_shapes)
+                or not set(s_stages) <= set(ctx.student_shapes)):
             raise KdbenchError(f"reviewkd pairs student and teacher stages one to one and needs the teacher's "
-                               f"pre-activation taps; the student has {len(s_stages)} stages, the teacher "
-                               f"{len(t_stages)}")
+                               f"pre-activation taps (and an ImageNet student's); the student has "
+                               f"{len(s_stages)} stages, the teacher {len(t_stages)}")
         # levels shallow -> deep, the pooled vector last (official `in_channels`, `out_channels`)
         self.student_taps, self.teacher_taps = (*s_stages, "pooled"), (*t_preact, "pooled")
         s_shapes = [ctx.student_shapes[name] for name in self.student_taps]

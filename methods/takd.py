@@ -16,7 +16,7 @@ wonchulSon/DGKD ``train.py``, built on it, fixes them), i.e. no CE and KL averag
 from __future__ import annotations
 
 from kdbench.methods import register_method
-from kdbench.methods.base import StepOutputs
+from kdbench.methods.base import Method, StepOutputs
 from kdbench.methods.kd import KD, KD_PRESETS
 
 # λ = 1 (CE off), τ = 5, nn.KLDivLoss() mean reduction: wonchulSon/DGKD train.py defaults.
@@ -29,6 +29,8 @@ class TAKD(KD):
     family = "assistant"
     uses_assistants = True
     presets = {**KD_PRESETS, "official": TA_CODE_PRESET}
+    # Its official code has no ImageNet settings: KD's ImageNet values (mdistiller's) do not carry over.
+    pair_defaults = Method.pair_defaults
 
     def trainers_for_step(self, epoch: int, step: int) -> tuple[int, ...]:
         return (self.ctx.num_assistants,)  # the smallest trainer: the last assistant, or the teacher

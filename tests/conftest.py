@@ -27,7 +27,8 @@ def _own_price_cache(tmp_path, monkeypatch):
 
 
 def tiny_sweep(methods=("student",), pair=("resnet14", "resnet8"), seeds=(0,), **changes) -> SweepSpec:
-    return SweepSpec(methods=tuple(methods), pairs=(Pair(*pair),), seeds=tuple(seeds), dataset="synthetic",
+    return SweepSpec(methods=tuple(methods), pairs=(Pair(*pair),), seeds=tuple(seeds),
+                     dataset=changes.pop("dataset", "synthetic"),
                      recipe=changes.pop("recipe", TINY), device=changes.pop("device", "cpu"), **changes)
 
 

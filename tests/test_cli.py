@@ -27,7 +27,8 @@ def test_list_names_everything(capsys):
     assert lines["methods"].split(", ")[0] == "student"
     assert {"vgg13", "vgg8", "resnet32x4", "ShuffleV2", "ResNet50", "wrn_40_2"} <= set(lines["models"].split(", "))
     assert {"cifar100", "cifar10", "fashion-mnist", "synthetic"} <= set(lines["datasets"].split(", "))
-    assert lines["recipes"] == "paper, letkd-native, short-teacher, short, cpu-teacher, cpu"
+    assert lines["recipes"] == ("paper, letkd-native, short-teacher, short, cpu-teacher, cpu, imagenet, "
+                                "imagenet-mdistiller, tiny-imagenet")
 
 
 def test_run_writes_results_and_prints_the_table(capsys, tmp_path):
@@ -61,7 +62,7 @@ def _bad_checkpoints(tmp_path) -> dict[str, str]:
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--dataset", "mnist"],
      "unknown dataset 'mnist'; valid datasets: cifar100, cifar10, fashion-mnist, synthetic"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--recipe", "long"],
-     "unknown recipe 'long'; valid recipes: paper, letkd-native, short-teacher, short, cpu-teacher, cpu"),
+     "unknown recipe 'long'; valid recipes: paper, letkd-native, short-teacher, short, cpu-teacher, cpu, imagenet"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-recipe", "long"],
      "unknown recipe 'long'; valid recipes: paper"),
     (["--methods", "student", "--pairs", "resnet14:resnet8", "--teacher-epochs", "0"],

@@ -115,7 +115,7 @@ def test_list_methods_shows_the_options_each_protocol_resolves(capsys):
     assert code == 0 and {"student", "kd", "takd", "dkd", "kd_ls"} <= set(rows)
     # takd: 0 / 1 / 5 with mean reduction under official, RepDistiller's weights under crd
     assert "ce_weight=0.0 kd_weight=1.0" in rows["takd"] and "ce_weight=0.1 kd_weight=0.9" in rows["takd"]
-    assert "(same)" in rows["dkd"] and "7 pairs" in rows["dkd"]
+    assert "(same)" in rows["dkd"] and "9 pairs" in rows["dkd"]  # 7 CIFAR-100 pairs and the 2 ImageNet ones
     code, out, _ = run_cli(capsys, "list", "methods", "dkd")
     assert code == 0 and "counted in epochs" in out and "resnet56->resnet20" in out and "beta=2.0" in out
     code, _, err = run_cli(capsys, "list", "recipes", "cpu")
@@ -126,9 +126,10 @@ def test_list_recipes_shows_every_recipes_settings(capsys):
     code, out, _ = run_cli(capsys, "list", "recipes")
     header, _, *rows = out.splitlines()
     assert code == 0 and header.split() == ["setting", "paper", "letkd-native", "short-teacher", "short",
-                                            "cpu-teacher", "cpu"]
+                                            "cpu-teacher", "cpu", "imagenet", "imagenet-mdistiller",
+                                            "tiny-imagenet"]
     epochs = next(r for r in rows if r.startswith("epochs")).split()
-    assert epochs == ["epochs", "240", "240", "4", "3", "10", "30"]
+    assert epochs == ["epochs", "240", "240", "4", "3", "10", "30", "100", "100", "200"]
 
 
 def test_a_second_dry_run_reuses_the_prices_of_the_first_and_says_so(capsys, tmp_path):

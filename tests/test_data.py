@@ -256,10 +256,10 @@ def test_registry():
         100, 3, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
     assert data.dataset_info("fashion-mnist").in_channels == 1
     with pytest.raises(KdbenchError) as e:
-        data.dataset_info("imagenet")
-    assert "imagenet" in str(e.value) and "cifar100" in str(e.value) and "synthetic" in str(e.value)
+        data.dataset_info("imagenet-21k")
+    assert "imagenet-21k" in str(e.value) and "cifar100" in str(e.value) and "synthetic" in str(e.value)
     with pytest.raises(KdbenchError):
-        data.load_dataset("imagenet")
+        data.load_dataset("imagenet-21k")
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -129,15 +129,18 @@ def test_the_generated_tables_cover_every_registered_method_and_family():
     assert re.findall(r"`([\w-]+)`", tables.recipes_table().splitlines()[0]) == RECIPES.names()
 
 
-def test_the_options_table_shows_what_each_protocol_and_reference_pair_changes():
+def test_the_options_table_shows_what_each_protocol_reference_pair_and_imagenet_pair_changes():
     table = _hook().options_table("all").splitlines()
-    # method, logit defaults, own defaults, official, crd, semckd, resnet56 -> resnet20, vgg13 -> vgg8
-    assert _cells(table[0])[3:] == ["`official`", "`crd`", "`semckd`", "resnet56 → resnet20", "vgg13 → vgg8"]
+    # method, logit defaults, own defaults, official, crd, semckd, the two reference pairs, the two ImageNet pairs
+    assert _cells(table[0])[3:] == ["`official`", "`crd`", "`semckd`", "resnet56 → resnet20", "vgg13 → vgg8",
+                                    "tv_resnet34 → tv_resnet18", "tv_resnet50 → mobilenet_v1"]
     row = dict(zip(_rows("\n".join(table)), (_cells(line) for line in table[2:])))
-    assert row["fitnet"][3:] == ["as defaults", "as defaults", "`hint_layer=1`, `kd_weight=1.0`", "—", "—"]
+    assert row["fitnet"][3:] == ["as defaults", "as defaults", "`hint_layer=1`, `kd_weight=1.0`", "—", "—", "—", "—"]
     assert "`beta=100.0`" in row["fitnet"][2] and "`ce_weight=1.0`" in row["fitnet"][1]
-    assert row["dkd"][-2:] == ["`beta=2.0`", "`beta=6.0`"]  # mdistiller's per-pair beta
-    assert "(`warmup_epochs` scaled by E/240)" in row["dkd"][2]
+    assert row["dkd"][6:8] == ["`beta=2.0`", "`beta=6.0`"]  # mdistiller's per-pair beta on CIFAR-100
+    assert "`beta=0.5`" in row["dkd"][8] and "`temperature=1.0`" in row["dkd"][8]  # and its ImageNet configs
+    assert "`beta=2.0`" in row["dkd"][9]
+    assert "(`warmup_epochs` scaled by E/240, on Tiny-ImageNet E/200, on ImageNet E/100)" in row["dkd"][2]
 
 
 def test_the_cost_table_reads_each_methods_runs_in_the_reference_set():

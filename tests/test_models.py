@@ -1,6 +1,8 @@
-"""CIFAR model zoo: RepDistiller-compatible module trees, sizes, and tap-based features.
+"""Model zoo: RepDistiller-compatible module trees, sizes, and tap-based features.
 
-Expected numbers come from models-and-recipe.md tables 1.1 (params, feature shapes) and 1.4 (state_dict sizes).
+Expected numbers come from models-and-recipe.md tables 1.1 (params, feature shapes) and 1.4 (state_dict sizes). The
+ImageNet and Tiny-ImageNet models (tests/test_imagenet_models.py checks them against torchvision and mdistiller) run
+the same checks at 64x64 instead of 32x32.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ PARAMS_M = {
     # Teacher-assistant architectures, table 1.5
     "resnet26": 0.376, "resnet14x4": 2.784, "resnet20x4": 4.334, "resnet26x4": 5.884,
     "wrn_22_2": 1.091, "wrn_28_2": 1.479, "wrn_34_2": 1.867,
+    # ImageNet models at 100 classes: torchvision's / mdistiller's 1000-class counts (11.690, 21.798, 25.557, 3.505,
+    # 4.232 M) less 900 rows of the head
+    "tv_resnet18": 11.228, "tv_resnet34": 21.336, "tv_resnet50": 23.713, "tv_mobilenet_v2": 2.352,
+    "mobilenet_v1": 3.309,
+    # mdistiller's Tiny-ImageNet models (ResNet18: its CIFAR resnetv2 ResNet18), counted here
+    "ResNet18": 11.220, "mobilenetv2_tinyimagenet": 2.369,
 }
 
 # Table 1.4: state_dict tensors with (and without) num_batches_tracked.
@@ -52,14 +60,16 @@ KEY_SPOT_CHECKS = {
                   "bn2.running_mean", "linear.weight"],
     "ResNet50": ["layer1.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var", "layer4.2.conv3.weight",
                  "linear.weight"],
+    "ResNet18": ["layer2.0.shortcut.0.weight", "layer4.1.bn2.running_var", "layer1.1.conv2.weight", "linear.bias"],
 }
 ABSENT_KEYS = {
     "wrn_40_1": ["block1.layer.0.convShortcut.weight"],  # k=1: stage 1 keeps the width
     "resnet56": ["layer1.0.downsample.0.weight"],  # narrow models: stem and stage 1 are both 16 wide
+    "ResNet18": ["layer1.0.shortcut.0.weight", "layer4.1.conv3.weight"],  # basic blocks: stage 1 keeps 64 channels
 }
 
 HEAD = {"vgg": "classifier", "MobileNetV2": "classifier.0", "ShuffleV1": "linear", "ShuffleV2": "linear",
-        "ResNet50": "linear"}
+        "ResNet": "linear", "tv_mobilenet_v2": "classifier.1", "mobilenetv2_tinyimagenet": "conv2"}
 
 
 def head_name(name: str) -> str:
@@ -89,11 +99,32 @@ FEATURES = {
     "ShuffleV2": {"stem": (24, 32, 32), "stages": [(116, 16, 16), (232, 8, 8), (464, 4, 4)], "pooled": (1024,)},
     "ResNet50": {"stem": (64, 32, 32), "stages": [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
                  "pooled": (2048,)},
+    # ImageNet models at 64x64: stem at stride 2, stages at strides 4, 8, 16, 32
+    **{f"tv_resnet{d}": {"stem": (64, 32, 32), "stages": [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)],
+                         "pooled": (512,)} for d in (18, 34)},
+    "tv_resnet50": {"stem": (64, 32, 32), "stages": [(256, 16, 16), (512, 8, 8), (1024, 4, 4), (2048, 2, 2)],
+                    "pooled": (2048,)},
+    "tv_mobilenet_v2": {"stem": (32, 32, 32), "stages": [(24, 16, 16), (32, 8, 8), (96, 4, 4), (320, 2, 2)],
+                        "pooled": (1280,)},
+    "mobilenet_v1": {"stem": (32, 32, 32), "stages": [(128, 16, 16), (256, 8, 8), (512, 4, 4), (1024, 2, 2)],
+                     "pooled": (1024,)},
+    "ResNet18": {"stem": (64, 32, 32), "stages": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)],
+                 "pooled": (512,)},
+    # at 64x64; the 1x1 stem conv pads by 1: 66x66
+    "mobilenetv2_tinyimagenet": {"stem": (32, 66, 66), "stages": [(24, 33, 33), (32, 17, 17), (64, 9, 9),
+                                                                   (1280, 9, 9)], "pooled": (1280,)},
 }
 
 ALL = list_models()
+IMAGENET = [name for name in ALL if model_entry(name).input_size == 224]
 # One representative per family, for the costlier checks.
-FAMILY = ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"]
+FAMILY = ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50", "ResNet18",
+          "tv_resnet18", "tv_mobilenet_v2", "mobilenet_v1", "mobilenetv2_tinyimagenet"]
+
+
+def _side(name):
+    """The test input's side: 32 for the CIFAR zoo, 64 for Tiny-ImageNet and (not 224, to stay cheap) ImageNet."""
+    return 32 if model_entry(name).input_size == 32 else 64
 
 
 def _features(model, x):
@@ -105,8 +136,8 @@ def _features(model, x):
         extractor.remove()
 
 
-def _input(channels=3, seed=0):
-    return torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(seed))
+def _input(channels=3, seed=0, side=32):
+    return torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 def test_registry_covers_the_zoo():
@@ -149,8 +180,8 @@ def test_params_state_dict_and_taps(name):
         assert isinstance(model.get_submodule(path), Tap)
     assert stage_names(model) == [f"stage{i}" for i in range(1, k + 1)]
 
-    expected_lr = 0.01 if name in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05
-    assert model_entry(name).base_lr == expected_lr
+    expected_lr = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01, "mobilenetv2_tinyimagenet": 0.2}
+    assert model_entry(name).base_lr == expected_lr.get(name, 0.1 if name in IMAGENET else 0.05)
 
 
 def test_vgg_param_formula():
@@ -174,7 +205,7 @@ def test_vgg_param_formula():
 @pytest.mark.parametrize("name", ALL)
 def test_feature_shapes(name):
     model = create_model(name)
-    shapes = feature_shapes(model, (3, 32, 32))
+    shapes = feature_shapes(model, (3, _side(name), _side(name)))
     expected = FEATURES[name]
     assert shapes["stem"] == expected["stem"]
     assert [shapes[s] for s in stage_names(model)] == expected["stages"]
@@ -187,7 +218,7 @@ def test_feature_shapes(name):
 def test_grayscale_and_class_count(name):
     model = create_model(name, num_classes=10, in_channels=1).eval()
     with torch.no_grad():
-        assert model(_input(channels=1)).shape == (2, 10)
+        assert model(_input(channels=1, side=_side(name))).shape == (2, 10)
     # Only the first conv's input width changes; key names stay the same.
     assert list(model.state_dict()) == list(create_model(name).state_dict())
 
@@ -198,7 +229,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     torch.manual_seed(0)
     source = create_model(name)
     with torch.no_grad():
-        source.train()(_input(seed=1))  # move BN running stats away from their defaults
+        source.train()(_input(seed=1, side=_side(name)))  # move BN running stats away from their defaults
     source.eval()
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": source.state_dict(), "accuracy": torch.tensor(1.0), "optimizer": {}}, path)
@@ -209,7 +240,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     result = fresh.load_state_dict(checkpoint["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     fresh.eval()
-    x = _input()
+    x = _input(side=_side(name))
     with torch.no_grad():
         assert torch.equal(fresh(x), source(x))
 
@@ -307,11 +338,13 @@ def test_wrn_preact_leaves_running_stats_alone(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("name", FAMILY)
+# At init, in eval mode with default BN statistics, these two barely let the features reach the logits (about 1e-10
+# for tv_mobilenet_v2, the fc bias for mobilenet_v1): test_imagenet_models checks their taps on the pooled features.
+@pytest.mark.parametrize("name", [n for n in FAMILY if n not in ("tv_mobilenet_v2", "mobilenet_v1")])
 def test_taps_feed_the_forward(name):
     """A hook that replaces a tap's output changes what the rest of the network computes."""
     model = create_model(name).eval()
-    x = _input()
+    x = _input(side=_side(name))
     with torch.no_grad():
         reference = model(x)
         handle = model.get_submodule(model.feature_taps["stage2"]).register_forward_hook(
@@ -341,12 +374,13 @@ INNER_TAPS = {
     "wrn_40_2": ((128, 8, 8), (128, 8, 8)),
     "ShuffleV1": ((960, 4, 4), (960, 4, 4)), "ShuffleV2": ((464, 4, 4), (1024, 4, 4)),
     "MobileNetV2": ((80, 2, 2), (1280, 2, 2)), "ResNet50": ((2048, 4, 4), (2048, 4, 4)),
+    "tv_mobilenet_v2": ((160, 2, 2), (1280, 2, 2)), "mobilenetv2_tinyimagenet": ((96, 9, 9), (1280, 9, 9)),  # 64x64
 }
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_inner_tap_shapes(name):
-    shapes = feature_shapes(create_model(name), (3, 32, 32))
+    shapes = feature_shapes(create_model(name), (3, _side(name), _side(name)))
     last = FEATURES[name]["stages"][-1]
     expected = INNER_TAPS.get(name, (last, last))
     assert (shapes["last_stage_first_block"], shapes["pre_pool"]) == expected
@@ -381,7 +415,7 @@ def test_inner_taps_see_the_documented_tensors():
 def test_inner_taps_feed_the_forward(name, tap):
     """A replacing hook on either in-network tap changes the logits (one-block stages included: resnet8x4, vgg8)."""
     model = create_model(name).eval()
-    x = _input()
+    x = _input(side=_side(name))
     with torch.no_grad():
         reference = model(x)
         handle = model.get_submodule(model.feature_taps[tap]).register_forward_hook(

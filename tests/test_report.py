@@ -107,7 +107,8 @@ def test_cli_report_states_its_rule_and_footnotes_failed_runs(capsys, tiny_resul
     assert list(rows["kd"]) == ["model", "n", "top1_best %", "Δ vs student", "Δ 95 % CI", "p (Holm)", "train img/s",
                                 "peak RSS MiB", "extra train params", "inference params", "end-to-end"]
     assert " ± " in rows["kd"]["Δ vs student"] and rows["kd"]["Δ 95 % CI"].startswith("[")
-    assert "No published column: the published numbers are CIFAR-100 results (this table: synthetic)" in out
+    assert ("No published column: the published numbers are CIFAR-100, ImageNet, Tiny-ImageNet results (this table: "
+            "synthetic)") in out
     assert "Not counted (2 runs did not finish)" in out and "non-finite training loss" in out
 
     code, last, _ = _report(capsys, "--results-dir", str(tiny_results), "--metric", "top1_last", "--by", "setting")

@@ -35,9 +35,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def zoo_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
-    """Feature shapes of every zoo model, once; built on the meta device (shapes only, no memory, no init)."""
+    """Feature shapes of every CIFAR zoo model, once; built on the meta device (shapes only, no memory, no init)."""
     with torch.device("meta"):
-        return {name: feature_shapes(create_model(name), (3, 32, 32)) for name in list_models()}
+        return {name: feature_shapes(create_model(name), (3, 32, 32)) for name in list_models(input_size=32)}
 
 
 def context(student, teacher, protocol="semckd", options=None, num_classes=100) -> MethodContext:

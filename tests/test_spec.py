@@ -67,7 +67,7 @@ def test_teacher_is_shared_across_protocols_and_student_seeds():
 @pytest.mark.parametrize("changes, message", [
     (dict(methods=("nope",)), "unknown method 'nope'; valid methods: student"),
     (dict(pair=("resnet14", "resnet9")), "unknown model 'resnet9'"),
-    (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+    (dict(dataset="imagenet-21k"), "unknown dataset 'imagenet-21k'"),
     (dict(protocol="hinton"), "unknown protocol 'hinton'; valid protocols: official, crd, semckd"),
 ])
 def test_plan_rejects_unknown_names(changes, message):

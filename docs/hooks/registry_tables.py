@@ -31,6 +31,8 @@ from kdbench.spec import PROTOCOLS, RECIPES
 ROOT = Path(__file__).resolve().parents[2]
 # The pairs of the reference set (Makefile, REFERENCE_PAIRS): their per-pair values get a column each.
 REFERENCE_PAIRS = (("resnet56", "resnet20"), ("vgg13", "vgg8"))
+# The field's ImageNet pairs (CRD, mdistiller): where a method's ImageNet values differ from its CIFAR ones.
+IMAGENET_PAIRS = (("tv_resnet34", "tv_resnet18"), ("tv_resnet50", "mobilenet_v1"))
 MARKER = re.compile(r"<!-- kdbench:(\w+)(?: ([\w-]+))? -->")
 REPORT = re.compile(r"(<!-- reference-report:start -->\n)(.*?)(<!-- reference-report:end -->)", re.S)
 # The reference set's plot, which the reference-results page shows; it lives beside its results, outside docs/.
@@ -84,7 +86,7 @@ def methods_table(family: str) -> str:
 
 def options_table(family: str) -> str:
     """The defaults (logit options apart), what each protocol's preset changes, and the values the official configs
-    set for the reference pairs, all through ``Method.resolve_options`` and ``pair_defaults``."""
+    set for the reference pairs and the ImageNet pairs, all through ``Method.resolve_options`` and ``pair_defaults``."""
     rows = []
     for name in _names(family):
         cls = method_class(name)
@@ -92,14 +94,15 @@ def options_table(family: str) -> str:
         scaled = ", ".join(f"`{key}`" for key in cls.epoch_options)
         row = [f"`{name}`", _options({k: v for k, v in defaults.items() if k in LOGIT_OPTIONS}),
                _options({k: v for k, v in defaults.items() if k not in LOGIT_OPTIONS})
-               + (f" ({scaled} scaled by E/240)" if scaled else "")]
+               + (f" ({scaled} scaled by E/240, on Tiny-ImageNet E/200, on ImageNet E/100)" if scaled else "")]
         for protocol in PROTOCOLS:
             preset = {k: v for k, v in cls.resolve_options({}, protocol) if defaults[k] != v}
             row.append(_options(preset) if preset else ("as defaults" if protocol in cls.presets else ""))
-        rows.append(row + [_options(cls.pair_defaults(teacher, student)) for teacher, student in REFERENCE_PAIRS])
+        rows.append(row + [_options(cls.pair_defaults(teacher, student))
+                           for teacher, student in REFERENCE_PAIRS + IMAGENET_PAIRS])
     return _table(rows, ["method", "logit options (defaults)", "own options (defaults)",
                          *(f"`{protocol}`" for protocol in PROTOCOLS),
-                         *(f"{teacher} → {student}" for teacher, student in REFERENCE_PAIRS)])
+                         *(f"{teacher} → {student}" for teacher, student in REFERENCE_PAIRS + IMAGENET_PAIRS)])
 
 
 def _value(value) -> str:

@@ -46,7 +46,7 @@ from kdbench.report.plots import (
     plot_top1,
     save_plots,
 )
-from kdbench.report.published import load_published, published_path
+from kdbench.report.published import load_published, published_paths
 from kdbench.report.regime import CRITERIA, regime, render_regime
 from kdbench.report.render import LAYOUTS, OTHER_CODE, SIGNIFICANT, render_report, run_summary
 
@@ -55,7 +55,7 @@ __all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS
            "duplicate_runs", "entries", "flagged_figures", "groups", "leaderboard", "load_published",
            "load_results", "mean_ranks", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta",
            "plot_groups", "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1",
-           "published_path", "regime", "render_regime", "render_report", "report", "run_summary", "runs",
+           "published_paths", "regime", "render_regime", "render_report", "report", "run_summary", "runs",
            "save_plots", "unfinished"]
 
 
@@ -66,8 +66,8 @@ def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github",
     published table is looked for in the first results directory. ``metric`` None: :func:`default_metric`."""
     table = load_results(results_dirs)
     frame = entries(table, **filters)
-    path = published_path(table["results_dir"].iloc[0], published)
-    board = add_flags(leaderboard(frame, metric, load_published(path) if path else None, correction), frame,
+    paths = published_paths(table["results_dir"].iloc[0], published)
+    board = add_flags(leaderboard(frame, metric, load_published(paths) if paths else None, correction), frame,
                       table)
     if layout == "regime":
         checks = regime(frame, board["metric"].iloc[0])

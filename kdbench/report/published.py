@@ -1,5 +1,6 @@
-"""Published numbers beside kdbench's: the published CIFAR-100 table, and which of its rows a leaderboard row may sit
-next to (same dataset, recipe and loss protocol; a reporting rule other than the table's is marked)."""
+"""Published numbers beside kdbench's: the published tables (CIFAR-100; ImageNet and Tiny-ImageNet), and which of
+their rows a leaderboard row may sit next to (same dataset, recipe and loss protocol; a reporting rule other than the
+table's is marked)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pandas as pd
 
 from kdbench.errors import KdbenchError
 
-PUBLISHED_NAME = "published_cifar100.csv"
+# One table per dataset family; a table without a ``dataset`` column holds CIFAR-100 numbers.
+PUBLISHED_NAMES = ("published_cifar100.csv", "published_imagenet.csv")
+_SHOWN = {"cifar100": "CIFAR-100", "imagenet": "ImageNet", "tiny-imagenet": "Tiny-ImageNet"}
 PUBLISHED_COLUMNS = ("source", "teacher", "student", "method", "top1", "top1_std", "protocol", "report_rule",
                      "verified", "recipe")
 # The published report_rule each metric matches; none is selected on a validation split, so next to
@@ -41,27 +44,31 @@ _EQUIVALENT: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
 _RECIPE_FIELDS = ("epochs", "batch_size", "train_subset", "test_subset", "lr")
 
 
-def load_published(path: str | Path) -> pd.DataFrame:
-    """The published CIFAR-100 table, checked: one row per published number, with the kdbench recipe that trains
-    as its source did (``recipe``; empty when none does)."""
-    try:
-        published = pd.read_csv(path, keep_default_na=False, na_values={"top1_std": [""]})
-    except Exception as error:
-        raise KdbenchError(f"cannot read published table {path}: {' '.join(str(error).split())}") from None
-    missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
-    if missing:
-        raise KdbenchError(f"published table {path} lacks column(s) {', '.join(missing)}")
-    return published
+def load_published(paths: str | Path | list[Path]) -> pd.DataFrame:
+    """The published tables, checked and concatenated: one row per published number, with its ``dataset`` and the
+    kdbench recipe that trains as its source did (``recipe``; empty when none does)."""
+    frames = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        try:
+            published = pd.read_csv(path, keep_default_na=False, na_values={"top1_std": [""], "top5": [""]})
+        except Exception as error:
+            raise KdbenchError(f"cannot read published table {path}: {' '.join(str(error).split())}") from None
+        missing = [c for c in PUBLISHED_COLUMNS if c not in published.columns]
+        if missing:
+            raise KdbenchError(f"published table {path} lacks column(s) {', '.join(missing)}")
+        frames.append(published if "dataset" in published.columns else published.assign(dataset="cifar100"))
+    return pd.concat(frames, ignore_index=True)
 
 
-def published_path(results_dir: str | Path, given: str | Path | None = None) -> Path | None:
-    """``given``, else ``<results_dir>/published_cifar100.csv``, else the copy in this checkout's ``results/``."""
+def published_paths(results_dir: str | Path, given: str | Path | None = None) -> list[Path]:
+    """``given``, else each published table from ``<results_dir>``, else from this checkout's ``results/``."""
     if given is not None:
         if not Path(given).is_file():
             raise KdbenchError(f"published table {given} does not exist")
-        return Path(given)
-    candidates = (Path(results_dir) / PUBLISHED_NAME, Path(__file__).resolve().parents[2] / "results" / PUBLISHED_NAME)
-    return next((p for p in candidates if p.is_file()), None)
+        return [Path(given)]
+    found = (next((p for p in (Path(results_dir) / name, Path(__file__).resolve().parents[2] / "results" / name)
+                   if p.is_file()), None) for name in PUBLISHED_NAMES)
+    return [p for p in found if p is not None]
 
 
 def mismatch(run: pd.Series, published: pd.DataFrame) -> str:
@@ -69,9 +76,11 @@ def mismatch(run: pd.Series, published: pd.DataFrame) -> str:
     that is not one the published runs used, as registered (no overridden epochs, batch, subsets or lr)."""
     from kdbench.spec import RECIPES
 
-    recipes = sorted(set(published["recipe"]) - {""})
-    if run["dataset"] != "cifar100":
-        return f"the published numbers are CIFAR-100 results (this table: {run['dataset']})"
+    datasets = sorted(set(published["dataset"]))
+    if run["dataset"] not in datasets:
+        return (f"the published numbers are {', '.join(_SHOWN.get(d, d) for d in datasets)} results "
+                f"(this table: {run['dataset']})")
+    recipes = sorted(set(published.loc[published["dataset"] == run["dataset"], "recipe"]) - {""})
     wanted = f"recipe {' or '.join(recipes)} as registered"
     if run["recipe"] not in recipes or run["recipe"] not in RECIPES.names():
         return f"the published numbers were trained with {wanted} (this table: recipe {run['recipe']})"
@@ -112,6 +121,7 @@ def published_cells(published: pd.DataFrame, pair: str, kind: str, arch: str, ru
     why = mismatch(run, published)
     if why or (pair == ce_only and kind == "method"):
         return {"published": "", "published_source": "", "published_mismatch": why}
+    published = published[published["dataset"] == run["dataset"]]
     cells: dict[str, str]
     if pair != ce_only:
         teacher, student = pair.split("->")
@@ -128,7 +138,7 @@ def published_cells(published: pd.DataFrame, pair: str, kind: str, arch: str, ru
 def published_note(board: pd.DataFrame) -> str:
     """Why a table shows no published column (empty when its setting matches the published numbers')."""
     if "published" not in board.columns:
-        return f"No published column: no published table ({PUBLISHED_NAME}) was found."
+        return f"No published column: no published table ({', '.join(PUBLISHED_NAMES)}) was found."
     reasons = board["published_mismatch"].fillna("")
     if (reasons == "").any():
         return ""
