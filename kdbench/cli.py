@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_const", const="bf16", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--gpus-per-run", type=int, metavar="N",
+                     help="train each run with N processes (DDP: one per GPU, NCCL; on CPUs, gloo), started by "
+                          "torch's elastic launcher; under torchrun, the world size it sets (docs/scale-out.md)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="with several processes per run, BatchNorm statistics over the global batch, not per "
+                          "process")
     run.add_argument("--data-backend", choices=DATA_BACKENDS,
                      help="how imagenet and tiny-imagenet JPEGs are decoded: cpu (the default: DataLoader workers, "
                           "Pillow) or device (torchvision on the run's device: nvjpeg on CUDA)")
@@ -212,7 +219,7 @@ def _settings(args: argparse.Namespace) -> DictConfig:
     from kdbench.config import load
 
     given = {key: value for key, value in vars(args).items()
-             if key not in ("command", "config", "dry_run", "profile")}
+             if key not in ("command", "config", "dry_run", "profile", "argv")}
     given.update({key: list(_AS_LIST[key](given[key])) for key in _AS_LIST if key in given})
     if "options" in given:
         given["options"] = _set_options(given["options"])
@@ -298,14 +305,15 @@ def _show_progress_lines() -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from kdbench import distributed
     from kdbench.config import SWEEP_NAME, plan, write_resolved
     from kdbench.executors import RayOptions, execute
     from kdbench.fingerprint import stale_runs
-    from kdbench.harness import RunEnv
+    from kdbench.harness import RunEnv, follow
     from kdbench.profile import slow_setting_note
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
-    from kdbench.results import ResultsStore
+    from kdbench.results import FollowerStore, ResultsStore
 
     cfg = _settings(args)
     if cfg.source:
@@ -345,6 +353,12 @@ def _run(args: argparse.Namespace) -> int:
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
+    if distributed.launched_world_size() == 1 and sweeps[0].world_size > 1:
+        return _launch(sweeps[0].world_size, sweeps[0].device, cfg.executor, args.argv)
+    if distributed.join(torch.device(sweeps[0].device)).rank > 0:
+        logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
+        follow(replace(env, store=FollowerStore(store.root), sinks=()))
+        return 0
     if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
         for line in _teacher_lines(specs, env):
             print(f"kdbench: {line}", file=sys.stderr)
@@ -361,12 +375,36 @@ def _run(args: argparse.Namespace) -> int:
     try:
         records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
+        distributed.announce(None)  # the other processes of a run trained by several stop
         if any(store.run_dir(spec.run_id).exists() for spec in specs):
             written = write_resolved(cfg, specs, results_dir)
             print(f"kdbench: the resolved sweep: {results_dir / SWEEP_NAME} (kept as {written})", file=sys.stderr)
     print(run_summary(records))
     print(f"\ntidy table: {results_dir / 'metrics.parquet'} (CSV: {results_dir / 'metrics.csv'})")
     return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def _launch(processes: int, device: str, executor: str, argv: list[str]) -> int:
+    """Runs this same command as ``processes`` processes of one process group, started by torch's elastic launcher
+    (what torchrun runs), each of which trains every run of the sweep together (kdbench.distributed)."""
+    import uuid
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if executor != "local":
+        raise KdbenchError(f"--gpus-per-run with --executor {executor} is not built yet; use the local executor, "
+                           f"or torchrun")
+    if device == "cuda" and processes > torch.cuda.device_count():
+        raise KdbenchError(f"--gpus-per-run {processes}, and this machine has {torch.cuda.device_count()} GPU(s)")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
+    except ChildFailedError:  # each process said what went wrong; rank 0 also when a run of the sweep failed
+        return 1
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -441,6 +479,7 @@ def _list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus-per-run starts again in each process
         return {"run": _run, "report": _report, "replay": _replay, "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)

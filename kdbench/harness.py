@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kdbench import distributed
 from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
+from kdbench.distributed import World, announce, broadcast_buffers, group_provenance, summed, sync_batch_norm
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
@@ -32,7 +33,7 @@ from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
 from kdbench.progress import RunLog, SinkChoice, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
-from kdbench.reuse import NON_FINITE, diverged_before, kept_record, remakes_announced
+from kdbench.reuse import NON_FINITE, diverged_before, failed_record, kept_record, remakes_announced
 from kdbench.spec import RunSpec
 
 
@@ -94,7 +95,9 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
 
 def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
     """An epoch's evaluation: test top-1/top-5, the validation split's top-1/top-5 where the recipe holds one out,
-    the time both took (``eval_s``) and the test set's evaluation throughput."""
+    the time both took (``eval_s``) and the test set's evaluation throughput. Every process evaluates the whole
+    test set with rank 0's running statistics."""
+    broadcast_buffers(model, World.current())
     test = evaluate(model, loader, spec, device)
     scores = {"top1": test["top1"], "top5": test["top5"], "eval_s": test["eval_s"],
               "eval_images_per_s": test["eval_images_per_s"]}
@@ -156,6 +159,9 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
                                feature_shapes(trainers[0], shape) if trainers else None,
                                spec.recipe.train_images(len(data.train_y)))
     method = method_cls(ctx).to(device)
+    method.world = World.current()
+    if spec.sync_bn:  # the student's BatchNorms and the method's own (FitNet's regressor)
+        student, method = sync_batch_norm(student, device), sync_batch_norm(method, device)
     method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     for module in (student, method, *trainers):
@@ -235,17 +241,18 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
                                                     {i: logits for i, (logits, _) in taught.items()}, epoch,
                                                     positions, stage, extra))
         parts.method.step(optimizer, terms)
-        timer.stop(started, len(y))
+        timer.stop(started, len(y) * parts.method.world.size)  # the global batch: all processes step together
         if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up
             reset_peak_memory(device)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         correct += (s_logits.argmax(dim=1) == y).sum()
     train_s = time.perf_counter() - started_epoch
-    steps = loader.steps_per_epoch
-    losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
+    steps, world = loader.steps_per_epoch, parts.method.world
+    *sums_all, correct = summed(torch.stack([*sums.values(), correct.float()]), world).tolist()
+    losses = {f"loss_{name}": value / steps / world.size for name, value in zip(sums, sums_all)}
     total = sum(losses.values())
-    return {"train_top1": 100.0 * correct.item() / (steps * loader.batch_size if loader.drop_last
+    return {"train_top1": 100.0 * correct / (steps * loader.batch_size if loader.drop_last
                                                     else loader.num_train),
             "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
             "frozen_forwards_per_step": frozen_forwards / steps}
@@ -273,28 +280,29 @@ def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRe
     return record
 
 
-def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> RunRecord:
+def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False, decided: bool = False) -> RunRecord:
     """Trains (or resumes) one run, its claim held. A finished run is returned as stored when the current code made
     it (or ``env.reuse_stale``), unless ``remake`` asks for its missing weights; else it is trained again, as is a
-    resume state left by other code."""
+    resume state left by other code. ``decided``: rank 0 of the run's processes decided to train it (``follow``)."""
     store = env.store
     code = fingerprint(spec)
-    existing = kept_record(spec, env)
+    existing = None if decided else kept_record(spec, env)
     if existing is not None:
         if remake and not store.weights_path(spec.run_id).is_file():  # another process may have re-made them
             return _remade(spec, existing, env, runlog)
         runlog.end("skipped", "finished before")
         return existing
-    failed = diverged_before(spec, env)
+    failed = None if decided else diverged_before(spec, env)
     if failed is not None:
         runlog.end("skipped", "diverged before under this code (a non-finite loss); --retry-failed trains it again")
         return failed
+    announce(spec)  # a run trained by several processes: the others train it now too (kdbench.distributed)
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches)
+    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches, World.current())
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
@@ -319,7 +327,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
 
     if not history:  # new weights: what earlier weights of this run had fitted for its students is void
-        shutil.rmtree(store.run_dir(spec.run_id) / "artefacts", ignore_errors=True)
+        store.discard(store.run_dir(spec.run_id) / "artefacts")
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
     if not history and teacher is not None:  # a resumed run restored what prepare fitted
         started = time.perf_counter()
@@ -328,7 +336,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         reused_fit_s = parts.method.reused_fit_s()
         fit_metrics = parts.method.fit_metrics()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
-    prov = {**provenance(device), **code, "method_note": parts.method.note,
+    prov = {**group_provenance(provenance(device)), **code, "method_note": parts.method.note,
             "method_label": type(parts.method).label(dict(spec.method_options))}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
@@ -374,6 +382,8 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
 
+    if decided:  # another process of the run's group: rank 0 measures, saves and records it
+        return RunRecord(spec, "running", {}, history, prov)
     for extractor in (parts.student_fx, *parts.trainer_fx):
         extractor.remove()
     shape = input_shape(data, recipe.image_size)
@@ -385,7 +395,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
     store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
     prov["weights_sha256"] = sha256_file(store.weights_path(spec.run_id))
-    metrics = {**run_metrics(history, step_times, device), **fit_metrics}
+    metrics = {**run_metrics(history, step_times, device, parts.method.world.size), **fit_metrics}
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
         extra_params_train=float(parts.method.extra_params_train()),
@@ -409,22 +419,9 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
                        + sum(assistant_walls))
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
-    checkpoint_path.unlink(missing_ok=True)
+    store.discard(checkpoint_path)
     runlog.end("finished", f"top1 {metrics['top1_last']:.2f}, {metrics['wall_s']:.0f} s")
     return record
-
-
-def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunRecord:
-    """A failed record keeping the epochs the run completed before it failed."""
-    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    partial = store.load_record(spec.run_id)
-    epochs = partial.epochs if partial else []
-    main = sum(e["epoch"] >= 1 for e in epochs)  # as measure.run_metrics counts: an init stage's epochs apart
-    metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
-                                                   else {})}
-    # the code that failed, also when no epoch ended (diverged_before compares it with the current code)
-    provenance = {**fingerprint(spec), **(partial.provenance if partial else {})}
-    return RunRecord(spec, "failed", metrics, epochs, provenance, reason)
 
 
 def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,
@@ -445,12 +442,18 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
         except (KdbenchError, KeyboardInterrupt):
             raise
         except Exception as error:
-            record = _failed(spec, error, env.store)
+            record = failed_record(spec, error, env.store)
             env.store.write_record(record)
             runlog.end("failed", record.error)
             if spec.device == "cuda":
                 torch.cuda.empty_cache()
             return record
+
+
+def follow(env: RunEnv) -> None:
+    """A process of rank > 0 of runs trained by several: trains each run that rank 0 announces, until its sweep
+    ends (kdbench.distributed); ``env.store`` writes nothing (FollowerStore)."""
+    distributed.follow(lambda spec: _train(spec, env, RunLog(spec, env.store.root), decided=True))
 
 
 def load_data(specs: list[RunSpec], env: RunEnv) -> None:

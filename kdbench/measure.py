@@ -158,7 +158,7 @@ def provenance(device: torch.device) -> dict[str, object]:
 
 
 def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, processes: int = 1) -> dict[str, float]:
     """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
     (every epoch) from the per-epoch history and step timings."""
     trained = [h for h in history if h["epoch"] >= 1]  # the main stage's epochs
@@ -185,6 +185,8 @@ def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, i
         seconds = [s for s, _ in step_times]
         quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
         metrics.update(train_images_per_s=sum(n for _, n in step_times) / sum(seconds),
+                       **({"train_images_per_s_per_device": sum(n for _, n in step_times) / sum(seconds) / processes}
+                          if processes > 1 else {}),
                        step_ms_median=1000 * quartiles[1], step_ms_iqr=1000 * (quartiles[2] - quartiles[0]))
     metrics.update(peak_memory(device))
     return metrics

@@ -67,6 +67,7 @@ class DistillationOrientedStep:
 
         kd_grads = dict(zip(map(id, params), gradients(sum(distill) if distill else None, True)))
         task_grads = dict(zip(map(id, params), gradients(task, False)))
+        self.average_gradients([*kd_grads.values(), *task_grads.values()])
         index = 0  # a parameter's position in the optimiser: the key of its buffers in the state dict
         with torch.no_grad():
             for group in optimizer.param_groups:

@@ -1,0 +1,160 @@
+"""One run across several processes (kdbench/distributed.py), on this CPU under gloo: two processes at a global batch
+B take the step one process takes at B; BatchNorm is per process unless --sync-bn; what cannot run so is refused
+when planned."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_sweep
+
+from kdbench.data import load_synthetic
+from kdbench.distributed import World, average_, sync_batch_norm
+from kdbench.errors import KdbenchError
+from kdbench.loader import DeviceLoader
+from kdbench.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _kdbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "kdbench", "run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_with_sync_bn_train_kd_and_fitnet_as_one_process_does(tmp_path):
+    """The same teacher (a checkpoint), two epochs of one step at a global batch of 64. Tolerance: losses within
+    1e-4 relative and parameters (BatchNorm statistics included) within 1e-3 relative, the rounding of a sum over
+    two processes' shards against one over the batch, grown through two SGD steps (FitNet's hint loss, about 150 on
+    random data, amplifies it most); test accuracy identical."""
+    torch.manual_seed(0)
+    torch.save(create_model("resnet14", 10, 3).state_dict(), tmp_path / "teacher.pt")
+    common = ["--methods", "kd,fitnet", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
+              "--epochs", "2", "--train-subset", "64", "--batch-size", "64", "--device", "cpu",
+              "--teacher-ckpt", "teacher.pt"]
+    one = _kdbench(*common, "--results-dir", "one", cwd=tmp_path)
+    two = _kdbench(*common, "--gpus-per-run", "2", "--sync-bn", "--results-dir", "two", cwd=tmp_path)
+    assert (one.returncode, two.returncode) == (0, 0), one.stderr[-3000:] + two.stderr[-3000:]
+    from kdbench.results import ResultsStore
+
+    for method in ("kd", "fitnet"):
+        a, b = (next(ResultsStore(tmp_path / d).root.glob(f"student-{method}-*")) for d in ("one", "two"))
+        records = [ResultsStore(tmp_path / d).load_record(r.name) for d, r in (("one", a), ("two", b))]
+        assert records[1].spec.world_size == 2 and records[1].spec.sync_bn is True
+        assert records[1].provenance["process_group_backend"] == "gloo"
+        for epoch_one, epoch_two in zip(records[0].epochs, records[1].epochs):
+            assert epoch_one["top1"] == epoch_two["top1"]
+            for name in (k for k in epoch_one if k.startswith("loss")):
+                assert epoch_two[name] == pytest.approx(epoch_one[name], rel=1e-4), (method, name)
+        weights = [torch.load(r / "model.pt") for r in (a, b)]
+        for key, value in weights[0].items():
+            torch.testing.assert_close(weights[1][key].float(), value.float(), rtol=1e-3, atol=1e-3, msg=key)
+
+
+def _per_process_batch_norm(rank: int, size: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    loader = DeviceLoader(load_synthetic(), "cpu", batch_size=8)
+    loader.rank, loader.ranks = rank, size
+    x, _, positions = next(iter(loader.train_epoch(seed=0, epoch=0, positions=True)))
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10, 3).train()
+    with torch.no_grad():
+        stem = model.conv1(x)  # what the first BatchNorm normalises: this process's shard only
+        model(x)
+    torch.save({"positions": positions, "running_mean": model.bn1.running_mean.clone(),
+                "shard_mean": stem.mean(dim=(0, 2, 3))}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_by_default_each_process_normalises_with_its_own_shards_statistics(tmp_path):
+    """Rank r takes positions r, r + N, ... of each global batch (DistributedSampler's deal), and its BatchNorm's
+    running mean moves by momentum x its own shard's mean: nothing is synchronised without --sync-bn."""
+    mp.spawn(_per_process_batch_norm, args=(2, _free_port(), tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    whole = DeviceLoader(load_synthetic(), "cpu", batch_size=8)
+    _, _, positions = next(iter(whole.train_epoch(seed=0, epoch=0, positions=True)))
+    assert torch.equal(ranks[0]["positions"], positions[0::2]) and torch.equal(ranks[1]["positions"], positions[1::2])
+    for rank in ranks:
+        torch.testing.assert_close(rank["running_mean"], 0.1 * rank["shard_mean"])
+    assert not torch.allclose(ranks[0]["running_mean"], ranks[1]["running_mean"])
+
+
+def _synced_gradients(rank: int, size: int, port: int, out: Path) -> None:
+    if size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10, 3).train()
+    if size > 1:
+        sync_batch_norm(model, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    torch.nn.functional.cross_entropy(model(x[rank::size]), y[rank::size]).backward()
+    gradients = [p.grad for p in model.parameters()]
+    average_(gradients, World(rank, size))
+    if rank == 0:
+        torch.save({"gradients": gradients, "running_var": model.bn1.running_var}, out / f"world{size}.pt")
+    if size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_batch_norm_on_cpus_gives_the_gradients_of_the_whole_batch(tmp_path):
+    """SyncBatchNormCPU and the gradient average: one step's gradients within 1e-6 of one process's on the whole
+    batch (float rounding of the sums over two shards)."""
+    _synced_gradients(0, 1, 0, tmp_path)
+    mp.spawn(_synced_gradients, args=(2, _free_port(), tmp_path), nprocs=2)
+    one, two = (torch.load(tmp_path / f"world{n}.pt") for n in (1, 2))
+    for a, b in zip(one["gradients"], two["gradients"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two["running_var"], one["running_var"])
+
+
+def test_what_several_processes_cannot_train_is_refused_in_one_line(monkeypatch):
+    with pytest.raises(KdbenchError, match="global batch of 32 over 3 processes must split evenly"):
+        tiny_sweep(methods=("kd",), world_size=3).plan()
+    with pytest.raises(KdbenchError, match="--sync-bn synchronises BatchNorm over the processes of a run"):
+        tiny_sweep(methods=("kd",), sync_bn=True).plan()
+    with pytest.raises(KdbenchError, match="letkd1 fits on its teacher before training"):
+        tiny_sweep(methods=("letkd1",), world_size=2).plan()
+    from kdbench.config import world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world_size(None) == 4
+    with pytest.raises(KdbenchError, match="--gpus-per-run 2 in a process group of 4"):
+        world_size(2)
+
+
+def test_the_world_size_and_batchnorm_rule_are_part_of_the_run_and_its_setting():
+    one, two = (tiny_sweep(methods=("kd",), world_size=n, sync_bn=n > 1).plan() for n in (1, 2))
+    assert [r.world_size for r in one] == [None, None] and [r.world_size for r in two] == [2, 2]
+    assert {r.run_id for r in one}.isdisjoint(r.run_id for r in two)
+    assert one == tiny_sweep(methods=("kd",)).plan()  # one process is no setting: run ids as before
+
+
+def test_the_slurm_script_in_the_scale_out_guide_parses(tmp_path):
+    """It is not submitted (no SLURM here): bash parses it, and it runs kdbench under torchrun with SLURM's nodes."""
+    page = (ROOT / "docs" / "scale-out.md").read_text()
+    script = page.split("<!-- sbatch:start -->\n```sh\n")[1].split("```\n<!-- sbatch:end -->")[0]
+    (tmp_path / "kdbench-ddp.sbatch").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "kdbench-ddp.sbatch")], check=True)
+    assert script.startswith("#!/bin/bash\n#SBATCH") and "srun torchrun --nnodes \"$SLURM_NNODES\"" in script
+    assert "-m kdbench run" in script
