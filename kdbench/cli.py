@@ -402,7 +402,13 @@ def _launch(processes: int, device: str, executor: str, argv: list[str]) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
         elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
-    except ChildFailedError:  # each process said what went wrong; rank 0 also when a run of the sweep failed
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()  # the others were stopped because of it
+        if failure.exitcode not in (1, 2):  # not a sweep with failed runs (1) or a user error (2): rank 0 said so
+            message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+            why = " ".join(str(message or f"exit code {failure.exitcode}").split())[:300]
+            print(f"kdbench: error: process {rank} of {processes} stopped the run's group: {why}; the same command "
+                  f"resumes from the last epoch checkpoint", file=sys.stderr)
         return 1
     return 0
 

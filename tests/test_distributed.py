@@ -3,9 +3,11 @@ B take the step one process takes at B; BatchNorm is per process unless --sync-b
 when planned."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,39 @@ def test_the_slurm_script_in_the_scale_out_guide_parses(tmp_path):
     subprocess.run(["bash", "-n", str(tmp_path / "kdbench-ddp.sbatch")], check=True)
     assert script.startswith("#!/bin/bash\n#SBATCH") and "srun torchrun --nnodes \"$SLURM_NNODES\"" in script
     assert "-m kdbench run" in script
+
+
+def _rank_process(rank: int, results: str) -> int:
+    """The pid of process ``rank`` of the group that writes ``results``, from its environment (torchrun's RANK)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and results.encode() in cmdline:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} writes {results}")
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_its_group_in_one_line_and_the_command_resumes_to_the_same_weights(tmp_path):
+    args = ["--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
+            "--epochs", "4", "--teacher-epochs", "1", "--train-subset", "256", "--teacher-train-subset", "128",
+            "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2"]
+    assert _kdbench(*args, "--results-dir", "whole", cwd=tmp_path).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    group = subprocess.Popen([sys.executable, "-m", "kdbench", "run", *args, "--results-dir", "killed"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob("killed/student-kd-*/latest.pt")):  # the student's first epoch is saved
+        assert group.poll() is None, group.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.kill(_rank_process(1, "killed"), signal.SIGKILL)
+    _, err = group.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith("kdbench: error")]
+    assert group.returncode == 1 and errors == [errors[0]], err[-2000:]
+    assert "process 1 of 2 stopped the run's group: Signal 9 (SIGKILL)" in errors[0]
+    again = _kdbench(*args, "--results-dir", "killed", cwd=tmp_path)
+    assert again.returncode == 0 and "resumes at epoch" in again.stderr
+    whole, resumed = (torch.load(next(tmp_path.glob(f"{d}/student-kd-*/model.pt"))) for d in ("whole", "killed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as one process resumes
