@@ -353,8 +353,8 @@ def _run(args: argparse.Namespace) -> int:
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
-    if distributed.launched_world_size() == 1 and sweeps[0].world_size > 1:
-        return _launch(sweeps[0].world_size, sweeps[0].device, cfg.executor, args.argv)
+    if distributed.launched_world_size() == 1 and sweeps[0].world_size > 1 and cfg.executor == "local":
+        return _launch(sweeps[0].world_size, sweeps[0].device, args.argv)
     if distributed.join(torch.device(sweeps[0].device)).rank > 0:
         logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
         follow(replace(env, store=FollowerStore(store.root), sinks=()))
@@ -384,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in records) else 0
 
 
-def _launch(processes: int, device: str, executor: str, argv: list[str]) -> int:
+def _launch(processes: int, device: str, argv: list[str]) -> int:
     """Runs this same command as ``processes`` processes of one process group, started by torch's elastic launcher
     (what torchrun runs), each of which trains every run of the sweep together (kdbench.distributed)."""
     import uuid
@@ -393,9 +393,6 @@ def _launch(processes: int, device: str, executor: str, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if executor != "local":
-        raise KdbenchError(f"--gpus-per-run with --executor {executor} is not built yet; use the local executor, "
-                           f"or torchrun")
     if device == "cuda" and processes > torch.cuda.device_count():
         raise KdbenchError(f"--gpus-per-run {processes}, and this machine has {torch.cuda.device_count()} GPU(s)")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,

@@ -196,3 +196,22 @@ def test_a_killed_process_stops_its_group_in_one_line_and_the_command_resumes_to
     assert again.returncode == 0 and "resumes at epoch" in again.stderr
     whole, resumed = (torch.load(next(tmp_path.glob(f"{d}/student-kd-*/model.pt"))) for d in ("whole", "killed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as one process resumes
+
+
+@pytest.mark.slow
+def test_under_ray_a_run_of_two_processes_is_a_ray_train_group_with_the_local_groups_numbers(tmp_path):
+    """--executor ray --gpus-per-run 2: a TorchTrainer of two gloo workers per run, scheduled as Ray runs are;
+    its weights are the elastic launcher's bit for bit (the same collectives on the same shards)."""
+    args = ["--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
+            "--epochs", "2", "--teacher-epochs", "1", "--train-subset", "128", "--teacher-train-subset", "128",
+            "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2"]
+    ray_run = _kdbench(*args, "--executor", "ray", "--results-dir", "ray", cwd=tmp_path)
+    local = _kdbench(*args, "--results-dir", "local", cwd=tmp_path)
+    assert (ray_run.returncode, local.returncode) == (0, 0), ray_run.stderr[-2000:]
+    from kdbench.results import ResultsStore
+
+    for kind in ("teacher-student", "student-kd"):
+        ray_dir, local_dir = (next(tmp_path.glob(f"{d}/{kind}-*")) for d in ("ray", "local"))
+        assert ResultsStore(tmp_path / "ray").load_record(ray_dir.name).provenance["process_group_backend"] == "gloo"
+        a, b = (torch.load(d / "model.pt") for d in (ray_dir, local_dir))
+        assert all(torch.equal(a[k], b[k]) for k in a), kind
