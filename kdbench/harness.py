@@ -26,7 +26,7 @@ from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
 from kdbench.loader import DeviceLoader, input_shape, run_loader, stream_seed
-from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
+from kdbench.measure import StepTimer, macs_per_image, peak_bytes, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
 from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
@@ -249,13 +249,14 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
         correct += (s_logits.argmax(dim=1) == y).sum()
     train_s = time.perf_counter() - started_epoch
     steps, world = loader.steps_per_epoch, parts.method.world
-    *sums_all, correct = summed(torch.stack([*sums.values(), correct.float()]), world).tolist()
+    peak = torch.tensor(peak_bytes(device), device=device)  # summed over the processes of a run trained by several
+    *sums_all, correct, peaks = summed(torch.stack([*sums.values(), correct.float(), peak]), world).tolist()
     losses = {f"loss_{name}": value / steps / world.size for name, value in zip(sums, sums_all)}
-    total = sum(losses.values())
     return {"train_top1": 100.0 * correct / (steps * loader.batch_size if loader.drop_last
                                                     else loader.num_train),
-            "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
-            "frozen_forwards_per_step": frozen_forwards / steps}
+            "loss": sum(losses.values()), **losses, "epoch_s": train_s,
+            "epoch_cpu_s": time.process_time() - started_cpu, "frozen_forwards_per_step": frozen_forwards / steps,
+            **({"peak_bytes_all_processes": peaks} if world.size > 1 else {})}
 
 
 def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRecord:

@@ -58,6 +58,8 @@ def test_two_gloo_processes_with_sync_bn_train_kd_and_fitnet_as_one_process_does
         records = [ResultsStore(tmp_path / d).load_record(r.name) for d, r in (("one", a), ("two", b))]
         assert records[1].spec.world_size == 2 and records[1].spec.sync_bn is True
         assert records[1].provenance["process_group_backend"] == "gloo"
+        # memory: rank 0's, as one process records it, and both processes' together
+        assert records[1].metrics["peak_bytes_all_processes"] > records[1].metrics["cpu_peak_rss_bytes"]
         for epoch_one, epoch_two in zip(records[0].epochs, records[1].epochs):
             assert epoch_one["top1"] == epoch_two["top1"]
             for name in (k for k in epoch_one if k.startswith("loss")):
