@@ -357,7 +357,10 @@ def _run(args: argparse.Namespace) -> int:
         return _launch(sweeps[0].world_size, sweeps[0].device, args.argv)
     if distributed.join(torch.device(sweeps[0].device)).rank > 0:
         logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
-        follow(replace(env, store=FollowerStore(store.root), sinks=()))
+        try:
+            follow(replace(env, store=FollowerStore(store.root), sinks=()))
+        finally:
+            distributed.leave()
         return 0
     if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
         for line in _teacher_lines(specs, env):
@@ -376,6 +379,7 @@ def _run(args: argparse.Namespace) -> int:
         records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
         distributed.announce(None)  # the other processes of a run trained by several stop
+        distributed.leave()
         if any(store.run_dir(spec.run_id).exists() for spec in specs):
             written = write_resolved(cfg, specs, results_dir)
             print(f"kdbench: the resolved sweep: {results_dir / SWEEP_NAME} (kept as {written})", file=sys.stderr)

@@ -81,6 +81,13 @@ def announce(spec) -> None:
         dist.broadcast_object_list([None if spec is None else spec.to_dict()], src=0)
 
 
+def leave() -> None:
+    """Ends this process's part in its process group (before exit: a group left to the interpreter's teardown can
+    abort the process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def follow(train: Callable[[Any], None]) -> None:
     """A process of rank > 0: trains each run rank 0 announces, with ``train(spec)``, until the sweep is over."""
     from kdbench.spec import RunSpec

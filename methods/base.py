@@ -101,10 +101,12 @@ class MethodContext:
     @classmethod
     def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
                teacher_shapes: dict[str, tuple[int, ...]] | None, num_train: int = 0) -> "MethodContext":
-        """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
-        return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
-                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train, spec.student,
-                   spec.recipe.fit_points)
+        """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks. Its
+        batch is what one process trains on: the global batch over the run's processes (SemCKD's official ImageNet
+        code divides it so too)."""
+        return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size // (spec.world_size or 1),
+                   num_classes, dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train,
+                   spec.student, spec.recipe.fit_points)
 
 
 @dataclass(frozen=True)

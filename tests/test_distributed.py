@@ -217,3 +217,26 @@ def test_under_ray_a_run_of_two_processes_is_a_ray_train_group_with_the_local_gr
         assert ResultsStore(tmp_path / "ray").load_record(ray_dir.name).provenance["process_group_backend"] == "gloo"
         a, b = (torch.load(d / "model.pt") for d in (ray_dir, local_dir))
         assert all(torch.equal(a[k], b[k]) for k in a), kind
+
+
+@pytest.mark.slow
+def test_every_method_without_an_offline_fit_trains_with_two_processes(tmp_path):
+    """One epoch of every shipped method that plans with two processes (all but those with ``Method.prepare``, and
+    TAKD/DGKD, which need an assistant chain), each process on its shard: each finishes."""
+    from kdbench.methods import list_methods, method_class
+    from kdbench.methods.base import Method
+
+    methods = [m for m in list_methods() if method_class(m).__module__.startswith("kdbench.methods.")
+               and method_class(m).prepare is Method.prepare and not method_class(m).uses_assistants
+               and m != "student"]
+    done = _kdbench("--methods", ",".join(methods), "--pairs", "resnet14:resnet8", "--dataset", "synthetic",
+                    "--recipe", "short", "--epochs", "1", "--teacher-epochs", "1", "--train-subset", "128",
+                    "--teacher-train-subset", "128", "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2",
+                    "--results-dir", "all", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from kdbench.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "all")
+    finished = {r.spec.method for r in map(store.load_record, (d.name for d in store.root.glob("student-*")))
+                if r.status == "finished" and r.spec.world_size == 2}
+    assert finished == set(methods) and len(methods) >= 20
