@@ -6,6 +6,7 @@ User mistakes end with one line on stderr and exit status 2; nothing is written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -308,9 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     from kdbench import distributed
     from kdbench.config import SWEEP_NAME, plan, write_resolved
     from kdbench.executors import RayOptions, execute
-    from kdbench.fingerprint import stale_runs
     from kdbench.harness import RunEnv, follow
-    from kdbench.profile import slow_setting_note
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
     from kdbench.results import FollowerStore, ResultsStore
@@ -353,39 +352,55 @@ def _run(args: argparse.Namespace) -> int:
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
-    if distributed.launched_world_size() == 1 and sweeps[0].world_size > 1 and cfg.executor == "local":
+    launched = distributed.launched_world_size() > 1  # this is one of a group's processes
+    if launched and cfg.executor != "local":
+        raise KdbenchError(f"--executor {cfg.executor} under torchrun: the executor starts each run's processes "
+                           f"itself (--gpus-per-run); run kdbench once, without torchrun")
+    if not launched:  # said once, before a group starts (pricing a teacher trains a few steps)
+        _say_before(cfg, specs, env, sweeps[0])
+    if not launched and sweeps[0].world_size > 1 and cfg.executor == "local":
         return _launch(sweeps[0].world_size, sweeps[0].device, args.argv)
     if distributed.join(torch.device(sweeps[0].device)).rank > 0:
         logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
         try:
-            follow(replace(env, store=FollowerStore(store.root), sinks=()))
+            follow(replace(env, store=FollowerStore(store.root), sinks=(), progress=False))
         finally:
             distributed.leave()
         return 0
-    if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
-        for line in _teacher_lines(specs, env):
-            print(f"kdbench: {line}", file=sys.stderr)
-    note = slow_setting_note(torch.device(sweeps[0].device), cfg.precision, cfg.channels_last)
-    if note:
-        print(f"kdbench: warning: {note}", file=sys.stderr)
-    stale = stale_runs(specs, store)
-    if stale:
-        changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
-        what = "kept (--reuse-stale)" if cfg.reuse_stale else "re-run"
-        print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
-              f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
     _show_progress_lines()
     try:
         records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
-        distributed.announce(None)  # the other processes of a run trained by several stop
-        distributed.leave()
+        with contextlib.suppress(RuntimeError):  # the other processes of a run trained by several stop, unless
+            distributed.announce(None)  # the error that ends the sweep broke their group
+            distributed.leave()
         if any(store.run_dir(spec.run_id).exists() for spec in specs):
             written = write_resolved(cfg, specs, results_dir)
             print(f"kdbench: the resolved sweep: {results_dir / SWEEP_NAME} (kept as {written})", file=sys.stderr)
     print(run_summary(records))
     print(f"\ntidy table: {results_dir / 'metrics.parquet'} (CSV: {results_dir / 'metrics.csv'})")
     return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def _say_before(cfg: DictConfig, specs: list, env, sweep: SweepSpec) -> None:
+    """What the sweep will do that a user should know first: teachers it trains, a slow setting, stale runs."""
+    import torch
+
+    from kdbench.fingerprint import stale_runs
+    from kdbench.profile import slow_setting_note
+
+    if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
+        for line in _teacher_lines(specs, env):
+            print(f"kdbench: {line}", file=sys.stderr)
+    note = slow_setting_note(torch.device(sweep.device), cfg.precision, cfg.channels_last)
+    if note:
+        print(f"kdbench: warning: {note}", file=sys.stderr)
+    stale = stale_runs(specs, env.store)
+    if stale:
+        changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
+        what = "kept (--reuse-stale)" if cfg.reuse_stale else "re-run"
+        print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
+              f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
 
 
 def _launch(processes: int, device: str, argv: list[str]) -> int:
@@ -401,11 +416,14 @@ def _launch(processes: int, device: str, argv: list[str]) -> int:
         raise KdbenchError(f"--gpus-per-run {processes}, and this machine has {torch.cuda.device_count()} GPU(s)")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    if device == "cpu":  # the cores shared out, as torchrun does (one thread each)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     try:
         elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()  # the others were stopped because of it
-        if failure.exitcode not in (1, 2):  # not a sweep with failed runs (1) or a user error (2): rank 0 said so
+        # an exception or a signal ended it (not a sweep with failed runs, 1, or a user error, 2: rank 0 said so)
+        if isinstance(failure.message, dict) or failure.exitcode not in (1, 2):
             message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
             why = " ".join(str(message or f"exit code {failure.exitcode}").split())[:300]
             print(f"kdbench: error: process {rank} of {processes} stopped the run's group: {why}; the same command "

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, RunFailed
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,30 @@ def launched_world_size() -> int:
 
 def join(device: torch.device) -> World:
     """Joins the process group the launcher set up (env:// rendezvous: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE),
-    NCCL on CUDA and gloo on CPUs, once per process; one process joins none."""
-    if launched_world_size() == 1 or dist.is_initialized():
+    NCCL on CUDA and gloo on CPUs, once per process, and a gloo group of its own for rank 0's announcements, whose
+    long timeout lets the others wait while rank 0 works outside any collective (waiting for another sweep's
+    claim, loading ImageNet's index); one process joins none."""
+    global _control
+    if launched_world_size() == 1:
         return World.current()
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # torchrun, the elastic launcher; Ray Train has set it up itself
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if name not in os.environ]
+        if missing:
+            raise KdbenchError(f"WORLD_SIZE={launched_world_size()} is set but {', '.join(missing)} is not: launch "
+                               f"the processes with torchrun (or --gpus-per-run), which sets them all")
+        if device.type == "cuda":
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise KdbenchError(f"process {local} of this node has no GPU of its own: the node has {gpus}; "
+                                   f"launch at most {gpus} processes per node")
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if _control is None:
+        _control = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     return World.current()
+
+
+_control = None  # the announcements' group (join)
 
 
 def announce(spec) -> None:
@@ -78,7 +96,7 @@ def announce(spec) -> None:
     finished, claimed elsewhere or to resume), so the group never disagrees."""
     world = World.current()
     if world.size > 1 and world.main:
-        dist.broadcast_object_list([None if spec is None else spec.to_dict()], src=0)
+        dist.broadcast_object_list([None if spec is None else spec.to_dict()], src=0, group=_control)
 
 
 def leave() -> None:
@@ -89,15 +107,30 @@ def leave() -> None:
 
 
 def follow(train: Callable[[Any], None]) -> None:
-    """A process of rank > 0: trains each run rank 0 announces, with ``train(spec)``, until the sweep is over."""
+    """A process of rank > 0: trains each run rank 0 announces, with ``train(spec)``, until the sweep is over. A
+    RunFailed (a non-finite loss, which every process sees at the same step) ends the run on every process, and
+    rank 0 records it; any other error ends this process, and the launcher stops the group."""
     from kdbench.spec import RunSpec
 
     while True:
         message = [None]
-        dist.broadcast_object_list(message, src=0)
+        dist.broadcast_object_list(message, src=0, group=_control)
         if message[0] is None:
             return
-        train(RunSpec.from_dict(message[0]))
+        try:
+            train(RunSpec.from_dict(message[0]))
+        except RunFailed:
+            pass
+
+
+def seed_process(seed: int, epoch: int, world: World) -> None:
+    """In a run of several processes, each epoch's random draws on the devices (dropout) come from a stream of
+    the process's own, seeded by (run seed, epoch, rank): processes do not draw the same masks for different
+    images, and a resumed run draws what it would have drawn. One process keeps one stream for the whole run."""
+    if world.size > 1:
+        from kdbench.loader import stream_seed
+
+        torch.manual_seed(stream_seed(seed, epoch, f"process {world.rank}"))
 
 
 def group_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -114,11 +147,18 @@ def group_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
 
 def average_(tensors: list[torch.Tensor | None], world: World) -> None:
     """Averages ``tensors`` (gradients) in place across the ranks, in one all-reduce of their concatenation per
-    dtype; None entries (parameters without a gradient this step) are left as they are on every rank."""
+    dtype (in a fixed order). Every process must have a gradient for the same parameters: a parameter with one on
+    some processes and not on others ends the run on all of them (RunFailed), rather than pairing the wrong
+    tensors; one none has is left as it is."""
     if world.size == 1:
         return
+    has = torch.tensor([t is not None for t in tensors], dtype=torch.int32)
+    dist.all_reduce(has, group=_control)
+    if ((has > 0) & (has < world.size)).any():
+        raise RunFailed(f"parameters {has.nonzero().flatten().tolist()[:5]}... have a gradient on some processes "
+                        f"and not on others; a method trained by several processes must use every parameter on each")
     present = [t for t in tensors if t is not None]
-    for dtype in {t.dtype for t in present}:
+    for dtype in sorted({t.dtype for t in present}, key=str):
         group = [t for t in present if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat)
@@ -156,22 +196,25 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         from torch.distributed._functional_collectives import all_reduce  # its backward all-reduces the gradient
 
-        dims = [0, *range(2, x.dim())]
-        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
-        moments = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count[None]]), "sum", dist.group.WORLD)
-        channels = x.shape[1]
-        total = moments[-1]
-        mean = moments[:channels] / total
-        var = moments[channels:2 * channels] / total - mean * mean  # biased, as BatchNorm normalises with
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return all_reduce(t, "sum", dist.group.WORLD)
+
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        x32 = x.float()  # statistics in fp32 under autocast too, as BatchNorm keeps them
+        sums = total(torch.cat([x32.sum(dims), x32.new_tensor([x.numel() // channels])]))
+        count = sums[-1]
+        mean = sums[:channels] / count
+        var = total(((x32 - mean.view(shape)) ** 2).sum(dims)) / count  # two passes: no cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * total / (total - 1), momentum)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * count / (count - 1)).to(self.running_var.dtype), momentum)
+        y = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(x.dtype)
 
 
 def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, RunFailed
 from kdbench.harness import RunEnv, load_data, run, run_sweep
 from kdbench.progress import log
 from kdbench.results import RunRecord
-from kdbench.reuse import remakes_announced
+from kdbench.reuse import failed_record, remakes_announced
 from kdbench.spec import RunSpec
 
 EXECUTORS = ("local", "ray")
@@ -68,19 +68,20 @@ def _group_worker(config: dict) -> None:
     others train with it."""
     import torch
 
-    from kdbench.distributed import World, announce
+    from kdbench.distributed import announce, join
     from kdbench.harness import follow
     from kdbench.results import FollowerStore
 
     env: RunEnv = config["env"]
+    spec = RunSpec.from_dict(config["spec"])
     torch.set_num_threads(config["threads"])
-    if World.current().main:
+    if join(torch.device(spec.device)).main:
         try:
-            run(RunSpec.from_dict(config["spec"]), env, config["failed"], remake=config["remake"])
+            run(spec, env, config["failed"], remake=config["remake"])
         finally:
             announce(None)
     else:
-        follow(replace(env, store=FollowerStore(env.store.root), sinks=()))
+        follow(replace(env, store=FollowerStore(env.store.root), sinks=(), progress=False))
 
 
 def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainers: dict) -> dict:
@@ -98,11 +99,16 @@ def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *t
                                                         resources_per_worker={"CPU": threads, **({"GPU": 1} if cuda
                                                                                                  else {})}),
                            run_config=RunConfig(name=spec.run_id))
-    result = trainer.fit()
+    try:
+        trainer.fit()
+        error: BaseException | None = None
+    except Exception as failure:  # a worker raised (Ray re-raises it here) or died
+        error = failure.__cause__ if isinstance(failure.__cause__, KdbenchError) else failure
+    if isinstance(error, KdbenchError):
+        raise error
     record = env.store.load_record(spec.run_id)
-    if result.error is not None or record is None or record.status == "running":
-        why = " ".join(str(result.error or "its rank 0 wrote no record").split())[:400]
-        record = RunRecord(spec, "failed", {}, record.epochs if record else [], {}, f"process group failed: {why}")
+    if error is not None or record is None or record.status == "running":
+        record = failed_record(spec, error or RunFailed("its rank 0 wrote no record"), env.store)
         env.store.write_record(record)
     return record.to_dict()
 

@@ -21,16 +21,25 @@ from tqdm.auto import tqdm
 from kdbench import distributed
 from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
-from kdbench.distributed import World, announce, broadcast_buffers, group_provenance, summed, sync_batch_norm
+from kdbench.distributed import (
+    World,
+    announce,
+    broadcast_buffers,
+    group_provenance,
+    seed_process,
+    summed,
+    sync_batch_norm,
+)
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
 from kdbench.loader import DeviceLoader, input_shape, run_loader, stream_seed
 from kdbench.measure import StepTimer, macs_per_image, peak_bytes, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
-from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
+from kdbench.methods.base import MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
+from kdbench.parts import Parts
 from kdbench.progress import RunLog, SinkChoice, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
 from kdbench.reuse import NON_FINITE, diverged_before, failed_record, kept_record, remakes_announced
@@ -107,43 +116,7 @@ def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device:
     return scores
 
 
-@dataclass
-class _Parts:
-    """The modules and optimiser of one run."""
-
-    student: torch.nn.Module
-    method: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    base_lr: float
-    student_fx: FeatureExtractor
-    # Frozen models that teach this run: index 0 the teacher, k the k-th teacher assistant.
-    trainers: list[torch.nn.Module] = field(default_factory=list)
-    trainer_fx: list[FeatureExtractor] = field(default_factory=list)
-    trainer_records: list[RunRecord] = field(default_factory=list)
-    init_stage: InitStage | None = None  # the method's stage before the recipe's epochs, with its own optimiser
-    init_optimizer: torch.optim.Optimizer | None = None
-
-    @property
-    def init_epochs(self) -> int:
-        return self.init_stage.epochs if self.init_stage else 0
-
-    def optimizer_of(self, stage: str) -> torch.optim.Optimizer:
-        return self.init_optimizer if stage == "init" else self.optimizer
-
-    def state(self) -> dict:
-        return {"student": self.student.state_dict(), "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "init_optimizer": self.init_optimizer.state_dict() if self.init_optimizer else None}
-
-    def load_state(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.init_optimizer is not None:
-            self.init_optimizer.load_state_dict(state["init_optimizer"])
-
-
-def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> _Parts:
+def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> Parts:
     """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all. ``frozen``
     makes each trainer from (arch, run id, env, data, device): by default the finished run's weights (a dry run
     passes untrained models)."""
@@ -159,7 +132,6 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
                                feature_shapes(trainers[0], shape) if trainers else None,
                                spec.recipe.train_images(len(data.train_y)))
     method = method_cls(ctx).to(device)
-    method.world = World.current()
     if spec.sync_bn:  # the student's BatchNorms and the method's own (FitNet's regressor)
         student, method = sync_batch_norm(student, device), sync_batch_norm(method, device)
     method.attach(student)
@@ -177,12 +149,12 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     stage = method.init_stage(student, base_lr)
     init_optimizer = torch.optim.SGD(stage.parameters, lr=stage.lr, momentum=recipe.momentum,
                                      weight_decay=recipe.weight_decay, **fused) if stage else None
-    return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
+    return Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
                   list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records),
                   stage, init_optimizer)
 
 
-def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
+def _preparation(parts: Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
     teacher_fx = parts.trainer_fx[0]
 
     @torch.no_grad()
@@ -197,7 +169,7 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
                        loader.train_y[loader.subset], parts.trainers[0])
 
 
-def _view_logits(parts: _Parts, active: tuple[int, ...], images: torch.Tensor):
+def _view_logits(parts: Parts, active: tuple[int, ...], images: torch.Tensor):
     """(student logits, teacher logits or None) on another view of the batch, forwarded apart: the student's
     BatchNorm sees each view's statistics, as MLKD's code forwards them."""
     teacher = [parts.trainers[0]] if 0 in active else []
@@ -206,13 +178,14 @@ def _view_logits(parts: _Parts, active: tuple[int, ...], images: torch.Tensor):
     return parts.student_fx(images)[0], teacher_logits
 
 
-def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
+def _train_epoch(parts: Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
                  show: bool | None, stage: str = "main") -> dict[str, float]:
     """One epoch of steps of ``stage`` ("init": the method's InitStage, with its optimiser); loss terms and correct
     counts stay on the device until the epoch ends."""
     optimizer = parts.optimizer_of(stage)
     device = loader.device
     precision = autocast(spec, device)
+    seed_process(spec.seed, epoch, parts.method.world)
     parts.student.train(stage == "main")  # an init stage trains only its own student modules (InitStage)
     for module in parts.init_stage.student_train_modules if stage == "init" else ():
         module.train()
@@ -310,6 +283,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False, dec
         return record
     store.write_spec(spec)
     parts = _assemble(spec, env, data, device)
+    parts.method.world = World.current()  # a dry run's or a profile's parts stay in one process
     teacher = parts.trainers[0] if parts.trainers else None
 
     history: list[dict[str, float]] = []
@@ -443,6 +417,8 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
         except (KdbenchError, KeyboardInterrupt):
             raise
         except Exception as error:
+            if World.current().size > 1 and not isinstance(error, RunFailed):
+                raise  # on one process only, maybe: the group stops (kdbench.distributed)
             record = failed_record(spec, error, env.store)
             env.store.write_record(record)
             runlog.end("failed", record.error)

@@ -479,7 +479,7 @@ def _check_steps(run: RunSpec, method: type, dataset_size: int | None) -> None:
         return
     drops = recipe.drop_last or method.needs_full_batches
     ranks = run.world_size or 1
-    if recipe.batch_size % ranks or recipe.batch_size // ranks < method.min_batch:
+    if ranks > 1 and (recipe.batch_size % ranks or recipe.batch_size // ranks < method.min_batch):
         raise KdbenchError(f"the {run.role} {run.student} ({run.method}): a global batch of {recipe.batch_size} over "
                            f"{ranks} processes must split evenly, at least {method.min_batch} images to each; use a "
                            f"--batch-size that is a multiple of {ranks} (and at least {ranks * method.min_batch})")

@@ -240,3 +240,55 @@ def test_every_method_without_an_offline_fit_trains_with_two_processes(tmp_path)
     finished = {r.spec.method for r in map(store.load_record, (d.name for d in store.root.glob("student-*")))
                 if r.status == "finished" and r.spec.world_size == 2}
     assert finished == set(methods) and len(methods) >= 20
+
+
+@pytest.mark.slow
+def test_a_group_that_trains_its_own_teacher_says_so_once_and_is_not_held_by_the_pricing(tmp_path):
+    """Without teacher options kdbench prices the teacher it will train before anything starts, by timing a few
+    steps: that happens once, in the launching process, before the group exists (priced inside the group, it
+    waited for the other processes' collectives)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "KDBENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "kdbench", "run", "--methods", "kd", "--pairs", "resnet14:resnet8",
+                           "--dataset", "synthetic", "--recipe", "short", "--epochs", "1", "--train-subset", "64",
+                           "--test-subset", "64", "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2",
+                           "--results-dir", "r"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sum("trains first, with recipe short-teacher" in line for line in done.stderr.splitlines()) == 1
+
+
+def _odd_cases(rank: int, size: int, port: int, out: Path) -> None:
+    from kdbench.distributed import SyncBatchNormCPU, join
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+    join(torch.device("cpu"))
+    torch.set_num_threads(1)
+    found = {}
+    try:  # a gradient on one process only
+        average_([torch.ones(3), torch.ones(2) if rank == 0 else None], World(rank, size))
+    except Exception as error:
+        found["mismatch"] = type(error).__name__
+    g = torch.Generator().manual_seed(rank)
+    x = (300 + 0.01 * torch.randn(4, 3, 5, 5, generator=g)).requires_grad_()  # large mean, tiny spread
+    norm = SyncBatchNormCPU(3).train()
+    y = norm(x)
+    y.square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = SyncBatchNormCPU(3).train()(torch.nn.functional.conv2d(x.detach(), torch.ones(3, 3, 1, 1)))
+    found.update(finite=bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all()), std=y.std().item(),
+                 bf16=z.dtype == torch.bfloat16 and bool(torch.isfinite(z).all()))
+    torch.save(found, out / f"odd{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_gradient_on_one_process_only_fails_the_run_everywhere_and_sync_bn_stays_exact(tmp_path):
+    """Every process agrees to fail (RunFailed) instead of pairing the wrong gradients; SyncBatchNormCPU takes
+    two passes for the variance (inputs with mean 300 and spread 0.01 normalise to about a unit spread, with finite
+    gradients, where one pass, E[x^2] - E[x]^2, cancels to nothing) and keeps its statistics in fp32 under bf16 autocast."""
+    for key in ("RANK", "WORLD_SIZE"):  # set by _odd_cases in the children only
+        assert key not in os.environ
+    mp.spawn(_odd_cases, args=(2, _free_port(), tmp_path), nprocs=2)
+    for rank in range(2):
+        found = torch.load(tmp_path / f"odd{rank}.pt")
+        assert found["mismatch"] == "RunFailed" and found["finite"] and found["bf16"]
+        assert 0.5 < found["std"] < 1.5  # each process's share of a unit spread over both
