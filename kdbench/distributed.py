@@ -24,6 +24,7 @@ Semantics (issue 27):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -60,6 +61,34 @@ def launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise KdbenchError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def launch(processes: int, device: str, argv: list[str]) -> int:
+    """Runs this same command as ``processes`` processes of one process group, started by torch's elastic launcher
+    (what torchrun runs), each of which trains every run of the sweep together (kdbench.distributed)."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if device == "cuda" and processes > torch.cuda.device_count():
+        raise KdbenchError(f"--gpus-per-run {processes}, and this machine has {torch.cuda.device_count()} GPU(s)")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    if device == "cpu":  # the cores shared out, as torchrun does (one thread each)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    try:
+        elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()  # the others were stopped because of it
+        # an exception or a signal ended it (not a sweep with failed runs, 1, or a user error, 2: rank 0 said so)
+        if isinstance(failure.message, dict) or failure.exitcode not in (1, 2):
+            message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+            why = " ".join(str(message or f"exit code {failure.exitcode}").split())[:300]
+            print(f"kdbench: error: process {rank} of {processes} stopped the run's group: {why}; the same command "
+                  f"resumes from the last epoch checkpoint", file=sys.stderr)
+        return 1
+    return 0
 
 
 def join(device: torch.device) -> World:
