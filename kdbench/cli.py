@@ -6,10 +6,12 @@ User mistakes end with one line on stderr and exit status 2; nothing is written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_const", const="bf16", dest="precision",
                      help="bf16 autocast around the forwards (parameters stay fp32)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--gpus-per-run", type=int, metavar="N",
+                     help="train each run with N processes (DDP: one per GPU, NCCL; on CPUs, gloo), started by "
+                          "torch's elastic launcher; under torchrun, the world size it sets (docs/scale-out.md)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="with several processes per run, BatchNorm statistics over the global batch, not per "
+                          "process")
     run.add_argument("--data-backend", choices=DATA_BACKENDS,
                      help="how imagenet and tiny-imagenet JPEGs are decoded: cpu (the default: DataLoader workers, "
                           "Pillow) or device (torchvision on the run's device: nvjpeg on CUDA)")
@@ -212,7 +220,7 @@ def _settings(args: argparse.Namespace) -> DictConfig:
     from kdbench.config import load
 
     given = {key: value for key, value in vars(args).items()
-             if key not in ("command", "config", "dry_run", "profile")}
+             if key not in ("command", "config", "dry_run", "profile", "argv")}
     given.update({key: list(_AS_LIST[key](given[key])) for key in _AS_LIST if key in given})
     if "options" in given:
         given["options"] = _set_options(given["options"])
@@ -298,14 +306,13 @@ def _show_progress_lines() -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from kdbench import distributed
     from kdbench.config import SWEEP_NAME, plan, write_resolved
     from kdbench.executors import RayOptions, execute
-    from kdbench.fingerprint import stale_runs
-    from kdbench.harness import RunEnv
-    from kdbench.profile import slow_setting_note
+    from kdbench.harness import RunEnv, follow
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
-    from kdbench.results import ResultsStore
+    from kdbench.results import FollowerStore, ResultsStore
 
     cfg = _settings(args)
     if cfg.source:
@@ -345,28 +352,55 @@ def _run(args: argparse.Namespace) -> int:
         print(format_profile(table))
         print(f"\nprofile table: {path} (plot: {path.with_suffix('.png')})")
         return 0
-    if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
-        for line in _teacher_lines(specs, env):
-            print(f"kdbench: {line}", file=sys.stderr)
-    note = slow_setting_note(torch.device(sweeps[0].device), cfg.precision, cfg.channels_last)
-    if note:
-        print(f"kdbench: warning: {note}", file=sys.stderr)
-    stale = stale_runs(specs, store)
-    if stale:
-        changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
-        what = "kept (--reuse-stale)" if cfg.reuse_stale else "re-run"
-        print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
-              f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
+    launched = distributed.launched_world_size() > 1  # this is one of a group's processes
+    if launched and cfg.executor != "local":
+        raise KdbenchError(f"--executor {cfg.executor} under torchrun: the executor starts each run's processes "
+                           f"itself (--gpus-per-run); run kdbench once, without torchrun")
+    if not launched:  # said once, before a group starts (pricing a teacher trains a few steps)
+        _say_before(cfg, specs, env, sweeps[0])
+    if not launched and sweeps[0].world_size > 1 and cfg.executor == "local":
+        return distributed.launch(sweeps[0].world_size, sweeps[0].device, args.argv)
+    if distributed.join(torch.device(sweeps[0].device)).rank > 0:
+        logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
+        try:
+            follow(replace(env, store=FollowerStore(store.root), sinks=(), progress=False))
+        finally:
+            distributed.leave()
+        return 0
     _show_progress_lines()
     try:
         records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
+        with contextlib.suppress(RuntimeError):  # the other processes of a run trained by several stop, unless
+            distributed.announce(None)  # the error that ends the sweep broke their group
+            distributed.leave()
         if any(store.run_dir(spec.run_id).exists() for spec in specs):
             written = write_resolved(cfg, specs, results_dir)
             print(f"kdbench: the resolved sweep: {results_dir / SWEEP_NAME} (kept as {written})", file=sys.stderr)
     print(run_summary(records))
     print(f"\ntidy table: {results_dir / 'metrics.parquet'} (CSV: {results_dir / 'metrics.csv'})")
     return 1 if any(r.status == "failed" for r in records) else 0
+
+
+def _say_before(cfg: DictConfig, specs: list, env, sweep: SweepSpec) -> None:
+    """What the sweep will do that a user should know first: teachers it trains, a slow setting, stale runs."""
+    import torch
+
+    from kdbench.fingerprint import stale_runs
+    from kdbench.profile import slow_setting_note
+
+    if not (cfg.teacher_recipe or cfg.teacher_epochs or cfg.teacher_train_subset):
+        for line in _teacher_lines(specs, env):
+            print(f"kdbench: {line}", file=sys.stderr)
+    note = slow_setting_note(torch.device(sweep.device), cfg.precision, cfg.channels_last)
+    if note:
+        print(f"kdbench: warning: {note}", file=sys.stderr)
+    stale = stale_runs(specs, env.store)
+    if stale:
+        changed = sorted({m for reason in stale.values() for m in reason.split(", ")})
+        what = "kept (--reuse-stale)" if cfg.reuse_stale else "re-run"
+        print(f"kdbench: {len(stale)} finished run(s) were made by other code and will be {what}: "
+              f"{', '.join(stale)} (changed: {', '.join(changed)})", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -441,6 +475,7 @@ def _list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus-per-run starts again in each process
         return {"run": _run, "report": _report, "replay": _replay, "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)

@@ -58,6 +58,8 @@ class SweepFile:
     channels_last: bool = False
     compile: Optional[str] = None
     data_backend: Optional[str] = None
+    gpus_per_run: Optional[int] = None
+    sync_bn: bool = False
     data_dir: Optional[str] = None
     download: bool = True
     results_dir: str = "results"
@@ -202,10 +204,24 @@ def sweeps(cfg: DictConfig, device: str, teacher_ckpt_sha256: str | None = None)
                   pairs=tuple(dict.fromkeys(Pair.parse(p) for p in cfg.pairs)), seeds=tuple(cfg.seeds),
                   dataset=cfg.dataset, recipe=recipe, teacher_recipe=teacher_recipe, protocol=cfg.protocol,
                   device=device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                  data_backend=cfg.data_backend, teacher_seeds=tuple(cfg.teacher_seeds),
+                  data_backend=cfg.data_backend, world_size=world_size(cfg.gpus_per_run), sync_bn=cfg.sync_bn,
+                  teacher_seeds=tuple(cfg.teacher_seeds),
                   ta_chains=tuple(tuple(c.split(":")) for c in cfg.ta_chains),
                   teacher_ckpt_sha256=teacher_ckpt_sha256)
     return [SweepSpec(**common, method_options=combination) for combination in option_grid(cfg.options)]
+
+
+def world_size(gpus_per_run: int | None) -> int:
+    """Processes per run: ``--gpus-per-run``, or what a launcher (torchrun) set; the two must agree."""
+    from kdbench.distributed import launched_world_size
+
+    launched = launched_world_size()
+    if gpus_per_run is not None and gpus_per_run < 1:
+        raise KdbenchError(f"--gpus-per-run must be a positive integer, got {gpus_per_run}")
+    if gpus_per_run is not None and launched > 1 and gpus_per_run != launched:
+        raise KdbenchError(f"--gpus-per-run {gpus_per_run} in a process group of {launched} (WORLD_SIZE); give "
+                           f"--gpus-per-run {launched} or leave it out under torchrun")
+    return gpus_per_run or launched
 
 
 def _check_presets(methods, protocol: str) -> None:

@@ -8,18 +8,22 @@ Workers write straight into the results dir, which must therefore be one filesys
 Lustre, a local disk for a one-node cluster). A worker that dies is replaced and its task retried; the run resumes
 from its last epoch checkpoint, and its claim (a flock the kernel dropped with the dead process) keeps each result
 made once.
+
+A run trained by several processes (``--gpus-per-run N``) is a Ray Train ``TorchTrainer`` of N workers, which sets
+up their process group (NCCL on GPUs, gloo on CPUs) across the cluster's nodes; its rank 0 runs the harness as a
+one-process run does and the others follow it (kdbench.distributed). Runs are scheduled as above.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, RunFailed
 from kdbench.harness import RunEnv, load_data, run, run_sweep
 from kdbench.progress import log
 from kdbench.results import RunRecord
-from kdbench.reuse import remakes_announced
+from kdbench.reuse import failed_record, remakes_announced
 from kdbench.spec import RunSpec
 
 EXECUTORS = ("local", "ray")
@@ -59,6 +63,56 @@ def _run_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainer
     return run(RunSpec.from_dict(spec_dict), env, failed, remake=remake).to_dict()
 
 
+def _group_worker(config: dict) -> None:
+    """One of the N Ray Train workers of a run trained by several processes: rank 0 trains and records it, the
+    others train with it."""
+    import torch
+
+    from kdbench.distributed import announce, join
+    from kdbench.harness import follow
+    from kdbench.results import FollowerStore
+
+    env: RunEnv = config["env"]
+    spec = RunSpec.from_dict(config["spec"])
+    torch.set_num_threads(config["threads"])
+    if join(torch.device(spec.device)).main:
+        try:
+            run(spec, env, config["failed"], remake=config["remake"])
+        finally:
+            announce(None)
+    else:
+        follow(replace(env, store=FollowerStore(env.store.root), sinks=(), progress=False))
+
+
+def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainers: dict) -> dict:
+    """A run trained by ``spec.world_size`` processes: a TorchTrainer of that many workers, each with ``threads``
+    CPUs and, for CUDA runs, a GPU; the record is the one its rank 0 wrote."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = RunSpec.from_dict(spec_dict)
+    failed = next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
+    cuda = spec.device == "cuda"
+    trainer = TorchTrainer(_group_worker, train_loop_config={"spec": spec_dict, "env": env, "threads": threads,
+                                                             "failed": failed, "remake": remake},
+                           scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=cuda,
+                                                        resources_per_worker={"CPU": threads, **({"GPU": 1} if cuda
+                                                                                                 else {})}),
+                           run_config=RunConfig(name=spec.run_id))
+    try:
+        trainer.fit()
+        error: BaseException | None = None
+    except Exception as failure:  # a worker raised (Ray re-raises it here) or died
+        error = failure.__cause__ if isinstance(failure.__cause__, KdbenchError) else failure
+    if isinstance(error, KdbenchError):
+        raise error
+    record = env.store.load_record(spec.run_id)
+    if error is not None or record is None or record.status == "running":
+        record = failed_record(spec, error or RunFailed("its rank 0 wrote no record"), env.store)
+        env.store.write_record(record)
+    return record.to_dict()
+
+
 def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> list[RunRecord]:
     """Submits the plan as a graph of Ray tasks, then reports each run as it ends and rebuilds the table."""
     try:
@@ -68,12 +122,17 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
     load_data(specs, env)  # here, before a cluster starts; workers then read it from their own data dir
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=True)
-    task = ray.remote(_run_task)
+    task, group_task = ray.remote(_run_task), ray.remote(_run_group_task)
     remake = remakes_announced(specs, env)
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")
         trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
+        if (spec.world_size or 1) > 1:  # its workers hold the resources; the task only waits for them
+            refs[spec.run_id] = group_task.options(num_cpus=0, max_retries=RETRIES, retry_exceptions=False,
+                                                   name=spec.run_id).remote(
+                spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)
+            continue
         refs[spec.run_id] = task.options(num_cpus=options.cpus, num_gpus=gpus, max_retries=RETRIES,
                                          retry_exceptions=False, name=spec.run_id).remote(
             spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)

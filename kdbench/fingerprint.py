@@ -30,7 +30,8 @@ CORE = "kdbench.harness"
 # Modules that only some runs execute, with the test of a spec that says whether it does: counted in those runs'
 # code only, so that changing, say, the compiled path leaves every eager run's fingerprint as it was. Each imports
 # no kdbench module outside the harness's closure.
-OPTIONAL: dict[str, Callable[[RunSpec], bool]] = {"kdbench.compiled": lambda spec: spec.compile is not None}
+OPTIONAL: dict[str, Callable[[RunSpec], bool]] = {"kdbench.compiled": lambda spec: spec.compile is not None,
+                                                  "kdbench.distributed": lambda spec: (spec.world_size or 1) > 1}
 
 
 def _module_file(name: str) -> Path | None:

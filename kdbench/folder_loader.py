@@ -211,7 +211,8 @@ class FolderLoader(BatchCounts):
         perm = torch.randperm(self.num_train, generator=_generator(seed, epoch, "perm"))
         order = self.subset.cpu()[perm]
         b = self.batch_size
-        chunks = [(order[k * b:(k + 1) * b], perm[k * b:(k + 1) * b]) for k in range(self.steps_per_epoch)]
+        chunks = [(self.mine(order[k * b:(k + 1) * b]), self.mine(perm[k * b:(k + 1) * b]))
+                  for k in range(self.steps_per_epoch)]
         batches = [[(int(i), seed, epoch) for i in idx] for idx, _ in chunks]
         for x, (idx, pos) in zip(self._batches(self._train_images, batches), chunks):
             batch = x, self.train_y[idx.to(self.device)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,20 +18,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kdbench import distributed
 from kdbench.compiled import compile_forward
 from kdbench.data import ArrayData, load_dataset
+from kdbench.distributed import (
+    World,
+    announce,
+    broadcast_buffers,
+    group_provenance,
+    seed_process,
+    summed,
+    sync_batch_norm,
+)
 from kdbench.errors import KdbenchError, RunFailed
 from kdbench.execution import autocast, batch_statistics, evaluate, load_weights
 from kdbench.fingerprint import fingerprint
 from kdbench.loader import DeviceLoader, input_shape, run_loader, stream_seed
-from kdbench.measure import StepTimer, macs_per_image, provenance, reset_peak_memory, run_metrics
+from kdbench.measure import StepTimer, macs_per_image, peak_bytes, provenance, reset_peak_memory, run_metrics
 from kdbench.methods import method_class
-from kdbench.methods.base import InitStage, MethodContext, Preparation, StepOutputs
+from kdbench.methods.base import MethodContext, Preparation, StepOutputs
 from kdbench.models import create_model, model_entry
 from kdbench.models.taps import FeatureExtractor, feature_shapes
+from kdbench.parts import Parts
 from kdbench.progress import RunLog, SinkChoice, SweepProgress, log
 from kdbench.results import ResultsStore, RunRecord, sha256_file
-from kdbench.reuse import NON_FINITE, diverged_before, kept_record, remakes_announced
+from kdbench.reuse import NON_FINITE, diverged_before, failed_record, kept_record, remakes_announced
 from kdbench.spec import RunSpec
 
 
@@ -94,7 +104,9 @@ def _import_pretrained(spec: RunSpec, env: RunEnv, loader: DeviceLoader, device:
 
 def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device: torch.device) -> dict[str, float]:
     """An epoch's evaluation: test top-1/top-5, the validation split's top-1/top-5 where the recipe holds one out,
-    the time both took (``eval_s``) and the test set's evaluation throughput."""
+    the time both took (``eval_s``) and the test set's evaluation throughput. Every process evaluates the whole
+    test set with rank 0's running statistics."""
+    broadcast_buffers(model, World.current())
     test = evaluate(model, loader, spec, device)
     scores = {"top1": test["top1"], "top5": test["top5"], "eval_s": test["eval_s"],
               "eval_images_per_s": test["eval_images_per_s"]}
@@ -104,43 +116,7 @@ def _scores(model: torch.nn.Module, loader: DeviceLoader, spec: RunSpec, device:
     return scores
 
 
-@dataclass
-class _Parts:
-    """The modules and optimiser of one run."""
-
-    student: torch.nn.Module
-    method: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    base_lr: float
-    student_fx: FeatureExtractor
-    # Frozen models that teach this run: index 0 the teacher, k the k-th teacher assistant.
-    trainers: list[torch.nn.Module] = field(default_factory=list)
-    trainer_fx: list[FeatureExtractor] = field(default_factory=list)
-    trainer_records: list[RunRecord] = field(default_factory=list)
-    init_stage: InitStage | None = None  # the method's stage before the recipe's epochs, with its own optimiser
-    init_optimizer: torch.optim.Optimizer | None = None
-
-    @property
-    def init_epochs(self) -> int:
-        return self.init_stage.epochs if self.init_stage else 0
-
-    def optimizer_of(self, stage: str) -> torch.optim.Optimizer:
-        return self.init_optimizer if stage == "init" else self.optimizer
-
-    def state(self) -> dict:
-        return {"student": self.student.state_dict(), "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "init_optimizer": self.init_optimizer.state_dict() if self.init_optimizer else None}
-
-    def load_state(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.init_optimizer is not None:
-            self.init_optimizer.load_state_dict(state["init_optimizer"])
-
-
-def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> _Parts:
+def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device, frozen=_frozen) -> Parts:
     """Student (seeded init), frozen teacher, method modules built from feature shapes, one SGD for all. ``frozen``
     makes each trainer from (arch, run id, env, data, device): by default the finished run's weights (a dry run
     passes untrained models)."""
@@ -156,6 +132,8 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
                                feature_shapes(trainers[0], shape) if trainers else None,
                                spec.recipe.train_images(len(data.train_y)))
     method = method_cls(ctx).to(device)
+    if spec.sync_bn:  # the student's BatchNorms and the method's own (FitNet's regressor)
+        student, method = sync_batch_norm(student, device), sync_batch_norm(method, device)
     method.attach(student)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     for module in (student, method, *trainers):
@@ -171,12 +149,12 @@ def _assemble(spec: RunSpec, env: RunEnv, data: ArrayData, device: torch.device,
     stage = method.init_stage(student, base_lr)
     init_optimizer = torch.optim.SGD(stage.parameters, lr=stage.lr, momentum=recipe.momentum,
                                      weight_decay=recipe.weight_decay, **fused) if stage else None
-    return _Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
+    return Parts(student, method, optimizer, base_lr, FeatureExtractor(student, method.student_taps),
                   list(trainers), [FeatureExtractor(t, method.teacher_taps) for t in trainers], list(records),
                   stage, init_optimizer)
 
 
-def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
+def _preparation(parts: Parts, loader: DeviceLoader, spec: RunSpec, store: ResultsStore) -> Preparation:
     teacher_fx = parts.trainer_fx[0]
 
     @torch.no_grad()
@@ -191,7 +169,7 @@ def _preparation(parts: _Parts, loader: DeviceLoader, spec: RunSpec, store: Resu
                        loader.train_y[loader.subset], parts.trainers[0])
 
 
-def _view_logits(parts: _Parts, active: tuple[int, ...], images: torch.Tensor):
+def _view_logits(parts: Parts, active: tuple[int, ...], images: torch.Tensor):
     """(student logits, teacher logits or None) on another view of the batch, forwarded apart: the student's
     BatchNorm sees each view's statistics, as MLKD's code forwards them."""
     teacher = [parts.trainers[0]] if 0 in active else []
@@ -200,13 +178,14 @@ def _view_logits(parts: _Parts, active: tuple[int, ...], images: torch.Tensor):
     return parts.student_fx(images)[0], teacher_logits
 
 
-def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
+def _train_epoch(parts: Parts, loader: DeviceLoader, spec: RunSpec, epoch: int, timer: StepTimer,
                  show: bool | None, stage: str = "main") -> dict[str, float]:
     """One epoch of steps of ``stage`` ("init": the method's InitStage, with its optimiser); loss terms and correct
     counts stay on the device until the epoch ends."""
     optimizer = parts.optimizer_of(stage)
     device = loader.device
     precision = autocast(spec, device)
+    seed_process(spec.seed, epoch, parts.method.world)
     parts.student.train(stage == "main")  # an init stage trains only its own student modules (InitStage)
     for module in parts.init_stage.student_train_modules if stage == "init" else ():
         module.train()
@@ -235,20 +214,22 @@ def _train_epoch(parts: _Parts, loader: DeviceLoader, spec: RunSpec, epoch: int,
                                                     {i: logits for i, (logits, _) in taught.items()}, epoch,
                                                     positions, stage, extra))
         parts.method.step(optimizer, terms)
-        timer.stop(started, len(y))
+        timer.stop(started, len(y) * parts.method.world.size)  # the global batch: all processes step together
         if timer.steps_seen == spec.recipe.warmup_steps:  # measure memory after warm-up
             reset_peak_memory(device)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         correct += (s_logits.argmax(dim=1) == y).sum()
     train_s = time.perf_counter() - started_epoch
-    steps = loader.steps_per_epoch
-    losses = {f"loss_{name}": value.item() / steps for name, value in sums.items()}
-    total = sum(losses.values())
-    return {"train_top1": 100.0 * correct.item() / (steps * loader.batch_size if loader.drop_last
+    steps, world = loader.steps_per_epoch, parts.method.world
+    peak = torch.tensor(peak_bytes(device), device=device)  # summed over the processes of a run trained by several
+    *sums_all, correct, peaks = summed(torch.stack([*sums.values(), correct.float(), peak]), world).tolist()
+    losses = {f"loss_{name}": value / steps / world.size for name, value in zip(sums, sums_all)}
+    return {"train_top1": 100.0 * correct / (steps * loader.batch_size if loader.drop_last
                                                     else loader.num_train),
-            "loss": total, **losses, "epoch_s": train_s, "epoch_cpu_s": time.process_time() - started_cpu,
-            "frozen_forwards_per_step": frozen_forwards / steps}
+            "loss": sum(losses.values()), **losses, "epoch_s": train_s,
+            "epoch_cpu_s": time.process_time() - started_cpu, "frozen_forwards_per_step": frozen_forwards / steps,
+            **({"peak_bytes_all_processes": peaks} if world.size > 1 else {})}
 
 
 def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRecord:
@@ -273,34 +254,36 @@ def _remade(spec: RunSpec, old: RunRecord, env: RunEnv, runlog: RunLog) -> RunRe
     return record
 
 
-def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> RunRecord:
+def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False, decided: bool = False) -> RunRecord:
     """Trains (or resumes) one run, its claim held. A finished run is returned as stored when the current code made
     it (or ``env.reuse_stale``), unless ``remake`` asks for its missing weights; else it is trained again, as is a
-    resume state left by other code."""
+    resume state left by other code. ``decided``: rank 0 of the run's processes decided to train it (``follow``)."""
     store = env.store
     code = fingerprint(spec)
-    existing = kept_record(spec, env)
+    existing = None if decided else kept_record(spec, env)
     if existing is not None:
         if remake and not store.weights_path(spec.run_id).is_file():  # another process may have re-made them
             return _remade(spec, existing, env, runlog)
         runlog.end("skipped", "finished before")
         return existing
-    failed = diverged_before(spec, env)
+    failed = None if decided else diverged_before(spec, env)
     if failed is not None:
         runlog.end("skipped", "diverged before under this code (a non-finite loss); --retry-failed trains it again")
         return failed
+    announce(spec)  # a run trained by several processes: the others train it now too (kdbench.distributed)
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = _dataset(spec.dataset, env.data_dir, env.download)
     recipe = spec.recipe
-    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches)
+    loader = run_loader(spec, data, device, method_class(spec.method).needs_full_batches, World.current())
     if spec.pretrained:
         record = _import_pretrained(spec, env, loader, device)
         runlog.end("finished", f"imported checkpoint, top1 {record.metrics['top1_last']:.2f}")
         return record
     store.write_spec(spec)
     parts = _assemble(spec, env, data, device)
+    parts.method.world = World.current()  # a dry run's or a profile's parts stay in one process
     teacher = parts.trainers[0] if parts.trainers else None
 
     history: list[dict[str, float]] = []
@@ -319,7 +302,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
 
     if not history:  # new weights: what earlier weights of this run had fitted for its students is void
-        shutil.rmtree(store.run_dir(spec.run_id) / "artefacts", ignore_errors=True)
+        store.discard(store.run_dir(spec.run_id) / "artefacts")
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
     if not history and teacher is not None:  # a resumed run restored what prepare fitted
         started = time.perf_counter()
@@ -328,7 +311,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
         reused_fit_s = parts.method.reused_fit_s()
         fit_metrics = parts.method.fit_metrics()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
-    prov = {**provenance(device), **code, "method_note": parts.method.note,
+    prov = {**group_provenance(provenance(device)), **code, "method_note": parts.method.note,
             "method_label": type(parts.method).label(dict(spec.method_options))}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
@@ -374,6 +357,8 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         store.write_record(RunRecord(spec, "running", {}, history, prov))
 
+    if decided:  # another process of the run's group: rank 0 measures, saves and records it
+        return RunRecord(spec, "running", {}, history, prov)
     for extractor in (parts.student_fx, *parts.trainer_fx):
         extractor.remove()
     shape = input_shape(data, recipe.image_size)
@@ -385,7 +370,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
             raise RunFailed(f"a frozen teacher changed during training ({', '.join(changed[:3])})")
     store.save_torch(store.weights_path(spec.run_id), deployed.state_dict())
     prov["weights_sha256"] = sha256_file(store.weights_path(spec.run_id))
-    metrics = {**run_metrics(history, step_times, device), **fit_metrics}
+    metrics = {**run_metrics(history, step_times, device, parts.method.world.size), **fit_metrics}
     metrics.update(
         student_params=float(sum(p.numel() for p in parts.student.parameters())),
         extra_params_train=float(parts.method.extra_params_train()),
@@ -409,22 +394,9 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False) -> 
                        + sum(assistant_walls))
     record = RunRecord(spec, "finished", metrics, history, prov)
     store.write_record(record)
-    checkpoint_path.unlink(missing_ok=True)
+    store.discard(checkpoint_path)
     runlog.end("finished", f"top1 {metrics['top1_last']:.2f}, {metrics['wall_s']:.0f} s")
     return record
-
-
-def _failed(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunRecord:
-    """A failed record keeping the epochs the run completed before it failed."""
-    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    partial = store.load_record(spec.run_id)
-    epochs = partial.epochs if partial else []
-    main = sum(e["epoch"] >= 1 for e in epochs)  # as measure.run_metrics counts: an init stage's epochs apart
-    metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
-                                                   else {})}
-    # the code that failed, also when no epoch ended (diverged_before compares it with the current code)
-    provenance = {**fingerprint(spec), **(partial.provenance if partial else {})}
-    return RunRecord(spec, "failed", metrics, epochs, provenance, reason)
 
 
 def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: SweepProgress | None = None,
@@ -445,12 +417,20 @@ def run(spec: RunSpec, env: RunEnv, trainer_failed: str | None = None, sweep: Sw
         except (KdbenchError, KeyboardInterrupt):
             raise
         except Exception as error:
-            record = _failed(spec, error, env.store)
+            if World.current().size > 1 and not isinstance(error, RunFailed):
+                raise  # on one process only, maybe: the group stops (kdbench.distributed)
+            record = failed_record(spec, error, env.store)
             env.store.write_record(record)
             runlog.end("failed", record.error)
             if spec.device == "cuda":
                 torch.cuda.empty_cache()
             return record
+
+
+def follow(env: RunEnv) -> None:
+    """A process of rank > 0 of runs trained by several: trains each run that rank 0 announces, until its sweep
+    ends (kdbench.distributed); ``env.store`` writes nothing (FollowerStore)."""
+    distributed.follow(lambda spec: _train(spec, env, RunLog(spec, env.store.root), decided=True))
 
 
 def load_data(specs: list[RunSpec], env: RunEnv) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from kdbench import augment
 from kdbench.data import IMAGE_SIZE, PAD, ArrayData, DatasetInfo
+from kdbench.distributed import World
 from kdbench.errors import KdbenchError
 
 if TYPE_CHECKING:
@@ -82,15 +83,23 @@ def make_loader(data, device: torch.device | str, *, image_size: int | None = No
     return FolderLoader(data, device, image_size=image_size, backend=backend, **options)
 
 
-def run_loader(spec: RunSpec, data, device: torch.device | str, full_batches: bool):
-    """The loader ``spec``'s run trains and evaluates with (and a dry run prices); ``full_batches``: its method
-    needs every batch full (Method.needs_full_batches), so the last, short one is dropped."""
+def run_loader(spec: RunSpec, data, device: torch.device | str, full_batches: bool, world: World | None = None):
+    """The loader ``spec``'s run trains and evaluates with (and a dry run prices, in one process at the global
+    batch); ``full_batches``: its method needs every batch full (Method.needs_full_batches), so the last, short one
+    is dropped. In ``world``, a process group that trains the run, each process takes its share of each batch."""
     recipe = spec.recipe
-    return make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
-                       train_subset=recipe.train_images(len(data.train_y)),
-                       test_subset=recipe.test_images(len(data.test_y)), drop_last=recipe.drop_last or full_batches,
-                       pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size,
-                       backend=spec.data_backend)
+    loader = make_loader(data, device, batch_size=recipe.batch_size, channels_last=spec.channels_last,
+                         train_subset=recipe.train_images(len(data.train_y)),
+                         test_subset=recipe.test_images(len(data.test_y)), drop_last=recipe.drop_last or full_batches,
+                         pad_mode=recipe.pad_mode, val_split=recipe.val_split, image_size=recipe.image_size,
+                         backend=spec.data_backend)
+    if world is not None:
+        if world.size != (spec.world_size or 1):
+            raise KdbenchError(f"{spec.run_id} is trained by {spec.world_size or 1} process(es), and this process "
+                               f"group has {world.size}; give --gpus-per-run {world.size}, or launch "
+                               f"{spec.world_size or 1}")
+        loader.rank, loader.ranks = world.rank, world.size
+    return loader
 
 
 def input_shape(data, image_size: int | None) -> tuple[int, int, int]:
@@ -104,6 +113,13 @@ class BatchCounts:
     subset: torch.Tensor
     batch_size: int
     drop_last: bool
+    # This process's share of each training batch in a run across processes (kdbench.distributed): positions rank,
+    # rank + ranks, ... of the batch, as DistributedSampler deals an epoch; one process takes every position.
+    rank: int = 0
+    ranks: int = 1
+
+    def mine(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[self.rank::self.ranks]
 
     @property
     def num_train(self) -> int:
@@ -226,10 +242,10 @@ class DeviceLoader(BatchCounts):
             drawn = augment.draw(_generator(seed, epoch, "randaugment"), self.num_full_train)
         b = self.batch_size
         for k in range(self.steps_per_epoch):
-            idx = order[k * b:(k + 1) * b]
+            idx = self.mine(order[k * b:(k + 1) * b])
             batch = self.augment(idx, ai[idx], aj[idx], af[idx]), self.train_y[idx]
             if positions:
-                batch = (*batch, perm[k * b:(k + 1) * b])
+                batch = (*batch, self.mine(perm[k * b:(k + 1) * b]))
             if views:
                 on_cpu = idx.cpu()
                 batch = (*batch, {"strong": self.strong(idx, si[idx], sj[idx], sf[idx], drawn.take(on_cpu))})

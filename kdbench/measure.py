@@ -78,6 +78,11 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return {"cpu_peak_rss_bytes": float(_peak_rss_bytes())}
 
 
+def peak_bytes(device: torch.device) -> float:
+    """The peak that ``peak_memory`` leads with: CUDA max allocated, or the CPU's peak RSS."""
+    return next(iter(peak_memory(device).values()))
+
+
 def _peak_rss_bytes() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -158,9 +163,10 @@ def provenance(device: torch.device) -> dict[str, object]:
 
 
 def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, int]],
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, processes: int = 1) -> dict[str, float]:
     """Run-level accuracy (main-stage epochs), steady-state speed and memory (the main stage's steps) and wall time
-    (every epoch) from the per-epoch history and step timings."""
+    (every epoch) from the per-epoch history and step timings; for a run of several ``processes``, the global img/s
+    (the global batch per step), and per device, and the peak memory of all processes together."""
     trained = [h for h in history if h["epoch"] >= 1]  # the main stage's epochs
     main = [h for h in trained if "top1" in h]  # those evaluated (Recipe.eval_every): the last always is
     best = max(main, key=lambda h: h["top1"])
@@ -185,6 +191,10 @@ def run_metrics(history: list[dict[str, float]], step_times: list[tuple[float, i
         seconds = [s for s, _ in step_times]
         quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
         metrics.update(train_images_per_s=sum(n for _, n in step_times) / sum(seconds),
+                       **({"train_images_per_s_per_device": sum(n for _, n in step_times) / sum(seconds) / processes}
+                          if processes > 1 else {}),
                        step_ms_median=1000 * quartiles[1], step_ms_iqr=1000 * (quartiles[2] - quartiles[0]))
-    metrics.update(peak_memory(device))
+    metrics.update(peak_memory(device))  # this process's (rank 0's), and all processes' together:
+    if processes > 1:
+        metrics["peak_bytes_all_processes"] = max(h["peak_bytes_all_processes"] for h in history)
     return metrics

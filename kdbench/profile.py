@@ -43,6 +43,7 @@ from kdbench.execution import autocast
 from kdbench.measure import StepTimer, provenance
 from kdbench.methods.base import KD_TEMPERATURE, kd_divergence
 from kdbench.models import create_model
+from kdbench.parts import Parts
 from kdbench.results import ResultsStore, atomic_write
 from kdbench.spec import RunSpec
 
@@ -231,7 +232,7 @@ class Profile:
         return [{**setting, "metric": k, "value": float(v)} for k, v in values.items()]
 
 
-def _prepared(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader) -> harness._Parts:
+def _prepared(spec: RunSpec, env: harness.RunEnv, data, device: torch.device, loader) -> Parts:
     """The setting's parts as the harness assembles them, untrained frozen models, and the method's fitted state
     (centres, banks, heads) from a few batches."""
     parts = harness._assemble(spec, env, data, device, frozen=_untrained)

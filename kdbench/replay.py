@@ -107,6 +107,8 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
         return Replay(run_id, "current", detail="replayed by this code before")
     if record.spec.pretrained:
         return Replay(run_id, "skipped", detail="an imported checkpoint: nothing was trained")
+    if (record.spec.world_size or 1) > 1:
+        return Replay(run_id, "skipped", detail=f"trained by {record.spec.world_size} processes; a replay runs in one")
     here = provenance(torch.device(record.spec.device))  # the build, and the commit that replays
     other = _other_build(record, here)
     if other:

@@ -115,6 +115,7 @@ class RunRecord:
             "lr": spec.recipe.lr,  # None: the model's default
             "precision": spec.precision,
             "channels_last": spec.channels_last, "compile": spec.compile, "device": spec.device,
+            "data_backend": spec.data_backend, "world_size": spec.world_size, "sync_bn": spec.sync_bn,
             "teacher_run": spec.teacher_run, "assistant_runs": ":".join(spec.assistant_runs) or None,
             "teacher_seed": spec.seed if spec.role == "teacher" else None,  # a taught run's: its provenance's
             # scalars only: the per-module code hashes (code_files) stay in record.json
@@ -384,6 +385,14 @@ class ResultsStore:
             rows.append(frame)
         return (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()), not_counted
 
+    def discard(self, path: Path) -> None:
+        """Removes a run's file or folder that is no longer wanted (a finished run's resume checkpoint, artefacts
+        fitted for weights that were replaced)."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
     def rebuild_table(self) -> pd.DataFrame:
         """Writes ``metrics.parquet`` and ``metrics.csv`` at the root from the run folders, under the table's lock
         (so concurrent rebuilds never interleave) and atomically (so readers never see a partial file)."""
@@ -404,3 +413,31 @@ def sha256_file(path: str | Path, what: str = "file") -> str:
     except OSError as e:
         raise KdbenchError(f"cannot read {what} {path}: {e.strerror or e}") from None
     return digest.hexdigest()
+
+
+class FollowerStore(ResultsStore):
+    """The store as a process of a run trained by several sees it (kdbench.distributed): it reads what rank 0
+    wrote and writes nothing, and takes no claim (rank 0 holds the run's for the group)."""
+
+    @contextmanager
+    def claim(self, run_id: str, wait: bool = True) -> Iterator[bool]:
+        yield True
+
+    def set_aside(self, path: Path, problem: str, say: bool = True, why: str = "damaged",
+                  then: str = "its run will be made again") -> Path:
+        return path
+
+    def write_spec(self, spec: RunSpec) -> None:
+        pass
+
+    def write_record(self, record: RunRecord) -> None:
+        pass
+
+    def save_torch(self, path: Path, obj: Any) -> None:
+        pass
+
+    def discard(self, path: Path) -> None:
+        pass
+
+    def rebuild_table(self) -> pd.DataFrame:
+        return pd.DataFrame()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from kdbench.errors import RunFailed
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.progress import log
-from kdbench.results import DamagedRun, RunRecord
+from kdbench.results import DamagedRun, ResultsStore, RunRecord
 from kdbench.spec import RunSpec
 
 if TYPE_CHECKING:
@@ -67,3 +67,16 @@ def remakes_announced(specs: list[RunSpec], env: RunEnv) -> dict[str, int]:
         log.warning("%d finished run(s) have no weights and will be made again, because runs to train need them: %s",
                     len(remake), ", ".join(remake))
     return remake
+
+
+def failed_record(spec: RunSpec, error: BaseException, store: ResultsStore) -> RunRecord:
+    """A failed record keeping the epochs the run completed before it failed."""
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+    partial = store.load_record(spec.run_id)
+    epochs = partial.epochs if partial else []
+    main = sum(e["epoch"] >= 1 for e in epochs)  # as measure.run_metrics counts: an init stage's epochs apart
+    metrics = {"epochs_completed": float(main), **({"init_epochs": float(len(epochs) - main)} if main < len(epochs)
+                                                   else {})}
+    # the code that failed, also when no epoch ended (diverged_before compares it with the current code)
+    provenance = {**fingerprint(spec), **(partial.provenance if partial else {})}
+    return RunRecord(spec, "failed", metrics, epochs, provenance, reason)

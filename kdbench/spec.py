@@ -192,6 +192,10 @@ class RunSpec:
     channels_last: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: eager
     data_backend: str | None = None  # a folder dataset's decoding (DATA_BACKENDS); None: the default, or none
+    # Processes that train the run together (kdbench.distributed), the recipe's batch_size being their global batch;
+    # None: one. sync_bn: BatchNorm statistics over the global batch (True), not per process (None).
+    world_size: int | None = None
+    sync_bn: bool | None = None
 
     @property
     def pair(self) -> str | None:
@@ -254,6 +258,8 @@ class SweepSpec:
     channels_last: bool = False
     compile: str | None = None
     data_backend: str | None = None  # one of DATA_BACKENDS for a folder dataset; None: its default
+    world_size: int = 1  # processes per run (kdbench.distributed)
+    sync_bn: bool = False
     # Seeds of the teachers kdbench trains: every student seed of every method learns from each (a cross product).
     # A row of the report is taught by one teacher; several teacher seeds give rows of their own.
     teacher_seeds: tuple[int, ...] = (0,)
@@ -265,7 +271,8 @@ class SweepSpec:
         # the default backend is no setting, so runs that name it keep the ids of runs that do not
         backend = None if self.data_backend == DATA_BACKENDS[0] else self.data_backend
         return dict(dataset=self.dataset, device=self.device, precision=self.precision,
-                    channels_last=self.channels_last, compile=self.compile, data_backend=backend)
+                    channels_last=self.channels_last, compile=self.compile, data_backend=backend,
+                    world_size=self.world_size if self.world_size > 1 else None, sync_bn=self.sync_bn or None)
 
     def _on_dataset(self, recipe: Recipe) -> Recipe:
         from kdbench.data import dataset_info
@@ -409,7 +416,7 @@ class SweepSpec:
 
         from kdbench.data import dataset_info
         from kdbench.methods import method_class
-        from kdbench.methods.base import MethodContext
+        from kdbench.methods.base import Method, MethodContext
         from kdbench.models import create_model
         from kdbench.models.taps import feature_shapes
 
@@ -418,6 +425,9 @@ class SweepSpec:
             raise KdbenchError(f"data backend {self.data_backend!r}: {', '.join(DATA_BACKENDS)} decode imagenet and "
                                f"tiny-imagenet" + ("" if info.from_files else
                                                    f"; {self.dataset} is held whole on the run's device"))
+        if self.sync_bn and self.world_size < 2:
+            raise KdbenchError("--sync-bn synchronises BatchNorm over the processes of a run; give --gpus-per-run 2 "
+                               "or more, or launch with torchrun")
         for run in runs:
             held_out = run.recipe.val_split or 0
             if info.train_size is not None and held_out >= info.train_size:
@@ -426,6 +436,9 @@ class SweepSpec:
                                    f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
+            if (run.world_size or 1) > 1 and method_class(run.method).prepare is not Method.prepare:
+                raise KdbenchError(f"{run.method} fits on its teacher before training (Method.prepare), in one process "
+                                   f"only so far; train it without --gpus-per-run")
             missing = sorted(set(method_class(run.method).views) - set(info.views))
             if missing:
                 raise KdbenchError(f"{run.method} trains on the augmented view(s) {', '.join(missing)}, which the "
@@ -465,6 +478,11 @@ def _check_steps(run: RunSpec, method: type, dataset_size: int | None) -> None:
     if images is None:
         return
     drops = recipe.drop_last or method.needs_full_batches
+    ranks = run.world_size or 1
+    if ranks > 1 and (recipe.batch_size % ranks or recipe.batch_size // ranks < method.min_batch):
+        raise KdbenchError(f"the {run.role} {run.student} ({run.method}): a global batch of {recipe.batch_size} over "
+                           f"{ranks} processes must split evenly, at least {method.min_batch} images to each; use a "
+                           f"--batch-size that is a multiple of {ranks} (and at least {ranks * method.min_batch})")
     if drops and images < recipe.batch_size:
         why = f"{run.method} needs full batches" if method.needs_full_batches else \
             f"recipe {recipe.name} drops the last batch"
@@ -473,7 +491,9 @@ def _check_steps(run: RunSpec, method: type, dataset_size: int | None) -> None:
         raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches "
                            f"of {recipe.batch_size}, and {why}: not one step per epoch; use {fix}")
     last = images % recipe.batch_size
-    if not drops and 0 < last < method.min_batch:
+    if not drops and 0 < last < method.min_batch * ranks:
+        each = f" ({method.min_batch} in each of {ranks} processes)" if ranks > 1 else ""
         raise KdbenchError(f"the {run.role} {run.student} ({run.method}) would train on {images} images in batches "
                            f"of {recipe.batch_size}, leaving a last batch of {last}, and {run.method} needs at least "
-                           f"{method.min_batch} images a batch; use another --train-subset or --batch-size")
+                           f"{method.min_batch * ranks} images a batch{each}; use another --train-subset or "
+                           f"--batch-size")

@@ -26,6 +26,10 @@ branch (the teacher map pooled to the student's size; RepDistiller raises). In t
 forwarded only for a KD term: RepDistiller's ``helper/loops.py::train_distill`` forwards it there for nothing, a
 cost kdbench does not count. Like every option counted in epochs, ``init_epochs`` scales with the recipe
 (30 at 240 epochs; ``Method.epoch_options``).
+
+On several processes (kdbench.distributed) the init stage trains each process's shard with the gradients averaged, as
+the main stage; its losses are per sample, so only BatchNorm (per process unless ``--sync-bn``) sees the shard.
+RepDistiller trains AB on one GPU.
 """
 
 from __future__ import annotations

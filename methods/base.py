@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.distributed import World, average_
 from kdbench.errors import KdbenchError
 
 if TYPE_CHECKING:
@@ -100,10 +101,12 @@ class MethodContext:
     @classmethod
     def of_run(cls, spec: "RunSpec", num_classes: int, student_shapes: dict[str, tuple[int, ...]],
                teacher_shapes: dict[str, tuple[int, ...]] | None, num_train: int = 0) -> "MethodContext":
-        """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks."""
-        return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size, num_classes,
-                   dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train, spec.student,
-                   spec.recipe.fit_points)
+        """The context ``spec``'s method is built with: one definition for the harness and for plan-time checks. Its
+        batch is what one process trains on: the global batch over the run's processes (SemCKD's official ImageNet
+        code divides it so too)."""
+        return cls(student_shapes, teacher_shapes, spec.protocol, spec.recipe.batch_size // (spec.world_size or 1),
+                   num_classes, dict(spec.method_options), spec.seed, spec.role, len(spec.assistants), num_train,
+                   spec.student, spec.recipe.fit_points)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,8 @@ class Method(nn.Module):
     # Options counted in epochs (an init stage, a loss warm-up) whose official values are set for the official
     # codes' 240-epoch schedule; a recipe of E epochs scales their defaults by E/240 (see `resolve_options`).
     epoch_options: ClassVar[tuple[str, ...]] = ()
+    # The processes that train this run together (kdbench.distributed); the harness sets it.
+    world: World = World()
 
     @classmethod
     def pair_defaults(cls, teacher: str | None, student: str) -> dict[str, Any]:
@@ -295,7 +300,14 @@ class Method(nn.Module):
         sets them) and keeps any state of its own in its state dict, so that a run resumes."""
         optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
+        self.average_gradients([p.grad for group in optimizer.param_groups for p in group["params"]])
         optimizer.step()
+
+    def average_gradients(self, gradients: list[torch.Tensor | None]) -> None:
+        """Averages this step's ``gradients`` in place over the processes of a run trained by several
+        (``kdbench.distributed``), as DDP's all-reduce does; nothing in one process. A method that computes its
+        gradients itself (``step`` overridden) calls it on them before its update."""
+        average_(gradients, self.world)
 
     def extra_params_train(self) -> int:
         """Trainable parameters beyond the student's, used only while training."""

@@ -15,6 +15,10 @@ has no pair and contributes 0, where the reference code returns NaN).
 
 Presets: official and crd ``CE + 0.02·L_CC`` (HobbitLong/RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b
 0.02``); semckd ``CE + KD_4 + 0.02·L_CC`` (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``).
+
+On several processes (kdbench.distributed) the correlations pair consecutive samples of each process's shard, and the
+loss is the mean over the processes. CC's official code (RepDistiller) trains on one GPU and has no multi-GPU form; per
+shard is kdbench's choice, as for the other relation losses.
 """
 
 from __future__ import annotations

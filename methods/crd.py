@@ -24,6 +24,12 @@ The class of every position is a buffer of fixed size N, unlike per-class tables
 sizes, so a resumed run loads it (with the banks, Z and the step count) without running ``prepare``.
 Scores are one ``(B, D)×(D, N)`` product per side and a gather, instead of RepDistiller's gather of B·(K+1) bank
 rows: the same numbers without its B×(K+1)×D tensors (0.54 GB per side at N = 50,000, K = 16,384, B = 64).
+
+CRD's memory bank is fitted before training (``prepare``) and updated each step from the batch's dataset indices, so
+several processes would each keep a bank of their own; a run of several processes is refused until the bank is kept as
+one (all-gather each step's indices and embeddings and apply the same update on every process, Z from the global first
+batch). RepDistiller trains CRD on one GPU; mdistiller's DataParallel keeps only the first GPU's bank updates, an
+artefact not to copy.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ global --cosine_decay 1 --decay_max 0 --decay_min -1 --decay_loops 10``; ``t_sta
 - Loss: ``ce_weight·CE + kd_weight·τ²·KL(σ(z_t/τ) ‖ σ(z_s/τ))``, batch-mean; the gradient reaches τ through both
   softmaxes. Presets: official and crd 0.1 CE + 0.9 KD (the script's ``-r 0.1 -a 0.9``), semckd CE + KD. The
   ``temperature`` option is not used: τ is learnt (the official ``kd_T`` is unused once the module is on).
+
+On several processes (kdbench.distributed) the temperature's gradient is averaged with the others, so the group learns
+one temperature, as CTKD's one-GPU CIFAR code does; its official ImageNet code (DDP) leaves the temperature out of DDP,
+and each process learns its own.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ is ``CE + 2·DIST`` with β = γ = 1, which kdbench writes as ``ce_weight`` 1, `
 the semckd protocol's added KD_4 would count the KD signal twice. ``kl_reduction`` applies only to a logit KD term
 a user adds with ``kd_weight``. The config's recipe is RepDistiller's (240 epochs, lr 0.05 ×0.1 at 150/180/210,
 batch 64, weight decay 5e-4; lr 0.01 for MobileNet/ShuffleNet students, as kdbench's models set).
+
+On several processes (kdbench.distributed) the intra-class correlation is over each process's shard, and the loss is the
+mean over the processes: as DIST_KD's own ImageNet training (DDP) computes it on each process's local batch.
 """
 
 from __future__ import annotations

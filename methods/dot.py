@@ -20,6 +20,9 @@ The task is the ``ce`` term; every other term is distillation. The loss is KD's 
 official 0.1 CE + 0.9 KD_4 as mdistiller's KD config). Both buffers live in this method's state dict, so a run
 resumes with them; the run's own SGD buffers stay unused. DOT's update has no Nesterov form: a recipe with Nesterov
 momentum fails the run with that reason. Costs a second backward pass per step (through the graph kept by the first).
+
+On several processes (kdbench.distributed) both gradients, the distillation's and the task's, are averaged over the
+processes before DOT's update (``average_gradients``), as mdistiller's DataParallel sums every replica's into both.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class DistillationOrientedStep:
 
         kd_grads = dict(zip(map(id, params), gradients(sum(distill) if distill else None, True)))
         task_grads = dict(zip(map(id, params), gradients(task, False)))
+        self.average_gradients([*kd_grads.values(), *task_grads.values()])
         index = 0  # a parameter's position in the optimiser: the key of its buffers in the state dict
         with torch.no_grad():
             for group in optimizer.param_groups:

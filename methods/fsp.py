@@ -18,6 +18,10 @@ Learning", CVPR 2017 (no arXiv version). As in HobbitLong/RepDistiller (``distil
 The init stage trains RepDistiller's ``get_feat_modules`` in train mode, the rest of the student in eval mode, as
 ``ab``'s. Deviations: the teacher is forwarded in the main stage only for a KD term, and
 ``init_epochs`` scales with the recipe (30 at 240 epochs).
+
+On several processes (kdbench.distributed) the init stage trains each process's shard with the gradients averaged, as
+the main stage; FSP matrices are per sample, so only BatchNorm (per process unless ``--sync-bn``) sees the shard.
+RepDistiller trains FSP on one GPU.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor 
 
 During the init stage the student runs in eval mode, as RepDistiller's ``init`` leaves it: neither its parameters
 nor its BN running statistics change before the main stage (``InitStage.student_train_modules`` is empty).
+
+On several processes (kdbench.distributed) the paraphraser's init stage trains each process's shard with the gradients
+averaged, as the main stage; its loss is per sample. RepDistiller trains FT on one GPU.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ that determines them, and shared by every student run of that teacher (letkd1 an
 fit). The run's ``prepare_s`` is the fit on the first run and only the load afterwards, when the stored fit time
 counts in its end-to-end cost as ``reused_fit_s``. The fitted tensors live in the method's buffers, so a resumed
 run (which skips ``prepare``) has them.
+
+Its offline fit (``prepare``) runs in one process, so a run of several processes is refused for now. letKD's official
+code trains on one GPU.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ follows the code.
 One objective under every protocol (its own logit terms; the semckd protocol's added KD_4 would count the signal
 twice). The official runs train at lr 0.025, half the paper recipe's: give ``--lr 0.025`` to run as they do (the
 recipe is the run's, not the method's).
+
+On several processes (kdbench.distributed) the confidence masks and the batch- and class-level terms are each process's
+shard's, as MLKD's code (mdistiller's DataParallel) computes them per GPU chunk. Those two terms grow with the batch
+they see (the class term is not divided by it), so a run of N processes weights them as its official code does on N
+GPUs, not as on one.
 """
 
 from __future__ import annotations

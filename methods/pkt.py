@@ -16,6 +16,10 @@ Batch dependence: in-batch, and ≈ 1/B of a per-row KL, so the weight 30000 is 
 Presets: official and crd ``CE + 30000·L_PKT`` (HobbitLong/RepDistiller ``scripts/run_cifar_distill.sh``,
 ``-a 0 -b 30000``; mdistiller ``PKT.LOSS.FEAT_WEIGHT 30000``); semckd ``CE + KD_4 + 30000·L_PKT``
 (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``).
+
+On several processes (kdbench.distributed) the similarity distributions are over each process's shard, and the loss is
+the mean over the processes: as mdistiller computes PKT inside its DataParallel forward, per GPU chunk. RepDistiller
+trains on one GPU, over the whole batch.
 """
 
 from __future__ import annotations

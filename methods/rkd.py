@@ -15,6 +15,10 @@ pair and contributes 0, where the reference code returns NaN). Memory: a B×B×D
 Presets: official and crd ``CE + 1·L_RKD`` (HobbitLong/RepDistiller ``scripts/run_cifar_distill.sh``, ``-a 0 -b 1``;
 mdistiller ``RKD.DISTANCE_WEIGHT 25``, ``ANGLE_WEIGHT 50``, ``LOSS.FEAT_WEIGHT 1``); semckd ``CE + KD_4 + 1·L_RKD``
 (DefangChen/SemCKD ``scripts/run_cifar_distill.sh``).
+
+On several processes (kdbench.distributed) the distances and angles are over each process's shard, and the loss is the
+mean over the processes: as mdistiller computes RKD inside its DataParallel forward, per GPU chunk. RepDistiller trains
+on one GPU, over the whole batch.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Batch-size dependence: the query/key MLPs take a Gram-matrix row of width ``B`` 
 module (its parameter count grows with ``B²``) is defined only for batches of exactly the configured size;
 the harness therefore drops the smaller last batch of every epoch (``needs_full_batches``), as the official
 training loop skips it.
+
+On several processes (kdbench.distributed) the attention's Gram matrices, and the MLP whose input size is the batch, are
+each process's shard's: the method is built for the global batch over the processes, as SemCKD's official ImageNet code
+(DDP, ``opt.batch_size / ngpus_per_node``) builds it.
 """
 
 from __future__ import annotations

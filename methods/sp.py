@@ -11,6 +11,10 @@ last batch is kept, as RepDistiller's loader (``dataset/cifar100.py``, ``drop_la
 Presets: official and crd ``CE + 3000·L_SP`` (RepDistiller ``scripts/run_cifar_distill.sh`` ``-a 0 -b 3000``;
 mdistiller ``SP.LOSS.FEAT_WEIGHT``), semckd ``CE + KD_4 + 3000·L_SP`` (DefangChen/SemCKD
 ``scripts/run_cifar_distill.sh`` ``-a 1 -b 3000``).
+
+On several processes (kdbench.distributed) the similarity matrices are each process's shard's, and the loss is the mean
+over the processes: as mdistiller computes SP inside its DataParallel forward, per GPU chunk. RepDistiller trains on one
+GPU, over the whole batch.
 """
 
 from __future__ import annotations

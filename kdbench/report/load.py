@@ -16,7 +16,8 @@ _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assis
              "batch_size": None, "train_subset": None, "test_subset": None, "lr": None, "channels_last": False,
              "compile": None, "teacher_seed": None, "teacher_pool": None, "assistant_runs": None, "val_split": None,
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None,
-             "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None}
+             "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None,
+             "data_backend": None, "world_size": None, "sync_bn": None}
 _RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
                 "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
                 "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
@@ -92,11 +93,13 @@ _RECIPE_PARTS = (("epochs", "{:.0f} epochs"), ("batch_size", "batch {:.0f}"), ("
 
 
 def _setting_label(run: pd.Series) -> str:
-    """What runs must share to be pooled: dataset, recipe (with its overrides and validation split), device type and
-    precision. Not the device's model: runs that differ only in GPU model pool, and their tables list the models
-    (:func:`device_names`)."""
+    """What runs must share to be pooled: dataset, recipe (with its overrides and validation split), device type,
+    precision, data backend and processes per run (with their BatchNorm). Not the device's model: runs that differ
+    only in GPU model pool, and their tables list the models (:func:`device_names`)."""
     recipe = ", ".join(text.format(run[key]) for key, text in _RECIPE_PARTS if pd.notna(run[key]))
-    device = run["device"]
+    device = run["device"] + (", decoded on the device" if run["data_backend"] == "device" else "")
+    if pd.notna(run["world_size"]) and run["world_size"] > 1:
+        device += f", {run['world_size']:.0f} processes" + (" (sync BN)" if run["sync_bn"] is True else "")
     precision = (run["precision"] + (", channels_last" if str(run["channels_last"]) == "True" else "")
                  + (f", compiled ({run['compile']})" if pd.notna(run["compile"]) else ""))
     return " · ".join([run["dataset"], f"recipe {run['recipe']}" + (f" ({recipe})" if recipe else ""),
