@@ -11,7 +11,6 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "process")
     run.add_argument("--data-backend", choices=DATA_BACKENDS,
                      help="how imagenet and tiny-imagenet JPEGs are decoded: cpu (the default: DataLoader workers, "
-                          "Pillow) or device (torchvision on the run's device: nvjpeg on CUDA)")
+                          "Pillow) or device (TorchCodec on the run's device: nvjpeg on CUDA; kdbench[codec])")
     run.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                      help="torch.compile the student and the frozen models (MODE: default, reduce-overhead, "
                           "max-autotune, max-autotune-no-cudagraphs; default: default)")
@@ -308,11 +307,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from kdbench import distributed
     from kdbench.config import SWEEP_NAME, plan, write_resolved
-    from kdbench.executors import RayOptions, execute
-    from kdbench.harness import RunEnv, follow
+    from kdbench.executors import RayOptions, execute, follow_group
+    from kdbench.harness import RunEnv
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
-    from kdbench.results import FollowerStore, ResultsStore
+    from kdbench.results import ResultsStore
 
     cfg = _settings(args)
     if cfg.source:
@@ -363,7 +362,7 @@ def _run(args: argparse.Namespace) -> int:
     if distributed.join(torch.device(sweeps[0].device)).rank > 0:
         logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
         try:
-            follow(replace(env, store=FollowerStore(store.root), sinks=(), progress=False))
+            follow_group(env)
         finally:
             distributed.leave()
         return 0

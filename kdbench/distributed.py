@@ -183,8 +183,9 @@ def average_(tensors: list[torch.Tensor | None], world: World) -> None:
         return
     has = torch.tensor([t is not None for t in tensors], dtype=torch.int32)
     dist.all_reduce(has, group=_control)
-    if ((has > 0) & (has < world.size)).any():
-        raise RunFailed(f"parameters {has.nonzero().flatten().tolist()[:5]}... have a gradient on some processes "
+    uneven = ((has > 0) & (has < world.size)).nonzero().flatten().tolist()
+    if uneven:
+        raise RunFailed(f"parameters {uneven[:5]} (by position in the optimiser) have a gradient on some processes "
                         f"and not on others; a method trained by several processes must use every parameter on each")
     present = [t for t in tensors if t is not None]
     for dtype in sorted({t.dtype for t in present}, key=str):

@@ -59,8 +59,21 @@ def _run_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainer
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     torch.set_num_threads(threads)
-    failed = next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
-    return run(RunSpec.from_dict(spec_dict), env, failed, remake=remake).to_dict()
+    return run(RunSpec.from_dict(spec_dict), env, _failed_trainer(trainers), remake=remake).to_dict()
+
+
+def _failed_trainer(trainers: tuple[dict, ...]) -> str | None:
+    """The run id of the first of a run's trainers (records Ray waited for) that did not finish."""
+    return next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
+
+
+def follow_group(env: RunEnv) -> None:
+    """A process of rank > 0 of runs trained by several (torchrun, --gpus-per-run, Ray Train): trains what rank 0
+    announces, writing nothing (FollowerStore) and showing no progress of its own."""
+    from kdbench.harness import follow
+    from kdbench.results import FollowerStore
+
+    follow(replace(env, store=FollowerStore(env.store.root), sinks=(), progress=False))
 
 
 def _group_worker(config: dict) -> None:
@@ -69,8 +82,6 @@ def _group_worker(config: dict) -> None:
     import torch
 
     from kdbench.distributed import announce, join
-    from kdbench.harness import follow
-    from kdbench.results import FollowerStore
 
     env: RunEnv = config["env"]
     spec = RunSpec.from_dict(config["spec"])
@@ -81,7 +92,7 @@ def _group_worker(config: dict) -> None:
         finally:
             announce(None)
     else:
-        follow(replace(env, store=FollowerStore(env.store.root), sinks=(), progress=False))
+        follow_group(env)
 
 
 def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *trainers: dict) -> dict:
@@ -91,21 +102,20 @@ def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *t
     from ray.train.torch import TorchTrainer
 
     spec = RunSpec.from_dict(spec_dict)
-    failed = next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
     cuda = spec.device == "cuda"
     trainer = TorchTrainer(_group_worker, train_loop_config={"spec": spec_dict, "env": env, "threads": threads,
-                                                             "failed": failed, "remake": remake},
+                                                             "failed": _failed_trainer(trainers), "remake": remake},
                            scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=cuda,
                                                         resources_per_worker={"CPU": threads, **({"GPU": 1} if cuda
                                                                                                  else {})}),
                            run_config=RunConfig(name=spec.run_id))
+    error: Exception | None = None
     try:
         trainer.fit()
-        error: BaseException | None = None
     except Exception as failure:  # a worker raised (Ray re-raises it here) or died
-        error = failure.__cause__ if isinstance(failure.__cause__, KdbenchError) else failure
-    if isinstance(error, KdbenchError):
-        raise error
+        if isinstance(failure.__cause__, KdbenchError):
+            raise failure.__cause__ from None
+        error = failure
     record = env.store.load_record(spec.run_id)
     if error is not None or record is None or record.status == "running":
         record = failed_record(spec, error or RunFailed("its rank 0 wrote no record"), env.store)
@@ -128,13 +138,10 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
     for spec in specs:
         gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")
         trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
-        if (spec.world_size or 1) > 1:  # its workers hold the resources; the task only waits for them
-            refs[spec.run_id] = group_task.options(num_cpus=0, max_retries=RETRIES, retry_exceptions=False,
-                                                   name=spec.run_id).remote(
-                spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)
-            continue
-        refs[spec.run_id] = task.options(num_cpus=options.cpus, num_gpus=gpus, max_retries=RETRIES,
-                                         retry_exceptions=False, name=spec.run_id).remote(
+        # a group's task only waits for its TorchTrainer, whose workers hold the resources
+        remote, cpus, gpus = ((group_task, 0, 0) if (spec.world_size or 1) > 1 else (task, options.cpus, gpus))
+        refs[spec.run_id] = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES, retry_exceptions=False,
+                                           name=spec.run_id).remote(
             spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)
     by_ref = {ref: spec for spec, ref in zip(specs, refs.values())}
     records: dict[str, RunRecord] = {}
