@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official bench-input
+.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official bench-input gpu-check gpu-check-dry
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -98,9 +98,21 @@ bench-input: setup
 	  --workers 1 --batches 20 --out $(PERF)/input_path.csv
 
 # kdbench beside RepDistiller's own train_student.py on this CPU, alternating (docs/performance.md); clone the
-# official code first (benchmarks/official/README.md). Quiet machine only. benchmarks/official/gpu.sh does it on a GPU.
+# official code first (benchmarks/official/README.md). Quiet machine only. `make gpu-check` does it on a GPU.
 bench-official: setup
 	bash benchmarks/official/cpu.sh
+
+# Every check that needs a CUDA GPU, in one call of at most 8 minutes on one H100/H200 (benchmarks/gpu_check.py): the
+# GPU tests, every method for an epoch, kd and semckd beside their official loops (cloned as
+# benchmarks/official/README.md says), runs packed K = 1, 2, 4, 8 per GPU, CUDA graphs, --profile. One tidy table
+# and a summary under GPU_CHECK_OUT. It runs with the environment's python (PYTHON), kdbench from this checkout.
+# `make gpu-check-dry` runs the same commands on this machine's CPU at toy sizes: the plumbing, before a GPU is lent.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-dry: setup
+	$(VENV)/bin/python benchmarks/gpu_check.py --cpu --out $(GPU_CHECK_OUT)
 
 # notebooks/analysis.ipynb executed in place on the committed reference set, so that its tables and plots show on
 # the repository page (the tests execute it again, on a tiny sweep, without writing it).

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attach to this Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
     run.add_argument("--ray-cpus", type=int, metavar="N",
                      help="CPUs (threads) per run under Ray (default 1); CUDA runs also take one GPU each")
+    run.add_argument("--runs-per-gpu", type=int, metavar="K",
+                     help="K runs share each GPU, scheduled by Ray (default 1; fewer where memory is short)")
     run.add_argument("--log", metavar="SINKS",
                      help="also stream each run's spec and per-epoch metrics to: tensorboard, wandb (comma-separated;"
                           " W&B runs offline unless WANDB_MODE says otherwise)")
@@ -305,7 +307,7 @@ def _show_progress_lines() -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from kdbench import distributed
+    from kdbench import distributed, packing
     from kdbench.config import SWEEP_NAME, plan, write_resolved
     from kdbench.executors import RayOptions, execute, follow_group
     from kdbench.harness import RunEnv
@@ -328,6 +330,7 @@ def _run(args: argparse.Namespace) -> int:
     _writable_dir(results_dir, "--results-dir")
     sweeps = _sweeps(cfg)
     specs = plan(sweeps)
+    packing.check(cfg.runs_per_gpu, sweeps[0].device, sweeps[0].world_size)
     checkpoint = Path(cfg.teacher_ckpt).resolve() if cfg.teacher_ckpt else None
     if checkpoint:
         _check_teacher_ckpt(checkpoint, sweeps[0])
@@ -341,7 +344,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from kdbench.estimate import PriceCache, estimate, format_estimate
 
-        print(format_estimate(estimate(specs, env, prices=PriceCache.default()), per_run=True))
+        est = estimate(specs, env, prices=PriceCache.default())
+        print(format_estimate(est, per_run=True) + packing.dry_run_text(est, cfg.runs_per_gpu))
         return 0
     if args.profile:
         from kdbench.profile import format_profile, profile, save
@@ -368,7 +372,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     _show_progress_lines()
     try:
-        records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus))
+        records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus),
+                          packing.pack(specs, env, cfg.runs_per_gpu))
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
         with contextlib.suppress(RuntimeError):  # the other processes of a run trained by several stop, unless
             distributed.announce(None)  # the error that ends the sweep broke their group

@@ -11,6 +11,12 @@ import torch
 def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
     """Compiles ``model.forward`` in place (``mode``: a torch.compile mode; None leaves it eager). Its state dict is
     unchanged, hooks on its layers (feature taps) are compiled with it, and hooks on the model itself run outside
-    the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode."""
+    the compiled code, where the profiler's clock can read the time. One static graph per input shape and mode.
+
+    Dynamo reuses a compiled forward for every instance of the class and, by default, without checking the hooks on
+    its layers: in a sweep, the second method's students and teachers would run the first method's code, without
+    their own feature taps (semckd after kd lost its stage maps: tests/test_compile.py). Guarding on the hooks
+    compiles again where they differ."""
     if mode is not None:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)

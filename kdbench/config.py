@@ -68,6 +68,7 @@ class SweepFile:
     executor: str = "local"
     ray_address: Optional[str] = None
     ray_cpus: int = 1
+    runs_per_gpu: int = 1
     log: list[str] = field(default_factory=list)
     source: Optional[str] = None  # the published table a shipped sweep re-runs (configs/)
     # Sub-sweeps, each a mapping of these keys over the file's top level (a table whose methods do not all run on

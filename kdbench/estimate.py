@@ -25,7 +25,7 @@ from kdbench import harness, reuse
 from kdbench.execution import evaluate
 from kdbench.fingerprint import fingerprint, stale_reason
 from kdbench.loader import DeviceLoader, input_shape, run_loader
-from kdbench.measure import StepTimer, macs_per_image, provenance
+from kdbench.measure import StepTimer, macs_per_image, peak_memory, provenance, reset_peak_memory
 from kdbench.methods import method_class
 from kdbench.models import create_model
 from kdbench.progress import rescaled_options
@@ -51,6 +51,7 @@ class RunEstimate:
     note: str = ""  # why: a stale run's changed modules, the runs that need a remade run's weights
     options: str = ""  # the resolved method options, as the results rows record them
     recipe: str = ""  # the recipe's name and epochs after any --epochs, and the options its length rescaled
+    peak_bytes: float = 0.0  # its setting's measured peak memory over the timed steps (CUDA max reserved, CPU RSS)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class _Cost:
     run: float  # building the loader and modules, exporting and saving the run
     init_epochs: int = 0  # the method's init stage (AB, FT, FSP)
     init_step: float = 0.0  # a step of that stage, which trains other parameters (FT: the paraphraser alone)
+    peak_bytes: float = 0.0  # the device memory training took at its peak (CUDA max reserved, CPU peak RSS)
 
 
 class _Sample:
@@ -142,6 +144,8 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
     device, data = torch.device(spec.device), harness._dataset(spec.dataset, env.data_dir, env.download)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.cuda.empty_cache()  # what earlier settings left in the allocator's cache is not this one's peak
+    reset_peak_memory(device)
     started = time.perf_counter()
     loader, parts = _loader(spec, data, device), harness._assemble(spec, env, data, device, frozen=_untrained)
     prov = {**provenance(device), **fingerprint(spec)}
@@ -197,7 +201,8 @@ def _measure(spec: RunSpec, env: harness.RunEnv, steps: int, eval_batches: int, 
             store.write_record(RunRecord(spec, "finished", {"wall_s": 0.0}, history, prov))
 
         run_s += _timed(finish, device)
-    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs, init_step)
+    peak = max(peak_memory(device).values())  # the setting's whole run: its fit, steps and evaluation
+    return _Cost(step, eval_image, teacher_eval, fit, reuse, epoch_s, run_s, parts.init_epochs, init_step, peak)
 
 
 def _timed_stage(parts, loader: DeviceLoader, spec: RunSpec, steps: int, stage: str,
@@ -270,8 +275,10 @@ class PriceCache:
 
     def get(self, key: str) -> _Cost | None:
         price = self.prices.get(key)
-        self.reused += price is not None
-        return _Cost(**price) if price is not None else None
+        if price is None or "peak_bytes" not in price:  # none, or kept before peaks were measured: measured again
+            return None
+        self.reused += 1
+        return _Cost(**price)
 
     def put(self, key: str, cost: _Cost) -> None:
         self.prices[key] = asdict(cost)
@@ -328,8 +335,9 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
                 fitted.add(key)
         rescaled = rescaled_options(spec)
         recipe = f"{spec.recipe.name}, {spec.recipe.epochs} epochs" + (f" ({rescaled})" if rescaled else "")
+        peak = costs[_setting(spec)].peak_bytes if status not in KEPT else 0.0
         rows.append(RunEstimate(spec.run_id, spec.role, spec.method, spec.pair or spec.student, status, epochs,
-                                seconds, note, options_text(spec.method_options), recipe))
+                                seconds, note, options_text(spec.method_options), recipe, peak))
     return Estimate(tuple(rows), len(costs), steps, tuple(sorted({s.device for s, *_ in plan})),
                     prices.reused if prices else 0)
 

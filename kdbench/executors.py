@@ -9,6 +9,10 @@ Lustre, a local disk for a one-node cluster). A worker that dies is replaced and
 from its last epoch checkpoint, and its claim (a flock the kernel dropped with the dead process) keeps each result
 made once.
 
+With ``--runs-per-gpu K`` a CUDA run takes 1/K of a GPU (or more, where its measured peak memory allows fewer to
+share: kdbench.packing), so Ray starts K runs on each; the local executor then runs the sweep on a Ray cluster of
+this machine.
+
 A run trained by several processes (``--gpus-per-run N``) is a Ray Train ``TorchTrainer`` of N workers, which sets
 up their process group (NCCL on GPUs, gloo on CPUs) across the cluster's nodes; its rank 0 runs the harness as a
 one-process run does and the others follow it (kdbench.distributed). Runs are scheduled as above.
@@ -36,15 +40,17 @@ class RayOptions:
 
     address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001": attach to one
     cpus: int = 1
-    gpus: float | None = None  # None: 1 for CUDA runs, 0 for CPU runs
+    gpus: float | None = None  # None: 1 for CUDA runs (1/k where k runs share a GPU: kdbench.packing), 0 for CPU runs
 
 
-def execute(specs: list[RunSpec], env: RunEnv, executor: str = "local",
-            ray_options: RayOptions | None = None) -> list[RunRecord]:
-    if executor == "local":
+def execute(specs: list[RunSpec], env: RunEnv, executor: str = "local", ray_options: RayOptions | None = None,
+            shares: dict[str, int] | None = None) -> list[RunRecord]:
+    """``shares``: run id -> runs sharing its GPU (kdbench.packing); runs that share one run under Ray, on this
+    machine's own cluster with the local executor."""
+    if executor == "local" and not any(k > 1 for k in (shares or {}).values()):
         return run_sweep(specs, env)
-    if executor == "ray":
-        return run_sweep_ray(specs, env, ray_options or RayOptions())
+    if executor in ("local", "ray"):
+        return run_sweep_ray(specs, env, ray_options or RayOptions(), shares or {})
     raise KdbenchError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
 
 
@@ -123,8 +129,11 @@ def _run_group_task(spec_dict: dict, env: RunEnv, threads: int, remake: bool, *t
     return record.to_dict()
 
 
-def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> list[RunRecord]:
-    """Submits the plan as a graph of Ray tasks, then reports each run as it ends and rebuilds the table."""
+def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions,
+                  shares: dict[str, int] | None = None) -> list[RunRecord]:
+    """Submits the plan as a graph of Ray tasks, then reports each run as it ends and rebuilds the table.
+    ``shares``: run id -> runs sharing its GPU (kdbench.packing): a CUDA run then takes 1/k of one."""
+    shares = shares or {}
     try:
         import ray
     except ImportError:
@@ -136,13 +145,14 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions) -> lis
     remake = remakes_announced(specs, env)
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
-        gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda")
+        shared_by = shares.get(spec.run_id, 1)
+        gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda") / shared_by
         trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
         # a group's task only waits for its TorchTrainer, whose workers hold the resources
         remote, cpus, gpus = ((group_task, 0, 0) if (spec.world_size or 1) > 1 else (task, options.cpus, gpus))
         refs[spec.run_id] = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES, retry_exceptions=False,
                                            name=spec.run_id).remote(
-            spec.to_dict(), env, options.cpus, spec.run_id in remake, *trainers)
+            spec.to_dict(), replace(env, shared_by=shared_by), options.cpus, spec.run_id in remake, *trainers)
     by_ref = {ref: spec for spec, ref in zip(specs, refs.values())}
     records: dict[str, RunRecord] = {}
     pending = list(refs.values())

@@ -58,6 +58,9 @@ class RunEnv:
     reuse_stale: bool = False  # keep finished runs made by other code (--reuse-stale) instead of re-running them
     retry_failed: bool = False  # train again runs that diverged under the current code (--retry-failed)
     sinks: tuple[SinkChoice, ...] = ()  # metric sinks of every run (kdbench.progress.SinkChoice)
+    # runs that may share this run's device at once (--runs-per-gpu, kdbench.packing): recorded, since a shared
+    # device's throughput is not a dedicated one's; the numbers a run computes do not depend on it
+    shared_by: int = 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -312,7 +315,7 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False, dec
         fit_metrics = parts.method.fit_metrics()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
     prov = {**group_provenance(provenance(device)), **code, "method_note": parts.method.note,
-            "method_label": type(parts.method).label(dict(spec.method_options))}
+            "method_label": type(parts.method).label(dict(spec.method_options)), "device_shared_by": env.shared_by}
     if teacher is not None:
         prov["teacher_weights_sha256"] = sha256_file(store.weights_path(spec.teacher_run))
         prov["teacher_recipe"] = parts.trainer_records[0].spec.recipe.name

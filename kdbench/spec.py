@@ -416,7 +416,7 @@ class SweepSpec:
 
         from kdbench.data import dataset_info
         from kdbench.methods import method_class
-        from kdbench.methods.base import Method, MethodContext
+        from kdbench.methods.base import MethodContext
         from kdbench.models import create_model
         from kdbench.models.taps import feature_shapes
 
@@ -436,9 +436,9 @@ class SweepSpec:
                                    f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
-            if (run.world_size or 1) > 1 and method_class(run.method).prepare is not Method.prepare:
-                raise KdbenchError(f"{run.method} fits on its teacher before training (Method.prepare), in one process "
-                                   f"only so far; train it without --gpus-per-run")
+            refusal = method_class(run.method).refusal(run.compile, run.world_size or 1)
+            if refusal:
+                raise KdbenchError(refusal)
             missing = sorted(set(method_class(run.method).views) - set(info.views))
             if missing:
                 raise KdbenchError(f"{run.method} trains on the augmented view(s) {', '.join(missing)}, which the "

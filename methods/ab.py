@@ -51,6 +51,12 @@ from kdbench.methods.base import (
 from kdbench.methods.fitnet import ConvReg
 from kdbench.models import feature_modules
 
+# Why AB and FSP cannot train under CUDA graphs (Method.breaks_cuda_graphs); read from the code, to be confirmed on a
+# GPU: the init stage's optimiser zeroes the gradients of the modules it trains only.
+INIT_STAGE_GRADIENTS = ("its init stage steps only the feature modules, so the student's classifier keeps "
+                        "accumulating gradients in memory that the CUDA graph of its backward owns and overwrites at "
+                        "the next step")
+
 
 def feature_stage(student: nn.Module) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Module, ...]]:
     """The parameters and modules of the student's feature modules (RepDistiller's ``get_feat_modules``,
@@ -88,6 +94,7 @@ class AB(Method):
 
     name = "ab"
     family = "feature"
+    breaks_cuda_graphs = INIT_STAGE_GRADIENTS
     epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30, "margin": 1.0}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE, "margin": NON_NEGATIVE}

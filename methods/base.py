@@ -31,6 +31,7 @@ KL_REDUCTIONS = ("batchmean", "mean")
 # and, by the student's input side, on the other benchmarks: mdistiller's Tiny-ImageNet DOT configs train 200 epochs,
 # its ImageNet configs (and CRD's, torchvision's) 100.
 OFFICIAL_EPOCHS = 240
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs on a GPU
 OFFICIAL_EPOCHS_BY_INPUT = {32: OFFICIAL_EPOCHS, 64: 200, 224: 100}
 # The logit options every distillation method has: the loss is ce_weight·CE + kd_weight·T²·KL_T (+ its own terms).
 LOGIT_OPTIONS: dict[str, Any] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": KD_TEMPERATURE,
@@ -196,6 +197,11 @@ class Method(nn.Module):
     # RandAugment + Cutout, as MLKD trains); the harness forwards the student and the teacher (when active) on each
     # and hands their logits to `losses` in StepOutputs.views.
     views: ClassVar[tuple[str, ...]] = ()
+    # Why the method cannot train under torch.compile (every --compile mode), or under CUDA graphs only (modes
+    # reduce-overhead and max-autotune): the plan refuses such runs in one line. "" where it can (a GPU test compares
+    # compiled with eager: tests/test_compile.py).
+    breaks_compile: ClassVar[str] = ""
+    breaks_cuda_graphs: ClassVar[str] = ""
     # Tunable options and their defaults, loss weights and temperature included (LOGIT_OPTIONS); users override
     # them with `--set METHOD.KEY=VALUE`.
     defaults: ClassVar[dict[str, Any]] = {}
@@ -217,6 +223,19 @@ class Method(nn.Module):
         """Options that the method's official configs set for this pair (e.g. letKD's α for ResNet50 -> MobileNetV2);
         they apply under every protocol, and the user's ``--set`` still wins."""
         return {}
+
+    @classmethod
+    def refusal(cls, compile_mode: str | None, processes: int) -> str:
+        """Why the plan refuses a run of this method compiled with ``compile_mode`` (None: eager) and trained by
+        ``processes``, in one line; "" when it can train so."""
+        if processes > 1 and cls.prepare is not Method.prepare:
+            return (f"{cls.name} fits on its teacher before training (Method.prepare), in one process only so far; "
+                    f"train it without --gpus-per-run")
+        reason = cls.breaks_compile or (cls.breaks_cuda_graphs if compile_mode in CUDA_GRAPH_MODES else "")
+        if compile_mode is None or not reason:
+            return ""
+        fallback = "" if cls.breaks_compile else ", or with --compile default or max-autotune-no-cudagraphs"
+        return f"{cls.name} cannot train under --compile {compile_mode}: {reason}; train it eagerly{fallback}"
 
     @classmethod
     def deviation_of(cls, options: dict[str, str]) -> str:

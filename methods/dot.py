@@ -45,6 +45,11 @@ class DistillationOrientedStep:
     """The DOT update (mdistiller ``DistillationOrientedTrainer``) for any host method: put it before the host in
     the bases. Option ``delta``: the momentum gap."""
 
+    # its first backward keeps the graph for the second (retain_graph), which a compiled backward that donated its
+    # buffers cannot give (torch._functorch's donated buffers): the second fails
+    breaks_compile = ("its two backward passes through one graph (the first with retain_graph) fail in a compiled "
+                      "student's backward, which frees its saved buffers after the first")
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.task_momentum: dict[int, torch.Tensor] = {}

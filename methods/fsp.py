@@ -31,7 +31,7 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 from kdbench.methods import register_method
-from kdbench.methods.ab import feature_stage, teacher_in_init_stage
+from kdbench.methods.ab import INIT_STAGE_GRADIENTS, feature_stage, teacher_in_init_stage
 from kdbench.methods.at import pool_to_smaller
 from kdbench.methods.base import (
     LOGIT_OPTIONS,
@@ -63,6 +63,7 @@ class FSP(Method):
 
     name = "fsp"
     family = "relation"
+    breaks_cuda_graphs = INIT_STAGE_GRADIENTS
     epoch_options = ("init_epochs",)
     defaults = {**LOGIT_OPTIONS, "init_epochs": 30}
     ranges = {**Method.ranges, "init_epochs": NON_NEGATIVE}

@@ -93,6 +93,10 @@ def _bad_checkpoints(tmp_path) -> dict[str, str]:
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.beta"], "malformed --set"),
     (["--methods", "fitnet", "--pairs", "resnet14:resnet8", "--set", "fitnet.hint_layer=x"],
      "option fitnet.hint_layer takes a int, got 'x'"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--runs-per-gpu", "0"],
+     "--runs-per-gpu must be a positive integer, got 0"),
+    (["--methods", "student", "--pairs", "resnet14:resnet8", "--runs-per-gpu", "4"],
+     "--runs-per-gpu 4 shares a GPU, but the runs are on cpu; on CPUs, run several at once with --executor ray"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, message):
     files = _bad_checkpoints(tmp_path)

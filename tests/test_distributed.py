@@ -284,7 +284,8 @@ def _odd_cases(rank: int, size: int, port: int, out: Path) -> None:
 def test_a_gradient_on_one_process_only_fails_the_run_everywhere_and_sync_bn_stays_exact(tmp_path):
     """Every process agrees to fail (RunFailed) instead of pairing the wrong gradients; SyncBatchNormCPU takes
     two passes for the variance (inputs with mean 300 and spread 0.01 normalise to about a unit spread, with finite
-    gradients, where one pass, E[x^2] - E[x]^2, cancels to nothing) and keeps its statistics in fp32 under bf16 autocast."""
+    gradients, where one pass, E[x^2] - E[x]^2, cancels to nothing) and keeps its statistics in fp32 under bf16
+    autocast."""
     for key in ("RANK", "WORLD_SIZE"):  # set by _odd_cases in the children only
         assert key not in os.environ
     mp.spawn(_odd_cases, args=(2, _free_port(), tmp_path), nprocs=2)

@@ -129,6 +129,14 @@ def test_the_generated_tables_cover_every_registered_method_and_family():
     assert re.findall(r"`([\w-]+)`", tables.recipes_table().splitlines()[0]) == RECIPES.names()
 
 
+def test_the_compile_table_lists_the_methods_the_plan_refuses_compiled_with_their_modes():
+    table = _hook().compile_table()
+    assert _rows(table) == ["ab", "fsp", "kd_dot"]
+    modes = {_cells(line)[0]: _cells(line)[1] for line in table.splitlines()[2:]}
+    assert modes == {"`ab`": "reduce-overhead, max-autotune", "`fsp`": "reduce-overhead, max-autotune",
+                     "`kd_dot`": "every mode"}
+
+
 def test_the_options_table_shows_what_each_protocol_reference_pair_and_imagenet_pair_changes():
     table = _hook().options_table("all").splitlines()
     # method, logit defaults, own defaults, official, crd, semckd, the two reference pairs, the two ImageNet pairs

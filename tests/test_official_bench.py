@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import torch
 import torchvision.datasets.cifar
 
@@ -27,3 +29,18 @@ def test_the_fake_cifar100_is_the_same_images_to_kdbench_and_to_torchvision(tmp_
     for arch in ("vgg13", "resnet32x4"):  # at the path RepDistiller's get_teacher_name parses
         path = tmp_path / "teachers" / f"{arch}_cifar100_lr_0.05_decay_0.0005_trial_0" / f"{arch}_best.pth"
         load_weights(create_model(arch, 100, 3), path, "teacher checkpoint")  # strict: every key and shape fits
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_writes_its_table_and_summary(tmp_path):
+    """`make gpu-check-dry`'s plumbing, one stage of it: the commands run on the CPU and their runs become rows."""
+    check = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(check), "--cpu", "--stages", "methods", "--methods", "kd",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "out" / "gpu-check.csv")
+    kd = table[(table.stage == "methods") & (table.name == "kd")].set_index("metric")["value"]
+    assert kd["status"] == "finished" and float(kd["train_images_per_s"]) > 0 and float(kd["cpu_peak_rss_bytes"]) > 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## methods" in summary and "| kd " in summary and "the CPU dry run" in summary

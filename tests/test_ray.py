@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, tiny_sweep
 
 from kdbench.cli import main
-from kdbench.executors import RayOptions, run_sweep_ray
-from kdbench.harness import RunEnv
+from kdbench.executors import RayOptions, execute, run_sweep_ray
+from kdbench.harness import RunEnv, run_sweep
 from kdbench.results import LOCKS, ResultsStore
 
 ray = pytest.importorskip("ray")
@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a fake GPU: packing's tests
     yield
     ray.shutdown()
 
@@ -131,3 +131,36 @@ def test_a_new_student_remakes_its_teacher_without_weights_under_ray(cluster, tm
     recorded = first[0].provenance["weights_sha256"]
     assert remade.provenance["remade_from_weights_sha256"] == remade.provenance["weights_sha256"] == recorded
     assert kept.to_dict() == first[1].to_dict() and new.status == "finished"
+
+
+def _span(record) -> tuple[float, float]:
+    """When a run trained: from its provenance's timestamp (whole seconds) for its wall time."""
+    start = pd.Timestamp(record.provenance["timestamp"]).timestamp()
+    return start, start + record.metrics["wall_s"]
+
+
+@pytest.mark.slow
+def test_runs_packed_on_a_gpu_share_it_at_once_and_compute_what_they_compute_alone(cluster, tmp_path):
+    """--runs-per-gpu through the local executor, on the cluster's one fake GPU: two runs of half a GPU each train
+    at once, each recording the sharing and the numbers it makes alone; at a whole GPU each they take turns."""
+    specs = [s for s in tiny_sweep(seeds=(0, 1), recipe=replace(TINY, epochs=6)).plan() if s.role == "student"]
+    assert len(specs) == 2 and not any(s.teacher_run for s in specs)  # two independent runs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task runs (RayOptions.cpus)
+    try:
+        alone = run_sweep(specs, RunEnv(ResultsStore(tmp_path / "alone"), progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    packed = execute(specs, RunEnv(ResultsStore(tmp_path / "packed"), progress=False), "local",
+                     RayOptions(cpus=1, gpus=0.5), {s.run_id: 2 for s in specs})
+    turns = execute(specs, RunEnv(ResultsStore(tmp_path / "turns"), progress=False), "local",
+                    RayOptions(cpus=1, gpus=1.0), {s.run_id: 2 for s in specs})
+    for mine, shared in zip(alone, packed):
+        assert mine.provenance["device_shared_by"] == 1 and shared.provenance["device_shared_by"] == 2
+        assert [{k: e[k] for k in ("top1", "loss")} for e in mine.epochs] == [
+            {k: e[k] for k in ("top1", "loss")} for e in shared.epochs]
+    (a0, a1), (b0, b1) = sorted(_span(r) for r in packed)
+    assert a1 - a0 > 3 and b0 < a1 - 1.5, "two runs of half a GPU each did not train at once"
+    # (taking turns, the second would start no earlier than a1 - 1: the timestamps are whole seconds)
+    (a0, a1), (b0, b1) = sorted(_span(r) for r in turns)
+    assert b0 >= a1 - 1, "two runs of a whole GPU each trained at once on one GPU"

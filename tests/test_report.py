@@ -185,15 +185,29 @@ def test_runs_that_differ_only_in_gpu_model_pool_and_show_per_device_costs(table
     text = report.render_report(board)
     assert "· cuda (NVIDIA H100, NVIDIA A100) · fp32" in text
     assert _rows(text)["kd"]["train img/s"] == kd.train_images_per_s_per_device
-    assert "per device model: this table pools runs that differ only in device model" in text
+    assert "per device: this table pools runs that differ only in device model" in text
     costs = _rows(report.render_report(board, layout="paper").split("Cost per method")[1])
     assert costs["kd"]["img/s"] == kd.train_images_per_s_per_device
 
     one = report.leaderboard(report.entries(_on_gpus(table, {0: "NVIDIA H100", 1: "NVIDIA H100"})), "top1_best")
-    assert (one.train_images_per_s_per_device == "").all() and "per device model" not in report.render_report(one)
+    assert (one.train_images_per_s_per_device == "").all() and "per device:" not in report.render_report(one)
     # device type, precision and the rest of the setting still split
     cpu = table.assign(run_id=table.run_id + "-cpu")
     assert report.leaderboard(report.entries(pd.concat([mixed, cpu])), "top1_best").setting.nunique() == 2
+
+
+def test_a_shared_gpus_throughput_is_never_averaged_with_a_dedicated_ones(table):
+    """--runs-per-gpu: seed 1's runs shared their H100 with 3 others; accuracy pools, img/s stays per device."""
+    mixed = _on_gpus(table, {0: "NVIDIA H100", 1: "NVIDIA H100"})
+    mixed["device_shared_by"] = mixed.seed.map({0: 1, 1: 4})
+    board = report.leaderboard(report.entries(mixed), "top1_best")
+    kd = board.set_index("label").loc["kd"]
+    assert board.setting.nunique() == 1 and kd.n == 2  # the same numbers: one setting, both seeds
+    speed = _level(mixed, "kd", "train_images_per_s")
+    assert kd.train_images_per_s_per_device == f"H100 {speed[0]:,.1f} / H100 shared by 4 runs {speed[1]:,.1f}"
+    assert "or in how many runs shared a GPU" in report.render_report(board)
+    alone = report.leaderboard(report.entries(mixed.assign(device_shared_by=1)), "top1_best")
+    assert (alone.train_images_per_s_per_device == "").all()
 
 
 def test_option_sets_and_chains_are_labelled_by_what_differs(table):

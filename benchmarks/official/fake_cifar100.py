@@ -2,8 +2,8 @@
 
 Usage: fake_cifar100.py ROOT N_TRAIN N_TEST. Writes the same random pixels and labels twice: ROOT/kdbench with bytes
 keys (as the original files load under kdbench's reader) and ROOT/torchvision with str keys (as torchvision's reader
-wants); and random-initialised vgg13 and resnet32x4 teachers in RepDistiller's checkpoint format under ROOT/teachers,
-at the paths its train_student.py parses."""
+wants); and random-initialised vgg13, resnet32x4 and resnet56 teachers in RepDistiller's checkpoint format under
+ROOT/teachers, at the paths its train_student.py parses."""
 import pickle
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ for folder, key in (("kdbench", lambda k: k.encode()), ("torchvision", lambda k:
         pickle.dump({key("fine_label_names"): [f"c{k}" for k in range(100)],
                      key("coarse_label_names"): [f"s{k}" for k in range(20)]}, f)
 torch.manual_seed(0)
-for arch in ("vgg13", "resnet32x4"):
+for arch in ("vgg13", "resnet32x4", "resnet56"):
     folder = root / "teachers" / f"{arch}_cifar100_lr_0.05_decay_0.0005_trial_0"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model": create_model(arch, 100, 3).state_dict(), "epoch": 240}, folder / f"{arch}_best.pth")

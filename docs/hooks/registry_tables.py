@@ -5,7 +5,8 @@ A page asks for a table with a marker comment, which stays invisible where the M
 - ``<!-- kdbench:methods FAMILY -->``: name, source, the method, ``logit_kd``, documented deviation;
 - ``<!-- kdbench:options FAMILY -->``: default options, what each protocol's preset changes, per-pair values;
 - ``<!-- kdbench:recipes -->``: every registered recipe's settings;
-- ``<!-- kdbench:costs -->``: each method's training speed, memory and parameters on the reference set's runs.
+- ``<!-- kdbench:costs -->``: each method's training speed, memory and parameters on the reference set's runs;
+- ``<!-- kdbench:compile -->``: the methods the plan refuses under ``--compile`` (or its CUDA-graph modes), and why.
 
 FAMILY is a ``Method.family`` or ``all``. The tables are written from ``kdbench.methods`` and ``kdbench.spec.RECIPES``
 on every build, so they never drift from the code and nothing generated is committed. A family of registered methods
@@ -25,7 +26,7 @@ from tabulate import tabulate
 
 from kdbench.listing import source
 from kdbench.methods import list_methods, method_class
-from kdbench.methods.base import LOGIT_OPTIONS
+from kdbench.methods.base import CUDA_GRAPH_MODES, LOGIT_OPTIONS
 from kdbench.spec import PROTOCOLS, RECIPES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +146,16 @@ def costs_table() -> str:
                                      for what in ("train img/s", "peak MiB", "extra params", "deployed params"))])
 
 
+def compile_table() -> str:
+    """The methods that cannot train compiled (``Method.breaks_compile``) or under CUDA graphs
+    (``Method.breaks_cuda_graphs``), and why: the plan refuses them."""
+    rows = [[f"`{name}`", "every mode" if cls.breaks_compile else ", ".join(CUDA_GRAPH_MODES),
+             cls.breaks_compile or cls.breaks_cuda_graphs]
+            for name, cls in ((name, method_class(name)) for name in list_methods())
+            if cls.breaks_compile or cls.breaks_cuda_graphs]
+    return _table(rows, ["method", "refused under --compile", "why"])
+
+
 def render(markdown: str) -> str:
     """``markdown`` with every marker replaced by its table; an unknown marker raises ValueError."""
     def table(match: re.Match) -> str:
@@ -153,6 +164,8 @@ def render(markdown: str) -> str:
             return recipes_table()
         if kind == "costs" and family is None:
             return costs_table()
+        if kind == "compile" and family is None:
+            return compile_table()
         if kind in ("methods", "options") and family:
             if kind == "methods" and family != "all":  # a family page, not the overview
                 _listed_families.add(family)

@@ -17,7 +17,7 @@ _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assis
              "compile": None, "teacher_seed": None, "teacher_pool": None, "assistant_runs": None, "val_split": None,
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None,
              "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None,
-             "data_backend": None, "world_size": None, "sync_bn": None}
+             "data_backend": None, "world_size": None, "sync_bn": None, "device_shared_by": None}
 _RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
                 "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
                 "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
@@ -120,6 +120,11 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     wide["memory_metric"] = wide["peak_alloc_bytes"].notna().map({True: "peak_alloc_bytes",
                                                                   False: "cpu_peak_rss_bytes"})
     wide["peak_bytes"] = wide["peak_alloc_bytes"].fillna(wide["cpu_peak_rss_bytes"])
+    # A GPU that k runs shared (--runs-per-gpu, kdbench.packing) is another device as far as speed goes: its img/s is
+    # never averaged with a dedicated GPU's (tables that pool both show them per device: kdbench.report.aggregate).
+    shared = pd.to_numeric(wide["device_shared_by"], errors="coerce").fillna(1)
+    wide["device_name"] = wide["device_name"].where(
+        shared <= 1, wide["device_name"].astype(str) + " shared by " + shared.astype(int).astype(str) + " runs")
     seeds = table.drop_duplicates("run_id").set_index("run_id")["seed"]
     own_seed = wide["seed"].where(wide["role"] == "teacher")
     wide["teacher_seed"] = pd.to_numeric(wide["teacher_seed"], errors="coerce").fillna(own_seed).fillna(

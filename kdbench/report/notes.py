@@ -55,8 +55,8 @@ def device_note(board: pd.DataFrame) -> str:
     """Why throughput and memory cells name device models: the table pools runs on several (empty otherwise)."""
     if not board["train_images_per_s_per_device"].ne("").any():
         return ""
-    return (f"train img/s and peak MiB per device model: this table pools runs that differ only in device model "
-            f"({', '.join(device_names(board))}), whose speed and memory differ.")
+    return (f"train img/s and peak MiB per device: this table pools runs that differ only in device model or in "
+            f"how many runs shared a GPU ({', '.join(device_names(board))}), whose speed and memory differ.")
 
 
 def metric_notes(board: pd.DataFrame) -> list[str]:

@@ -28,16 +28,25 @@ def _pairs(frame: pd.DataFrame) -> list[str]:
 def plot_accuracy_vs_throughput(group: pd.DataFrame, metric: str = "top1_best", setting: str = ""):
     """Mean top-1 against training throughput (log x) per pair, error bars = sd over seeds, marker area
     proportional to the deployed model's parameters (``inference_params``: letKD's KD layer ships with its
-    student); the Pareto front in (throughput, top-1) is joined by a dashed line."""
+    student); the Pareto front in (throughput, top-1) is joined by a dashed line. Runs of one device only (the most
+    common; a shared GPU counts as another device: kdbench.report.load)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     students = group[group["kind"] != "teacher"]
+    # img/s of different device models, or of a GPU shared by several runs, are not one axis: the runs of the most
+    # common device only, the others said
+    devices = students["device_name"].fillna("unknown device")
+    shown = devices.mode().iloc[0] if len(devices) else ""
+    left_out = int((devices != shown).sum())
+    students = students[devices == shown]
     style = {k: v for k, v in styles(group).items() if k in set(students["label"])}
     pairs = _pairs(students)
     with sns.axes_style("whitegrid"):
         fig, axes = figure(pairs, f"{metric} vs training throughput (error bars: sd over seeds; marker area ∝ "
-                                  f"deployed parameters, per pair; dashed: Pareto front)", setting, 4.4)
+                                  f"deployed parameters, per pair; dashed: Pareto front)"
+                                  + (f"; runs on {shown} only, {left_out} on other devices left out" if left_out
+                                     else ""), setting, 4.4)
         for ax, pair in zip(axes, pairs):
             stats = students[students["pair"] == pair].groupby("label").agg(
                 x=("train_images_per_s", "mean"), xerr=("train_images_per_s", "std"),
