@@ -107,9 +107,10 @@ bench-official: setup
 # benchmarks/official/README.md says), runs packed K = 1, 2, 4, 8 per GPU, CUDA graphs, --profile. One tidy table
 # and a summary under GPU_CHECK_OUT. It runs with the environment's python (PYTHON), kdbench from this checkout.
 # `make gpu-check-dry` runs the same commands on this machine's CPU at toy sizes: the plumbing, before a GPU is lent.
+# GPU_CHECK_STAGES=trace: SemCKD's two loops under torch.profiler, a call of its own (up to 4 minutes).
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(GPU_CHECK_STAGES),--stages $(GPU_CHECK_STAGES))
 
 gpu-check-dry: setup
 	$(VENV)/bin/python benchmarks/gpu_check.py --cpu --out $(GPU_CHECK_OUT)

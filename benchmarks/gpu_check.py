@@ -15,6 +15,9 @@ its share and no more):
 5. ``graphs``: kd and semckd compiled with CUDA graphs (``--compile reduce-overhead``), against stage 2's eager runs.
 6. ``profile``: ``kdbench run --profile`` of a few methods: step rate, phases, and the fraction of the device's peak.
 
+``--stages trace``, a call of its own (up to 4 minutes): stage 3's SemCKD loops, kdbench's and SemCKD's own, under
+torch.profiler, for where kdbench's step loses to the official one.
+
 Writes ``gpu-check.csv`` (one tidy table: stage, name, setting, metric, value) and ``summary.md`` (to paste into an
 issue) under ``--out``. ``--cpu`` runs the same commands on this machine's CPU at toy sizes: the dry run that proves
 the plumbing before a GPU is lent; its numbers mean nothing.
@@ -37,7 +40,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OFFICIAL = HERE / "official"
-LIMITS = {"setup": 15, "tests": 90, "methods": 120, "official": 80, "packing": 80, "graphs": 40, "profile": 40}
+LIMITS = {"setup": 15, "tests": 90, "methods": 120, "official": 80, "packing": 80, "graphs": 40, "profile": 40,
+          "trace": 240}
+OPTIONAL = ("trace",)  # stages run only when named (--stages): beyond the 8 minutes
 PROFILED = "kd,fitnet,semckd,crd,dkd,reviewkd"  # stage 6: a logit, two feature, a contrastive and a relation method
 PACKING = (1, 2, 4, 8)
 CPU_SLOWER = 4  # the CPU dry run's limits, times the GPU's: the same commands, slower
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check-out")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/kdbench-gpu-check"), help="data and runs")
     parser.add_argument("--cpu", action="store_true", help="the dry run: this machine's CPU, toy sizes")
-    parser.add_argument("--stages", default=",".join(s for s in LIMITS if s != "setup"))
+    parser.add_argument("--stages", default=",".join(s for s in LIMITS if s not in ("setup", *OPTIONAL)))
     parser.add_argument("--methods", help="stage 2's methods (default: every registered one)")
     args = parser.parse_args(argv)
     check = Check(args)
@@ -175,33 +180,54 @@ class Check:
         for method in sorted(set(methods.split(",")) - done):
             self.row("methods", method, "fp32 eager", "status", "not run: out of time or refused on this pair")
 
-    def _official(self, limit: float) -> None:
-        repos = {"RepDistiller": ("kd", ["-r", "0.1", "-a", "0.9", "-b", "0"]),
-                 "SemCKD": ("semckd", ["-r", "1", "-a", "1", "-b", "50"])}
+    def _loops(self, method: str) -> tuple[str, list[str], list[str]] | None:
+        """(official repository, kdbench command, official command) training ``method`` (kd or semckd) on vgg13 ->
+        vgg8 for one epoch of the same fake images and teacher; None without the repository."""
+        repo, weights = {"kd": ("RepDistiller", ["-r", "0.1", "-a", "0.9", "-b", "0"]),
+                         "semckd": ("SemCKD", ["-r", "1", "-a", "1", "-b", "50"])}[method]
+        if not (OFFICIAL / "repos" / repo).is_dir():
+            self.notes.append(f"no benchmarks/official/repos/{repo} (see benchmarks/official/README.md)")
+            return None
         data = self.data / "official"
         teacher = str(data / "teachers" / "vgg13_cifar100_lr_0.05_decay_0.0005_trial_0" / "vgg13_best.pth")
-        for repo, (method, weights) in repos.items():
-            if not (OFFICIAL / "repos" / repo).is_dir():
-                self.notes.append(f"official: no benchmarks/official/repos/{repo} (see benchmarks/official/README.md)")
+        ours = self.kdbench("--methods", method, "--pairs", "vgg13:vgg8", "--teacher-ckpt", teacher,
+                            *self.semckd_beta(method), "--results-dir", str(self.args.work / "official" / method))
+        ours[ours.index("--data-dir") + 1] = str(data / "kdbench")
+        theirs = [sys.executable, str(OFFICIAL / "run_official.py"), str(OFFICIAL / "repos" / repo),
+                  str(data / "torchvision"), "train_student.py", "--model_s", "vgg8", "--trial", "0", "--epochs",
+                  "1", "--distill", method, *weights, "--path-t" if repo == "SemCKD" else "--path_t", teacher]
+        return repo, ours, theirs
+
+    def _official(self, limit: float) -> None:
+        for method in ("kd", "semckd"):
+            loops = self._loops(method)
+            if loops is None:
                 continue
-            results = self.args.work / "official" / method
-            command = self.kdbench("--methods", method, "--pairs", "vgg13:vgg8", "--teacher-ckpt", teacher,
-                                   *self.semckd_beta(method), "--results-dir", str(results))
-            command[command.index("--data-dir") + 1] = str(data / "kdbench")
-            self.call("official", command, limit / 4, "official.log")
-            for r in self.run_rows("official", results, "kdbench"):
+            repo, ours, theirs = loops
+            self.call("official", ours, limit / 4, "official.log")
+            for r in self.run_rows("official", Path(ours[ours.index("--results-dir") + 1]), "kdbench"):
                 epoch = min((e["epoch_s"] for e in r["epochs"]), default=None)
                 if epoch:
                     self.row("official", method, "kdbench", "epoch_images_per_s", self.official_n / epoch)
-            flag = "--path-t" if repo == "SemCKD" else "--path_t"
             log = f"official-{repo}.log"
-            status, seconds = self.call("official", [
-                sys.executable, str(OFFICIAL / "run_official.py"), str(OFFICIAL / "repos" / repo),
-                str(data / "torchvision"), "train_student.py", "--model_s", "vgg8", "--trial", "0", "--epochs", "1",
-                "--distill", method, *weights, flag, teacher], limit / 4, log)
+            self.call("official", theirs, limit / 4, log)
             for line in (self.args.out / log).read_text().splitlines():
                 if line.startswith("epoch 1, total time"):
                     self.row("official", method, repo, "epoch_images_per_s", self.official_n / float(line.split()[-1]))
+
+    def _trace(self, limit: float) -> None:
+        """Not in the 8 minutes: both SemCKD loops under torch.profiler (benchmarks/official/traced.py), for where
+        kdbench's step loses to SemCKD's own; the tables and traces land under --out."""
+        loops = self._loops("semckd")
+        if loops is None:
+            return
+        repo, ours, theirs = loops
+        ours[ours.index("--results-dir") + 1] += "-traced"
+        for name, command in (("kdbench", ours), (repo, theirs)):
+            out = str(self.args.out / f"trace-semckd-{name}")
+            self.call("trace", [sys.executable, str(OFFICIAL / "traced.py"), out, *command[1:]], limit / 2,
+                      f"trace-{name}.log")
+            self.row("trace", "semckd", name, "profile", f"{Path(out).name}.txt")
 
     def _packing(self, limit: float) -> None:
         try:
@@ -279,7 +305,7 @@ class Check:
         total = time.monotonic() - self.started
         lines = [f"# make gpu-check, {datetime.now():%Y-%m-%d %H:%M}, {self.device}"
                  + (" (the CPU dry run: toy sizes, numbers mean nothing)" if self.args.cpu else ""),
-                 "", f"{total:.0f} s in all (limit {sum(LIMITS.values())} s). Tidy table: gpu-check.csv.", ""]
+                 "", f"{total:.0f} s in all (stages {self.args.stages}). Tidy table: gpu-check.csv.", ""]
         shown = {"train_images_per_s": "img/s", "peak_reserved_bytes": "peak reserved MiB",
                  "epoch_images_per_s": "epoch img/s", "sweep_images_per_s_makespan": "sweep img/s (makespan)",
                  "sweep_images_per_s_steady_sum": "sweep img/s (steady, summed)", "gain_over_k1_steady": "gain",

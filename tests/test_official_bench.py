@@ -31,6 +31,16 @@ def test_the_fake_cifar100_is_the_same_images_to_kdbench_and_to_torchvision(tmp_
         load_weights(create_model(arch, 100, 3), path, "teacher checkpoint")  # strict: every key and shape fits
 
 
+def test_the_gpu_checks_default_stages_are_limited_to_eight_minutes_in_all():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    stages = [s for s in gpu_check.LIMITS if s not in gpu_check.OPTIONAL]
+    assert sum(gpu_check.LIMITS[s] for s in stages) <= 8 * 60
+
+
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_writes_its_table_and_summary(tmp_path):
     """`make gpu-check-dry`'s plumbing, one stage of it: the commands run on the CPU and their runs become rows."""
