@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--published", type=Path, help="a published table (default: published_cifar100.csv and "
                         "published_imagenet.csv in the results dir, else in the kdbench checkout's results/)")
     report.add_argument("--plots", type=Path, metavar="DIR", help="also write the plots (PNG and SVG) here")
+    report.add_argument("--pool-processes", action="store_true", help="pool runs that differ only in processes per "
+                        "run (--gpus-per-run, BatchNorm rule); their img/s stays apart")
     report.add_argument("--out", type=Path, metavar="FILE", help="write the report here instead of stdout")
 
     replay = commands.add_parser("replay", help="train finished runs again with the current code and check that "
@@ -417,7 +419,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.plots:
         _writable_dir(args.plots, "--plots")
     text, plots = report(args.results_dirs or [Path("results")], args.format, args.metric, args.by, args.published,
-                         args.plots, layout=args.layout, correction=args.correction, dataset=args.dataset,
+                         args.plots, layout=args.layout, correction=args.correction,
+                         pool_processes=args.pool_processes, dataset=args.dataset,
                          recipe=args.recipe, protocol=args.protocol, pairs=args.pairs, methods=args.methods)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """benchmarks/official: both sides of a comparison with the official loops train on the same data, and its random
 teachers are RepDistiller checkpoints that kdbench's models load."""
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,15 @@ def test_the_gpu_check_dry_run_writes_its_table_and_summary(tmp_path):
     assert kd["status"] == "finished" and float(kd["train_images_per_s"]) > 0 and float(kd["cpu_peak_rss_bytes"]) > 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## methods" in summary and "| kd " in summary and "the CPU dry run" in summary
+
+
+def test_traced_runs_a_script_under_the_profiler_and_writes_its_tables_and_trace(tmp_path):
+    script = tmp_path / "work.py"
+    script.write_text("import sys, torch\ntorch.randn(64, 64) @ torch.randn(64, 64)\nsys.exit(3)\n")
+    traced = Path(__file__).resolve().parents[1] / "benchmarks" / "official" / "traced.py"
+    out = tmp_path / "trace"
+    done = subprocess.run([sys.executable, str(traced), str(out), str(script)], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr[-2000:]  # the script's own exit status
+    assert "aten::mm" in (tmp_path / "trace.txt").read_text()
+    with gzip.open(tmp_path / "trace.json.gz", "rt") as trace:
+        assert "aten::mm" in trace.read()

@@ -205,9 +205,23 @@ def test_a_shared_gpus_throughput_is_never_averaged_with_a_dedicated_ones(table)
     assert board.setting.nunique() == 1 and kd.n == 2  # the same numbers: one setting, both seeds
     speed = _level(mixed, "kd", "train_images_per_s")
     assert kd.train_images_per_s_per_device == f"H100 {speed[0]:,.1f} / H100 shared by 4 runs {speed[1]:,.1f}"
-    assert "or in how many runs shared a GPU" in report.render_report(board)
+    assert "in how many runs shared a GPU" in report.render_report(board)
     alone = report.leaderboard(report.entries(mixed.assign(device_shared_by=1)), "top1_best")
     assert (alone.train_images_per_s_per_device == "").all()
+
+
+def test_runs_of_several_processes_pool_with_one_process_runs_only_when_asked(table):
+    """--pool-processes: seed 1 trained by 2 processes with sync BN; pooled, its img/s stays its own."""
+    mixed = _on_gpus(table, {0: "NVIDIA H100", 1: "NVIDIA H100"})
+    mixed["world_size"], mixed["sync_bn"] = mixed.seed.map({0: None, 1: 2}), mixed.seed.map({0: None, 1: True})
+    apart = report.leaderboard(report.entries(mixed), "top1_best")
+    assert apart.setting.nunique() == 2 and any("2 processes (sync BN)" in s for s in apart.setting)
+    board = report.leaderboard(report.entries(report.pooled_processes(mixed)), "top1_best")
+    kd = board.set_index("label").loc["kd"]
+    assert board.setting.nunique() == 1 and kd.n == 2 and "processes" not in board.setting.iloc[0]
+    speed = _level(mixed, "kd", "train_images_per_s")
+    assert kd.train_images_per_s_per_device == (f"H100 {speed[0]:,.1f} / H100 x2 processes (sync BN) "
+                                                f"{speed[1]:,.1f}")
 
 
 def test_option_sets_and_chains_are_labelled_by_what_differs(table):

@@ -34,7 +34,7 @@ from kdbench.report.aggregate import (
 )
 from kdbench.report.flags import add_flags
 from kdbench.report.formats import FORMATS
-from kdbench.report.load import describe, duplicate_runs, load_results, runs, unfinished
+from kdbench.report.load import describe, duplicate_runs, load_results, pooled_processes, runs, unfinished
 from kdbench.report.plots import (
     flagged_figures,
     plot_accuracy_vs_throughput,
@@ -54,17 +54,21 @@ __all__ = ["CE_ONLY", "CI_LEVEL", "CORRECTIONS", "CRITERIA", "FORMATS", "LAYOUTS
            "OTHER_CODE", "SIGNIFICANCE", "SIGNIFICANT", "add_flags", "adjust", "default_metric", "describe",
            "duplicate_runs", "entries", "flagged_figures", "groups", "leaderboard", "load_published",
            "load_results", "mean_ranks", "paired_comparison", "plot_accuracy_vs_throughput", "plot_delta",
-           "plot_groups", "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1",
+           "plot_groups", "plot_heatmap", "plot_learning_curves", "plot_memory", "plot_top1", "pooled_processes",
            "published_paths", "regime", "render_regime", "render_report", "report", "run_summary", "runs",
            "save_plots", "unfinished"]
 
 
 def report(results_dirs: str | Path | Iterable[str | Path], fmt: str = "github", metric: str | None = None,
            by: str = "pair", published: str | Path | None = None, plots: str | Path | None = None,
-           layout: str = "leaderboard", correction: str = "holm", **filters: str | None) -> tuple[str, list[Path]]:
+           layout: str = "leaderboard", correction: str = "holm", pool_processes: bool = False,
+           **filters: str | None) -> tuple[str, list[Path]]:
     """``kdbench report``: the leaderboard text and the plot files written (when ``plots`` names a folder). The
-    published table is looked for in the first results directory. ``metric`` None: :func:`default_metric`."""
+    published table is looked for in the first results directory. ``metric`` None: :func:`default_metric`.
+    ``pool_processes``: :func:`pooled_processes`."""
     table = load_results(results_dirs)
+    if pool_processes:
+        table = pooled_processes(table)
     frame = entries(table, **filters)
     paths = published_paths(table["results_dir"].iloc[0], published)
     board = add_flags(leaderboard(frame, metric, load_published(paths) if paths else None, correction), frame,

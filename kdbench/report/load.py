@@ -106,6 +106,18 @@ def _setting_label(run: pd.Series) -> str:
                        device, precision])
 
 
+def pooled_processes(table: pd.DataFrame) -> pd.DataFrame:
+    """``kdbench report --pool-processes``: runs that differ only in the processes that trained each (world size and
+    BatchNorm rule) as one setting. The user declares them equivalent: the batch is the global one and the recipe's lr
+    is the same, but per-rank BatchNorm sees 1/N of it, so the numbers differ beyond rounding (with --sync-bn, within
+    it: docs/scale-out.md). Their img/s stays apart: a run of N processes counts as another device (global img/s)."""
+    processes = pd.to_numeric(table["world_size"], errors="coerce").fillna(1)
+    several = processes > 1
+    label = table["device_name"].astype(str) + " x" + processes.astype(int).astype(str) + " processes" + \
+        table["sync_bn"].eq(True).map({True: " (sync BN)", False: ""})
+    return table.assign(device_name=table["device_name"].where(~several, label), world_size=None, sync_bn=None)
+
+
 def runs(table: pd.DataFrame) -> pd.DataFrame:
     """One row per finished run: identity, ``setting`` (what must match to pool runs) and run-level metrics."""
     done = table[table["status"] == "finished"]

@@ -55,8 +55,9 @@ def device_note(board: pd.DataFrame) -> str:
     """Why throughput and memory cells name device models: the table pools runs on several (empty otherwise)."""
     if not board["train_images_per_s_per_device"].ne("").any():
         return ""
-    return (f"train img/s and peak MiB per device: this table pools runs that differ only in device model or in "
-            f"how many runs shared a GPU ({', '.join(device_names(board))}), whose speed and memory differ.")
+    return (f"train img/s and peak MiB per device: this table pools runs that differ only in device model, in how "
+            f"many runs shared a GPU or in processes per run ({', '.join(device_names(board))}), whose speed and "
+            f"memory differ.")
 
 
 def metric_notes(board: pd.DataFrame) -> list[str]:
