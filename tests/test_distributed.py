@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_sweep
+from test_zoo_relations import build, rkd_by_hand, step
 
 from kdbench.data import load_synthetic
 from kdbench.distributed import World, average_, sync_batch_norm
@@ -130,6 +131,58 @@ def test_sync_batch_norm_on_cpus_gives_the_gradients_of_the_whole_batch(tmp_path
     for a, b in zip(one["gradients"], two["gradients"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two["running_var"], one["running_var"])
+
+
+POOLED = {"pooled": (3,)}
+
+
+def _relations(x: torch.Tensor, teacher: torch.Tensor, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """RKD's terms of a batch whose student features are ``student(x)``."""
+    terms = build("rkd", POOLED, POOLED).losses(step({"pooled": student(x)}, {"pooled": teacher}))
+    return {name: terms[name] for name in ("rkd_distance", "rkd_angle")}
+
+
+def _batch_and_student() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    g = torch.Generator().manual_seed(2)
+    x, teacher = torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+    torch.manual_seed(0)
+    return x, teacher, torch.nn.Linear(4, 3)
+
+
+def _per_process_relations(rank: int, size: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    x, teacher, student = _batch_and_student()
+    terms = _relations(x[rank::size], teacher[rank::size], student)  # this process's shard, as the loader deals it
+    sum(terms.values()).backward()
+    gradients = [p.grad for p in student.parameters()]
+    average_(gradients, World(rank, size))
+    torch.save({"terms": {k: v.item() for k, v in terms.items()}, "gradients": gradients}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_relation_loss_on_two_processes_is_the_mean_of_its_shards_losses_by_hand(tmp_path):
+    """RKD's documented rule on several processes: distances and angles within each process's shard (as
+    mdistiller's DataParallel forward per GPU chunk), the gradient the mean of the shards': each process's terms
+    equal the plain-Python computation on its shard, and the averaged gradient is that of the mean of the two
+    shards' losses, not of the whole batch's."""
+    mp.spawn(_per_process_relations, args=(2, _free_port(), tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, teacher, student = _batch_and_student()
+    for rank, saved in enumerate(ranks):
+        with torch.no_grad():
+            l_d, l_a = rkd_by_hand(student(x[rank::2]).tolist(), teacher[rank::2].tolist())
+        assert saved["terms"]["rkd_distance"] == pytest.approx(25 * l_d, rel=1e-5)
+        assert saved["terms"]["rkd_angle"] == pytest.approx(50 * l_a, rel=1e-5)
+    shards = sum(sum(_relations(x[r::2], teacher[r::2], student).values()) for r in range(2)) / 2
+    by_rule = torch.autograd.grad(shards, list(student.parameters()))
+    whole = torch.autograd.grad(sum(_relations(x, teacher, student).values()), list(student.parameters()))
+    for averaged, expected, other in zip(ranks[0]["gradients"], by_rule, whole):
+        torch.testing.assert_close(averaged, expected, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(averaged, other, rtol=1e-3)
+    torch.testing.assert_close(ranks[1]["gradients"][0], ranks[0]["gradients"][0])  # one update on every process
 
 
 def test_what_several_processes_cannot_train_is_refused_in_one_line(monkeypatch):
