@@ -197,6 +197,15 @@ def average_(tensors: list[torch.Tensor | None], world: World) -> None:
             tensor.copy_(chunk.view_as(tensor))
 
 
+def gathered(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's ``values`` (the same shape on each), stacked in rank order along a new first dimension."""
+    if world.size == 1:
+        return values.unsqueeze(0)
+    parts = [torch.empty_like(values) for _ in range(world.size)]
+    dist.all_gather(parts, values.contiguous())
+    return torch.stack(parts)
+
+
 def summed(values: torch.Tensor, world: World) -> torch.Tensor:
     """``values`` summed over the ranks (a copy; the input is left as it was)."""
     values = values.clone()

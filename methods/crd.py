@@ -25,11 +25,13 @@ sizes, so a resumed run loads it (with the banks, Z and the step count) without 
 Scores are one ``(B, D)×(D, N)`` product per side and a gather, instead of RepDistiller's gather of B·(K+1) bank
 rows: the same numbers without its B×(K+1)×D tensors (0.54 GB per side at N = 50,000, K = 16,384, B = 64).
 
-CRD's memory bank is fitted before training (``prepare``) and updated each step from the batch's dataset indices, so
-several processes would each keep a bank of their own; a run of several processes is refused until the bank is kept as
-one (all-gather each step's indices and embeddings and apply the same update on every process, Z from the global first
-batch). RepDistiller trains CRD on one GPU; mdistiller's DataParallel keeps only the first GPU's bank updates, an
-artefact not to copy.
+On several processes (kdbench.distributed) the banks stay one: every process gathers the global batch's positions
+and detached embeddings (each process's shard padded to its full share, the padding dropped), draws the negatives of
+the whole batch as one process would and keeps its own shard's rows, and applies the whole batch's update to its
+banks, so the banks, Z (the mean of the processes' first-batch means: a first batch is full) and the negatives equal
+one process's on the same global batch; each process's NCE loss is over its own anchors, and the gradients are
+averaged. ``prepare`` copies the training labels only, which every process has. RepDistiller trains CRD on one GPU;
+mdistiller's DataParallel keeps only the first GPU's bank updates, an artefact not copied.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import math
 import torch
 from torch import nn
 
+from kdbench.distributed import gathered, summed
 from kdbench.errors import KdbenchError
 from kdbench.loader import stream_seed
 from kdbench.methods import register_method
@@ -114,6 +117,12 @@ class CRD(Method):
         self.replacement: bool | None = None
         self.register_load_state_dict_post_hook(CRD._host_copies)
 
+    @classmethod
+    def refusal(cls, compile_mode: str | None, processes: int) -> str:
+        """As every method's, except that CRD trains on several processes: its ``prepare`` reads only the training
+        labels, the same on every process, and its banks are kept as one (:meth:`whole_batch`)."""
+        return super().refusal(compile_mode, 1)
+
     @staticmethod
     def _host_copies(module: "CRD", _incompatible) -> None:
         module.num_negatives, module.steps_taken = int(module.params[0].item()), int(module.steps.item())
@@ -176,7 +185,10 @@ class CRD(Method):
         e_s = torch.exp(torch.gather(v_s @ bank_t.t(), 1, contrast) / tau)  # student anchor, teacher bank
         e_t = torch.exp(torch.gather(v_t @ bank_s.t(), 1, contrast) / tau)  # teacher anchor, student bank
         with torch.no_grad():
-            z = torch.where(params[2:4] < 0, torch.stack([e_s.mean(), e_t.mean()]) * n, params[2:4])
+            means = torch.stack([e_s.mean(), e_t.mean()])
+            if self.world.size > 1:  # every process sets the same Z: the global batch's mean
+                means = summed(means, self.world) / self.world.size
+            z = torch.where(params[2:4] < 0, means * n, params[2:4])
             self.params[2:4] = z
         return nce_loss(e_s / z[0], 1 / n) + nce_loss(e_t / z[1], 1 / n)
 
@@ -187,6 +199,20 @@ class CRD(Method):
         for memory, v in ((self.memory_v1, v_s), (self.memory_v2, v_t)):
             rows = memory.index_select(0, index) * momentum + v * (1 - momentum)
             memory.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
+
+    def whole_batch(self, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each of ``rows`` (per-sample tensors of this process's shard, the positions first) over the global
+        batch, in the order of one process's batch: process r holds its rows r, r + N, ... (kdbench.loader's deal).
+        A shard of a smaller last batch is padded to the full share (position -1) for the gather."""
+        world = self.world
+        if world.size == 1:
+            return rows
+        share, n = self.ctx.batch_size, rows[0].shape[0]
+        padded = [t.new_full((share, *t.shape[1:]), -1).index_copy_(0, torch.arange(n, device=t.device), t)
+                  for t in rows]
+        every = [gathered(t, world).transpose(0, 1) for t in padded]  # (share, N, ...): global row j·N + r
+        kept = every[0] >= 0
+        return tuple(t[kept] for t in every)
 
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         if out.teacher_features is None or out.indices is None:
@@ -199,7 +225,8 @@ class CRD(Method):
         with torch.autocast(device_type=index.device.type, enabled=False):
             v_s = self.embed_s(out.student_features[TAP].float())
             v_t = self.embed_t(out.teacher_features[TAP].detach().float())
-            contrast = torch.cat([index.unsqueeze(1), self.negatives(index, out.epoch, step)], dim=1)
-            loss = self.contrast_loss(v_s, v_t, contrast)
-            self.update_memory(index, v_s.detach(), v_t.detach())
+            batch, batch_s, batch_t = self.whole_batch(index, v_s.detach(), v_t.detach())
+            negatives = self.negatives(batch, out.epoch, step)[self.world.rank::self.world.size]  # this shard's
+            loss = self.contrast_loss(v_s, v_t, torch.cat([index.unsqueeze(1), negatives], dim=1))
+            self.update_memory(batch, batch_s, batch_t)
         return {**self.logit_terms(out), "crd": self.ctx.options["beta"] * loss}

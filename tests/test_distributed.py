@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_sweep
+from conftest import method_context, tiny_sweep
 from test_zoo_relations import build, rkd_by_hand, step
 
 from kdbench.data import load_synthetic
 from kdbench.distributed import World, average_, sync_batch_norm
 from kdbench.errors import KdbenchError
 from kdbench.loader import DeviceLoader
+from kdbench.methods.base import StepOutputs
 from kdbench.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +40,14 @@ def _kdbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_with_sync_bn_train_kd_and_fitnet_as_one_process_does(tmp_path):
+def test_two_gloo_processes_with_sync_bn_train_kd_fitnet_and_crd_as_one_process_does(tmp_path):
     """The same teacher (a checkpoint), two epochs of one step at a global batch of 64. Tolerance: losses within
     1e-4 relative and parameters (BatchNorm statistics included) within 1e-3 relative, the rounding of a sum over
     two processes' shards against one over the batch, grown through two SGD steps (FitNet's hint loss, about 150 on
     random data, amplifies it most); test accuracy identical."""
     torch.manual_seed(0)
     torch.save(create_model("resnet14", 10, 3).state_dict(), tmp_path / "teacher.pt")
-    common = ["--methods", "kd,fitnet", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
+    common = ["--methods", "kd,fitnet,crd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
               "--epochs", "2", "--train-subset", "64", "--batch-size", "64", "--device", "cpu",
               "--teacher-ckpt", "teacher.pt"]
     one = _kdbench(*common, "--results-dir", "one", cwd=tmp_path)
@@ -54,7 +55,7 @@ def test_two_gloo_processes_with_sync_bn_train_kd_and_fitnet_as_one_process_does
     assert (one.returncode, two.returncode) == (0, 0), one.stderr[-3000:] + two.stderr[-3000:]
     from kdbench.results import ResultsStore
 
-    for method in ("kd", "fitnet"):
+    for method in ("kd", "fitnet", "crd"):
         a, b = (next(ResultsStore(tmp_path / d).root.glob(f"student-{method}-*")) for d in ("one", "two"))
         records = [ResultsStore(tmp_path / d).load_record(r.name) for d, r in (("one", a), ("two", b))]
         assert records[1].spec.world_size == 2 and records[1].spec.sync_bn is True
@@ -185,6 +186,61 @@ def test_a_relation_loss_on_two_processes_is_the_mean_of_its_shards_losses_by_ha
     torch.testing.assert_close(ranks[1]["gradients"][0], ranks[0]["gradients"][0])  # one update on every process
 
 
+def _crd_steps(rank: int, size: int, port: int, out: Path) -> None:
+    """Two CRD steps on ``size`` processes: a global batch of 4 positions, then a last batch of 3 (shards of 2 and 1
+    on two processes); each process's term, its shard's size, the banks, Z and the averaged first-step gradients."""
+    from kdbench.methods.base import Preparation
+    from kdbench.methods.crd import CRD
+
+    if size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    torch.manual_seed(0)
+    crd = CRD(method_context("crd", {"pooled": (3,)}, {"pooled": (5,)}, "crd", {"nce_k": 3}, batch_size=4 // size,
+                             num_train=8, seed=0))
+    crd.prepare(Preparation(None, None, None, None, torch.device("cpu"), train_labels=labels))
+    crd.world = World(rank, size)
+    g = torch.Generator().manual_seed(3)
+    saved = {"terms": [], "banks": []}
+    for batch in ([5, 2, 7, 0], [1, 6, 3]):
+        index = torch.tensor(batch)
+        student, teacher = (torch.randn(len(batch), width, generator=g).relu() for width in (3, 5))
+        mine = slice(rank, None, size)  # the loader's deal
+        logits = torch.randn(len(batch), 100)[mine]  # not used by the term
+        term = crd.losses(StepOutputs(labels[index][mine], logits, {"pooled": student[mine]}, logits,
+                                      {"pooled": teacher[mine]}, indices=index[mine]))["crd"]
+        if not saved["terms"]:
+            term.backward()
+            gradients = [p.grad for p in crd.parameters()]
+            average_(gradients, crd.world)
+            saved["gradients"] = gradients
+        saved["terms"].append((term.item(), len(index[mine])))
+        saved["banks"].append((crd.memory_v1.clone(), crd.memory_v2.clone(), crd.params.clone()))
+    torch.save(saved, out / f"crd-{size}-{rank}.pt")
+    if size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_crd_on_two_processes_keeps_one_bank_and_draws_one_processs_negatives(tmp_path):
+    """Gathered positions and embeddings: after each step both processes' banks and Z equal one process's on the
+    whole batch (a smaller last batch included), and the shards' terms recombine to its term (the same negatives);
+    the first step's averaged gradients equal its gradients."""
+    _crd_steps(0, 1, 0, tmp_path)
+    mp.spawn(_crd_steps, args=(2, _free_port(), tmp_path), nprocs=2)
+    one, *two = (torch.load(tmp_path / f"crd-{n}-{r}.pt") for n, r in ((1, 0), (2, 0), (2, 1)))
+    for k in range(2):
+        for rank in two:
+            for mine, theirs in zip(rank["banks"][k], one["banks"][k]):
+                torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+        recombined = sum(t * n for t, n in (r["terms"][k] for r in two)) / sum(r["terms"][k][1] for r in two)
+        assert recombined == pytest.approx(one["terms"][k][0], rel=1e-5)
+    for mine, theirs in zip(two[0]["gradients"], one["gradients"]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
 def test_what_several_processes_cannot_train_is_refused_in_one_line(monkeypatch):
     with pytest.raises(KdbenchError, match="global batch of 32 over 3 processes must split evenly"):
         tiny_sweep(methods=("kd",), world_size=3).plan()
@@ -274,14 +330,13 @@ def test_under_ray_a_run_of_two_processes_is_a_ray_train_group_with_the_local_gr
 
 @pytest.mark.slow
 def test_every_method_without_an_offline_fit_trains_with_two_processes(tmp_path):
-    """One epoch of every shipped method that plans with two processes (all but those with ``Method.prepare``, and
+    """One epoch of every shipped method that plans with two processes (all but those with an offline fit, and
     TAKD/DGKD, which need an assistant chain), each process on its shard: each finishes."""
     from kdbench.methods import list_methods, method_class
-    from kdbench.methods.base import Method
 
     methods = [m for m in list_methods() if method_class(m).__module__.startswith("kdbench.methods.")
-               and method_class(m).prepare is Method.prepare and not method_class(m).uses_assistants
-               and m != "student"]
+               and not method_class(m).refusal(None, 2) and not method_class(m).uses_assistants and m != "student"]
+    assert "crd" in methods
     done = _kdbench("--methods", ",".join(methods), "--pairs", "resnet14:resnet8", "--dataset", "synthetic",
                     "--recipe", "short", "--epochs", "1", "--teacher-epochs", "1", "--train-subset", "128",
                     "--teacher-train-subset", "128", "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2",
