@@ -16,6 +16,7 @@ from conftest import TINY, tiny_sweep
 from kdbench.cli import main
 from kdbench.executors import RayOptions, execute, run_sweep_ray
 from kdbench.harness import RunEnv, run_sweep
+from kdbench.report import run_summary
 from kdbench.results import LOCKS, ResultsStore
 
 ray = pytest.importorskip("ray")
@@ -155,6 +156,7 @@ def test_runs_packed_on_a_gpu_share_it_at_once_and_compute_what_they_compute_alo
                      RayOptions(cpus=1, gpus=0.5), {s.run_id: 2 for s in specs})
     turns = execute(specs, RunEnv(ResultsStore(tmp_path / "turns"), progress=False), "local",
                     RayOptions(cpus=1, gpus=1.0), {s.run_id: 2 for s in specs})
+    assert "(GPU shared by 2)" in run_summary(packed) and "shared" not in run_summary(alone)
     for mine, shared in zip(alone, packed):
         assert mine.provenance["device_shared_by"] == 1 and shared.provenance["device_shared_by"] == 2
         assert [{k: e[k] for k in ("top1", "loss")} for e in mine.epochs] == [

@@ -51,16 +51,20 @@ LAYOUTS = ("leaderboard", "paper", "regime")  # regime: kdbench.report.regime, f
 OTHER_CODE = "†"  # marks a row made by other code than the rest of its table
 _MEMORY_KEYS = ("peak_alloc_bytes", "cpu_peak_rss_bytes")
 def run_summary(records: list[RunRecord], tablefmt: str = "github") -> str:
-    """One line per run of a sweep: accuracy, speed, memory, wall time, or why it failed."""
+    """One line per run of a sweep: accuracy, speed, memory, wall time, or why it failed. The speed of a run that
+    shared its GPU (--runs-per-gpu) says with how many."""
     rows = []
     for record in records:
         spec, m = record.spec, record.metrics
         memory = next((m[k] for k in _MEMORY_KEYS if k in m), None)
+        shared = record.provenance.get("device_shared_by", 1)
+        speed = number(m.get("train_images_per_s"), 1)
         rows.append({
             "role": spec.role, "method": spec.method, "model": spec.pair or spec.student, "seed": spec.seed,
             "status": record.status if record.status != "failed" else f"failed: {record.error}",
             "top1 best": number(m.get("top1_best")), "top1 last": number(m.get("top1_last")),
-            "train img/s": number(m.get("train_images_per_s"), 1), "step ms": number(m.get("step_ms_median"), 1),
+            "train img/s": f"{speed} (GPU shared by {shared})" if speed and shared > 1 else speed,
+            "step ms": number(m.get("step_ms_median"), 1),
             "peak MiB": number(memory / 2**20 if memory else None, 0), "wall s": number(m.get("wall_s"), 1),
         })
     return tabulate(rows, headers="keys", tablefmt=tablefmt)
