@@ -47,8 +47,8 @@ def test_two_gloo_processes_with_sync_bn_train_kd_fitnet_and_crd_as_one_process_
     random data, amplifies it most); test accuracy identical."""
     torch.manual_seed(0)
     torch.save(create_model("resnet14", 10, 3).state_dict(), tmp_path / "teacher.pt")
-    common = ["--methods", "kd,fitnet,crd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
-              "--epochs", "2", "--train-subset", "64", "--batch-size", "64", "--device", "cpu",
+    common = ["--methods", "kd,fitnet,crd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe",
+              "short", "--epochs", "2", "--train-subset", "64", "--batch-size", "64", "--device", "cpu",
               "--teacher-ckpt", "teacher.pt"]
     one = _kdbench(*common, "--results-dir", "one", cwd=tmp_path)
     two = _kdbench(*common, "--gpus-per-run", "2", "--sync-bn", "--results-dir", "two", cwd=tmp_path)
