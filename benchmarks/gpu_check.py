@@ -291,7 +291,9 @@ class Check:
 
             table = pd.read_csv(results / "profile.csv")
             for r in table[table.metric.isin(["img_per_s_harness", "img_per_s_bare", "fraction_of_peak"])].itertuples():
-                self.row("profile", r.method, f"{r.precision} {r.compile}", r.metric, r.value)
+                percent = r.metric == "fraction_of_peak"
+                self.row("profile", r.method, f"{r.precision} {r.compile}", "percent_of_peak" if percent else r.metric,
+                         100 * r.value if percent else r.value)
 
     # --------------------------------------------------------------------------------------------------- output
 
@@ -311,7 +313,7 @@ class Check:
                  "sweep_images_per_s_steady_sum": "sweep img/s (steady, summed)", "gain_over_k1_steady": "gain",
                  "runs_finished": "runs", "status": "status", "summary": "summary",
                  "img_per_s_harness": "img/s (harness)", "img_per_s_bare": "img/s (bare loop)",
-                 "fraction_of_peak": "fraction of peak"}
+                 "percent_of_peak": "% of peak", "profile": "operators and trace"}
         for stage, rows in table.groupby("stage", sort=False):
             rows = rows[rows.metric.isin(shown)]
             wide = rows.pivot_table(index=["name", "setting"], columns="metric", values="value", aggfunc="first",
