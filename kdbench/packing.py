@@ -9,7 +9,8 @@ with a dedicated run's (kdbench.report.load).
 
 Memory is checked first: each setting's peak is measured (kdbench.estimate, the dry run's measurement, whose price
 cache keeps it), and a setting whose K runs with their CUDA contexts would not fit in the GPU's memory is packed
-fewer to a GPU; a run that does not fit alone is refused.
+fewer to a GPU; a run that does not fit alone is refused. A run packed k to a GPU asks for 1/k of one, and k of it
+fit; Ray keeps the fractions on a GPU at most 1, so any mix of settings on one GPU fits too.
 """
 
 from __future__ import annotations
