@@ -70,7 +70,7 @@ reference-replay: setup
 # What `make reference` has left to train, and its price, measured on this machine (writes nothing to the results).
 # The pilot's runs are among the first command's; each command prices the teachers it still needs, so add the
 # commands' totals without the teacher rows of the second and later ones. The dry runs keep their prices in
-# ~/.cache/kdbench/prices.json ($KDBENCH_CACHE/prices.json) and reuse them, whatever load they were measured under:
+# ~/.cache/kdbench/prices-v2.json ($KDBENCH_CACHE/prices-v2.json) and reuse them, whatever load they were measured under:
 # to price afresh on an idle machine, delete that file or point KDBENCH_CACHE elsewhere (docs/user-guide.md).
 reference-plan: setup
 	for command in $(REFERENCE_SET); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN) --dry-run || exit 1; done

@@ -332,7 +332,7 @@ def _run(args: argparse.Namespace) -> int:
     _writable_dir(results_dir, "--results-dir")
     sweeps = _sweeps(cfg)
     specs = plan(sweeps)
-    packing.check(cfg.runs_per_gpu, sweeps[0].device, sweeps[0].world_size)
+    packing.check(cfg.runs_per_gpu, sweeps[0].device, max(sweep.world_size for sweep in sweeps))
     checkpoint = Path(cfg.teacher_ckpt).resolve() if cfg.teacher_ckpt else None
     if checkpoint:
         _check_teacher_ckpt(checkpoint, sweeps[0])
@@ -347,7 +347,8 @@ def _run(args: argparse.Namespace) -> int:
         from kdbench.estimate import PriceCache, estimate, format_estimate
 
         est = estimate(specs, env, prices=PriceCache.default())
-        print(format_estimate(est, per_run=True) + packing.dry_run_text(est, cfg.runs_per_gpu))
+        print(format_estimate(est, per_run=True))
+        print(packing.dry_run_text(est, cfg.runs_per_gpu), end="")  # after the table: a refusal keeps it
         return 0
     if args.profile:
         from kdbench.profile import format_profile, profile, save

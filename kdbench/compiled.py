@@ -15,8 +15,11 @@ def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
 
     Dynamo reuses a compiled forward for every instance of the class and, by default, without checking the hooks on
     its layers: in a sweep, the second method's students and teachers would run the first method's code, without
-    their own feature taps (semckd after kd lost its stage maps: tests/test_compile.py). Guarding on the hooks
-    compiles again where they differ."""
+    their own feature taps (semckd after kd lost its stage maps: tests/test_compile.py). So each run starts from
+    Dynamo's empty cache (its models are compiled before any of them runs; Inductor's on-disk cache keeps recompiling
+    cheap), which also keeps a sweep of many runs under Dynamo's recompile limit, past which it would fall back to
+    eager code with only a warning; and Dynamo guards on the hooks."""
     if mode is not None:
+        torch._dynamo.reset()  # compiled code is made at a forward's first call: none of this run's is lost
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         model.forward = torch.compile(model.forward, mode=mode, dynamic=False)

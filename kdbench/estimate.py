@@ -9,6 +9,7 @@ evaluations, the teacher's evaluation, the method's offline fit, and the fixed c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -267,7 +268,8 @@ class PriceCache:
 
     @classmethod
     def default(cls) -> "PriceCache":
-        return cls(Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdbench") / "prices.json")
+        # v2: prices with peak memory, which older kdbench cannot read
+        return cls(Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdbench") / "prices-v2.json")
 
     @staticmethod
     def key(spec: RunSpec, steps: int, eval_batches: int, machine: dict) -> str:
@@ -275,10 +277,11 @@ class PriceCache:
 
     def get(self, key: str) -> _Cost | None:
         price = self.prices.get(key)
-        if price is None or "peak_bytes" not in price:  # none, or kept before peaks were measured: measured again
+        known = {f.name for f in dataclasses.fields(_Cost)}
+        if price is None or not known <= price.keys():  # none, or kept by a kdbench that measured less: again
             return None
         self.reused += 1
-        return _Cost(**price)
+        return _Cost(**{k: v for k, v in price.items() if k in known})
 
     def put(self, key: str, cost: _Cost) -> None:
         self.prices[key] = asdict(cost)

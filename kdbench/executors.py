@@ -40,7 +40,8 @@ class RayOptions:
 
     address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001": attach to one
     cpus: int = 1
-    gpus: float | None = None  # None: 1 for CUDA runs (1/k where k runs share a GPU: kdbench.packing), 0 for CPU runs
+    # GPUs a run takes, over the runs sharing its GPU (kdbench.packing: 1/k); None: 1 for CUDA runs, 0 for CPU runs
+    gpus: float | None = None
 
 
 def execute(specs: list[RunSpec], env: RunEnv, executor: str = "local", ray_options: RayOptions | None = None,
@@ -146,7 +147,7 @@ def run_sweep_ray(specs: list[RunSpec], env: RunEnv, options: RayOptions,
     refs: dict[str, ray.ObjectRef] = {}
     for spec in specs:
         shared_by = shares.get(spec.run_id, 1)
-        gpus = options.gpus if options.gpus is not None else float(spec.device == "cuda") / shared_by
+        gpus = (options.gpus if options.gpus is not None else float(spec.device == "cuda")) / shared_by
         trainers = [refs[t] for t in (spec.teacher_run, *spec.assistant_runs) if t in refs]
         # a group's task only waits for its TorchTrainer, whose workers hold the resources
         remote, cpus, gpus = ((group_task, 0, 0) if (spec.world_size or 1) > 1 else (task, options.cpus, gpus))

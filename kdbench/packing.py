@@ -102,13 +102,24 @@ def dry_run_text(est, runs_per_gpu: int) -> str:
 
 def pack(specs: list, env, runs_per_gpu: int) -> dict[str, int]:
     """Run id -> runs sharing its GPU, for a sweep about to start: each setting's peak is measured as the dry run
-    measures it (its price cache reused), and the runs packed fewer than asked are said."""
+    measures it (its price cache reused; a method's offline fit on a few batches only), and the runs packed fewer
+    than asked are said. This process keeps a CUDA context on the first GPU beside the runs: counted."""
+    import torch
+
     from kdbench.estimate import PriceCache, estimate
 
     if runs_per_gpu == 1 or not specs:
         return {}
-    peaks = {r.run_id: r.peak_bytes for r in estimate(specs, env, prices=PriceCache.default()).runs}
-    packed = shares(peaks, device_capacity(specs[0].device), runs_per_gpu)
+    try:
+        peaks = {r.run_id: r.peak_bytes for r in estimate(specs, env, prices=PriceCache.default()).runs}
+    except torch.OutOfMemoryError:
+        raise KdbenchError("measuring the runs' peak memory before packing them ran out of GPU memory: a setting "
+                           "does not fit the GPU even alone; run it with a smaller --batch-size") from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    capacity = device_capacity(specs[0].device)
+    packed = shares(peaks, capacity - CONTEXT_BYTES if capacity else None, runs_per_gpu)
     for line in packing_lines(peaks, packed, runs_per_gpu):
         log.warning("packed fewer: %s", line)
     return packed

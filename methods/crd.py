@@ -28,7 +28,7 @@ rows: the same numbers without its B×(K+1)×D tensors (0.54 GB per side at N = 
 On several processes (kdbench.distributed) the banks stay one: every process gathers the global batch's positions
 and detached embeddings (each process's shard padded to its full share, the padding dropped), draws the negatives of
 the whole batch as one process would and keeps its own shard's rows, and applies the whole batch's update to its
-banks, so the banks, Z (the mean of the processes' first-batch means: a first batch is full) and the negatives equal
+banks, so the banks, Z (set from the global first batch's scores) and the negatives equal
 one process's on the same global batch; each process's NCE loss is over its own anchors, and the gradients are
 averaged. ``prepare`` copies the training labels only, which every process has. RepDistiller trains CRD on one GPU;
 mdistiller's DataParallel keeps only the first GPU's bank updates, an artefact not copied.
@@ -186,8 +186,10 @@ class CRD(Method):
         e_t = torch.exp(torch.gather(v_t @ bank_s.t(), 1, contrast) / tau)  # teacher anchor, student bank
         with torch.no_grad():
             means = torch.stack([e_s.mean(), e_t.mean()])
-            if self.world.size > 1:  # every process sets the same Z: the global batch's mean
-                means = summed(means, self.world) / self.world.size
+            if self.world.size > 1 and self.steps_taken == 1:  # a run's first step sets Z: the global batch's mean
+                totals = summed(torch.stack([e_s.sum(), e_t.sum(), e_s.new_tensor(e_s.numel())]),
+                                self.world)
+                means = totals[:2] / totals[2]
             z = torch.where(params[2:4] < 0, means * n, params[2:4])
             self.params[2:4] = z
         return nce_loss(e_s / z[0], 1 / n) + nce_loss(e_t / z[1], 1 / n)

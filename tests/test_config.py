@@ -137,7 +137,7 @@ def test_a_second_dry_run_reuses_the_prices_of_the_first_and_says_so(capsys, tmp
             "--dry-run"]
     code, first, _ = run_cli(capsys, *argv)
     assert code == 0 and "priced by an earlier run" not in first
-    prices = tmp_path / "cache" / "prices.json"
+    prices = tmp_path / "cache" / "prices-v2.json"
     assert len(json.loads(prices.read_text())) == 2  # the teacher's setting and kd's
     code, second, _ = run_cli(capsys, *[a if a != "1" else "2" for a in argv])  # twice the epochs: same settings
     assert code == 0 and "(2 of them priced by an earlier run on this machine and code" in second

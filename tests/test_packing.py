@@ -4,6 +4,7 @@ runs at once on a fake GPU, is tested with Ray's cluster in test_ray.py."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_sweep
 
 from kdbench import packing
@@ -63,5 +64,22 @@ def test_the_dry_run_prices_a_packed_sweep_between_free_and_no_sharing(monkeypat
 def test_the_dry_run_measures_each_settings_peak_memory(tmp_path):
     specs = tiny_sweep(methods=("kd",)).plan()
     runs = estimate(specs, RunEnv(ResultsStore(tmp_path), progress=False), steps=2).runs
-    assert all(r.peak_bytes > 2**20 for r in runs)  # the CPU's peak RSS here; CUDA's max reserved on a GPU
-    assert packing.pack(specs, RunEnv(ResultsStore(tmp_path)), 1) == {}  # nothing measured for one run a GPU
+    assert all(r.peak_bytes > 2**20 for r in runs)  # set (0 by default): the CPU's peak RSS here, CUDA's on a GPU
+
+
+def test_a_sweep_is_packed_from_its_measured_peaks_beside_this_processs_own_context(tmp_path, monkeypatch):
+    specs = tiny_sweep(methods=("kd",)).plan()
+    rows = tuple(RunEstimate(s.run_id, s.role, s.method, "", "train", 1, 1.0, peak_bytes=2 * GIB) for s in specs)
+    monkeypatch.setattr("kdbench.estimate.estimate", lambda *args, **kwargs: Estimate(rows, 1, 5, ("cuda",)))
+    monkeypatch.setattr(packing, "device_capacity", lambda device: 10 * GIB)
+    env = RunEnv(ResultsStore(tmp_path), progress=False)
+    # 0.95 x (10 - 1) GiB over 2 + 1 GiB a run: 2 fit (3 would, were this process's context not on the GPU)
+    assert packing.pack(specs, env, 8) == {s.run_id: 2 for s in specs}
+    assert packing.runs_that_fit(2 * GIB, 10 * GIB, 8) == 3
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("kdbench.estimate.estimate", out_of_memory)
+    with pytest.raises(KdbenchError, match="ran out of GPU memory: a setting does not fit the GPU even alone"):
+        packing.pack(specs, env, 2)

@@ -142,8 +142,9 @@ def _span(record) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_runs_packed_on_a_gpu_share_it_at_once_and_compute_what_they_compute_alone(cluster, tmp_path):
-    """--runs-per-gpu through the local executor, on the cluster's one fake GPU: two runs of half a GPU each train
-    at once, each recording the sharing and the numbers it makes alone; at a whole GPU each they take turns."""
+    """--runs-per-gpu through the local executor, on the cluster's one fake GPU (CPU runs asking for a GPU each, as
+    CUDA runs do): packed two to a GPU, they take half each and train at once, each recording the sharing and the
+    numbers it makes alone; not packed, they take turns."""
     specs = [s for s in tiny_sweep(seeds=(0, 1), recipe=replace(TINY, epochs=6)).plan() if s.role == "student"]
     assert len(specs) == 2 and not any(s.teacher_run for s in specs)  # two independent runs
     threads = torch.get_num_threads()
@@ -153,9 +154,8 @@ def test_runs_packed_on_a_gpu_share_it_at_once_and_compute_what_they_compute_alo
     finally:
         torch.set_num_threads(threads)
     packed = execute(specs, RunEnv(ResultsStore(tmp_path / "packed"), progress=False), "local",
-                     RayOptions(cpus=1, gpus=0.5), {s.run_id: 2 for s in specs})
-    turns = execute(specs, RunEnv(ResultsStore(tmp_path / "turns"), progress=False), "local",
-                    RayOptions(cpus=1, gpus=1.0), {s.run_id: 2 for s in specs})
+                     RayOptions(cpus=1, gpus=1.0), {s.run_id: 2 for s in specs})  # a GPU a run, over 2
+    turns = run_sweep_ray(specs, RunEnv(ResultsStore(tmp_path / "turns"), progress=False), RayOptions(cpus=1, gpus=1.0))
     assert "(GPU shared by 2)" in run_summary(packed) and "shared" not in run_summary(alone)
     for mine, shared in zip(alone, packed):
         assert mine.provenance["device_shared_by"] == 1 and shared.provenance["device_shared_by"] == 2
@@ -164,5 +164,6 @@ def test_runs_packed_on_a_gpu_share_it_at_once_and_compute_what_they_compute_alo
     (a0, a1), (b0, b1) = sorted(_span(r) for r in packed)
     assert a1 - a0 > 3 and b0 < a1 - 1.5, "two runs of half a GPU each did not train at once"
     # (taking turns, the second would start no earlier than a1 - 1: the timestamps are whole seconds)
+    assert {r.provenance["device_shared_by"] for r in turns} == {1}
     (a0, a1), (b0, b1) = sorted(_span(r) for r in turns)
     assert b0 >= a1 - 1, "two runs of a whole GPU each trained at once on one GPU"
