@@ -82,6 +82,13 @@ def device_capacity(device: str) -> float | None:
     return float(torch.cuda.get_device_properties(0).total_memory)
 
 
+def room(device: str) -> float | None:
+    """What the runs share of the first GPU: its memory less this process's own CUDA context (the sweep's driver,
+    which measured the peaks); None on a CPU."""
+    capacity = device_capacity(device)
+    return capacity - CONTEXT_BYTES if capacity else None
+
+
 def dry_run_text(est, runs_per_gpu: int) -> str:
     """What the dry run adds for a packed sweep (``est``: a kdbench.estimate.Estimate): the runs packed fewer, and
     the sweep's GPU-hours as bounds, from the runs' prices alone: if sharing cost a run nothing (1/k of a GPU for as
@@ -91,7 +98,7 @@ def dry_run_text(est, runs_per_gpu: int) -> str:
         return ""
     runs = [r for r in est.runs if r.seconds > 0]
     peaks = {r.run_id: r.peak_bytes for r in runs}
-    packed = shares(peaks, device_capacity(est.devices[0]) if est.devices else None, runs_per_gpu)
+    packed = shares(peaks, room(est.devices[0]) if est.devices else None, runs_per_gpu)
     alone = sum(r.seconds for r in runs) / 3600
     shared = sum(r.seconds / packed[r.run_id] for r in runs) / 3600
     fewer = packing_lines(peaks, packed, runs_per_gpu)
@@ -118,8 +125,7 @@ def pack(specs: list, env, runs_per_gpu: int) -> dict[str, int]:
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    capacity = device_capacity(specs[0].device)
-    packed = shares(peaks, capacity - CONTEXT_BYTES if capacity else None, runs_per_gpu)
+    packed = shares(peaks, room(specs[0].device), runs_per_gpu)
     for line in packing_lines(peaks, packed, runs_per_gpu):
         log.warning("packed fewer: %s", line)
     return packed

@@ -112,10 +112,16 @@ def pooled_processes(table: pd.DataFrame) -> pd.DataFrame:
     is the same, but per-rank BatchNorm sees 1/N of it, so the numbers differ beyond rounding (with --sync-bn, within
     it: docs/scale-out.md). Their img/s stays apart: a run of N processes counts as another device (global img/s)."""
     processes = pd.to_numeric(table["world_size"], errors="coerce").fillna(1)
-    several = processes > 1
-    label = table["device_name"].astype(str) + " x" + processes.astype(int).astype(str) + " processes" + \
-        table["sync_bn"].eq(True).map({True: " (sync BN)", False: ""})
-    return table.assign(device_name=table["device_name"].where(~several, label), world_size=None, sync_bn=None)
+    suffix = " x" + processes.astype(int).astype(str) + " processes" + table["sync_bn"].eq(True).map(
+        {True: " (sync BN)", False: ""})
+    return table.assign(device_name=_as_other_device(table["device_name"], processes > 1, suffix), world_size=None,
+                        sync_bn=None)
+
+
+def _as_other_device(names: pd.Series, other: pd.Series, suffix: pd.Series) -> pd.Series:
+    """Device names with ``suffix`` where ``other``: runs whose speed and memory are not a dedicated device's (a
+    shared GPU, several processes), which reports then keep apart as they keep device models apart."""
+    return names.where(~other, names.astype(str) + suffix)
 
 
 def runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -135,8 +141,8 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     # A GPU that k runs shared (--runs-per-gpu, kdbench.packing) is another device as far as speed goes: its img/s is
     # never averaged with a dedicated GPU's (tables that pool both show them per device: kdbench.report.aggregate).
     shared = pd.to_numeric(wide["device_shared_by"], errors="coerce").fillna(1)
-    wide["device_name"] = wide["device_name"].where(
-        shared <= 1, wide["device_name"].astype(str) + " shared by " + shared.astype(int).astype(str) + " runs")
+    wide["device_name"] = _as_other_device(wide["device_name"], shared > 1,
+                                           " shared by " + shared.astype(int).astype(str) + " runs")
     seeds = table.drop_duplicates("run_id").set_index("run_id")["seed"]
     own_seed = wide["seed"].where(wide["role"] == "teacher")
     wide["teacher_seed"] = pd.to_numeric(wide["teacher_seed"], errors="coerce").fillna(own_seed).fillna(
