@@ -16,6 +16,10 @@ Semantics (issue 27):
 - BatchNorm is per rank by default (each rank normalises with its own shard's statistics, as DataParallel and the
   official codes train); ``--sync-bn`` converts it to torch's SyncBatchNorm on CUDA, and to ``SyncBatchNormCPU``
   (the same statistics, through a differentiable all-reduce) where torch has no CPU kernels for it (gloo).
+- A method's offline fit (``Method.prepare``: letKD's k-means, SAKD's prefit head, a copy of the teacher's
+  classifier) runs once, on rank 0, over whole batches as one process fits it, and its state is broadcast to the
+  other ranks (``broadcast_state``), which wait meanwhile: every rank trains with the fit one process makes, and
+  no cache of fitted artefacts is written twice.
 - Running statistics: evaluation uses rank 0's, broadcast before each evaluation (DDP broadcasts rank 0's buffers
   at every forward; DataParallel keeps replica 0's).
 - Only rank 0 writes records, tables and checkpoints, and holds the run's claim for the group.
@@ -212,6 +216,19 @@ def summed(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
         dist.all_reduce(values)
     return values
+
+
+def broadcast_state(module: nn.Module, world: World) -> None:
+    """Rank 0's state of ``module`` (what a method's offline fit set, there alone) loaded into every other rank's,
+    through the announcements' group, whose long timeout lets the others wait while rank 0 fits; as a resumed run
+    loads it from a checkpoint. Nothing in one process."""
+    if world.size == 1:
+        return
+    state = [{key: value.cpu() if isinstance(value, torch.Tensor) else value
+              for key, value in module.state_dict().items()} if world.main else None]
+    dist.broadcast_object_list(state, src=0, group=_control)
+    if not world.main:
+        module.load_state_dict(state[0])
 
 
 def broadcast_buffers(module: nn.Module, world: World) -> None:

@@ -11,6 +11,7 @@ whatever their batch size, subset or method.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -120,6 +121,13 @@ class BatchCounts:
 
     def mine(self, batch: torch.Tensor) -> torch.Tensor:
         return batch[self.rank::self.ranks]
+
+    def whole(self):
+        """This loader taking every position of each batch, as one process does: what a method's offline fit sees
+        in a run across processes (it fits once, on rank 0)."""
+        whole = copy.copy(self)
+        whole.rank, whole.ranks = 0, 1
+        return whole
 
     @property
     def num_train(self) -> int:

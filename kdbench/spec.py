@@ -436,7 +436,7 @@ class SweepSpec:
                                    f"{info.train_size - 1} or less (0: no split)")
             if not run.pretrained:
                 _check_steps(run, method_class(run.method), info.train_size)
-            refusal = method_class(run.method).refusal(run.compile, run.world_size or 1)
+            refusal = method_class(run.method).refusal(run.compile)
             if refusal:
                 raise KdbenchError(refusal)
             missing = sorted(set(method_class(run.method).views) - set(info.views))

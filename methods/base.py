@@ -225,12 +225,9 @@ class Method(nn.Module):
         return {}
 
     @classmethod
-    def refusal(cls, compile_mode: str | None, processes: int) -> str:
-        """Why the plan refuses a run of this method compiled with ``compile_mode`` (None: eager) and trained by
-        ``processes``, in one line; "" when it can train so."""
-        if processes > 1 and cls.prepare is not Method.prepare:
-            return (f"{cls.name} fits on its teacher before training (Method.prepare), in one process only so far; "
-                    f"train it without --gpus-per-run")
+    def refusal(cls, compile_mode: str | None) -> str:
+        """Why the plan refuses a run of this method compiled with ``compile_mode`` (None: eager), in one line; ""
+        when it can train so."""
         reason = cls.breaks_compile or (cls.breaks_cuda_graphs if compile_mode in CUDA_GRAPH_MODES else "")
         if compile_mode is None or not reason:
             return ""
@@ -282,8 +279,10 @@ class Method(nn.Module):
     def prepare(self, prep: Preparation) -> None:
         """Fits what the method needs before the first epoch (e.g. a head on the frozen teacher).
 
-        Runs once per run, never on resume: anything it fits must live in the method's state_dict.
-        Its wall time is recorded as ``prepare_s``.
+        Runs once per run, never on resume: anything it fits must live in the method's state_dict. In a run across
+        processes it runs on rank 0 alone, over whole batches, and the state it fitted is broadcast to the others
+        (``kdbench.distributed.broadcast_state``): it must call no collective. Its wall time is recorded as
+        ``prepare_s``.
         """
 
     def reused_fit_s(self) -> float:

@@ -19,6 +19,9 @@ convolution before the pooling, the teacher's holding its ``fc`` weight) and ``c
 Labelled deviation (``deviation``, flagged ``[o]``): the official student is the bias-free ``conv_test`` variant of
 its architecture, so its logits have no classifier bias; kdbench's student keeps its zoo classifier, bias included
 (100 parameters on CIFAR-100), and its CAMs leave the bias out, as the official ones do.
+
+On several processes (kdbench.distributed) rank 0 copies the teacher's classifier and the others load it from there;
+the CAM loss is a mean over each process's own images.
 """
 
 from __future__ import annotations

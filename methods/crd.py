@@ -117,12 +117,6 @@ class CRD(Method):
         self.replacement: bool | None = None
         self.register_load_state_dict_post_hook(CRD._host_copies)
 
-    @classmethod
-    def refusal(cls, compile_mode: str | None, processes: int) -> str:
-        """As every method's, except that CRD trains on several processes: its ``prepare`` reads only the training
-        labels, the same on every process, and its banks are kept as one (:meth:`whole_batch`)."""
-        return super().refusal(compile_mode, 1)
-
     @staticmethod
     def _host_copies(module: "CRD", _incompatible) -> None:
         module.num_negatives, module.steps_taken = int(module.params[0].item()), int(module.steps.item())

@@ -64,8 +64,9 @@ fit). The run's ``prepare_s`` is the fit on the first run and only the load afte
 counts in its end-to-end cost as ``reused_fit_s``. The fitted tensors live in the method's buffers, so a resumed
 run (which skips ``prepare``) has them.
 
-Its offline fit (``prepare``) runs in one process, so a run of several processes is refused for now. letKD's official
-code trains on one GPU.
+On several processes (kdbench.distributed) the offline fit (``prepare``) runs once, on rank 0, over whole batches,
+and the others load its buffers from rank 0: every process trains with the fit one process makes (letKD's official
+code trains on one GPU, so this is our choice). The KD layers' BatchNorms are per process unless ``--sync-bn``.
 """
 
 from __future__ import annotations

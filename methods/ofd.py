@@ -30,6 +30,10 @@ official codes do, without their drift: the teacher's running statistics stay as
 
 Presets: official and crd ``CE + 0.001·L_OFD`` (mdistiller ``OFD.LOSS.FEAT_WEIGHT 0.001``; clovaai
 ``loss_distill.sum() / batch_size / 1000``); semckd ``CE + KD_4 + 0.001·L_OFD``.
+
+On several processes (kdbench.distributed) the margins are read once, on rank 0, and the others load them; the
+partial L2 is a per-image mean over each process's own images, and ``teacher_batch_stats`` uses each process's
+shard's statistics, as the official codes' DataParallel replicas do.
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ Ablation ``components`` (each gives its own set of terms and runs end to end):
 Teacher features are detached; gradients reach the student only through ``u_S``. ``U`` has no parameters or
 buffers; ``g`` and everything else here is training-only and dropped at inference (``extra_params_inference =
 0``, the deployed student is the plain model). ``extra_params_train`` counts ``g`` in joint mode only (a frozen
-prefit head does not train).
+prefit head does not train). On several processes (kdbench.distributed) the prefit runs once, on rank 0, over whole
+batches, and the other processes load its ``g``; ``U`` and the branch act per sample, so each process computes its
+shard's terms.
 """
 
 from __future__ import annotations

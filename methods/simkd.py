@@ -22,6 +22,7 @@ in the official validation, and stays in the saved weights, as in the official c
 SimKD is one objective under every protocol: its authors fix CE and KD at 0, and a CE or KD term would train the
 student's own classifier, which is not deployed. A teacher whose classifier does not read its last stage's channels
 (MobileNetV2 and ShuffleNets, whose head convolution comes after the last stage) is refused when the sweep is planned.
+On several processes (kdbench.distributed) rank 0 copies the teacher's classifier and the others load it from there.
 """
 
 from __future__ import annotations
