@@ -1,6 +1,6 @@
 """One run across several processes: torch.distributed data parallelism, as launched by torchrun, SLURM's srun with
 torchrun, torch's elastic launcher (``--gpus-per-run``) or Ray Train. kdbench starts no processes of its own and
-builds no collective of its own beyond averaging a list of tensors.
+builds no collective of its own beyond averaging or broadcasting a list of tensors.
 
 Semantics (issue 27):
 
@@ -18,8 +18,8 @@ Semantics (issue 27):
   (the same statistics, through a differentiable all-reduce) where torch has no CPU kernels for it (gloo).
 - A method's offline fit (``Method.prepare``: letKD's k-means, SAKD's prefit head, a copy of the teacher's
   classifier) runs once, on rank 0, over whole batches as one process fits it, and its state is broadcast to the
-  other ranks (``broadcast_state``), which wait meanwhile: every rank trains with the fit one process makes, and
-  no cache of fitted artefacts is written twice.
+  other ranks (``fit_once``), which wait meanwhile: every rank trains with the fit one process makes, and no cache
+  of fitted artefacts is written twice.
 - Running statistics: evaluation uses rank 0's, broadcast before each evaluation (DDP broadcasts rank 0's buffers
   at every forward; DataParallel keeps replica 0's).
 - Only rank 0 writes records, tables and checkpoints, and holds the run's claim for the group.
@@ -191,12 +191,16 @@ def average_(tensors: list[torch.Tensor | None], world: World) -> None:
     if uneven:
         raise RunFailed(f"parameters {uneven[:5]} (by position in the optimiser) have a gradient on some processes "
                         f"and not on others; a method trained by several processes must use every parameter on each")
-    present = [t for t in tensors if t is not None]
-    for dtype in sorted({t.dtype for t in present}, key=str):
-        group = [t for t in present if t.dtype == dtype]
+    _flat_collective([t for t in tensors if t is not None], lambda flat: (dist.all_reduce(flat), flat.div_(world.size)))
+
+
+def _flat_collective(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """``collective`` (in place) on ``tensors``, in one call per dtype on their concatenation, in a fixed order; the
+    result copied back (bool tensors travel as bytes)."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        flat /= world.size
+        collective(flat.view(torch.uint8) if dtype == torch.bool else flat)
         for tensor, chunk in zip(group, flat.split([t.numel() for t in group])):
             tensor.copy_(chunk.view_as(tensor))
 
@@ -218,17 +222,34 @@ def summed(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
-def broadcast_state(module: nn.Module, world: World) -> None:
-    """Rank 0's state of ``module`` (what a method's offline fit set, there alone) loaded into every other rank's,
-    through the announcements' group, whose long timeout lets the others wait while rank 0 fits; as a resumed run
-    loads it from a checkpoint. Nothing in one process."""
+def fit_once(method, fit: Callable[[], None]) -> None:
+    """A method's offline fit (``fit``, which calls ``Method.prepare``) in a run across processes: rank 0 fits
+    alone, as one process (the method's ``world`` is one process meanwhile, so its own collectives are skipped),
+    while the others wait on the announcements' group, whose long timeout allows a long fit; then every tensor of
+    the method's state goes from rank 0 to the others (as a resumed run loads it from its checkpoint), and their
+    load hooks run. A RunFailed on rank 0 ends the run on every process. In one process: ``fit()``."""
+    world = method.world
     if world.size == 1:
-        return
-    state = [{key: value.cpu() if isinstance(value, torch.Tensor) else value
-              for key, value in module.state_dict().items()} if world.main else None]
-    dist.broadcast_object_list(state, src=0, group=_control)
+        return fit()
+    failure = [None]
+    if world.main:
+        method.world = World()
+        try:
+            fit()
+        except Exception as error:
+            failure[0] = f"{type(error).__name__} on process 0 while fitting: {error}"
+            raise
+        finally:
+            method.world = world
+            dist.broadcast_object_list(failure, src=0, group=_control)
+    else:
+        dist.broadcast_object_list(failure, src=0, group=_control)
+        if failure[0] is not None:
+            raise RunFailed(failure[0])
+    state = method.state_dict()
+    _flat_collective([t for t in state.values() if isinstance(t, torch.Tensor)], lambda flat: dist.broadcast(flat, 0))
     if not world.main:
-        module.load_state_dict(state[0])
+        method.load_state_dict(state)
 
 
 def broadcast_buffers(module: nn.Module, world: World) -> None:

@@ -25,7 +25,7 @@ from kdbench.distributed import (
     World,
     announce,
     broadcast_buffers,
-    broadcast_state,
+    fit_once,
     group_provenance,
     seed_process,
     summed,
@@ -310,11 +310,9 @@ def _train(spec: RunSpec, env: RunEnv, runlog: RunLog, remake: bool = False, dec
     teacher_scores = evaluate(teacher, loader, spec, device) if teacher is not None else None
     if not history and teacher is not None:  # a resumed run restored what prepare fitted
         started = time.perf_counter()
-        if parts.method.world.main:  # once per run: rank 0 fits for every process (kdbench.distributed)
-            parts.method.prepare(_preparation(parts, loader.whole(), spec, store))
-            reused_fit_s, fit_metrics = parts.method.reused_fit_s(), parts.method.fit_metrics()
-        broadcast_state(parts.method, parts.method.world)
+        fit_once(parts.method, lambda: parts.method.prepare(_preparation(parts, loader.whole(), spec, store)))
         prepare_s = time.perf_counter() - started
+        reused_fit_s, fit_metrics = parts.method.reused_fit_s(), parts.method.fit_metrics()
     trainer_states = [{k: v.clone() for k, v in t.state_dict().items()} for t in parts.trainers]
     prov = {**group_provenance(provenance(device)), **code, "method_note": parts.method.note,
             "method_label": type(parts.method).label(dict(spec.method_options)), "device_shared_by": env.shared_by}

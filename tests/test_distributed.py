@@ -242,6 +242,60 @@ def test_crd_on_two_processes_keeps_one_bank_and_draws_one_processs_negatives(tm
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
+def _fits(rank: int, size: int, port: int, out: Path) -> None:
+    """CRD's fit (its training labels) through fit_once, on processes whose modules start different; then a fit that
+    fails on rank 0."""
+    from kdbench.distributed import fit_once
+    from kdbench.errors import RunFailed
+    from kdbench.methods.base import Preparation
+    from kdbench.methods.crd import CRD
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # different banks and embeddings on each process before the fit
+    crd = CRD(method_context("crd", {"pooled": (3,)}, {"pooled": (5,)}, "crd", {"nce_k": 3}, batch_size=2,
+                             num_train=8, seed=0))
+    crd.world = World(rank, size)
+    fitted_as: list[tuple[int, int]] = []
+
+    def fit() -> None:
+        fitted_as.append((crd.world.rank, crd.world.size))
+        crd.prepare(Preparation(None, None, None, None, torch.device("cpu"),
+                                train_labels=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])))
+
+    def fail() -> None:
+        raise RunFailed("no points to cluster")
+
+    fit_once(crd, fit)
+    try:
+        fit_once(crd, fail)
+        failure = ""
+    except RunFailed as error:
+        failure = str(error)
+    torch.save({"fitted_as": fitted_as, "state": crd.state_dict(), "negatives": crd.num_negatives,
+                "failure": failure, "world": (crd.world.rank, crd.world.size)}, out / f"fit{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_methods_fit_runs_once_on_rank_0_and_every_process_trains_with_it(tmp_path):
+    """Rank 0 fits as one process (its method's world is one process meanwhile), rank 1 does not fit and ends with
+    rank 0's state, every tensor of it, bank and embeddings included, its host copies reloaded; a failed fit on rank
+    0 ends the run on rank 1 too, in one line naming it."""
+    mp.spawn(_fits, args=(2, _free_port(), tmp_path), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"fit{r}.pt") for r in range(2))
+    assert zero["fitted_as"] == [(0, 1)] and one["fitted_as"] == []
+    assert (zero["world"], one["world"]) == ((0, 2), (1, 2))
+    assert zero["state"].keys() == one["state"].keys() and len(zero["state"]) > 5
+    for key, value in zero["state"].items():
+        assert torch.equal(one["state"][key], value), key
+    assert torch.equal(one["state"]["train_labels"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert zero["negatives"] == one["negatives"] == 3
+    assert zero["failure"] == "no points to cluster"
+    assert one["failure"] == "RunFailed on process 0 while fitting: no points to cluster"
+
+
 def test_what_several_processes_cannot_train_is_refused_in_one_line(monkeypatch):
     with pytest.raises(KdbenchError, match="global batch of 32 over 3 processes must split evenly"):
         tiny_sweep(methods=("kd",), world_size=3).plan()
