@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -311,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from kdbench import distributed, packing
     from kdbench.config import SWEEP_NAME, plan, write_resolved
-    from kdbench.executors import RayOptions, execute, follow_group
+    from kdbench.executors import RayOptions, execute, follow_group, record_failed_run
     from kdbench.harness import RunEnv
     from kdbench.progress import check_sinks
     from kdbench.report import run_summary
@@ -365,7 +366,8 @@ def _run(args: argparse.Namespace) -> int:
     if not launched:  # said once, before a group starts (pricing a teacher trains a few steps)
         _say_before(cfg, specs, env, sweeps[0])
     if not launched and sweeps[0].world_size > 1 and cfg.executor == "local":
-        return distributed.launch(sweeps[0].world_size, sweeps[0].device, args.argv)
+        return distributed.launch(sweeps[0].world_size, sweeps[0].device, args.argv,
+                                  functools.partial(record_failed_run, env))
     if distributed.join(torch.device(sweeps[0].device)).rank > 0:
         logging.getLogger("kdbench").setLevel(logging.WARNING)  # rank 0 tells the group's progress
         try:
@@ -375,8 +377,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     _show_progress_lines()
     try:
-        records = execute(specs, env, cfg.executor, RayOptions(cfg.ray_address, cfg.ray_cpus),
-                          packing.pack(specs, env, cfg.runs_per_gpu))
+        failed = distributed.failed_in_earlier_groups()  # by a process that raised in them: recorded, not retried
+        records = execute([spec for spec in specs if spec.run_id not in failed], env, cfg.executor,
+                          RayOptions(cfg.ray_address, cfg.ray_cpus), packing.pack(specs, env, cfg.runs_per_gpu))
+        records += [store.load_record(run) for run in sorted(failed)]
     finally:  # beside whatever runs were made, even by a sweep that stopped; nothing when none was
         with contextlib.suppress(RuntimeError):  # the other processes of a run trained by several stop, unless
             distributed.announce(None)  # the error that ends the sweep broke their group

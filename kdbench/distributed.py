@@ -27,10 +27,12 @@ Semantics (issue 27):
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -67,9 +69,20 @@ def launched_world_size() -> int:
         raise KdbenchError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
 
 
-def launch(processes: int, device: str, argv: list[str]) -> int:
+# What the elastic launcher (``launch``) and its group's processes tell each other through the environment: the file
+# where rank 0 writes the run it announces, and the runs that failed in the sweep's earlier groups.
+ANNOUNCED_FILE, FAILED_RUNS = "KDBENCH_GROUP_ANNOUNCED", "KDBENCH_GROUP_FAILED"
+
+
+def launch(processes: int, device: str, argv: list[str], record_failure: Callable[[dict, str], str | None]) -> int:
     """Runs this same command as ``processes`` processes of one process group, started by torch's elastic launcher
-    (what torchrun runs), each of which trains every run of the sweep together (kdbench.distributed)."""
+    (what torchrun runs), each of which trains every run of the sweep together (kdbench.distributed).
+
+    A process that raises inside a run fails that run, not the sweep: ``record_failure(spec dict, reason)`` records
+    it and returns its run id (None: the run had finished, so the error came between runs), and a new group goes on
+    with the sweep's other runs. A process that dies (a signal, kill -9) stops the group, and the same command
+    resumes. Returns the exit code: 0, or 1 when a run failed or the group stopped."""
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -77,22 +90,43 @@ def launch(processes: int, device: str, argv: list[str]) -> int:
 
     if device == "cuda" and processes > torch.cuda.device_count():
         raise KdbenchError(f"--gpus-per-run {processes}, and this machine has {torch.cuda.device_count()} GPU(s)")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     if device == "cpu":  # the cores shared out, as torchrun does (one thread each)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    try:
-        elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()  # the others were stopped because of it
-        # an exception or a signal ended it (not a sweep with failed runs, 1, or a user error, 2: rank 0 said so)
-        if isinstance(failure.message, dict) or failure.exitcode not in (1, 2):
-            message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
-            why = " ".join(str(message or f"exit code {failure.exitcode}").split())[:300]
-            print(f"kdbench: error: process {rank} of {processes} stopped the run's group: {why}; the same command "
-                  f"resumes from the last epoch checkpoint", file=sys.stderr)
-        return 1
-    return 0
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="kdbench-group-") as folder:
+        announced = Path(folder) / "announced.json"
+        os.environ[ANNOUNCED_FILE] = str(announced)
+        while True:
+            os.environ[FAILED_RUNS] = ",".join(failed)
+            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                                  rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+            try:
+                elastic_launch(config, sys.executable)("-m", "kdbench", *argv)
+                return 1 if failed else 0
+            except ChildFailedError as error:
+                rank, failure = error.get_first_failure()  # the others were stopped because of it
+                raised = isinstance(failure.message, dict)
+                if not raised and failure.exitcode in (1, 2):  # a sweep with failed runs, or a user error: rank 0
+                    return 1  # said so
+                message = failure.message.get("message") if raised else failure.message
+                why = " ".join(str(message or f"exit code {failure.exitcode}").split())[:300]
+                spec = json.loads(announced.read_text()) if raised and announced.is_file() else None
+                announced.unlink(missing_ok=True)
+                run = spec and record_failure(spec, f"process {rank} of {processes} raised {why}")
+                if run:
+                    failed.append(run)
+                    print(f"kdbench: error: process {rank} of {processes} failed run {run}: {why}; it is recorded as "
+                          f"failed, and a new process group goes on with the sweep", file=sys.stderr)
+                    continue
+                print(f"kdbench: error: process {rank} of {processes} stopped the run's group: {why}; the same "
+                      f"command resumes from the last epoch checkpoint", file=sys.stderr)
+                return 1
+
+
+def failed_in_earlier_groups() -> set[str]:
+    """The runs of this sweep that failed in an earlier process group of the launcher (``launch``): a new group
+    leaves them out."""
+    return {run for run in os.environ.get(FAILED_RUNS, "").split(",") if run}
 
 
 def join(device: torch.device) -> World:
@@ -129,7 +163,10 @@ def announce(spec) -> None:
     finished, claimed elsewhere or to resume), so the group never disagrees."""
     world = World.current()
     if world.size > 1 and world.main:
-        dist.broadcast_object_list([None if spec is None else spec.to_dict()], src=0, group=_control)
+        message = None if spec is None else spec.to_dict()
+        if message and os.environ.get(ANNOUNCED_FILE):  # for the launcher: it records the run if a process raises
+            Path(os.environ[ANNOUNCED_FILE]).write_text(json.dumps(message))
+        dist.broadcast_object_list([message], src=0, group=_control)
 
 
 def leave() -> None:

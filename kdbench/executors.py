@@ -74,6 +74,18 @@ def _failed_trainer(trainers: tuple[dict, ...]) -> str | None:
     return next((t["run_id"] for t in trainers if t["status"] != "finished"), None)
 
 
+def record_failed_run(env: RunEnv, spec_dict: dict, reason: str) -> str | None:
+    """Records as failed, with ``reason``, a run whose process group stopped because one of its processes raised
+    (kdbench.distributed.launch), keeping the epochs it completed; its run id, or None, recording nothing, if it had
+    finished."""
+    spec = RunSpec.from_dict(spec_dict)
+    if env.store.finished_record(spec.run_id, repair=False) is not None:
+        return None
+    env.store.write_record(failed_record(spec, RunFailed(reason), env.store))
+    env.store.rebuild_table()
+    return spec.run_id
+
+
 def follow_group(env: RunEnv) -> None:
     """A process of rank > 0 of runs trained by several (torchrun, --gpus-per-run, Ray Train): trains what rank 0
     announces, writing nothing (FollowerStore) and showing no progress of its own."""

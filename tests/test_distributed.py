@@ -3,6 +3,7 @@ B take the step one process takes at B; BatchNorm is per process unless --sync-b
 when planned."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -361,6 +362,48 @@ def test_a_killed_process_stops_its_group_in_one_line_and_the_command_resumes_to
     assert again.returncode == 0 and "resumes at epoch" in again.stderr
     whole, resumed = (torch.load(next(tmp_path.glob(f"{d}/student-kd-*/model.pt"))) for d in ("whole", "killed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as one process resumes
+
+
+# Loaded at start-up by every Python process of the test (sitecustomize): on process 1 of a group, FitNet's step
+# raises, a bug of one method on one process.
+RAISES_ON_PROCESS_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from kdbench.methods.fitnet import FitNet
+
+    def losses(self, out):
+        raise RuntimeError("an injected bug in fitnet")
+
+    FitNet.losses = losses
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_raises_fails_its_run_in_one_line_and_the_sweep_goes_on(tmp_path):
+    torch.manual_seed(0)
+    torch.save(create_model("resnet14", 10, 3).state_dict(), tmp_path / "teacher.pt")
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(RAISES_ON_PROCESS_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-m", "kdbench", "run", "--methods", "fitnet,kd", "--pairs",
+                           "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short", "--epochs", "1",
+                           "--train-subset", "128", "--batch-size", "64", "--device", "cpu", "--teacher-ckpt",
+                           "teacher.pt", "--gpus-per-run", "2", "--results-dir", "r"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stderr.splitlines()
+    errors = [n for n, line in enumerate(lines) if line.startswith("kdbench: error")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+    assert re.match(r"kdbench: error: process 1 of 2 failed run student-fitnet-\S+: RuntimeError: an injected bug in "
+                    r"fitnet; it is recorded as failed, and a new process group goes on", lines[errors[0]])
+    from kdbench.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "r")
+    records = {r.spec.method: r for r in map(store.load_record, (d.name for d in store.root.glob("student-*")))}
+    assert records["fitnet"].status == "failed"
+    assert "process 1 of 2 raised RuntimeError: an injected bug in fitnet" in records["fitnet"].error
+    assert records["kd"].status == "finished" and records["kd"].spec.world_size == 2
+    finished_kd = next(n for n, line in enumerate(lines) if re.search(r"student-kd-\S+ .*finished", line))
+    assert finished_kd > errors[0]  # after the failure, in the new group
 
 
 @pytest.mark.slow
