@@ -19,6 +19,9 @@ its share and no more):
 ``--stages trace``, a call of its own (up to 4 minutes): stage 3's SemCKD loops, kdbench's and SemCKD's own, under
 torch.profiler, for where kdbench's step loses to the official one.
 
+``--stages ddp``, a call of its own (up to 5 minutes) on a machine of two GPUs or more: one run across all of them
+(issue 27's scaling figure and the per-step all-reduce).
+
 Writes ``gpu-check.csv`` (one tidy table: stage, name, setting, metric, value) and ``summary.md`` (to paste into an
 issue) under ``--out``. ``--cpu`` runs the same commands on this machine's CPU at toy sizes: the dry run that proves
 the plumbing before a GPU is lent; its numbers mean nothing.
@@ -42,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OFFICIAL = HERE / "official"
 LIMITS = {"setup": 15, "tests": 90, "methods": 120, "official": 80, "packing": 80, "graphs": 40, "profile": 40,
-          "trace": 240}
-OPTIONAL = ("trace",)  # stages run only when named (--stages): beyond the 8 minutes
+          "trace": 240, "ddp": 300}
+OPTIONAL = ("trace", "ddp")  # stages run only when named (--stages): beyond the 8 minutes
 PROFILED = "kd,fitnet,semckd,crd,dkd,reviewkd"  # stage 6: a logit, two feature, a contrastive and a relation method
 PACKING = (1, 2, 4, 8)
 CPU_SLOWER = 4  # the CPU dry run's limits, times the GPU's: the same commands, slower
@@ -238,6 +241,46 @@ class Check:
                       f"trace-{name}.log")
             self.row("trace", "semckd", name, "profile", f"{Path(out).name}.txt")
 
+    def _ddp(self, limit: float) -> None:
+        """Not in the 8 minutes, and only with two GPUs or more (two gloo processes in the dry run): kd tv_resnet34
+        -> tv_resnet18 at the ImageNet recipe's global batch of 256, on one process and then on every GPU under
+        torchrun, on the fake CIFAR-100: 32 px images, so each step's all-reduce is ImageNet's and its compute about a
+        49th of it, and the scaling a lower bound of ImageNet's. Then the all-reduce of ResNet-18's gradients alone
+        (benchmarks/allreduce.py)."""
+        import torch
+
+        from kdbench.models import create_model
+
+        n = 2 if self.args.cpu else torch.cuda.device_count()
+        if n < 2:
+            self.skipped.append(f"ddp: a run across processes needs two GPUs or more; this machine has {n}")
+            return
+        teacher = self.args.work / "tv_resnet34-random.pt"
+        if not teacher.is_file():
+            torch.save(create_model("tv_resnet34", 100, 3).state_dict(), teacher)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+        rates = {}
+        for processes in (1, n):
+            results = self.args.work / "ddp" / f"n{processes}"
+            command = self.kdbench("--methods", "kd", "--pairs", "tv_resnet34:tv_resnet18", "--train-subset",
+                                   str(self.packing_n), "--teacher-ckpt", str(teacher), "--results-dir", str(results),
+                                   *([] if self.args.cpu else ["--batch-size", "256"]))
+            self.call("ddp", command if processes == 1 else torchrun + command[1:], limit * 0.4, "ddp.log")
+            setting = f"{processes} process{'es' if processes > 1 else ''}"
+            finished = [r for r in self.run_rows("ddp", results, setting) if r["status"] == "finished"]
+            rates[processes] = finished[0]["metrics"]["train_images_per_s"] if finished else None
+        if rates[1] and rates[n]:
+            self.row("ddp", "kd", f"{n} processes", "scaling_efficiency_percent", 100 * rates[n] / (n * rates[1]))
+        with (self.args.out / "ddp.log").open("a") as out:
+            done = subprocess.run(torchrun + [str(HERE / "allreduce.py"), "tv_resnet18"], stdout=subprocess.PIPE,
+                                  stderr=out, text=True, env=self.env, cwd=ROOT, timeout=limit * 0.2)
+        for line in done.stdout.splitlines():
+            if line.startswith("{"):
+                measured = json.loads(line)
+                for metric in ("allreduce_ms", "bus_gb_per_s", "megabytes"):
+                    self.row("ddp", "all-reduce tv_resnet18", f"{n} processes {measured['backend']}", metric,
+                             measured[metric])
+
     def _packing(self, limit: float) -> None:
         try:
             import ray  # noqa: F401
@@ -322,7 +365,9 @@ class Check:
                  "sweep_images_per_s_steady_sum": "sweep img/s (steady, summed)", "gain_over_k1_steady": "gain",
                  "runs_finished": "runs", "status": "status", "summary": "summary",
                  "img_per_s_harness": "img/s (harness)", "img_per_s_bare": "img/s (bare loop)",
-                 "percent_of_peak": "% of peak", "profile": "operators and trace"}
+                 "percent_of_peak": "% of peak", "profile": "operators and trace",
+                 "scaling_efficiency_percent": "scaling %", "allreduce_ms": "all-reduce ms",
+                 "bus_gb_per_s": "bus GB/s"}
         for stage, rows in table.groupby("stage", sort=False):
             rows = rows[rows.metric.isin(shown)]
             wide = rows.pivot_table(index=["name", "setting"], columns="metric", values="value", aggfunc="first",

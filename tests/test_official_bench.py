@@ -2,6 +2,8 @@
 teachers are RepDistiller checkpoints that kdbench's models load."""
 
 import gzip
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,22 @@ def test_the_gpu_check_dry_run_writes_its_table_and_summary(tmp_path):
     assert kd["status"] == "finished" and float(kd["train_images_per_s"]) > 0 and float(kd["cpu_peak_rss_bytes"]) > 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## methods" in summary and "| kd " in summary and "the CPU dry run" in summary
+
+
+@pytest.mark.slow
+def test_the_allreduce_benchmark_times_a_models_gradients_across_two_gloo_processes():
+    """benchmarks/allreduce.py under torchrun (gpu-check's ddp stage): one JSON line from rank 0, sized as ResNet-18's
+    11.7 M parameters in fp32."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "allreduce.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), "tv_resnet18"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and lines[0]["processes"] == 2 and lines[0]["backend"] == "gloo"
+    assert lines[0]["megabytes"] == pytest.approx(11.69e6 * 4 / 1e6, rel=0.01)
+    assert lines[0]["allreduce_ms"] > 0 and lines[0]["bus_gb_per_s"] > 0
 
 
 def test_traced_runs_a_script_under_the_profiler_and_writes_its_tables_and_trace(tmp_path):
