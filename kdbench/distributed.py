@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,8 @@ def launch(processes: int, device: str, argv: list[str], record_failure: Callabl
     if device == "cpu":  # the cores shared out, as torchrun does (one thread each)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     failed: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="kdbench-group-") as folder:
+    # the variables the group's processes inherit, set for them only: this process's environment is restored after
+    with tempfile.TemporaryDirectory(prefix="kdbench-group-") as folder, mock.patch.dict(os.environ):
         announced = Path(folder) / "announced.json"
         os.environ[ANNOUNCED_FILE] = str(announced)
         while True:
