@@ -281,7 +281,7 @@ class Method(nn.Module):
 
         Runs once per run, never on resume: anything it fits must live in the method's state_dict. In a run across
         processes it runs on rank 0 alone, over whole batches, and the state it fitted is broadcast to the others
-        (``kdbench.distributed.broadcast_state``): it must call no collective. Its wall time is recorded as
+        (``kdbench.distributed.fit_once``): it must call no collective. Its wall time is recorded as
         ``prepare_s``.
         """
 
