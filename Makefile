@@ -5,7 +5,7 @@ PYTHON ?= python3
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: bench test setup reference reference-pilot reference-plan reference-replay soak notebook bench-perf bench-official bench-input gpu-check gpu-check-dry
+.PHONY: bench test setup reference reference-pilot reference-plan reference-replay reference-costs soak notebook bench-perf bench-official bench-input gpu-check gpu-check-dry
 
 # The main job: train a vgg13 teacher and a vgg8 baseline with the short recipe, print the table.
 bench: setup
@@ -74,6 +74,12 @@ reference-replay: setup
 # to price afresh on an idle machine, delete that file or point KDBENCH_CACHE elsewhere (docs/user-guide.md).
 reference-plan: setup
 	for command in $(REFERENCE_SET); do $(VENV)/bin/kdbench run $$command $(REFERENCE_RUN) --dry-run || exit 1; done
+
+# The set's throughput and end-to-end costs priced again in one sitting on this machine (kdbench costs), since the runs'
+# own timings come from several sessions' machines and loads (docs/user-guide.md#costs-priced-in-one-sitting); the
+# report then takes them from its costs.parquet. Run it on an idle machine, once the set is made.
+reference-costs: setup
+	$(VENV)/bin/kdbench costs --results-dir $(REFERENCE)
 
 # Where the step time goes (docs/performance.md): kd and semckd on vgg13:vgg8 at batch 64, on 3x32x32 inputs
 # (synthetic, CIFAR's shape) and on Fashion-MNIST's 1x28x28, in fp32, bf16, bf16 + channels_last and compiled fp32

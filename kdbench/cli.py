@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 from kdbench.report import CORRECTIONS, FORMATS, LAYOUTS, METRICS
-from kdbench.spec import DATA_BACKENDS, PROTOCOLS, RECIPES, SweepSpec
+from kdbench.spec import DATA_BACKENDS, PROTOCOLS, SweepSpec
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--runs", default="*", help="comma-separated run ids or patterns (default: every finished run)")
     replay.add_argument("--epochs", type=int, help="compare the first N epochs of each run (default: all of them)")
     replay.add_argument("--data-dir", type=Path, help="where the datasets are (as for kdbench run)")
+
+    costs = commands.add_parser("costs", help="price every finished run again in one sitting on this machine, so "
+                                              "that the report's throughput and end-to-end columns compare methods")
+    costs.add_argument("--results-dir", type=Path, default=Path("results"), help="the results directory")
+    costs.add_argument("--runs", default="*", help="comma-separated run ids or patterns (default: every finished run)")
+    costs.add_argument("--steps", type=int, default=20, help="timed training steps per setting (default 20)")
+    costs.add_argument("--data-dir", type=Path, help="where the datasets are (as for kdbench run)")
 
     listing = commands.add_parser("list", help="list models, datasets, recipes and methods")
     listing.add_argument("what", nargs="?", default="all", choices=["all", "models", "datasets", "recipes", "methods"],
@@ -438,23 +445,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    import fnmatch
-
     from kdbench.replay import replay
     from kdbench.results import ResultsStore
 
-    root = args.results_dir
-    if not root.is_dir():
-        raise KdbenchError(f"results directory {root} does not exist; give the folder that `kdbench run "
-                           f"--results-dir` wrote")
-    folders = sorted(p.name for p in root.iterdir() if (p / "record.json").is_file())
-    patterns = _names(args.runs)
-    chosen = [run_id for run_id in folders if any(fnmatch.fnmatchcase(run_id, p) for p in patterns)]
-    if not chosen:
-        raise KdbenchError(f"no run in {root} matches --runs {args.runs}; runs there: "
-                           f"{', '.join(folders[:5]) or 'none'}{' ...' if len(folders) > 5 else ''}")
+    store = ResultsStore(args.results_dir)
     _show_progress_lines()
-    outcomes = replay(ResultsStore(root), chosen, args.epochs, args.data_dir)
+    outcomes = replay(store, store.chosen_runs(args.runs), args.epochs, args.data_dir)
     for outcome in outcomes:
         print(outcome.line())
     counts = {status: sum(o.status == status for o in outcomes) for status in ("reproduced", "current", "differs",
@@ -463,24 +459,25 @@ def _replay(args: argparse.Namespace) -> int:
     return 1 if counts["differs"] else 0
 
 
+def _costs(args: argparse.Namespace) -> int:
+    from kdbench import costs
+    from kdbench.results import ResultsStore
+
+    if args.steps < 1:
+        raise KdbenchError(f"--steps {args.steps}: give at least 1 timed step per setting (default 20)")
+    store = ResultsStore(args.results_dir)
+    frame = costs.sitting(store, store.chosen_runs(args.runs), args.steps, data_dir=args.data_dir)
+    path = costs.write(args.results_dir, frame)
+    print(f"{frame['run_id'].nunique()} finished runs priced in one sitting ({frame['sitting'].iloc[0]}): {path}; "
+          f"`kdbench report` takes their img/s and end-to-end cost from it (other runs: their own timings)",
+          file=sys.stderr)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from kdbench import listing
-    from kdbench.data import list_datasets
-    from kdbench.methods import list_methods
-    from kdbench.models import list_models
 
-    if args.name:
-        if args.what != "methods":
-            raise KdbenchError(f"`kdbench list {args.what}` takes no name; `kdbench list methods NAME` shows a method")
-        print(listing.method_detail(args.name))
-        return 0
-    tables = {"recipes": listing.recipes_table, "methods": listing.methods_table}
-    names = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": list_methods}
-    for what in names:
-        if args.what == what and what in tables:
-            print(tables[what]())
-        elif args.what in ("all", what):
-            print(f"{what}: {', '.join(names[what]())}")
+    print(listing.listing(args.what, args.name))
     return 0
 
 
@@ -488,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus-per-run starts again in each process
-        return {"run": _run, "report": _report, "replay": _replay, "list": _list}[args.command](args)
+        return {"run": _run, "report": _report, "replay": _replay, "costs": _costs,
+                "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2

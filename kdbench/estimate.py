@@ -53,6 +53,7 @@ class RunEstimate:
     options: str = ""  # the resolved method options, as the results rows record them
     recipe: str = ""  # the recipe's name and epochs after any --epochs, and the options its length rescaled
     peak_bytes: float = 0.0  # its setting's measured peak memory over the timed steps (CUDA max reserved, CPU RSS)
+    train_images_per_s: float = 0.0  # its setting's measured training speed (the batch over the median step)
 
 
 @dataclass(frozen=True)
@@ -338,9 +339,10 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
                 fitted.add(key)
         rescaled = rescaled_options(spec)
         recipe = f"{spec.recipe.name}, {spec.recipe.epochs} epochs" + (f" ({rescaled})" if rescaled else "")
-        peak = costs[_setting(spec)].peak_bytes if status not in KEPT else 0.0
+        cost = costs.get(_setting(spec)) if status not in KEPT else None
         rows.append(RunEstimate(spec.run_id, spec.role, spec.method, spec.pair or spec.student, status, epochs,
-                                seconds, note, options_text(spec.method_options), recipe, peak))
+                                seconds, note, options_text(spec.method_options), recipe,
+                                cost.peak_bytes if cost else 0.0, spec.recipe.batch_size / cost.step if cost else 0.0))
     return Estimate(tuple(rows), len(costs), steps, tuple(sorted({s.device for s, *_ in plan})),
                     prices.reused if prices else 0)
 

@@ -120,3 +120,20 @@ def recipes_table() -> str:
     keys = [f.name for f in fields(recipes[0]) if f.name != "name"]
     return tabulate([[key, *(getattr(r, key) for r in recipes)] for key in keys],
                     headers=["setting", *(r.name for r in recipes)])
+
+
+def listing(what: str, name: str | None = None) -> str:
+    """``kdbench list [WHAT [NAME]]``: the names of models, datasets, recipes and methods (``all``), the recipes'
+    or the methods' table, or one method's options."""
+    from kdbench.data import list_datasets
+    from kdbench.methods import list_methods
+    from kdbench.models import list_models
+
+    if name:
+        if what != "methods":
+            raise KdbenchError(f"`kdbench list {what}` takes no name; `kdbench list methods NAME` shows a method")
+        return method_detail(name)
+    tables = {"recipes": recipes_table, "methods": methods_table}
+    names = {"models": list_models, "datasets": list_datasets, "recipes": RECIPES.names, "methods": list_methods}
+    return "\n".join(tables[w]() if what == w and w in tables else f"{w}: {', '.join(names[w]())}"
+                     for w in names if what in ("all", w))

@@ -322,6 +322,22 @@ class ResultsStore:
     def is_finished(self, run_id: str) -> bool:
         return self.finished_record(run_id) is not None
 
+    def chosen_runs(self, patterns: str) -> list[str]:
+        """The runs with a record here whose ids match ``patterns`` (comma-separated ids or shell patterns: the
+        ``--runs`` of ``kdbench replay`` and ``kdbench costs``)."""
+        import fnmatch
+
+        if not self.root.is_dir():
+            raise KdbenchError(f"results directory {self.root} does not exist; give the folder that `kdbench run "
+                               f"--results-dir` wrote")
+        folders = sorted(p.name for p in self.root.iterdir() if (p / "record.json").is_file())
+        names = [name.strip() for name in patterns.split(",") if name.strip()]
+        chosen = [run_id for run_id in folders if any(fnmatch.fnmatchcase(run_id, name) for name in names)]
+        if not chosen:
+            raise KdbenchError(f"no run in {self.root} matches --runs {patterns}; runs there: "
+                               f"{', '.join(folders[:5]) or 'none'}{' ...' if len(folders) > 5 else ''}")
+        return chosen
+
     def write_spec(self, spec: RunSpec) -> None:
         text = json.dumps(spec.to_dict(), indent=2, sort_keys=True)
         atomic_write(self.run_dir(spec.run_id) / "spec.json", lambda p: p.write_text(text))

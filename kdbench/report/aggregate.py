@@ -329,6 +329,8 @@ def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.Da
                    "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
                    "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
                    "assistants_in_full": bool(g["assistants_in_full"].any()),
+                   "cost_sitting": ", ".join(g["cost_sitting"].dropna().unique()) if g["cost_sitting"].notna().all()
+                   else "",  # costs from one sitting (kdbench costs) only where it priced every run of the row
                    "trained_in": first["trained_in"] if isinstance(first["trained_in"], str) else None,
                    # made by other code: shared code unlike most of the table's runs, or seeds run by different code
                    "other_code": core is not None and bool(g["code_core"].ne(core).any()

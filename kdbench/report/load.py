@@ -17,7 +17,8 @@ _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assis
              "compile": None, "teacher_seed": None, "teacher_pool": None, "assistant_runs": None, "val_split": None,
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None,
              "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None,
-             "data_backend": None, "world_size": None, "sync_bn": None, "device_shared_by": None}
+             "data_backend": None, "world_size": None, "sync_bn": None, "device_shared_by": None,
+             "cost_sitting": None}
 _RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
                 "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
                 "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
@@ -70,7 +71,28 @@ def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
     if table.empty:
         raise KdbenchError(f"{root} holds no readable runs ({'; '.join(unreadable)})" if unreadable else
                            f"{root} holds no runs; run `kdbench run --results-dir {root}` first")
-    return conform(table, str(path)).assign(results_dir=str(root)), unreadable
+    return _with_sitting(conform(table, str(path)), root).assign(results_dir=str(root)), unreadable
+
+
+def _with_sitting(table: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """``table`` and, as run-level rows of the runs it holds, the costs that ``kdbench costs`` priced for them in one
+    sitting (``kdbench.costs``), each row naming the sitting (``cost_sitting``)."""
+    from kdbench import costs
+    from kdbench.results import unit_of
+
+    sitting = costs.read(root)
+    if sitting is None:
+        return table
+    identity = table.drop_duplicates("run_id").set_index("run_id").drop(columns=["metric", "value", "epoch"])
+    priced = sitting[sitting["run_id"].isin(identity.index)]
+    rows = identity.loc[priced["run_id"]].reset_index().assign(
+        metric=priced["metric"].to_numpy(), value=priced["value"].to_numpy(), epoch=float("nan"),
+        cost_sitting=priced["sitting"].to_numpy())
+    if "unit" in rows:
+        rows["unit"] = rows["metric"].map(unit_of)
+    if "split" in rows:
+        rows["split"] = "na"  # run-level, as a record's own run metrics
+    return pd.concat([table, rows], ignore_index=True)
 
 
 def conform(table: pd.DataFrame, source: str = "the table") -> pd.DataFrame:
@@ -135,6 +157,7 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
                                                    aggfunc="first")
     level.columns = [str(c) for c in level.columns]
     wide = wide.join(level.reindex(columns=list(dict.fromkeys([*level.columns, *_RUN_METRICS]))))
+    wide = _sitting_costs(wide, done)
     wide["memory_metric"] = wide["peak_alloc_bytes"].notna().map({True: "peak_alloc_bytes",
                                                                   False: "cpu_peak_rss_bytes"})
     wide["peak_bytes"] = wide["peak_alloc_bytes"].fillna(wide["cpu_peak_rss_bytes"])
@@ -155,6 +178,25 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     wide["family"] = wide["method_family"].fillna(wide["method"].map(family_of))
     wide = wide.reset_index()
     wide["end_to_end_s"], wide["assistants_in_full"] = amortised_costs(wide)
+    return wide
+
+
+def _sitting_costs(wide: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    """Throughput and wall time from the sitting that priced a run (``kdbench costs``), where one did, with the
+    sitting's description in ``cost_sitting``; the run's own figures stay in ``own_train_images_per_s`` and
+    ``own_wall_s``. A sitting's price of a run includes its offline fit; a teacher's share comes from the sitting
+    when the sitting priced the teacher too."""
+    wide = wide.assign(own_train_images_per_s=wide["train_images_per_s"], own_wall_s=wide["wall_s"], cost_sitting=None)
+    if "sitting_run_s" not in wide or "cost_sitting" not in done:
+        return wide
+    priced = wide["sitting_run_s"].notna()
+    wide["cost_sitting"] = done.dropna(subset=["cost_sitting"]).drop_duplicates("run_id").set_index("run_id")[
+        "cost_sitting"].reindex(wide.index)
+    wide["train_images_per_s"] = wide["sitting_train_images_per_s"].where(priced, wide["train_images_per_s"])
+    wide["wall_s"] = wide["sitting_run_s"].where(priced, wide["wall_s"])
+    wide[["prepare_s", "reused_fit_s"]] = wide[["prepare_s", "reused_fit_s"]].where(~priced, 0.0, axis=0)
+    teacher = wide["teacher_run"].map(wide["sitting_run_s"])
+    wide["teacher_wall_s"] = teacher.where(teacher.notna() & priced, wide["teacher_wall_s"])
     return wide
 
 

@@ -42,13 +42,19 @@ def significance_note(board: pd.DataFrame) -> str:
 
 
 def cost_note(board: pd.DataFrame) -> str:
-    """The end-to-end cost rule, as the caption or footnote of a table states it."""
+    """The end-to-end cost rule, as the caption or footnote of a table states it, and where its times come from."""
     full = board[board["assistants_in_full"]]
+    sittings = board["cost_sitting"].replace("", None).dropna().unique()
+    mixed = [row_name(r) for r in board[board["cost_sitting"] == ""].itertuples()] if len(sittings) else []
+    source = (f" Train img/s and end-to-end: priced in one sitting (kdbench costs; {'; '.join(sittings)}), each "
+              f"setting's steady step times its recipe, not the runs' own timings, which the machine and load of "
+              f"each session set" + (f"; from the runs' own timings: {', '.join(mixed)}" if mixed else "") + "."
+              if len(sittings) else "")
     return ("end-to-end: the run's wall time, preparation and reused fitting, plus its share of the teacher's and "
             "teacher assistants' training (their wall time over the number of finished runs of the results that "
             "learned from them); a teacher's row shows its full training"
             + (f"; {', '.join(map(row_name, full.itertuples()))}: assistants charged in full, as their runs are "
-               f"not in these results or the table predates assistant_runs" if len(full) else "") + ".")
+               f"not in these results or the table predates assistant_runs" if len(full) else "") + "." + source)
 
 
 def device_note(board: pd.DataFrame) -> str:
