@@ -3,6 +3,7 @@ and the report's throughput and end-to-end columns taken from the sitting instea
 
 import dataclasses
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
@@ -12,7 +13,7 @@ from kdbench import costs
 from kdbench.cli import main
 from kdbench.estimate import estimate
 from kdbench.harness import RunEnv, run_sweep
-from kdbench.report import leaderboard, load_results, render_report, runs
+from kdbench.report import flagged_figures, leaderboard, load_results, render_report, runs
 from kdbench.report.aggregate import entries
 from kdbench.spec import Recipe
 
@@ -69,6 +70,11 @@ def test_the_report_takes_throughput_and_end_to_end_from_the_sitting_and_keeps_t
     text = render_report(board, "github", "pair", "leaderboard", pd.DataFrame(), pd.DataFrame(), [])
     assert "priced in one sitting (kdbench costs; a sitting)" in text
     assert "from the runs' own timings: student resnet8 (CE)" in text  # the row the sitting did not price
+    (_, figures), = flagged_figures(entries(table), table, "top1_best")
+    axis_note = figures["accuracy_vs_throughput"].get_supxlabel()
+    assert "img/s: priced in one sitting (kdbench costs; a sitting); the other runs: their own timings" in axis_note
+    assert "one sitting" not in figures["top1"].get_supxlabel()  # only the plot with a throughput axis says so
+    plt.close("all")
 
 
 def test_no_sitting_leaves_the_runs_own_timings_and_says_nothing(finished):

@@ -286,10 +286,19 @@ def flagged_figures(frame: pd.DataFrame, table: pd.DataFrame, metric: str = "top
                    "top1": plot_top1(group, metric, title), "delta": plot_delta(group, metric, title),
                    "memory": plot_memory(group, title), "learning_curves": plot_learning_curves(group, table, title),
                    "heatmap": plot_heatmap(group, metric, title, correction)}
-        for fig in figures.values():
+        for name, fig in figures.items():
             if fig is not None:
-                caption(fig, notes)
+                caption(fig, notes + (_speed_source(group) if name == "accuracy_vs_throughput" else []))
         yield title, figures
+
+
+def _speed_source(group: pd.DataFrame) -> list[str]:
+    """The line that says where the throughput axis comes from, when ``kdbench costs`` priced runs of ``group``."""
+    sittings = group["cost_sitting"].dropna().unique()
+    if not len(sittings):
+        return []
+    return [f"img/s: priced in one sitting (kdbench costs; {'; '.join(sittings)})"
+            + ("; the other runs: their own timings" if group["cost_sitting"].isna().any() else "")]
 
 
 def save_plots(frame: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path, metric: str = "top1_best",
