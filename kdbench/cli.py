@@ -466,10 +466,12 @@ def _costs(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise KdbenchError(f"--steps {args.steps}: give at least 1 timed step per setting (default 20)")
     store = ResultsStore(args.results_dir)
-    frame = costs.sitting(store, store.chosen_runs(args.runs), args.steps, data_dir=args.data_dir)
+    frame, left_out = costs.sitting(store, store.chosen_runs(args.runs), args.steps, data_dir=args.data_dir)
     path = costs.write(args.results_dir, frame)
-    print(f"{frame['run_id'].nunique()} finished runs priced in one sitting ({frame['sitting'].iloc[0]}): {path}; "
-          f"`kdbench report` takes their img/s and end-to-end cost from it (other runs: their own timings)",
+    for line in left_out:
+        print(f"kdbench: not priced: {line}", file=sys.stderr)
+    print(f"{frame['run_id'].nunique()} finished runs priced in one sitting ({frame['sitting'].iloc[0]}), "
+          f"{len(left_out)} left out: {path}; `kdbench report` takes img/s and end-to-end cost from it",
           file=sys.stderr)
     return 0
 

@@ -252,7 +252,8 @@ def _status(spec: RunSpec, env: harness.RunEnv, needed_by: int) -> tuple[str, in
 
 def _setting(spec: RunSpec) -> tuple:
     return (spec.dataset, spec.method, spec.method_options, spec.teacher, spec.assistants, spec.student, spec.role,
-            spec.device, spec.precision, spec.channels_last, spec.compile, spec.recipe.batch_size, spec.recipe.pad_mode)
+            spec.device, spec.precision, spec.channels_last, spec.compile, spec.recipe.batch_size, spec.recipe.pad_mode,
+            spec.recipe.image_size, spec.data_backend)
 
 
 class PriceCache:
@@ -296,9 +297,11 @@ def _machine(device: str) -> dict:
 
 
 def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_batches: int = 1,
-             prices: PriceCache | None = None) -> Estimate:
+             prices: PriceCache | None = None, shared_fits: bool = True) -> Estimate:
     """Classifies every run of the plan and prices those that will train; writes nothing under ``env.store``.
-    ``prices``: costs measured before on this machine and code, reused, and where new ones are kept."""
+    ``prices``: costs measured before on this machine and code, reused, and where new ones are kept.
+    ``shared_fits``: a method's cached offline fit is paid once per teacher, as a sweep pays it; False: every run
+    pays the whole fit, as the report charges it (``reused_fit_s``)."""
     remake = reuse.weights_to_remake(specs, env)
     plan = [(spec, *_status(spec, env, remake.get(spec.run_id, 0))) for spec in specs]
     costs: dict[tuple, _Cost] = {}
@@ -336,7 +339,8 @@ def estimate(specs: list[RunSpec], env: harness.RunEnv, steps: int = 5, eval_bat
             if status in ("train", "remake", "stale") and spec.teacher:
                 key = (spec.teacher_run, spec.method, spec.method_options, spec.recipe.fit_points, n_train)
                 seconds += n_train * (cost.reuse_image if key in fitted else cost.fit_image)
-                fitted.add(key)
+                if shared_fits:
+                    fitted.add(key)
         rescaled = rescaled_options(spec)
         recipe = f"{spec.recipe.name}, {spec.recipe.epochs} epochs" + (f" ({rescaled})" if rescaled else "")
         cost = costs.get(_setting(spec)) if status not in KEPT else None

@@ -328,7 +328,8 @@ class ResultsStore:
         import fnmatch
 
         if not self.root.is_dir():
-            raise KdbenchError(f"results directory {self.root} does not exist; give the folder that `kdbench run "
+            state = "is a file" if self.root.exists() else "does not exist"
+            raise KdbenchError(f"results directory {self.root} {state}; give the folder that `kdbench run "
                                f"--results-dir` wrote")
         folders = sorted(p.name for p in self.root.iterdir() if (p / "record.json").is_file())
         names = [name.strip() for name in patterns.split(",") if name.strip()]

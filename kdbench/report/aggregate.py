@@ -102,6 +102,7 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
     out = pd.concat([p for p in parts if len(p)], ignore_index=True)
     _label_variants(out)
     _label_teachers(out)
+    out = shown_costs(out)
 
     for column, wanted, option in (("dataset", dataset, "--dataset"), ("recipe", recipe, "--recipe"),
                                    ("protocol", protocol, "--protocol")):
@@ -117,6 +118,18 @@ def entries(table: pd.DataFrame, *, dataset: str | None = None, recipe: str | No
             [out["setting"], out["protocol"], out["pair"]]).transform("any")
         out = out[keep & hit]
     return out.reset_index(drop=True)
+
+
+def shown_costs(out: pd.DataFrame) -> pd.DataFrame:
+    """Throughput and end-to-end cost as a table row shows them: from one sitting (``kdbench costs``) where that
+    sitting priced every run of the row and the teachers and assistants they learned from (``cost_sitting`` names
+    it), else the runs' own timings for the whole row (``cost_sitting`` None), never a mix of both."""
+    rows = out.groupby(["setting", "protocol", "pair", "kind", "arch", "label"], sort=False, dropna=False)
+    whole = rows["sitting_end_to_end_s"].transform(lambda s: s.notna().all()) & rows["cost_sitting_id"].transform(
+        "nunique").eq(1)
+    return out.assign(train_images_per_s=out["sitting_train_images_per_s"].where(whole, out["train_images_per_s"]),
+                      end_to_end_s=out["sitting_end_to_end_s"].where(whole, out["end_to_end_s"]),
+                      cost_sitting=out["cost_sitting"].where(whole, None))
 
 
 def _label_variants(out: pd.DataFrame) -> None:
@@ -329,14 +342,15 @@ def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.Da
                    "memory_metric": first["memory_metric"], "extra_params_train": g["extra_params_train"].mean(),
                    "inference_params": g["inference_params"].mean(), "end_to_end_s": g["end_to_end_s"].mean(),
                    "assistants_in_full": bool(g["assistants_in_full"].any()),
-                   "cost_sitting": ", ".join(g["cost_sitting"].dropna().unique()) if g["cost_sitting"].notna().all()
-                   else "",  # costs from one sitting (kdbench costs) only where it priced every run of the row
+                   "cost_sitting": first["cost_sitting"] if isinstance(first["cost_sitting"], str) else "",
                    "trained_in": first["trained_in"] if isinstance(first["trained_in"], str) else None,
                    # made by other code: shared code unlike most of the table's runs, or seeds run by different code
                    "other_code": core is not None and bool(g["code_core"].ne(core).any()
                                                            or g["code_fingerprint"].nunique(dropna=False) > 1),
                    "commits": _commits(g), "replayed": _replayed(g),
-                   **(_per_device(g) if mixed_devices else {"train_images_per_s_per_device": "",
+                   # one sitting's machine priced a row it shows costs for (shown_costs): its speeds are not split
+                   **(_per_device(g) if mixed_devices and not isinstance(first["cost_sitting"], str) else {
+                       "train_images_per_s_per_device": "",
                                                             "peak_mib_per_device": ""})}
             if kind == "method":
                 row.update(_delta(g, baseline[baseline["arch"] == arch], metric))

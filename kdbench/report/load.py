@@ -18,7 +18,7 @@ _OPTIONAL = {"error": None, "method_options": "", "method_overrides": "", "assis
              "code_fingerprint": None, "code_core": None, "git_sha": None, "git_dirty": None,
              "replayed_code_fingerprint": None, "replayed_code_core": None, "replayed_epochs": None,
              "data_backend": None, "world_size": None, "sync_bn": None, "device_shared_by": None,
-             "cost_sitting": None}
+             "cost_sitting": None, "cost_sitting_id": None}
 _RUN_METRICS = ("top1_at_best_val", "top1_best", "top1_last", "train_images_per_s", "peak_alloc_bytes",
                 "peak_reserved_bytes", "cpu_peak_rss_bytes", "extra_params_train", "inference_params", "wall_s",
                 "prepare_s", "reused_fit_s", "teacher_wall_s", "assistant_wall_s")
@@ -76,7 +76,8 @@ def _load_dir(root: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def _with_sitting(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     """``table`` and, as run-level rows of the runs it holds, the costs that ``kdbench costs`` priced for them in one
-    sitting (``kdbench.costs``), each row naming the sitting (``cost_sitting``)."""
+    sitting (``kdbench.costs``), each naming its sitting (``cost_sitting``, ``cost_sitting_id``). A run made again
+    since the sitting (another record timestamp) is not the run it priced: its rows are left out."""
     from kdbench import costs
     from kdbench.results import unit_of
 
@@ -84,10 +85,11 @@ def _with_sitting(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     if sitting is None:
         return table
     identity = table.drop_duplicates("run_id").set_index("run_id").drop(columns=["metric", "value", "epoch"])
-    priced = sitting[sitting["run_id"].isin(identity.index)]
+    same_run = sitting["run_timestamp"].to_numpy() == sitting["run_id"].map(identity.get("timestamp")).to_numpy()
+    priced = sitting[sitting["run_id"].isin(identity.index) & same_run]
     rows = identity.loc[priced["run_id"]].reset_index().assign(
         metric=priced["metric"].to_numpy(), value=priced["value"].to_numpy(), epoch=float("nan"),
-        cost_sitting=priced["sitting"].to_numpy())
+        cost_sitting=priced["sitting"].to_numpy(), cost_sitting_id=priced["sitting_id"].to_numpy())
     if "unit" in rows:
         rows["unit"] = rows["metric"].map(unit_of)
     if "split" in rows:
@@ -182,22 +184,25 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sitting_costs(wide: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
-    """Throughput and wall time from the sitting that priced a run (``kdbench costs``), where one did, with the
-    sitting's description in ``cost_sitting``; the run's own figures stay in ``own_train_images_per_s`` and
-    ``own_wall_s``. A sitting's price of a run includes its offline fit; a teacher's share comes from the sitting
-    when the sitting priced the teacher too."""
-    wide = wide.assign(own_train_images_per_s=wide["train_images_per_s"], own_wall_s=wide["wall_s"], cost_sitting=None)
-    if "sitting_run_s" not in wide or "cost_sitting" not in done:
-        return wide
-    priced = wide["sitting_run_s"].notna()
-    wide["cost_sitting"] = done.dropna(subset=["cost_sitting"]).drop_duplicates("run_id").set_index("run_id")[
-        "cost_sitting"].reindex(wide.index)
-    wide["train_images_per_s"] = wide["sitting_train_images_per_s"].where(priced, wide["train_images_per_s"])
-    wide["wall_s"] = wide["sitting_run_s"].where(priced, wide["wall_s"])
-    wide[["prepare_s", "reused_fit_s"]] = wide[["prepare_s", "reused_fit_s"]].where(~priced, 0.0, axis=0)
-    teacher = wide["teacher_run"].map(wide["sitting_run_s"])
-    wide["teacher_wall_s"] = teacher.where(teacher.notna() & priced, wide["teacher_wall_s"])
-    return wide
+    """The sitting that priced each run (``kdbench costs``; ``cost_sitting``, ``cost_sitting_id``, None where none
+    did) and ``sitting_end_to_end_s``, the end-to-end cost under its prices: the run's price (its offline fit
+    included) and its share of its teacher's and assistants' prices, where the same sitting priced all of them;
+    NaN elsewhere. The runs' own figures stay where they are (``report.aggregate.shown_costs`` picks per row)."""
+    sittings = done.dropna(subset=["cost_sitting_id"]).drop_duplicates("run_id").set_index("run_id")
+    wide = wide.assign(cost_sitting=sittings["cost_sitting"].reindex(wide.index),
+                       cost_sitting_id=sittings["cost_sitting_id"].reindex(wide.index))
+    if "sitting_run_s" not in wide:
+        return wide.assign(sitting_train_images_per_s=float("nan"), sitting_end_to_end_s=float("nan"))
+    own_id = wide["cost_sitting_id"]
+    trainers = wide["teacher_run"].map(lambda run: [run] if isinstance(run, str) else []) + wide[
+        "assistant_runs"].map(lambda runs: runs.split(":") if isinstance(runs, str) and runs else [])
+    complete = own_id.notna() & pd.Series([all(own_id.get(r) == mine for r in runs)
+                                           for runs, mine in zip(trainers, own_id)], index=wide.index)
+    complete &= ~(wide["assistant_wall_s"].fillna(0).gt(0) & wide["assistant_runs"].fillna("").eq(""))
+    priced = wide.assign(wall_s=wide["sitting_run_s"], prepare_s=0.0, reused_fit_s=0.0,
+                         teacher_wall_s=wide["teacher_run"].map(wide["sitting_run_s"]))
+    return wide.assign(sitting_end_to_end_s=amortised_costs(priced.reset_index())[0].to_numpy()).assign(
+        sitting_end_to_end_s=lambda w: w["sitting_end_to_end_s"].where(complete))
 
 
 def amortised_costs(wide: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

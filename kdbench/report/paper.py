@@ -148,7 +148,8 @@ def paper_tables(board: pd.DataFrame, fmt: str) -> list[str]:
 
 def paper_csv(board: pd.DataFrame) -> str:
     """The paper tables' numbers, one row per (setting, protocol, row) and a column per (pair, measure)."""
-    measures = ["n", "mean", "std", *(column for _, column in _COSTS), *(["flags"] if "flags" in board else [])]
+    measures = ["n", "mean", "std", *(column for _, column in _COSTS), *(["flags"] if "flags" in board else []),
+                *(["cost_sitting"] if board["cost_sitting"].ne("").any() else [])]  # where img/s and cost come from
     wide = rounded(board).pivot_table(index=["setting", "protocol", "label"], columns="pair", values=measures,
                                       aggfunc="first", sort=False)
     wide.columns = [f"{pair} {measure}" for measure, pair in wide.columns]
