@@ -471,8 +471,7 @@ def _costs(args: argparse.Namespace) -> int:
     for line in left_out:
         print(f"kdbench: not priced: {line}", file=sys.stderr)
     print(f"{frame['run_id'].nunique()} finished runs priced in one sitting ({frame['sitting'].iloc[0]}), "
-          f"{len(left_out)} left out: {path}; `kdbench report` takes img/s and end-to-end cost from it",
-          file=sys.stderr)
+          f"{len(left_out)} left out: {path}; `kdbench report` takes costs from it", file=sys.stderr)
     return 0
 
 
@@ -487,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus-per-run starts again in each process
-        return {"run": _run, "report": _report, "replay": _replay, "costs": _costs,
-                "list": _list}[args.command](args)
+        return {"run": _run, "report": _report, "replay": _replay, "costs": _costs, "list": _list}[args.command](args)
     except KdbenchError as e:
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT, in a run or between runs: what is done is kept
+        print("kdbench: interrupted; the same command resumes (finished runs are kept, a run in progress goes on from "
+              "its last epoch)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -133,3 +133,17 @@ def test_dry_run_prints_the_plan_and_its_compute_and_writes_nothing(capsys, tmp_
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     assert rows["teacher"][1] == "1" and rows["student"][1] == "1" and rows["kd"][1] == "1"  # runs to train
     assert "device-hours" in out and "settings on cpu" in out
+
+
+def test_an_interrupt_is_one_line_and_says_the_command_resumes(capsys, monkeypatch):
+    """Ctrl-C between runs (here while listing) or in one: no traceback, exit 130, and how to go on."""
+    from kdbench import listing
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(listing, "listing", interrupted)
+    assert main(["list"]) == 130
+    err = capsys.readouterr().err
+    assert err == "kdbench: interrupted; the same command resumes (finished runs are kept, a run in progress goes on " \
+                  "from its last epoch)\n"
