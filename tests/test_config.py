@@ -268,7 +268,7 @@ def test_every_command_line_option_has_help_text():
     silent = [f"{name} {action.option_strings or action.dest}" for name, sub in [("kdbench", parser),
                                                                                  *commands.choices.items()]
               for action in sub._actions if not action.help]
-    assert not silent and set(commands.choices) == {"run", "report", "replay", "list"}
+    assert not silent and set(commands.choices) == {"run", "report", "replay", "costs", "list"}
 
 
 PARTS = {"pairs": ["resnet14:resnet8", "resnet20:resnet8"], "dataset": "synthetic", "recipe": "short",
