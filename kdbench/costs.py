@@ -71,6 +71,7 @@ def sitting(store: ResultsStore, run_ids: list[str], steps: int = 20, eval_batch
     for spec in specs:
         by_setting.setdefault(_setting(spec), []).append(spec)
     machines = {device: provenance(torch.device(device)) for device in {s.device for s in specs}}
+    described = {device: _described(machine, steps) for device, machine in machines.items()}
     sitting_id, rows = uuid.uuid4().hex[:12], []
     with tempfile.TemporaryDirectory(prefix="kdbench-costs-") as scratch:  # every run priced as if to train
         env = RunEnv(ResultsStore(scratch), data_dir, download=False, progress=False)
@@ -84,7 +85,7 @@ def sitting(store: ResultsStore, run_ids: list[str], steps: int = 20, eval_batch
             for spec, run in zip(group, priced):
                 machine = machines[spec.device]
                 rows += [{"run_id": spec.run_id, "metric": metric, "value": float(getattr(run, field)),
-                          "sitting": _described(machine, steps), "sitting_id": sitting_id, "steps": steps,
+                          "sitting": described[spec.device], "sitting_id": sitting_id, "steps": steps,
                           "run_timestamp": stamps[spec.run_id], **{k: machine[k] for k in (
                               "device_name", "cpu_threads", "torch_version", "git_sha", "git_dirty", "timestamp")}}
                          for field, metric in METRICS.items()]

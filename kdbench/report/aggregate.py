@@ -349,9 +349,8 @@ def leaderboard(frame: pd.DataFrame, metric: str | None = None, published: pd.Da
                                                            or g["code_fingerprint"].nunique(dropna=False) > 1),
                    "commits": _commits(g), "replayed": _replayed(g),
                    # one sitting's machine priced a row it shows costs for (shown_costs): its speeds are not split
-                   **(_per_device(g) if mixed_devices and not isinstance(first["cost_sitting"], str) else {
-                       "train_images_per_s_per_device": "",
-                                                            "peak_mib_per_device": ""})}
+                   **(_per_device(g) if mixed_devices and not isinstance(first["cost_sitting"], str)
+                      else {"train_images_per_s_per_device": "", "peak_mib_per_device": ""})}
             if kind == "method":
                 row.update(_delta(g, baseline[baseline["arch"] == arch], metric))
             if published is not None:

@@ -201,8 +201,8 @@ def _sitting_costs(wide: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
     complete &= ~(wide["assistant_wall_s"].fillna(0).gt(0) & wide["assistant_runs"].fillna("").eq(""))
     priced = wide.assign(wall_s=wide["sitting_run_s"], prepare_s=0.0, reused_fit_s=0.0,
                          teacher_wall_s=wide["teacher_run"].map(wide["sitting_run_s"]))
-    return wide.assign(sitting_end_to_end_s=amortised_costs(priced.reset_index())[0].to_numpy()).assign(
-        sitting_end_to_end_s=lambda w: w["sitting_end_to_end_s"].where(complete))
+    end_to_end = pd.Series(amortised_costs(priced.reset_index())[0].to_numpy(), index=wide.index)
+    return wide.assign(sitting_end_to_end_s=end_to_end.where(complete))
 
 
 def amortised_costs(wide: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

@@ -41,12 +41,17 @@ def significance_note(board: pd.DataFrame) -> str:
             f"{over} with a paired test (two-sided paired t-test of the per-seed Δ, n ≥ 2).")
 
 
+def priced_in_sitting(sittings) -> str:
+    """Where sitting-priced figures come from, as notes and plot captions say it."""
+    return f"priced in one sitting (kdbench costs; {'; '.join(sittings)})"
+
+
 def cost_note(board: pd.DataFrame) -> str:
     """The end-to-end cost rule, as the caption or footnote of a table states it, and where its times come from."""
     full = board[board["assistants_in_full"]]
     sittings = board["cost_sitting"].replace("", None).dropna().unique()
     mixed = [row_name(r) for r in board[board["cost_sitting"] == ""].itertuples()] if len(sittings) else []
-    source = (f" Train img/s and end-to-end: priced in one sitting (kdbench costs; {'; '.join(sittings)}), each "
+    source = (f" Train img/s and end-to-end: {priced_in_sitting(sittings)}, each "
               f"setting's steady step times its recipe, not the runs' own timings, which the machine and load of "
               f"each session set" + (f"; from the runs' own timings: {', '.join(mixed)}" if mixed else "") + "."
               if len(sittings) else "")

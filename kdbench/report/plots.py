@@ -18,6 +18,7 @@ import pandas as pd
 from kdbench.report.aggregate import CI_NAME, CORRECTIONS, SIGNIFICANCE, differences, groups, interval, leaderboard
 from kdbench.report.flags import caption, for_plots, row_flags
 from kdbench.report.load import MEMORY_NAMES
+from kdbench.report.notes import priced_in_sitting
 from kdbench.report.style import FAMILY_COLOURS, colours, figure, legend, styles, suptitle
 
 
@@ -297,7 +298,7 @@ def _speed_source(group: pd.DataFrame) -> list[str]:
     sittings = group["cost_sitting"].dropna().unique()
     if not len(sittings):
         return []
-    return [f"img/s: priced in one sitting (kdbench costs; {'; '.join(sittings)})"
+    return [f"img/s: {priced_in_sitting(sittings)}"
             + ("; the other runs: their own timings" if group["cost_sitting"].isna().any() else "")]
 
 
