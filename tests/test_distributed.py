@@ -343,14 +343,16 @@ def _rank_process(rank: int, results: str) -> int:
 
 @pytest.mark.slow
 def test_a_killed_process_stops_its_group_in_one_line_and_the_command_resumes_to_the_same_weights(tmp_path):
-    args = ["--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
+    """SAKD, whose fit (its prefitted head) rank 0 computes and broadcasts: the resumed group restores the fitted
+    head with the rest of the checkpoint, on both processes, and ends where an uninterrupted group ends."""
+    args = ["--methods", "sakd", "--pairs", "resnet14:resnet8", "--dataset", "synthetic", "--recipe", "short",
             "--epochs", "4", "--teacher-epochs", "1", "--train-subset", "256", "--teacher-train-subset", "128",
             "--batch-size", "64", "--device", "cpu", "--gpus-per-run", "2"]
     assert _kdbench(*args, "--results-dir", "whole", cwd=tmp_path).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     group = subprocess.Popen([sys.executable, "-m", "kdbench", "run", *args, "--results-dir", "killed"], cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not list(tmp_path.glob("killed/student-kd-*/latest.pt")):  # the student's first epoch is saved
+    while not list(tmp_path.glob("killed/student-sakd-*/latest.pt")):  # the student's first epoch is saved
         assert group.poll() is None, group.communicate()[1][-2000:]
         time.sleep(0.05)
     os.kill(_rank_process(1, "killed"), signal.SIGKILL)
@@ -360,7 +362,7 @@ def test_a_killed_process_stops_its_group_in_one_line_and_the_command_resumes_to
     assert "process 1 of 2 stopped the run's group: Signal 9 (SIGKILL)" in errors[0]
     again = _kdbench(*args, "--results-dir", "killed", cwd=tmp_path)
     assert again.returncode == 0 and "resumes at epoch" in again.stderr
-    whole, resumed = (torch.load(next(tmp_path.glob(f"{d}/student-kd-*/model.pt"))) for d in ("whole", "killed"))
+    whole, resumed = (torch.load(next(tmp_path.glob(f"{d}/student-sakd-*/model.pt"))) for d in ("whole", "killed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as one process resumes
 
 
