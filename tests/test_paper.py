@@ -89,6 +89,9 @@ def test_a_pair_without_a_finished_run_of_a_method_says_so_in_its_cell(zoo_board
     assert rows["dkd"][-1] == f"{pd.Series(ranked).mean():.2f} ± {pd.Series(ranked).std():.2f} (2 pairs)"
     assert "mean rank: a method missing on some pairs is ranked on the pairs where it ran: dkd on 2 of 3." in text
     assert "no finished run" not in report.render_report(zoo_board, "github", layout="paper")
+    one = board[~((board.pair != "vgg13->vgg8") & (board.label == "kd"))]  # kd on one pair: no std, one pair
+    rows = {r[0]: r[1:] for r in _github_rows(report.render_report(one, "github", layout="paper").split("Cost")[0])}
+    assert rows["kd"][-1].endswith(" (1 pair)")
     latex = report.render_report(board, "latex", layout="paper")
     assert re.search(r"\ndkd & [^\n]* & -- & ", latex) and "--: no finished run" in latex
 

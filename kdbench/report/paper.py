@@ -53,8 +53,9 @@ def _rank_cell(ranks: pd.DataFrame, label: str) -> str:
     if label not in ranks.index:
         return ""
     r = ranks.loc[label]
-    return mean_std(r["mean_rank"], r["mean_rank_std"]) + (f" ({r['ranked_pairs']} pairs)"
-                                                            if r["ranked_pairs"] < r["pairs"] else "")
+    ranked = int(r["ranked_pairs"])
+    return mean_std(r["mean_rank"], r["mean_rank_std"]) + (f" ({ranked} pair{'s' * (ranked != 1)})"
+                                                            if ranked < r["pairs"] else "")
 
 
 def _accuracy(group: pd.DataFrame, title: str, fmt: str) -> str:
