@@ -49,12 +49,16 @@ FLAGS = {
     "weak_teacher": Flag("[w]", "teacher or assistant not above the CE student of its table"),
     "diverged_default": Flag("[d]", "diverged (non-finite loss) at the method's default options; this row's differ"),
     "deviation": Flag("[o]", "deviates from the official code"),
-    "still_improving": Flag("[e]", "best epoch = last epoch, still improving when training stopped"),
+    "still_improving": Flag("[e]", "best epoch = last epoch, still improving when training stopped (seeds; their "
+                                   "last evaluation's mean rise over the one before, in points)"),
     "few_seeds": Flag("[n]", "fewer seeds than the other rows of its table"),
 }
 KEYS = ["setting", "protocol", "pair", "kind", "arch", "label"]  # what makes a leaderboard row
 # The epoch a metric picks, where it is not top1_best_epoch: a validation-selected metric's own epoch.
 _SELECTED_EPOCH = {"top1_at_best_val": "top1_at_best_val_epoch"}
+# How much the curve that picks a metric's epoch rose at the last evaluation (kdbench.report.load), where it is not
+# the test top-1's.
+_SELECTED_ON = {"top1_at_best_val": "val_top1_last_gain"}
 # What runs must share to be compared: the identity columns of a setting (kdbench.report.load, its recipe parts read
 # from there, so that a new one such as the validation split counts here too), the table's protocol and pair, and the
 # method.
@@ -172,13 +176,18 @@ def _deviation(first: pd.Series) -> str:
 
 
 def _still_improving(g: pd.DataFrame, metric: str) -> str:
-    """How many of the row's runs picked their last epoch (where the table records the epochs)."""
+    """How many of the row's runs picked their last epoch (where the table records the epochs), and by how much
+    those runs' last evaluation beat the one before, on the accuracy that picks the epoch (a plateau's noise, or a
+    run cut short)."""
     column = _SELECTED_EPOCH.get(metric, "top1_best_epoch")
     if column not in g or "epochs_completed" not in g:
         return ""
     recorded = g[column].notna() & g["epochs_completed"].notna()
-    last, runs_ = int((recorded & g[column].eq(g["epochs_completed"])).sum()), int(recorded.sum())
-    return f"{last} of {runs_} seed{'s' * (runs_ > 1)}" if last else ""
+    at_last = recorded & g[column].eq(g["epochs_completed"])
+    last, runs_ = int(at_last.sum()), int(recorded.sum())
+    gain = g.loc[at_last, _SELECTED_ON.get(metric, "top1_last_gain")].mean()
+    return (f"{last} of {runs_} seed{'s' * (runs_ > 1)}"
+            + (f", {gain:+.2f}" if pd.notna(gain) else "") if last else "")
 
 
 def markers(flags: object) -> str:

@@ -158,7 +158,8 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     level = done[done["epoch"].isna()].pivot_table(index="run_id", columns="metric", values="value",
                                                    aggfunc="first")
     level.columns = [str(c) for c in level.columns]
-    wide = wide.join(level.reindex(columns=list(dict.fromkeys([*level.columns, *_RUN_METRICS]))))
+    wide = wide.join(level.reindex(columns=list(dict.fromkeys([*level.columns, *_RUN_METRICS])))).join(
+        _last_gains(done))
     wide = _sitting_costs(wide, done)
     wide["memory_metric"] = wide["peak_alloc_bytes"].notna().map({True: "peak_alloc_bytes",
                                                                   False: "cpu_peak_rss_bytes"})
@@ -181,6 +182,15 @@ def runs(table: pd.DataFrame) -> pd.DataFrame:
     wide = wide.reset_index()
     wide["end_to_end_s"], wide["assistants_in_full"] = amortised_costs(wide)
     return wide
+
+
+def _last_gains(done: pd.DataFrame) -> pd.DataFrame:
+    """Per run, ``top1_last_gain`` and ``val_top1_last_gain``: its last evaluation's accuracy minus the one before
+    (NaN with fewer than two), how much a run whose best epoch is its last was still rising when it stopped."""
+    curves = done[done["epoch"].notna() & done["metric"].isin(["top1", "val_top1"])].sort_values("epoch")
+    gains = curves.groupby(["run_id", "metric"])["value"].agg(lambda v: v.iloc[-1] - v.iloc[-2] if len(v) > 1
+                                                               else float("nan")).unstack()
+    return gains.reindex(columns=["top1", "val_top1"]).add_suffix("_last_gain")
 
 
 def _sitting_costs(wide: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:

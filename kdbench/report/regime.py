@@ -47,7 +47,8 @@ def _mean_gap(runs: pd.DataFrame) -> float:
 def regime(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per table (setting, protocol, pair) of :func:`kdbench.report.entries`: the teacher's ``metric``
     (``top1_best`` where a teacher lacks it), the CE student's mean, std and n, their gap, the mean best-minus-last
-    gaps of the CE and KD runs, the fewest test images any run was evaluated on, and whether each criterion holds
+    gaps of the CE and KD runs, how many of those were best at their last epoch and their last rise, the fewest
+    test images any run was evaluated on, and whether each criterion holds
     (None where it cannot be measured, e.g. no KD runs)."""
     rows = []
     for (setting, protocol, pair), runs in frame.groupby(["setting", "protocol", "pair"], sort=False):
@@ -56,13 +57,15 @@ def regime(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         ce = runs[runs["kind"] == "student"]
         kd = runs[(runs["kind"] == "method") & (runs["method"] == "kd")]
         ce_kd = pd.concat([ce, kd])
+        at_last = ce_kd[ce_kd["top1_best_epoch"] == ce_kd["epochs_completed"]]
         row = {"setting": setting, "protocol": protocol, "pair": pair, "metric": metric, "teacher": teacher,
                "ce_mean": ce[metric].mean(), "ce_std": ce[metric].std(ddof=1), "ce_n": len(ce),
                "teacher_minus_ce": teacher - ce[metric].mean(), "ce_best_minus_last": _mean_gap(ce),
                "kd_best_minus_last": _mean_gap(kd), "kd_n": len(kd), "test_images": runs["test_images"].min(),
                "subset_runs": float(runs["test_subset"].notna().sum()),
-               # a gap of 0 also comes from runs still rising at their last epoch (not converged): how many were
-               "best_at_last": int((ce_kd["top1_best_epoch"] == ce_kd["epochs_completed"]).sum()),
+               # a gap of 0 also comes from runs still rising at their last epoch (not converged): how many were,
+               # and by how much their last evaluation beat the one before (a plateau's noise, or a steep rise)
+               "best_at_last": len(at_last), "best_at_last_rise": at_last["top1_last_gain"].mean(),
                "ce_kd_runs": len(ce_kd)}
         row.update({f"meets_{c.column}": c.met(row[c.column]) for c in CRITERIA})
         rows.append(row)
@@ -78,16 +81,18 @@ def render_regime(checks: pd.DataFrame, fmt: str) -> list[str]:
     blocks = [paragraph(f"Regime checks on {checks['metric'].iloc[0]} (a ranking needs every criterion met; n/a: "
                         f"not measurable, e.g. no KD run). Criteria: "
                         + "; ".join(c.text for c in CRITERIA) + ". A best-minus-last gap near 0 also comes from runs "
-                        "still rising at their last epoch: the table counts them.", fmt)]
+                        "still rising at their last epoch: the table counts them, with the mean rise of their last "
+                        "evaluation over the one before.", fmt)]
     headers = ["pair", "teacher %", "CE % (n)", "teacher − CE", "CE std", "CE best − last", "KD best − last (n)",
-               "test images", "CE/KD runs best at their last epoch", "met"]
+               "test images", "CE/KD runs best at their last epoch (last rise)", "met"]
     for (setting, protocol), group in checks.groupby(["setting", "protocol"], sort=False):
         cells = [[escape(r.pair, fmt), number(r.teacher), f"{number(r.ce_mean)} ({r.ce_n})",
                   f"{number(r.teacher_minus_ce)} {_verdict(r.meets_teacher_minus_ce)}",
                   f"{number(r.ce_std)} {_verdict(r.meets_ce_std)}",
                   f"{number(r.ce_best_minus_last)} {_verdict(r.meets_ce_best_minus_last)}",
                   f"{number(r.kd_best_minus_last)} ({r.kd_n}) {_verdict(r.meets_kd_best_minus_last)}",
-                  f"{r.test_images:,.0f} {_verdict(r.meets_subset_runs)}", f"{r.best_at_last} of {r.ce_kd_runs}",
+                  f"{r.test_images:,.0f} {_verdict(r.meets_subset_runs)}",
+                  f"{r.best_at_last} of {r.ce_kd_runs}" + (f" ({r.best_at_last_rise:+.2f})" if r.best_at_last else ""),
                   "all" if all(getattr(r, f"meets_{c.column}") for c in CRITERIA) else "no"]
                  for r in group.itertuples()]
         heading = f"{setting} · protocol {protocol}"
