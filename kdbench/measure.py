@@ -28,7 +28,6 @@ class StepTimer:
         self.warmup_steps = warmup_steps
         self.steps_seen = 0
         self._pending: list = []
-        self.durations_s: list[float] = []  # steady-state steps only
 
     def start(self):
         if self.cuda:
@@ -121,10 +120,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path = Path(__file__).resolve().parent) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -140,10 +138,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_changed(cwd: Path = Path(__file__).resolve().parent) -> bool | None:
+    """Whether the checkout that holds ``cwd`` (kdbench's own) has uncommitted changes to its Python code; None
+    outside a git checkout. Other files do not count: a run records its spec whole, and re-making a committed run
+    rewrites that run's own result files before its provenance is taken."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/*.py", cwd=cwd)
+    return bool(status) if status is not None else None
+
+
 def provenance(device: torch.device) -> dict[str, object]:
     """Where and with what a run was produced; stored in every results row."""
     cuda = device.type == "cuda"
-    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "device_type": device.type,
@@ -154,7 +159,7 @@ def provenance(device: torch.device) -> dict[str, object]:
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_dirty": code_changed(),
         "kdbench_version": kdbench.__version__,
         "python_version": platform.python_version(),
         "hostname": socket.gethostname(),

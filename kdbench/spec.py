@@ -29,7 +29,6 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # How the folder datasets' JPEGs are decoded and augmented (kdbench.folder_loader); the first is the default.
 DATA_BACKENDS = ("cpu", "device")
-PAD_MODES = ("zeros", "reflect")
 # Seeds are integers in 0 <= seed < SEED_LIMIT, the signed 32-bit range that every seeded library takes; far larger
 # ones overflowed the results table's int64 columns after the teacher had trained.
 SEED_LIMIT = 2**31

@@ -1,3 +1,5 @@
+import subprocess
+
 import pandas as pd
 import probe_methods  # noqa: F401  (registers probe-kd and probe-nan)
 import pytest
@@ -7,6 +9,7 @@ from conftest import run_interrupted, tiny_sweep
 import kdbench.harness as harness
 from kdbench.errors import KdbenchError
 from kdbench.harness import RunEnv, run_sweep
+from kdbench.measure import code_changed
 from kdbench.models import create_model
 from kdbench.results import ResultsStore
 
@@ -50,6 +53,26 @@ def test_tiny_sweep_trains_teacher_then_students_and_writes_tidy_table(env):
 
 
 @pytest.mark.slow
+def test_a_checkout_is_dirty_for_uncommitted_code_not_for_rewritten_result_files(tmp_path):
+    """Provenance's git_dirty: a changed Python file makes the checkout dirty; a committed run's result files,
+    rewritten when the run is re-made inside a committed set, do not; outside a checkout nothing is known."""
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "results" / "run").mkdir(parents=True)
+    plain.mkdir()
+    code, spec = repo / "pkg" / "code.py", repo / "results" / "run" / "spec.json"
+    code.write_text("x = 1\n")
+    spec.write_text("{}\n")
+    for args in (("init", "-q"), ("add", "."), ("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+    assert code_changed(repo / "pkg") is False
+    spec.write_text('{"seed": 0}\n')
+    assert code_changed(repo / "pkg") is False
+    code.write_text("x = 2\n")
+    assert code_changed(repo / "pkg") is True and code_changed(repo / "results") is True
+    assert code_changed(plain) is None
+
+
 def test_same_seed_same_metrics(tmp_path):
     a, b = (run_sweep(tiny_sweep().plan()[1:], RunEnv(ResultsStore(tmp_path / n), progress=False))[0]
             for n in "ab")
