@@ -34,7 +34,7 @@ import pandas as pd
 
 from kdbench.errors import KdbenchError
 from kdbench.report.aggregate import _OPTION, CE_ONLY
-from kdbench.report.load import _RECIPE_PARTS, runs
+from kdbench.report.load import _RECIPE_PARTS, best_at_last, runs
 
 
 @dataclass(frozen=True)
@@ -177,17 +177,11 @@ def _deviation(first: pd.Series) -> str:
 
 def _still_improving(g: pd.DataFrame, metric: str) -> str:
     """How many of the row's runs picked their last epoch (where the table records the epochs), and by how much
-    those runs' last evaluation beat the one before, on the accuracy that picks the epoch (a plateau's noise, or a
-    run cut short)."""
-    column = _SELECTED_EPOCH.get(metric, "top1_best_epoch")
-    if column not in g or "epochs_completed" not in g:
-        return ""
-    recorded = g[column].notna() & g["epochs_completed"].notna()
-    at_last = recorded & g[column].eq(g["epochs_completed"])
-    last, runs_ = int(at_last.sum()), int(recorded.sum())
-    gain = g.loc[at_last, _SELECTED_ON.get(metric, "top1_last_gain")].mean()
-    return (f"{last} of {runs_} seed{'s' * (runs_ > 1)}"
-            + (f", {gain:+.2f}" if pd.notna(gain) else "") if last else "")
+    those runs' last evaluation beat the one before, on the accuracy that picks the epoch."""
+    last, recorded, rise = best_at_last(g, _SELECTED_EPOCH.get(metric, "top1_best_epoch"),
+                                        _SELECTED_ON.get(metric, "top1_last_gain"))
+    return (f"{last} of {recorded} seed{'s' * (recorded > 1)}" + (f", {rise:+.2f}" if pd.notna(rise) else "")
+            if last else "")
 
 
 def markers(flags: object) -> str:

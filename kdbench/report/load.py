@@ -193,6 +193,18 @@ def _last_gains(done: pd.DataFrame) -> pd.DataFrame:
     return gains.reindex(columns=["top1", "val_top1"]).add_suffix("_last_gain")
 
 
+def best_at_last(runs: pd.DataFrame, epoch_column: str = "top1_best_epoch",
+                 gain_column: str = "top1_last_gain") -> tuple[int, int, float]:
+    """Of ``runs`` (rows of :func:`runs`): how many picked their last epoch (``epoch_column`` equals
+    ``epochs_completed``), how many record both, and the mean ``gain_column`` of the first (NaN for none). A run
+    best at its last epoch may still have been rising; its last rise tells a plateau's noise from a run cut short."""
+    if epoch_column not in runs or "epochs_completed" not in runs:
+        return 0, 0, float("nan")
+    recorded = runs[epoch_column].notna() & runs["epochs_completed"].notna()
+    at_last = recorded & runs[epoch_column].eq(runs["epochs_completed"])
+    return int(at_last.sum()), int(recorded.sum()), float(runs.loc[at_last, gain_column].mean())
+
+
 def _sitting_costs(wide: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
     """The sitting that priced each run (``kdbench costs``; ``cost_sitting``, ``cost_sitting_id``, None where none
     did) and ``sitting_end_to_end_s``, the end-to-end cost under its prices: the run's price (its offline fit

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from kdbench.report.formats import escape, number, paragraph, table
+from kdbench.report.load import best_at_last
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ def regime(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         teacher = teachers[metric].fillna(teachers["top1_best"]).mean()
         ce = runs[runs["kind"] == "student"]
         kd = runs[(runs["kind"] == "method") & (runs["method"] == "kd")]
-        ce_kd = pd.concat([ce, kd])
-        at_last = ce_kd[ce_kd["top1_best_epoch"] == ce_kd["epochs_completed"]]
+        at_last, ce_kd_runs, rise = best_at_last(pd.concat([ce, kd]))
         row = {"setting": setting, "protocol": protocol, "pair": pair, "metric": metric, "teacher": teacher,
                "ce_mean": ce[metric].mean(), "ce_std": ce[metric].std(ddof=1), "ce_n": len(ce),
                "teacher_minus_ce": teacher - ce[metric].mean(), "ce_best_minus_last": _mean_gap(ce),
@@ -65,8 +65,7 @@ def regime(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
                "subset_runs": float(runs["test_subset"].notna().sum()),
                # a gap of 0 also comes from runs still rising at their last epoch (not converged): how many were,
                # and by how much their last evaluation beat the one before (a plateau's noise, or a steep rise)
-               "best_at_last": len(at_last), "best_at_last_rise": at_last["top1_last_gain"].mean(),
-               "ce_kd_runs": len(ce_kd)}
+               "best_at_last": at_last, "best_at_last_rise": rise, "ce_kd_runs": ce_kd_runs}
         row.update({f"meets_{c.column}": c.met(row[c.column]) for c in CRITERIA})
         rows.append(row)
     return pd.DataFrame(rows)
