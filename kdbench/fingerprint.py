@@ -6,6 +6,9 @@ baseline's module, and every method's whose runs teach it). Reporting, the CLI, 
 are left out: they do not change a number. Each file is hashed as its syntax tree without docstrings, so editing a
 comment or a docstring changes nothing; a code edit changes the fingerprint of every run whose closure holds it.
 The tree dump can differ between Python versions, which, like the torch build, makes fingerprints per machine.
+
+A record also stores the kernels the machine's libraries chose (``numeric_kernels``): the same code and build give
+other bits under other kernels, so a replay compares them, where both runs recorded them, before it compares numbers.
 """
 
 from __future__ import annotations
@@ -129,11 +132,27 @@ def run_methods(spec) -> tuple[str, ...]:
     return tuple(dict.fromkeys(("student", "kd", spec.method) if spec.assistants else ("student", spec.method)))
 
 
+def numeric_kernels() -> dict[str, str]:
+    """The kernels this machine runs: torch's CPU dispatch level, and each loaded BLAS's version and kernel set.
+    OpenBLAS built with DYNAMIC_ARCH (numpy's and scipy's wheels) picks its kernels per CPU, and scikit-learn's LDA
+    (letKD-2's fit) gives other bits under SkylakeX than under Haswell on the same code and build
+    (docs/user-guide.md, Replays). Not part of the fingerprint: the code is the same."""
+    import numpy  # noqa: F401  (loads numpy's BLAS, so that it is listed)
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = {f"{lib['internal_api']} {lib.get('version')} {lib.get('architecture')}"
+            for lib in threadpool_info() if lib["user_api"] == "blas"}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas_kernels": "; ".join(sorted(blas))}
+
+
 def fingerprint(spec) -> dict[str, object]:
-    """What a record stores: the run's fingerprint, the shared core's, and the per-module hashes behind them."""
+    """What a record stores: the run's fingerprint, the shared core's, the per-module hashes behind them, and the
+    machine's numeric kernels (taken after the run's method was imported, so that the BLAS it loads is listed)."""
     files = code_files(run_methods(spec))
     files.update({name: _parsed(_module_file(name))[0] for name, used in OPTIONAL.items() if used(spec)})
-    return {"code_fingerprint": digest(files), "code_core": digest(module_closure(CORE)), "code_files": files}
+    return {"code_fingerprint": digest(files), "code_core": digest(module_closure(CORE)), "code_files": files,
+            **numeric_kernels()}
 
 
 def changed_modules(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:

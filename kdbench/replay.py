@@ -25,13 +25,16 @@ from pathlib import Path
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.fingerprint import fingerprint
+from kdbench.fingerprint import fingerprint, numeric_kernels
 from kdbench.results import ResultsStore, RunRecord
 
 #: Per-epoch metrics that measure time, not what the code computed: never compared.
 MEASURED_SUFFIX = "_s"
 #: The provenance that must match for a replay to be meaningful here (determinism is per machine and build).
 SAME_BUILD = ("torch_version", "device_name", "device_type")
+#: The same for the kernels the libraries chose (``fingerprint.numeric_kernels``), compared where the run recorded
+#: them (runs made before kdbench recorded them did not).
+SAME_KERNELS = ("cpu_capability", "blas_kernels")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def first_difference(recorded: list[dict[str, float]], replayed: list[dict[str, 
 
 def _other_build(record: RunRecord, here: dict) -> str | None:
     """Why ``record`` cannot be replayed where ``here`` (this machine's provenance) was taken, or None."""
-    differ = [f"{key} {record.provenance.get(key)!r} here {here[key]!r}" for key in SAME_BUILD
+    recorded = [key for key in SAME_KERNELS if key in record.provenance]
+    differ = [f"{key} {record.provenance.get(key)!r} here {here[key]!r}" for key in (*SAME_BUILD, *recorded)
               if record.provenance.get(key) != here[key]]
     return "made on another build or machine: " + "; ".join(differ) if differ else None
 
@@ -109,7 +113,7 @@ def replay_run(store: ResultsStore, run_id: str, epochs: int | None = None, data
         return Replay(run_id, "skipped", detail="an imported checkpoint: nothing was trained")
     if (record.spec.world_size or 1) > 1:
         return Replay(run_id, "skipped", detail=f"trained by {record.spec.world_size} processes; a replay runs in one")
-    here = provenance(torch.device(record.spec.device))  # the build, and the commit that replays
+    here = {**provenance(torch.device(record.spec.device)), **numeric_kernels()}  # the build, the commit, kernels
     other = _other_build(record, here)
     if other:
         return Replay(run_id, "skipped", detail=other)

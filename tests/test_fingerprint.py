@@ -126,3 +126,20 @@ def test_the_compiled_path_counts_only_in_compiled_runs(monkeypatch):
     monkeypatch.setattr(kdbench.fingerprint, "_parsed", edited)
     assert fingerprint(eager)["code_fingerprint"] == before[eager]
     assert fingerprint(compiled)["code_fingerprint"] != before[compiled]
+
+
+def test_records_carry_the_kernels_the_libraries_chose(env):
+    """torch's CPU dispatch level and each loaded BLAS's kernel set go into the record and every results row, apart
+    from the fingerprint: the same code under other kernels is the same code."""
+    import numpy  # noqa: F401
+    import torch
+    from threadpoolctl import threadpool_info
+
+    teacher, _ = run_sweep(tiny_sweep(methods=("kd",)).plan(), env)
+    provenance = env.store.load_record(teacher.run_id).provenance
+    assert provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    numpy_blas = next(lib for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"])
+    assert f"{numpy_blas['internal_api']} {numpy_blas['version']} {numpy_blas['architecture']}" in (
+        provenance["blas_kernels"].split("; "))
+    assert set(env.store.rebuild_table()["blas_kernels"]) == {provenance["blas_kernels"]}
+    assert "blas_kernels" not in provenance["code_files"]

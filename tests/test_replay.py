@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_sweep
 
 from kdbench.cli import main
-from kdbench.fingerprint import fingerprint, stale_reason
+from kdbench.fingerprint import fingerprint, numeric_kernels, stale_reason
 from kdbench.harness import run_sweep
 from kdbench.replay import first_difference, replay, replay_run
 from kdbench.report import load_results, runs
@@ -81,6 +81,23 @@ def test_runs_made_by_this_code_or_elsewhere_are_not_replayed(finished):
     current, other = replay(store, [teacher.run_id, student.run_id])
     assert current.status == "current"
     assert other.status == "skipped" and "torch_version '1.0.0'" in other.detail
+
+
+def test_kernels_are_compared_where_the_run_recorded_them(finished):
+    """Another BLAS kernel set gives other bits on the same code and build (letKD-2's LDA): such a run is not
+    replayed. A run made before kdbench recorded its kernels is replayed, the kernels unknown."""
+    store, teacher, student = finished
+    assert store.load_record(student.run_id).provenance["blas_kernels"] == numeric_kernels()["blas_kernels"]
+    _pretend_earlier_code(store, student.run_id, provenance={"blas_kernels": "openblas 0.3.31 Haswell"})
+    skipped = replay_run(store, student.run_id)
+    assert skipped.status == "skipped" and "blas_kernels 'openblas 0.3.31 Haswell' here" in skipped.detail
+    _pretend_earlier_code(store, teacher.run_id)
+    path = store.run_dir(teacher.run_id) / "record.json"
+    data = json.loads(path.read_text())
+    for key in ("cpu_capability", "blas_kernels"):
+        del data["provenance"][key]
+    path.write_text(json.dumps(data))
+    assert replay_run(store, teacher.run_id, epochs=1).status == "reproduced"
 
 
 def test_timings_are_not_compared_but_every_computed_number_is():
