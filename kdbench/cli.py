@@ -466,7 +466,8 @@ def _costs(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise KdbenchError(f"--steps {args.steps}: give at least 1 timed step per setting (default 20)")
     store = ResultsStore(args.results_dir)
-    frame, left_out = costs.sitting(store, store.chosen_runs(args.runs), args.steps, data_dir=args.data_dir)
+    frame, left_out = costs.sitting(store, store.chosen_runs(args.runs), args.steps, data_dir=args.data_dir,
+                                    say=lambda line: print(f"kdbench: {line}", file=sys.stderr, flush=True))
     path = costs.write(args.results_dir, frame)
     for line in left_out:
         print(f"kdbench: not priced: {line}", file=sys.stderr)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -44,12 +45,14 @@ def priceable(spec) -> bool:
 
 
 def sitting(store: ResultsStore, run_ids: list[str], steps: int = 20, eval_batches: int = 5,
-            data_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
+            data_dir: Path | None = None, say: Callable[[str], None] = lambda line: None,
+            ) -> tuple[pd.DataFrame, list[str]]:
     """The sitting's table for the finished runs among ``run_ids`` (``steps`` timed steps and ``eval_batches`` test
     batches per setting), and a line per run it left out and why. Each run is priced as if it were to train from
     scratch, its offline fit included (as the report charges a run that reused a cached fit). A setting that
     cannot be timed (out of memory, a method's error) leaves its runs out and the sitting goes on. Nothing is
-    written under ``store``: the measurement works in a scratch store."""
+    written under ``store``: the measurement works in a scratch store. ``say`` gets a line per setting timed (a
+    sitting of a whole reference set takes tens of minutes)."""
     left_out, specs, stamps = [], [], {}
     for run_id in run_ids:
         try:
@@ -75,13 +78,18 @@ def sitting(store: ResultsStore, run_ids: list[str], steps: int = 20, eval_batch
     sitting_id, rows = uuid.uuid4().hex[:12], []
     with tempfile.TemporaryDirectory(prefix="kdbench-costs-") as scratch:  # every run priced as if to train
         env = RunEnv(ResultsStore(scratch), data_dir, download=False, progress=False)
-        for group in by_setting.values():
+        for number, group in enumerate(by_setting.values(), 1):
+            first = group[0]
+            setting = (f"setting {number}/{len(by_setting)}, {first.role} {first.method} {first.pair or first.student}"
+                       f" ({len(group)} run{'s' * (len(group) != 1)})")
             try:
                 priced = estimate(group, env, steps, eval_batches, shared_fits=False).runs
             except Exception as error:  # one setting's failure, as a sweep records a failed run and goes on
                 why = " ".join(f"{type(error).__name__}: {error}".split())[:200]
                 left_out += [f"{spec.run_id}: could not be timed ({why})" for spec in group]
+                say(f"{setting}: could not be timed")
                 continue
+            say(f"{setting}: {priced[0].train_images_per_s:,.0f} img/s")
             for spec, run in zip(group, priced):
                 machine = machines[spec.device]
                 rows += [{"run_id": spec.run_id, "metric": metric, "value": float(getattr(run, field)),

@@ -49,7 +49,11 @@ def _board(store):
 def test_a_sitting_prices_every_finished_run_with_its_machine_in_every_row(finished, capsys):
     store, records = finished
     assert main(["costs", "--results-dir", str(store.root), "--steps", "2"]) == 0
-    assert "5 finished runs priced in one sitting" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "5 finished runs priced in one sitting" in err
+    settings = [line for line in err.splitlines() if line.startswith("kdbench: setting ")]  # one line each, as timed
+    assert len(settings) == 3 and settings[0].startswith("kdbench: setting 1/3, ")
+    assert any("student kd " in line and "(2 runs): " in line and line.endswith(" img/s") for line in settings)
     sitting = pd.read_parquet(store.root / costs.COSTS_FILE)
     assert sorted(sitting["run_id"].unique()) == sorted(r.run_id for r in records.values())
     assert set(sitting["metric"]) == {"sitting_train_images_per_s", "sitting_run_s"}
@@ -123,6 +127,7 @@ def test_a_setting_that_cannot_be_timed_is_left_out_and_the_sitting_goes_on(fini
     err = capsys.readouterr().err
     assert f"not priced: {records['student', 'kd', 0].run_id}: could not be timed (RuntimeError: an injected" in err
     assert "3 finished runs priced in one sitting" in err and "2 left out" in err
+    assert sum(line.endswith("could not be timed") for line in err.splitlines()) == 1
     sitting = pd.read_parquet(store.root / costs.COSTS_FILE)
     assert not sitting["run_id"].str.startswith("student-kd").any()
 

@@ -125,8 +125,9 @@ def recipes_table() -> str:
 
 def costs_table() -> str:
     """What each method cost on the reference set (``REFERENCE``: the cpu recipe on a 2-core CPU), per reference
-    pair: the mean over its finished runs of training img/s and peak memory, its trained parameters beyond the
-    student's, and the deployed model's parameters (more than the CE student's where a method leaves layers in it).
+    pair: the mean over its finished runs of training img/s (as the report shows it: from the set's sitting,
+    ``kdbench costs``, where it priced the runs) and peak memory, its trained parameters beyond the student's, and
+    the deployed model's parameters (more than the CE student's where a method leaves layers in it).
     A method whose runs are not in the set yet reads "—"."""
     from kdbench.report import entries, leaderboard, load_results
 
