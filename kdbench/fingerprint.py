@@ -8,7 +8,8 @@ comment or a docstring changes nothing; a code edit changes the fingerprint of e
 The tree dump can differ between Python versions, which, like the torch build, makes fingerprints per machine.
 
 A record also stores the kernels the machine's libraries chose (``numeric_kernels``): the same code and build give
-other bits under other kernels, so a replay compares them, where both runs recorded them, before it compares numbers.
+other bits under other kernels, so a replay compares them, where both the run and the replay list them, before it
+compares numbers.
 """
 
 from __future__ import annotations
@@ -133,17 +134,35 @@ def run_methods(spec) -> tuple[str, ...]:
 
 
 def numeric_kernels() -> dict[str, str]:
-    """The kernels this machine runs: torch's CPU dispatch level, and each loaded BLAS's version and kernel set.
-    OpenBLAS built with DYNAMIC_ARCH (numpy's and scipy's wheels) picks its kernels per CPU, and scikit-learn's LDA
-    (letKD-2's fit) gives other bits under SkylakeX than under Haswell on the same code and build
-    (docs/user-guide.md, Replays). Not part of the fingerprint: the code is the same."""
+    """The kernels this machine runs: torch's CPU dispatch level, and each loaded BLAS's version and kernel set, by
+    the package that ships it (``numpy: openblas 0.3.31.188.0 SkylakeX; scipy: …``). OpenBLAS built with
+    DYNAMIC_ARCH (numpy's, scipy's and faiss's wheels) picks its kernels per CPU, and scikit-learn's LDA (letKD-2's
+    fit) gives other bits under SkylakeX than under Haswell on the same code and build (docs/user-guide.md,
+    Replays). Which packages are listed depends on what the process imported (a run's method loads its own). Not
+    part of the fingerprint: the code is the same."""
     import numpy  # noqa: F401  (loads numpy's BLAS, so that it is listed)
     import torch
     from threadpoolctl import threadpool_info
 
-    blas = {f"{lib['internal_api']} {lib.get('version')} {lib.get('architecture')}"
+    blas = {f"{_shipped_by(lib)}: {lib['internal_api']} {lib.get('version')} {lib.get('architecture')}"
             for lib in threadpool_info() if lib["user_api"] == "blas"}
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas_kernels": "; ".join(sorted(blas))}
+
+
+def _shipped_by(library: dict) -> str:
+    """The package whose wheel holds a loaded library (``numpy.libs/…`` → numpy), else the library's own name."""
+    folder = Path(library["filepath"]).parent.name
+    return folder.removesuffix(".libs") if folder.endswith(".libs") else library["prefix"]
+
+
+def differing_blas(recorded: str, here: str) -> list[str]:
+    """The BLAS libraries that both ``blas_kernels`` values list with another version or kernel set, as phrases."""
+    def by_package(value: str) -> dict[str, str]:
+        return dict(entry.split(": ", 1) for entry in value.split("; ") if ": " in entry)
+
+    old, new = by_package(recorded), by_package(here)
+    return [f"{name}'s BLAS {old[name]!r} here {new[name]!r}" for name in sorted(old.keys() & new.keys())
+            if old[name] != new[name]]
 
 
 def fingerprint(spec) -> dict[str, object]:

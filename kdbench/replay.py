@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.fingerprint import fingerprint, numeric_kernels
+from kdbench.fingerprint import differing_blas, fingerprint, numeric_kernels
 from kdbench.results import ResultsStore, RunRecord
 
 #: Per-epoch metrics that measure time, not what the code computed: never compared.
 MEASURED_SUFFIX = "_s"
 #: The provenance that must match for a replay to be meaningful here (determinism is per machine and build).
 SAME_BUILD = ("torch_version", "device_name", "device_type")
-#: The same for the kernels the libraries chose (``fingerprint.numeric_kernels``), compared where the run recorded
-#: them (runs made before kdbench recorded them did not).
-SAME_KERNELS = ("cpu_capability", "blas_kernels")
+#: The same for torch's CPU kernels (``fingerprint.numeric_kernels``), compared where the run recorded them (runs
+#: made before kdbench recorded them did not); each BLAS that both list is compared too (``differing_blas``).
+SAME_KERNELS = ("cpu_capability",)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def _other_build(record: RunRecord, here: dict) -> str | None:
     recorded = [key for key in SAME_KERNELS if key in record.provenance]
     differ = [f"{key} {record.provenance.get(key)!r} here {here[key]!r}" for key in (*SAME_BUILD, *recorded)
               if record.provenance.get(key) != here[key]]
+    differ += differing_blas(record.provenance.get("blas_kernels", ""), here["blas_kernels"])
     return "made on another build or machine: " + "; ".join(differ) if differ else None
 
 

@@ -139,7 +139,7 @@ def test_records_carry_the_kernels_the_libraries_chose(env):
     provenance = env.store.load_record(teacher.run_id).provenance
     assert provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     numpy_blas = next(lib for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"])
-    assert f"{numpy_blas['internal_api']} {numpy_blas['version']} {numpy_blas['architecture']}" in (
+    assert f"numpy: {numpy_blas['internal_api']} {numpy_blas['version']} {numpy_blas['architecture']}" in (
         provenance["blas_kernels"].split("; "))
     assert set(env.store.rebuild_table()["blas_kernels"]) == {provenance["blas_kernels"]}
     assert "blas_kernels" not in provenance["code_files"]

@@ -83,20 +83,31 @@ def test_runs_made_by_this_code_or_elsewhere_are_not_replayed(finished):
     assert other.status == "skipped" and "torch_version '1.0.0'" in other.detail
 
 
-def test_kernels_are_compared_where_the_run_recorded_them(finished):
-    """Another BLAS kernel set gives other bits on the same code and build (letKD-2's LDA): such a run is not
-    replayed. A run made before kdbench recorded its kernels is replayed, the kernels unknown."""
-    store, teacher, student = finished
-    assert store.load_record(student.run_id).provenance["blas_kernels"] == numeric_kernels()["blas_kernels"]
-    _pretend_earlier_code(store, student.run_id, provenance={"blas_kernels": "openblas 0.3.31 Haswell"})
-    skipped = replay_run(store, student.run_id)
-    assert skipped.status == "skipped" and "blas_kernels 'openblas 0.3.31 Haswell' here" in skipped.detail
-    _pretend_earlier_code(store, teacher.run_id)
-    path = store.run_dir(teacher.run_id) / "record.json"
+def _set_kernels(store, run_id, **kernels):
+    """Rewrites the record's kernels (a value of None removes the key, as in a record made before they were kept)."""
+    path = store.run_dir(run_id) / "record.json"
     data = json.loads(path.read_text())
-    for key in ("cpu_capability", "blas_kernels"):
-        del data["provenance"][key]
+    for key, value in kernels.items():
+        data["provenance"].pop(key) if value is None else data["provenance"].update({key: value})
     path.write_text(json.dumps(data))
+
+
+def test_kernels_are_compared_where_both_list_them(finished):
+    """Another BLAS kernel set gives other bits on the same code and build (letKD-2's LDA): such a run is not
+    replayed. A BLAS only one side loaded, and a run made before kdbench recorded its kernels, are not compared."""
+    store, teacher, student = finished
+    here = numeric_kernels()["blas_kernels"]
+    assert store.load_record(student.run_id).provenance["blas_kernels"] == here
+    numpy_blas = next(entry for entry in here.split("; ") if entry.startswith("numpy: openblas "))
+    library, kernels = numpy_blas.rsplit(" ", 1)
+    other_kernels = f"{library} {'SkylakeX' if kernels == 'Haswell' else 'Haswell'}"  # numpy's, other kernels
+    _pretend_earlier_code(store, student.run_id)
+    _set_kernels(store, student.run_id, blas_kernels=f"elsewhere: openblas 0.3.15 Zen; {other_kernels}")
+    skipped = replay_run(store, student.run_id)
+    assert skipped.status == "skipped" and f"numpy's BLAS {other_kernels[len('numpy: '):]!r} here" in skipped.detail
+    assert "elsewhere" not in skipped.detail  # a BLAS this process has not loaded: not compared
+    _pretend_earlier_code(store, teacher.run_id)
+    _set_kernels(store, teacher.run_id, cpu_capability=None, blas_kernels=None)
     assert replay_run(store, teacher.run_id, epochs=1).status == "reproduced"
 
 
