@@ -221,8 +221,7 @@ def _set_options(given: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
-_AS_LIST = {"methods": _names, "pairs": _names, "log": _names,
-            "seeds": lambda text: _int_list(text, "--seeds"),
+_AS_LIST = {"methods": _names, "pairs": _names, "log": _names, "seeds": lambda text: _int_list(text, "--seeds"),
             "teacher_seeds": lambda text: _int_list(text, "--teacher-seeds")}
 
 
